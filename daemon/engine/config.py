@@ -1,0 +1,113 @@
+"""Settings of one unlearning round, and the named presets.
+
+``paper`` is L2UL's official run-script setting, kept so the benchmark can show what it does here
+(method.md §9: on MNIST it diverges or collapses). ``default`` is the stabilised setting this
+project measured (benchmarks/results/mnist.md): per-instance masking, a bounded margin loss,
+adversarial examples held at the model's own outputs, clipped steps, and divergence checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+__all__ = ["PRESETS", "UnlearnConfig", "preset"]
+
+_CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "forget_loss": ("neg_ce", "margin"),
+    "adv_loss": ("ce", "kl"),
+    "stop": ("zero", "calibrated"),
+}
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Every knob of a round. Field names are the receipt's ``method.params`` keys."""
+
+    # targeted L2 PGD (method.md §2.2)
+    pgd_eps: float = 4.0
+    pgd_step: float = 0.1
+    pgd_iterations: int = 100
+    pgd_early_exit: bool = True
+    adv_per_instance: int = 8
+    attack_batch: int = 1024
+    # optimiser
+    optimizer: str = "sgd"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    # losses
+    forget_loss: str = "margin"
+    forget_margin: float = 0.0
+    mask_forgotten: bool = True
+    adv_loss: str = "kl"
+    adv_weight: float | None = 1.0     # None: L2UL's batch-size shares w_f, w_a
+    adv_batch: int = 256
+    lam: float = 1.0                   # importance penalty strength (L2UL's reg_lamb)
+    bn_train: bool = False             # BatchNorm in train mode while unlearning (L2UL does)
+    # stopping
+    max_steps: int = 1000
+    stop: str = "zero"
+    stop_level: float = 0.0            # calibrated: stop once forget accuracy <= this
+    # divergence
+    collapse_share: float = 0.9        # one class for >= this share of the sentinel set: collapsed
+    check_every: int = 25
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        positive = ("pgd_eps", "pgd_step", "lr")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        at_least_one = ("pgd_iterations", "attack_batch", "adv_batch", "max_steps", "check_every")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adv_per_instance < 0:
+            raise ValueError(f"adv_per_instance must be >= 0, got {self.adv_per_instance}")
+        for name in ("momentum", "weight_decay", "lam", "forget_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.adv_weight is not None and self.adv_weight < 0:
+            raise ValueError(f"adv_weight must be >= 0 or None, got {self.adv_weight}")
+        if not 0.0 <= self.stop_level < 1.0:
+            raise ValueError(f"stop_level must lie in [0, 1), got {self.stop_level}")
+        if not 0.0 < self.collapse_share <= 1.0:
+            raise ValueError(f"collapse_share must lie in (0, 1], got {self.collapse_share}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **overrides: Any) -> UnlearnConfig:
+        """A copy with some fields changed; unknown names are rejected by name."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown unlearning setting(s): {', '.join(unknown)}")
+        return replace(self, **overrides)
+
+
+PRESETS: dict[str, UnlearnConfig] = {
+    "default": UnlearnConfig(),
+    # csm9493/L2UL run scripts (method.md §3): SGD 1e-3, momentum 0.9, wd 1e-4, −CE on D_f, CE on
+    # 20 adversarial examples per instance at their targets, eps 4 / step 0.1 / 100 iterations, λ = 1,
+    # batch-size loss shares, BN in train mode, stop at forget accuracy 0.
+    "paper": UnlearnConfig(
+        pgd_eps=4.0, pgd_step=0.1, pgd_iterations=100, pgd_early_exit=False, adv_per_instance=20,
+        optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
+        forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, adv_loss="ce", adv_weight=None,
+        adv_batch=256, lam=1.0, bn_train=True, max_steps=1000, stop="zero",
+    ),
+}
+
+
+def preset(name: str) -> UnlearnConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

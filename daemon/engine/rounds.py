@@ -1,0 +1,245 @@
+"""One unlearning round: prepare (attack, importance), optimise under one stopping rule, check health.
+
+Pure engine: tensors and modules in, a ``RoundResult`` out. The round never publishes anything;
+it trains a *copy* of the model and hands back its weights, so a failed round leaves the caller's
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daemon.engine.config import UnlearnConfig
+from daemon.engine.evaluate import eval_mode, predict
+from daemon.engine.importance import ImportanceRegulariser
+from daemon.engine.methods import Method, forget_term, make_attack
+from daemon.engine.attacks import other_class_targets
+from daemon.engine.requests import ForgetRequest
+
+__all__ = ["OUTCOMES", "RoundResult", "TrajectoryPoint", "run_round"]
+
+#: Success outcomes name what was achieved; the others mean the round must not be published.
+OUTCOMES = ("forgotten", "relabelled", "budget_exhausted", "diverged", "collapsed", "aborted")
+
+
+@dataclass(frozen=True)
+class TrajectoryPoint:
+    step: int
+    acc_forget: float
+    acc_track: float | None = None
+
+
+@dataclass
+class RoundResult:
+    """What a round did. ``state`` holds the unlearned weights (CPU tensors) whatever the outcome."""
+
+    outcome: str
+    reason: str | None
+    method: str
+    config: UnlearnConfig
+    steps: int
+    attack_s: float
+    optimise_s: float
+    wall_s: float
+    acc_forget: float
+    predictions_before: torch.Tensor
+    predictions_after: torch.Tensor
+    state: dict[str, torch.Tensor]
+    attack_example_iterations: int = 0
+    attack_full_iterations: int = 0
+    attack_success: float = float("nan")
+    adversarial_examples: int = 0
+    trajectory: list[TrajectoryPoint] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome in ("forgotten", "relabelled")
+
+
+def _success_outcome(kind: str) -> str:
+    return "relabelled" if kind == "relabel" else "forgotten"
+
+
+def _forget_accuracy(model: nn.Module, request: ForgetRequest) -> tuple[float, torch.Tensor]:
+    """Accuracy the stopping rule reads: on the labels (forget kinds) or on the targets (relabel)."""
+    pred = predict(model, request.x)
+    if request.kind == "relabel":
+        return float((pred == request.targets.cpu()).float().mean()), pred
+    return float((pred == request.labels.cpu()).float().mean()), pred
+
+
+def _stop_reached(acc: float, request: ForgetRequest, config: UnlearnConfig) -> bool:
+    if request.kind == "relabel":
+        return acc >= 1.0
+    level = config.stop_level if config.stop == "calibrated" else 0.0
+    return acc <= level + 1e-12
+
+
+def _collapsed(model: nn.Module, sentinel: torch.Tensor | None, share: float) -> bool:
+    if sentinel is None or sentinel.shape[0] < 2:
+        return False
+    pred = predict(model, sentinel)
+    top = torch.bincount(pred).max()
+    return float(top) / pred.numel() >= share
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def run_round(
+    model: nn.Module,
+    request: ForgetRequest,
+    method: Method,
+    config: UnlearnConfig,
+    *,
+    generator: torch.Generator,
+    num_classes: int,
+    importance_weights: Mapping[str, torch.Tensor] | None = None,
+    sentinel: torch.Tensor | None = None,
+    track: tuple[torch.Tensor, torch.Tensor] | None = None,
+    track_every: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_abort: Callable[[], bool] | None = None,
+) -> RoundResult:
+    """Unlearn ``request`` from a copy of ``model`` with ``method``; never touches ``model`` itself.
+
+    ``importance_weights``: the (accumulated) penalty weights for ``adv_imp``; the anchor is the
+    model as it is now. ``sentinel``: inputs whose predictions must not all fall into one class
+    (defaults to the adversarial set). ``track``: an (x, y) set whose accuracy is recorded along the
+    trajectory every ``track_every`` steps (benchmark plots). ``should_abort`` is polled every step.
+    """
+    if method.oracle:
+        raise ValueError(f"{method.name} is a benchmark oracle and needs the training data; it cannot run a round")
+    if method.uses_importance and importance_weights is None:
+        raise ValueError(f"{method.name} needs importance weights")
+    request.validate(num_classes=num_classes, input_shape=tuple(request.x.shape[1:]))
+    wall0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    device = next(work.parameters()).device
+    x = request.x.to(device)
+    labels = request.labels.to(device)
+    acc0, pred_before = _forget_accuracy(work, request)
+
+    # --- prepare: targets, adversarial set, importance anchor --------------------------------------
+    towards = method.towards(work, request, config, generator)
+    towards_d = towards.to(device) if towards is not None else None
+    adv_x = adv_y = adv_soft = None
+    attack_stats = (0, 0, float("nan"))
+    t_attack = time.perf_counter()
+    if method.uses_adversarial and config.adv_per_instance > 0:
+        attack = make_attack(work, config)
+        targets = other_class_targets(request.labels, num_classes, config.adv_per_instance, generator)
+        res = attack(request.x.repeat_interleave(config.adv_per_instance, 0), targets, generator)
+        adv_x, adv_y = res.x.to(device), res.targets.to(device)
+        with eval_mode(work):
+            adv_soft = torch.cat([F.softmax(work(adv_x[i:i + 2048]), 1) for i in range(0, adv_x.shape[0], 2048)])
+        attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
+    attack_s = time.perf_counter() - t_attack
+    regulariser = None
+    if method.uses_importance:
+        anchor = {n: p.detach().clone() for n, p in work.named_parameters()}
+        regulariser = ImportanceRegulariser(importance_weights, anchor, config.lam)
+    if sentinel is None:
+        sentinel = adv_x.cpu() if adv_x is not None else None
+
+    # --- optimise -----------------------------------------------------------------------------------
+    params = [p for p in work.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    trajectory: list[TrajectoryPoint] = []
+
+    def record(step: int, acc: float) -> None:
+        tracked = None
+        if track is not None:
+            tracked = float((predict(work, track[0]) == track[1]).float().mean())
+        trajectory.append(TrajectoryPoint(step, acc, tracked))
+
+    if track is not None and track_every > 0:
+        record(0, acc0)
+    acc = acc0
+    outcome, reason, steps = None, None, 0
+    adv_pos = 0
+    t_opt = time.perf_counter()
+    if _stop_reached(acc, request, config):
+        outcome = _success_outcome(request.kind)
+    while outcome is None and steps < config.max_steps:
+        if should_abort is not None and should_abort():
+            outcome, reason = "aborted", "the round was aborted"
+            break
+        steps += 1
+        work.train(config.bn_train)
+        logits_f = work(x)
+        if config.mask_forgotten:
+            with torch.no_grad():
+                cur = logits_f.argmax(1)
+                active = (cur != towards_d) if towards_d is not None else (cur == labels)
+        else:
+            active = torch.ones_like(labels, dtype=torch.bool)
+        loss_f = forget_term(logits_f, labels, towards_d, active, config)
+        loss = loss_f
+        if adv_x is not None:
+            idx = torch.arange(adv_pos, adv_pos + config.adv_batch, device=device) % adv_x.shape[0]
+            adv_pos += config.adv_batch
+            logits_a = work(adv_x[idx])
+            if config.adv_loss == "ce":
+                loss_a = F.cross_entropy(logits_a, adv_y[idx])
+            else:
+                loss_a = F.kl_div(F.log_softmax(logits_a, 1), adv_soft[idx], reduction="batchmean")
+            if config.adv_weight is None:   # L2UL: per-sample mean over the union batch
+                b_f, b_a = x.shape[0], idx.shape[0]
+                loss = (b_f * loss_f + b_a * loss_a) / (b_f + b_a)
+            else:
+                loss = loss_f + config.adv_weight * loss_a
+        if regulariser is not None:
+            loss = loss + regulariser.penalty(work)
+        if not math.isfinite(float(loss.detach())):
+            outcome, reason = "diverged", f"non-finite loss at step {steps}"
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        acc, _ = _forget_accuracy(work, request)
+        if track is not None and track_every > 0 and steps % track_every == 0:
+            record(steps, acc)
+        if progress is not None:
+            progress(steps, config.max_steps, acc)
+        if steps % config.check_every == 0 and not _finite(work):
+            outcome, reason = "diverged", f"non-finite weights at step {steps}"
+            break
+        if _stop_reached(acc, request, config):
+            outcome = _success_outcome(request.kind)
+    optimise_s = time.perf_counter() - t_opt
+    if outcome is None:
+        outcome = "budget_exhausted"
+        reason = f"forget accuracy {acc:.3f} after the step budget of {config.max_steps}"
+    if outcome in ("forgotten", "relabelled") and not _finite(work):
+        outcome, reason = "diverged", "non-finite weights"
+    if outcome in ("forgotten", "relabelled") and _collapsed(work, sentinel, config.collapse_share):
+        outcome, reason = "collapsed", f"one class takes >= {config.collapse_share:.0%} of the sentinel predictions"
+    if track is not None and track_every > 0 and (not trajectory or trajectory[-1].step != steps):
+        record(steps, acc)
+    acc_final, pred_after = _forget_accuracy(work, request)
+    work.eval()
+    return RoundResult(
+        outcome=outcome, reason=reason, method=method.name, config=config, steps=steps,
+        attack_s=attack_s, optimise_s=optimise_s, wall_s=time.perf_counter() - wall0,
+        acc_forget=acc_final, predictions_before=pred_before, predictions_after=pred_after,
+        state={k: v.detach().cpu().clone() for k, v in work.state_dict().items()},
+        attack_example_iterations=attack_stats[0], attack_full_iterations=attack_stats[1],
+        attack_success=attack_stats[2],
+        adversarial_examples=0 if adv_x is None else int(adv_x.shape[0]),
+        trajectory=trajectory,
+    )

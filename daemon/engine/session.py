@@ -1,0 +1,140 @@
+"""Continual unlearning: the state carried from round to round, and its exact save/restore.
+
+A session owns the live model, the original weights (for drift and relapse reports) and the
+*accumulated* importance penalty weights. The paper's continual protocol is not public; the
+accumulation rule is a setting (``daemon.engine.importance.ACCUMULATIONS``) chosen by benchmark.
+Every round draws its randomness from ``(seed, round index)``, so a session restored from its saved
+state continues bit-identically to one that never stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from daemon.engine.config import PRESETS, UnlearnConfig
+from daemon.engine.importance import ACCUMULATIONS, accumulate, anchor_weights, mas_importance
+from daemon.engine.methods import get_method
+from daemon.engine.requests import ForgetRequest
+from daemon.engine.rounds import RoundResult, run_round
+
+__all__ = ["DEFAULT_ACCUMULATION", "UnlearningSession"]
+
+DEFAULT_ACCUMULATION = "max"
+_STATE_VERSION = 1
+
+
+class UnlearningSession:
+    """Sequential rounds on one live model.
+
+    Arguments:
+        model: the live classifier (normalisation inside, [0, 1] inputs); the session updates it in
+            place only when a round succeeds.
+        num_classes: number of output classes.
+        accumulation: how importance combines across rounds (none, sum, max, decayed).
+        decay: the factor of ``decayed`` accumulation.
+        seed: base seed; round r draws from ``seed * 1_000_003 + r``.
+    """
+
+    def __init__(self, model: nn.Module, *, num_classes: int, accumulation: str = DEFAULT_ACCUMULATION,
+                 decay: float = 0.5, seed: int = 0) -> None:
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"unknown accumulation {accumulation!r}; known: {', '.join(ACCUMULATIONS)}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.model = model
+        self.num_classes = num_classes
+        self.accumulation = accumulation
+        self.decay = decay
+        self.seed = seed
+        self.rounds_applied = 0
+        self.original = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        self.importance: dict[str, torch.Tensor] | None = None
+
+    # -- rounds -------------------------------------------------------------------------------------
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds_applied)
+
+    def run_round(
+        self,
+        request: ForgetRequest,
+        *,
+        method: str = "adv_imp",
+        config: UnlearnConfig | None = None,
+        sentinel: torch.Tensor | None = None,
+        track: tuple[torch.Tensor, torch.Tensor] | None = None,
+        track_every: int = 0,
+        progress: Callable[[int, int, float], None] | None = None,
+        should_abort: Callable[[], bool] | None = None,
+        commit: bool = True,
+    ) -> tuple[RoundResult, dict[str, torch.Tensor] | None]:
+        """Run one round; on success (and ``commit``) the live model and the importance move on.
+
+        Returns the result and the accumulated importance the round used (None for methods without
+        importance). With ``commit=False`` the caller applies it later with :meth:`commit`, e.g.
+        after a retention gate.
+        """
+        config = config or PRESETS["default"]
+        m = get_method(method)
+        request.validate(num_classes=self.num_classes, input_shape=tuple(request.x.shape[1:]))
+        gen = self.generator()
+        combined = None
+        if m.uses_importance:
+            current = anchor_weights(mas_importance(self.model, request.x))
+            combined = accumulate(self.importance, current, self.accumulation, self.decay)
+        result = run_round(self.model, request, m, config, generator=gen, num_classes=self.num_classes,
+                           importance_weights=combined, sentinel=sentinel, track=track,
+                           track_every=track_every, progress=progress, should_abort=should_abort)
+        if commit and result.succeeded:
+            self.commit(result, combined)
+        return result, combined
+
+    def commit(self, result: RoundResult, importance: Mapping[str, torch.Tensor] | None) -> None:
+        """Adopt a successful round's weights (and its importance) as the live state."""
+        if not result.succeeded:
+            raise ValueError(f"refusing to commit a round that ended {result.outcome}")
+        self.model.load_state_dict(result.state)
+        if importance is not None:
+            self.importance = {n: t.detach().cpu().clone() for n, t in importance.items()}
+        self.rounds_applied += 1
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (for safetensors) and JSON-able metadata; the live weights are saved separately."""
+        tensors = {f"original/{n}": t for n, t in self.original.items()}
+        if self.importance is not None:
+            tensors.update({f"importance/{n}": t for n, t in self.importance.items()})
+        meta = {
+            "state_version": _STATE_VERSION,
+            "num_classes": self.num_classes,
+            "accumulation": self.accumulation,
+            "decay": self.decay,
+            "seed": self.seed,
+            "rounds_applied": self.rounds_applied,
+            "has_importance": self.importance is not None,
+        }
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+    @classmethod
+    def restore(cls, model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+                ) -> UnlearningSession:
+        """The session as :meth:`state` saved it; ``model`` must already hold the live weights."""
+        if meta.get("state_version") != _STATE_VERSION:
+            raise ValueError(f"unsupported session state version {meta.get('state_version')!r}")
+        session = cls(model, num_classes=int(meta["num_classes"]), accumulation=str(meta["accumulation"]),
+                      decay=float(meta["decay"]), seed=int(meta["seed"]))
+        names = {n for n, _ in model.named_parameters()}
+        original = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("original/")}
+        if set(original) != names:
+            raise ValueError("session state does not match the model's parameters")
+        session.original = {n: t.clone() for n, t in original.items()}
+        if meta.get("has_importance"):
+            imp = {k.split("/", 1)[1]: v.clone() for k, v in tensors.items() if k.startswith("importance/")}
+            if set(imp) != names:
+                raise ValueError("session importance does not match the model's parameters")
+            session.importance = imp
+        session.rounds_applied = int(meta["rounds_applied"])
+        return session

@@ -1,0 +1,387 @@
+"""The on-disk model registry (contract §4): layout, integrity, crash safety, and caller isolation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from daemon import registry as reg
+from daemon.registry import (
+    RegistryError,
+    VerificationError,
+    clean_temporaries,
+    latest_version,
+    list_versions,
+    load_state_dict,
+    load_torchscript,
+    read_extra_file,
+    read_manifest,
+    set_latest,
+    verify_version,
+    write_version,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (1, 8, 8)
+CLASSES = ["zero", "one", "two"]
+NAME = "tiny-cnn"
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+
+
+def write(root: Path, module: nn.Module, parent: int | None = None, **kwargs: object) -> reg.VersionInfo:
+    return write_version(root, NAME, module, input_shape=SHAPE, classes=CLASSES, parent=parent, **kwargs)
+
+
+def test_two_versions_numbering_latest_and_manifest(tmp_path: Path) -> None:
+    """Versions count 1, 2; LATEST follows; the manifest records provenance and each file's sha256."""
+    first = write(tmp_path, tiny_model(0))
+    second = write(tmp_path, tiny_model(1), parent=1, round_id="r-000001", request_ids=["req-a", "req-b"],
+                   method={"name": "adv_imp", "params": {"lr": 0.001}}, metrics={"forget_accuracy": 0.0},
+                   extra_manifest={"note": "second"})
+    assert (first.version, second.version) == (1, 2)
+    assert list_versions(tmp_path, NAME) == [1, 2]
+    assert latest_version(tmp_path, NAME) == 2
+    assert (tmp_path / NAME / "LATEST").read_text() == "2\n"
+
+    manifest = read_manifest(tmp_path, NAME, 2)
+    assert manifest == second.manifest
+    assert manifest["version"] == 2 and manifest["parent"] == 1 and manifest["model"] == NAME
+    assert manifest["round_id"] == "r-000001" and manifest["request_ids"] == ["req-a", "req-b"]
+    assert manifest["method"] == {"name": "adv_imp", "params": {"lr": 0.001}}
+    assert manifest["metrics"] == {"forget_accuracy": 0.0}
+    assert manifest["input_shape"] == [1, 8, 8] and manifest["classes"] == CLASSES
+    assert manifest["note"] == "second" and manifest["created_at"].endswith("Z")
+    assert read_manifest(tmp_path, NAME, 1)["parent"] is None
+    assert set(manifest["files"]) == {"model.pt", "model.safetensors"}
+    for name, entry in manifest["files"].items():
+        data = (second.path / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert second.sha256 == manifest["files"]["model.safetensors"]["sha256"] == manifest["sha256"]
+    assert second.path == tmp_path / NAME / "2"
+    assert first.sha256 != second.sha256
+    assert verify_version(tmp_path, NAME, 1).sha256 == first.sha256
+
+
+def test_triton_config_written_once(tmp_path: Path) -> None:
+    """config.pbtxt is a Triton libtorch config with default version policy, rewritten only on change."""
+    write(tmp_path, tiny_model())
+    path = tmp_path / NAME / "config.pbtxt"
+    text = path.read_text()
+    for needle in (f'name: "{NAME}"', 'platform: "pytorch_libtorch"', "max_batch_size: 256", '"INPUT__0"',
+                   '"OUTPUT__0"', "TYPE_FP32", "dims: [ 1, 8, 8 ]", "dims: [ 3 ]"):
+        assert needle in text
+    assert "version_policy" not in text
+    inode = path.stat().st_ino
+    write(tmp_path, tiny_model(), parent=1)
+    assert path.stat().st_ino == inode
+    write(tmp_path, tiny_model(), parent=2, max_batch_size=64)
+    assert "max_batch_size: 64" in path.read_text()
+
+
+def test_torchscript_alone_matches_eager(tmp_path: Path) -> None:
+    """model.pt loaded on its own (no Python class) gives the eager module's logits."""
+    module = tiny_model()
+    info = write(tmp_path, module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated upstream
+        scripted = torch.jit.load(str(info.path / "model.pt"), map_location="cpu")
+    x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), module.eval()(x), rtol=1e-6, atol=1e-7)
+    loaded, loaded_info = load_torchscript(tmp_path, NAME)
+    assert loaded_info.version == 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x), scripted(x))
+
+
+def test_scripted_module_exported_as_is(tmp_path: Path) -> None:
+    """A module the caller already scripted (control flow a trace would freeze) is saved, not re-traced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(tiny_model())
+    write(tmp_path, scripted)
+    loaded, _ = load_torchscript(tmp_path, NAME)
+    x = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), scripted(x))
+
+
+def test_state_dict_round_trip_bit_identical(tmp_path: Path) -> None:
+    module = tiny_model()
+    write(tmp_path, module)
+    state, info = load_state_dict(tmp_path, NAME)
+    expected = module.state_dict()
+    assert info.version == 1 and set(state) == set(expected)
+    for key, tensor in expected.items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor)
+    fresh = tiny_model(seed=99)
+    fresh.load_state_dict(state)
+
+
+def test_shared_storage_and_non_contiguous_tensors_are_saved(tmp_path: Path) -> None:
+    """Tied weights and transposed views are stored as plain copies (safetensors refuses shared storage)."""
+    module = nn.Sequential(nn.Flatten(), nn.Linear(64, 64, bias=False), nn.Linear(64, 3))
+    module[1].weight = nn.Parameter(torch.randn(64, 64).t())
+    module.register_buffer("tied", module[2].weight)
+    write(tmp_path, module)
+    state, _ = load_state_dict(tmp_path, NAME)
+    assert torch.equal(state["1.weight"], module[1].weight.detach())
+    assert torch.equal(state["tied"], module[2].weight.detach())
+
+
+def test_corrupted_file_fails_verification(tmp_path: Path) -> None:
+    """One flipped byte in model.safetensors is caught and named; unverified loads still work on request."""
+    info = write(tmp_path, tiny_model())
+    path = info.path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=r"model\.safetensors: sha256 mismatch") as caught:
+        verify_version(tmp_path, NAME, 1)
+    assert caught.value.version == 1 and caught.value.file == "model.safetensors"
+    assert "sha256" in caught.value.reason
+    with pytest.raises(VerificationError, match="model.safetensors"):
+        load_state_dict(tmp_path, NAME, 1)
+    _, unverified = load_state_dict(tmp_path, NAME, 1, verify=False)
+    assert unverified.sha256 == info.sha256
+    with pytest.raises(VerificationError):
+        set_latest(tmp_path, NAME, 1)
+
+
+def test_missing_file_fails_verification(tmp_path: Path) -> None:
+    info = write(tmp_path, tiny_model())
+    (info.path / "model.pt").unlink()
+    with pytest.raises(VerificationError, match=r"model\.pt: missing"):
+        verify_version(tmp_path, NAME, 1)
+    with pytest.raises(VerificationError, match=r"model\.pt: missing"):
+        load_torchscript(tmp_path, NAME)
+    (info.path / "manifest.json").unlink()
+    with pytest.raises(VerificationError, match=r"manifest\.json: missing"):
+        verify_version(tmp_path, NAME, 1)
+
+
+def test_unknown_version_and_model(tmp_path: Path) -> None:
+    assert latest_version(tmp_path, NAME) is None and list_versions(tmp_path, NAME) == []
+    with pytest.raises(RegistryError, match="no LATEST"):
+        load_state_dict(tmp_path, NAME)
+    write(tmp_path, tiny_model())
+    with pytest.raises(RegistryError, match="no version 7"):
+        verify_version(tmp_path, NAME, 7)
+    with pytest.raises(ValueError, match="version must be an integer >= 1"):
+        read_manifest(tmp_path, NAME, 0)
+    (tmp_path / NAME / "LATEST").write_text("garbage")
+    with pytest.raises(RegistryError, match="does not hold a version number"):
+        latest_version(tmp_path, NAME)
+
+
+def test_leftover_temporaries_are_invisible_and_cleaned(tmp_path: Path) -> None:
+    """A crashed write's .tmp-* directory (even one named like a version) never shows, nor shifts numbering."""
+    write(tmp_path, tiny_model())
+    model_dir = tmp_path / NAME
+    stale = model_dir / ".tmp-deadbeef"
+    stale.mkdir()
+    (stale / "model.pt").write_bytes(b"half")
+    (stale / "manifest.json").write_text(json.dumps({"version": 2, "files": {}}))
+    stale_latest = model_dir / ".tmp-LATEST-cafe"
+    stale_latest.write_text("9\n")
+    (model_dir / "notes").mkdir()  # non-numeric entries are not versions either
+    (model_dir / "05").mkdir()     # nor are zero-padded ones (Triton ignores them too)
+    assert list_versions(tmp_path, NAME) == [1]
+    assert latest_version(tmp_path, NAME) == 1
+    assert write(tmp_path, tiny_model(), parent=1).version == 2
+    assert sorted(clean_temporaries(tmp_path, NAME)) == sorted([stale, stale_latest])
+    assert not stale.exists() and not stale_latest.exists()
+    assert clean_temporaries(tmp_path, NAME) == []
+    assert list_versions(tmp_path, NAME) == [1, 2]
+    assert clean_temporaries(tmp_path, "never-written") == []
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception half-way through a write removes its temporary and leaves LATEST alone."""
+    write(tmp_path, tiny_model())
+    real = reg._write_durable
+    calls = []
+
+    def failing(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(reg, "_write_durable", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write(tmp_path, tiny_model(), parent=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / NAME).iterdir()) == ["1", "LATEST", "config.pbtxt"]
+    assert latest_version(tmp_path, NAME) == 1
+    assert write(tmp_path, tiny_model(), parent=1).version == 2
+
+
+def test_set_latest_false_and_rollback(tmp_path: Path) -> None:
+    """LATEST can stay put or go back; new versions still take a number above every existing one."""
+    write(tmp_path, tiny_model())
+    staged = write(tmp_path, tiny_model(1), parent=1, set_latest=False)
+    assert staged.version == 2 and latest_version(tmp_path, NAME) == 1
+    assert set_latest(tmp_path, NAME, 2).version == 2 and latest_version(tmp_path, NAME) == 2
+    set_latest(tmp_path, NAME, 1)
+    assert write(tmp_path, tiny_model(2), parent=1).version == 3
+    _, info = load_state_dict(tmp_path, NAME)
+    assert info.version == 3
+
+
+def test_extra_files_stored_and_hashed(tmp_path: Path) -> None:
+    extras = {"session.safetensors": b"\x00\x01tensor-bytes", "session.json": b'{"rounds": 3}'}
+    info = write(tmp_path, tiny_model(), extra_files=extras)
+    assert set(info.manifest["files"]) == {"model.pt", "model.safetensors", *extras}
+    for name, data in extras.items():
+        assert read_extra_file(info, name) == data
+        assert info.manifest["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+    with pytest.raises(RegistryError, match="no extra file 'other.bin'"):
+        read_extra_file(info, "other.bin")
+    (info.path / "session.json").write_bytes(b'{"rounds": 4}')
+    with pytest.raises(VerificationError, match=r"session\.json: sha256 mismatch"):
+        read_extra_file(info, "session.json")
+    with pytest.raises(VerificationError, match=r"session\.json"):
+        verify_version(tmp_path, NAME, 1)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "non-empty"),
+    (".hidden", r"must not start with '\.'"),
+    ("..", r"must not start with '\.'"),
+    ("a/b", "may only contain"),
+    ("a b", "may only contain"),
+    ("x" * 129, "at most 128"),
+])
+def test_bad_model_names_rejected(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        write_version(tmp_path, name, tiny_model(), input_shape=SHAPE, classes=CLASSES, parent=None)
+    with pytest.raises(ValueError, match=message):
+        list_versions(tmp_path, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../evil", "path separator"),
+    ("dir/file", "path separator"),
+    ("a\\b", "path separator"),
+    ("..", r"must not contain '\.\.'"),
+    ("x..y", r"must not contain '\.\.'"),
+    (".hidden", r"must not start with '\.'"),
+    ("model.pt", "clashes with a standard file"),
+    ("manifest.json", "clashes with a standard file"),
+    ("", "non-empty"),
+    ("sp ace", "may only contain"),
+])
+def test_bad_extra_file_names_rejected(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        write(tmp_path, tiny_model(), extra_files={name: b"x"})
+    assert list_versions(tmp_path, NAME) == []
+
+
+def test_bad_arguments_rejected_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="input_shape must be three positive integers"):
+        write_version(tmp_path, NAME, tiny_model(), input_shape=(8, 8), classes=CLASSES, parent=None)
+    with pytest.raises(ValueError, match=r"to \(N, 4\) logits, got \(2, 3\)"):
+        write_version(tmp_path, NAME, tiny_model(), input_shape=SHAPE, classes=[*CLASSES, "three"], parent=None)
+    with pytest.raises(ValueError, match="metrics must be JSON-serialisable"):
+        write(tmp_path, tiny_model(), metrics={"loss": float("nan")})
+    with pytest.raises(ValueError, match="standard manifest keys: version"):
+        write(tmp_path, tiny_model(), extra_manifest={"version": 9})
+    with pytest.raises(ValueError, match="parent version 4 .* does not exist"):
+        write(tmp_path, tiny_model(), parent=4)
+    with pytest.raises(ValueError, match="request_ids must be a sequence of strings"):
+        write(tmp_path, tiny_model(), request_ids="req-1")
+    assert not (tmp_path / NAME).exists()
+
+
+def test_callers_module_untouched(tmp_path: Path) -> None:
+    """Exporting neither moves, re-modes, freezes nor changes the caller's module."""
+    module = tiny_model()
+    module.train()
+    module[3].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    params = {n: (p, p.data_ptr(), p.requires_grad, p.device) for n, p in module.named_parameters()}
+    write(tmp_path, module)
+    assert module.training and all(m.training for m in module.modules())
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key])
+    for n, p in module.named_parameters():
+        assert (p, p.data_ptr(), p.requires_grad, p.device) == params[n]
+        assert p.grad is None
+
+
+_CRASH_CHILD = """
+import sys, torch
+from torch import nn
+from daemon.registry import latest_version, write_version
+torch.set_num_threads(1)
+torch.manual_seed(0)
+root = sys.argv[1]
+# About 2 MB of weights: a write takes several milliseconds, so kills land inside writes.
+m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8192), nn.ReLU(), nn.Linear(8192, 3))
+print("ready", flush=True)
+while True:
+    write_version(root, "crashy", m, input_shape=(1, 8, 8), classes=["a", "b", "c"],
+                  parent=latest_version(root, "crashy"), extra_files={"session.json": b"{}"})
+    with torch.no_grad():
+        m[1].weight.add_(0.01)
+"""
+
+
+def test_sigkill_during_writes_leaves_only_complete_versions(tmp_path: Path) -> None:
+    """Killed at random moments mid-loop, the writer leaves only verifiable versions and a verified LATEST."""
+    rng = random.Random(1234)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    stderr_path = tmp_path / "child.stderr"
+    for attempt in range(3):
+        with open(stderr_path, "w") as stderr:
+            child = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, str(tmp_path)], env=env, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                child.wait(timeout=30)
+                pytest.fail(f"crash child did not start: {stderr_path.read_text()}")
+            if attempt == 0:  # make sure at least one version exists before the first kill
+                deadline = time.monotonic() + 20
+                while latest_version(tmp_path, "crashy") is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            time.sleep(rng.uniform(0.02, 0.6))
+            if child.poll() is not None:
+                pytest.fail(f"crash child died before the kill: {stderr_path.read_text()}")
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+
+    versions = list_versions(tmp_path, "crashy")
+    assert versions, "the writer never completed a version"
+    assert versions == list(range(1, len(versions) + 1))
+    for v in versions:
+        verify_version(tmp_path, "crashy", v)
+    latest = latest_version(tmp_path, "crashy")
+    assert latest in versions
+    verify_version(tmp_path, "crashy", latest)
+    clean_temporaries(tmp_path, "crashy")
+    assert not [p for p in (tmp_path / "crashy").iterdir() if p.name.startswith(".")]
+    assert (tmp_path / "crashy" / "config.pbtxt").is_file()
+    nxt = write_version(tmp_path, "crashy", nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), input_shape=(1, 8, 8),
+                        classes=["a", "b", "c"], parent=latest)
+    assert nxt.version == versions[-1] + 1

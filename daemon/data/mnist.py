@@ -3,7 +3,8 @@
 The wheel stores a gzip'd pickle. Pickle can execute code, so it is read with an unpickler that
 only admits the numpy array constructors it needs (no pickle from outside is ever trusted).
 The contract (§2) numbers the 60,000 training images as the file's train split then its
-validation split, in file order, and the 10,000 test images as its test split.
+validation split, in file order, and the 10,000 test images as its test split; the loader keeps
+that order, so ``mnist-train:<i>`` is row ``i`` of ``train_x``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import pickle
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["MnistSplits", "load_mnist", "mnist_file"]
+from daemon.data.splits import DatasetSplits
+
+__all__ = ["MNIST_CLASSES", "load_mnist", "mnist_file"]
+
+MNIST_CLASSES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -31,20 +36,10 @@ _ALLOWED = {
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
+    def find_class(self, module: str, name: str) -> Any:  # pickle's protocol: any class
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST file")
         return super().find_class(module, name)
-
-
-@dataclass(frozen=True)
-class MnistSplits:
-    """Images as float32 N×1×28×28 in [0, 1], labels as int64."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
 
 
 def mnist_file() -> Path:
@@ -59,14 +54,21 @@ def mnist_file() -> Path:
 
 
 @lru_cache(maxsize=1)
-def load_mnist() -> MnistSplits:
+def load_mnist() -> DatasetSplits:
+    """The 60,000 training and 10,000 test digits as float32 N×1×28×28 in [0, 1] (cached).
+
+    Cached because the file takes seconds to read and every caller wants the same tensors; callers
+    must not modify them in place.
+    """
     with gzip.open(mnist_file(), "rb") as fh:
         (tx, ty), (vx, vy), (sx, sy) = _ArrayOnlyUnpickler(fh, encoding="latin1").load()
     train_x = np.concatenate([tx, vx]).reshape(-1, 1, 28, 28)
     train_y = np.concatenate([ty, vy])
-    return MnistSplits(
+    return DatasetSplits(
+        name="mnist",
         train_x=torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)),
         train_y=torch.from_numpy(train_y.astype(np.int64)),
         test_x=torch.from_numpy(np.ascontiguousarray(sx.reshape(-1, 1, 28, 28), dtype=np.float32)),
         test_y=torch.from_numpy(sy.astype(np.int64)),
+        classes=MNIST_CLASSES,
     )

@@ -1,0 +1,216 @@
+"""daemon.engine.session: continual rounds, importance accumulation, and exact save/restore."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from daemon.engine.importance import anchor_weights, mas_importance
+from daemon.engine.models import build_model
+from daemon.engine.requests import ForgetRequest
+from daemon.engine.session import UnlearningSession
+from tests.engine_fixtures import (
+    INPUT_SHAPE,
+    MEAN,
+    NUM_CLASSES,
+    STD,
+    fast_config,
+    forget_set,
+    new_model,
+    state_equal,
+    synthetic,
+    tiny_model,
+)
+
+CONFIG = fast_config(lr=1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sentinel() -> torch.Tensor:
+    return synthetic(16, seed=1)[0]
+
+
+def _request(r: int) -> ForgetRequest:
+    """Round r's forget set: 4 training instances, disjoint across rounds."""
+    x, y = forget_set(4, 8 + 4 * r)
+    return ForgetRequest("forget", x, y)
+
+
+def _run(session: UnlearningSession, r: int, **kw):
+    kw.setdefault("config", CONFIG)
+    result, combined = session.run_round(_request(r), method="adv_imp", sentinel=_sentinel(), **kw)
+    return result, combined
+
+
+def _session(model: nn.Module | None = None, **kw) -> UnlearningSession:
+    kw.setdefault("seed", 5)
+    return UnlearningSession(model if model is not None else tiny_model(), num_classes=NUM_CLASSES, **kw)
+
+
+def _bytes_roundtrip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load(safetensors.torch.save(tensors))
+
+
+def test_a_restored_session_continues_bit_identically_to_an_uninterrupted_one():
+    live = _session(accumulation="max")
+    for r in range(2):
+        result, _ = _run(live, r)
+        assert result.outcome == "forgotten"
+    assert live.rounds_applied == 2
+    # save everything a daemon would: the session tensors and metadata, and the live weights
+    tensors, meta = live.state()
+    saved_tensors = safetensors.torch.save(tensors)
+    saved_weights = safetensors.torch.save({k: v.contiguous() for k, v in live.model.state_dict().items()})
+
+    uninterrupted, _ = _run(live, 2)
+
+    fresh = new_model(seed=123)                                  # different init: only the saved weights count
+    fresh.load_state_dict(safetensors.torch.load(saved_weights))
+    restored = UnlearningSession.restore(fresh, safetensors.torch.load(saved_tensors), dict(meta))
+    assert restored.rounds_applied == 2 and restored.seed == 5 and restored.accumulation == "max"
+    resumed, _ = _run(restored, 2)
+
+    assert uninterrupted.outcome == resumed.outcome == "forgotten"
+    assert uninterrupted.steps == resumed.steps
+    assert state_equal(uninterrupted.state, resumed.state)
+    assert state_equal(live.model.state_dict(), restored.model.state_dict())
+    assert state_equal(live.importance, restored.importance)
+    assert state_equal(live.original, restored.original)
+    assert live.rounds_applied == restored.rounds_applied == 3
+
+
+def test_session_state_serialises_through_safetensors_bytes():
+    session = _session()
+    _run(session, 0)
+    tensors, meta = session.state()
+    assert meta["has_importance"] and meta["state_version"] == 1 and meta["rounds_applied"] == 1
+    names = {n for n, _ in session.model.named_parameters()}
+    assert set(tensors) == {f"original/{n}" for n in names} | {f"importance/{n}" for n in names}
+    back = _bytes_roundtrip(tensors)
+    assert state_equal(back, tensors)
+    restored = UnlearningSession.restore(tiny_model(), back, meta)
+    assert state_equal(restored.importance, session.importance)
+
+
+def test_a_new_session_saves_its_original_weights_and_no_importance():
+    model = tiny_model()
+    tensors, meta = _session(model).state()
+    assert not meta["has_importance"] and meta["rounds_applied"] == 0
+    assert state_equal({k.split("/", 1)[1]: v for k, v in tensors.items()}, dict(model.named_parameters()))
+    restored = UnlearningSession.restore(tiny_model(), _bytes_roundtrip(tensors), meta)
+    assert restored.importance is None
+
+
+def test_sum_accumulation_adds_up_the_weights_of_each_round():
+    session = _session(accumulation="sum")
+    first_weights = anchor_weights(mas_importance(session.model, _request(0).x))
+    result, combined_1 = _run(session, 0)
+    assert result.succeeded
+    assert state_equal(combined_1, first_weights)
+
+    second_weights = anchor_weights(mas_importance(session.model, _request(1).x))   # on the model round 1 left
+    result, combined_2 = _run(session, 1)
+    assert result.succeeded
+    for name, w in combined_2.items():
+        torch.testing.assert_close(w, first_weights[name] + second_weights[name], rtol=0, atol=0)
+    assert state_equal(session.importance, combined_2)
+    assert max(float(w.max()) for w in combined_2.values()) > 1.0      # stiffer than any single round
+
+
+def test_a_failed_round_changes_neither_the_live_model_nor_the_session():
+    session = _session(accumulation="sum")
+    _run(session, 0)
+    weights = {k: v.clone() for k, v in session.model.state_dict().items()}
+    importance = {k: v.clone() for k, v in session.importance.items()}
+    seed_before = session.generator().initial_seed()
+    result, _ = _run(session, 1, config=fast_config(lr=1e-7, max_steps=1))
+    assert result.outcome == "budget_exhausted"
+    assert state_equal(session.model.state_dict(), weights)
+    assert state_equal(session.importance, importance)
+    assert session.rounds_applied == 1
+    assert session.generator().initial_seed() == seed_before       # a retry draws the same randomness
+    with pytest.raises(ValueError, match="refusing to commit a round that ended budget_exhausted"):
+        session.commit(result, None)
+
+
+def test_commit_false_leaves_the_session_until_the_caller_commits():
+    session = _session()
+    result, combined = _run(session, 0, commit=False)
+    assert result.succeeded and session.rounds_applied == 0 and session.importance is None
+    session.commit(result, combined)
+    assert session.rounds_applied == 1
+    assert state_equal(session.model.state_dict(), result.state)
+
+
+def test_restore_rejects_a_model_with_other_parameters():
+    tensors, meta = _session().state()
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, NUM_CLASSES))
+    with pytest.raises(ValueError, match="session state does not match the model's parameters"):
+        UnlearningSession.restore(other, tensors, meta)
+
+
+def test_restore_rejects_importance_that_does_not_cover_the_model():
+    session = _session()
+    _run(session, 0)
+    tensors, meta = session.state()
+    dropped = next(k for k in tensors if k.startswith("importance/"))
+    del tensors[dropped]
+    with pytest.raises(ValueError, match="session importance does not match"):
+        UnlearningSession.restore(tiny_model(), tensors, meta)
+
+
+@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+def test_restore_rejects_an_unknown_state_version(version):
+    tensors, meta = _session().state()
+    meta = {**meta, "state_version": version}
+    with pytest.raises(ValueError, match="unsupported session state version"):
+        UnlearningSession.restore(tiny_model(), tensors, meta)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "session.py restore compares only parameter names with the saved state, not shapes: a model with "
+    "the same layers but another number of classes is accepted, and fails only later"))
+def test_restore_rejects_a_model_whose_parameter_shapes_differ():
+    tensors, meta = _session().state()
+    ten_classes = build_model("mnist_cnn", num_classes=10, input_shape=INPUT_SHAPE, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="does not match"):
+        UnlearningSession.restore(ten_classes, tensors, meta)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "session.py restore requires importance for every named parameter, but mas_importance covers only "
+    "trainable ones, so the saved state of a session on a partly frozen model cannot be restored"))
+def test_a_session_on_a_partly_frozen_model_restores():
+    def partly_frozen() -> nn.Module:
+        model = tiny_model()
+        next(model.parameters()).requires_grad_(False)
+        return model
+
+    session = _session(partly_frozen())
+    result, _ = _run(session, 0)
+    assert result.succeeded
+    tensors, meta = session.state()
+    fresh = partly_frozen()
+    fresh.load_state_dict(session.model.state_dict())
+    restored = UnlearningSession.restore(fresh, _bytes_roundtrip(tensors), meta)
+    assert state_equal(restored.importance, session.importance)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(accumulation="mean"), "unknown accumulation 'mean'"),
+    (dict(num_classes=1), "num_classes must be >= 2"),
+])
+def test_session_rejects_bad_settings(kwargs, match):
+    kwargs = {"num_classes": NUM_CLASSES, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        UnlearningSession(tiny_model(), **kwargs)
+
+
+def test_session_rounds_validate_the_request_against_its_classes():
+    x, _ = forget_set(2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+        _session().run_round(ForgetRequest("forget", x, torch.tensor([0, 5])), method="neggrad")

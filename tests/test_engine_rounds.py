@@ -141,10 +141,6 @@ def test_a_huge_learning_rate_ends_diverged_or_collapsed_never_success(method, s
     assert not res.succeeded and res.reason
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rounds.py run_round: the collapse check only looks at a sentinel, which defaults to the adversarial "
-    "set; methods without one (neggrad, random_label, boundary_shrink) and no caller sentinel skip it, "
-    "so a model that predicts one class everywhere is reported 'forgotten'"))
 def test_a_huge_learning_rate_without_a_sentinel_is_not_reported_forgotten():
     res = _round(tiny_model(), _forget(8), "neggrad", fast_config(**HUGE_LR), sentinel=None)
     wrecked = tiny_model()

@@ -149,7 +149,7 @@ def test_commit_false_leaves_the_session_until_the_caller_commits():
 def test_restore_rejects_a_model_with_other_parameters():
     tensors, meta = _session().state()
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, NUM_CLASSES))
-    with pytest.raises(ValueError, match="session state does not match the model's parameters"):
+    with pytest.raises(ValueError, match="do not match the model's parameters"):
         UnlearningSession.restore(other, tensors, meta)
 
 
@@ -159,7 +159,7 @@ def test_restore_rejects_importance_that_does_not_cover_the_model():
     tensors, meta = session.state()
     dropped = next(k for k in tensors if k.startswith("importance/"))
     del tensors[dropped]
-    with pytest.raises(ValueError, match="session importance does not match"):
+    with pytest.raises(ValueError, match="session importance do not match"):
         UnlearningSession.restore(tiny_model(), tensors, meta)
 
 
@@ -171,19 +171,13 @@ def test_restore_rejects_an_unknown_state_version(version):
         UnlearningSession.restore(tiny_model(), tensors, meta)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "session.py restore compares only parameter names with the saved state, not shapes: a model with "
-    "the same layers but another number of classes is accepted, and fails only later"))
 def test_restore_rejects_a_model_whose_parameter_shapes_differ():
     tensors, meta = _session().state()
     ten_classes = build_model("mnist_cnn", num_classes=10, input_shape=INPUT_SHAPE, mean=MEAN, std=STD)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="has shape"):
         UnlearningSession.restore(ten_classes, tensors, meta)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "session.py restore requires importance for every named parameter, but mas_importance covers only "
-    "trainable ones, so the saved state of a session on a partly frozen model cannot be restored"))
 def test_a_session_on_a_partly_frozen_model_restores():
     def partly_frozen() -> nn.Module:
         model = tiny_model()

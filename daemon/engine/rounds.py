@@ -21,7 +21,7 @@ from daemon.engine.config import UnlearnConfig
 from daemon.engine.evaluate import eval_mode, predict
 from daemon.engine.importance import ImportanceRegulariser
 from daemon.engine.methods import Method, forget_term, make_attack
-from daemon.engine.attacks import other_class_targets
+from daemon.engine.attacks import TargetedL2PGD, other_class_targets
 from daemon.engine.requests import ForgetRequest
 
 __all__ = ["OUTCOMES", "RoundResult", "TrajectoryPoint", "run_round"]
@@ -91,6 +91,22 @@ def _collapsed(model: nn.Module, sentinel: torch.Tensor | None, share: float) ->
     return float(top) / pred.numel() >= share
 
 
+def class_impressions(model: nn.Module, num_classes: int, input_shape: torch.Size, config: UnlearnConfig,
+                      generator: torch.Generator, per_class: int = 8) -> torch.Tensor:
+    """A data-free, class-balanced sentinel: noise images the model assigns to each class.
+
+    Targeted PGD from uniform noise towards every class (with a wide ball). A healthy model keeps
+    them spread over the classes after a round; a collapsed one puts them all into one. Used when
+    a method has no adversarial set and the caller gives no probe inputs.
+    """
+    targets = torch.arange(num_classes).repeat_interleave(per_class)
+    noise = torch.rand((targets.numel(), *input_shape), generator=generator)
+    attack = TargetedL2PGD(model, eps=max(config.pgd_eps, 10.0), step=max(config.pgd_step, 0.5),
+                           iterations=config.pgd_iterations, rand_init=False, early_exit=True, margin=1.0,
+                           batch_size=config.attack_batch)
+    return attack(noise, targets, generator).x
+
+
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -149,7 +165,8 @@ def run_round(
         anchor = {n: p.detach().clone() for n, p in work.named_parameters()}
         regulariser = ImportanceRegulariser(importance_weights, anchor, config.lam)
     if sentinel is None:
-        sentinel = adv_x.cpu() if adv_x is not None else None
+        sentinel = adv_x.cpu() if adv_x is not None else class_impressions(work, num_classes, request.x.shape[1:],
+                                                                             config, generator)
 
     # --- optimise -----------------------------------------------------------------------------------
     params = [p for p in work.parameters() if p.requires_grad]

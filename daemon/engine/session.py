@@ -126,15 +126,29 @@ class UnlearningSession:
             raise ValueError(f"unsupported session state version {meta.get('state_version')!r}")
         session = cls(model, num_classes=int(meta["num_classes"]), accumulation=str(meta["accumulation"]),
                       decay=float(meta["decay"]), seed=int(meta["seed"]))
-        names = {n for n, _ in model.named_parameters()}
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         original = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("original/")}
-        if set(original) != names:
-            raise ValueError("session state does not match the model's parameters")
+        _check_matches("original weights", original, shapes, exact=True)
         session.original = {n: t.clone() for n, t in original.items()}
         if meta.get("has_importance"):
             imp = {k.split("/", 1)[1]: v.clone() for k, v in tensors.items() if k.startswith("importance/")}
-            if set(imp) != names:
-                raise ValueError("session importance does not match the model's parameters")
+            # importance covers exactly the trainable parameters (mas_importance skips frozen ones)
+            trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+            _check_matches("importance", imp, trainable, exact=True)
             session.importance = imp
         session.rounds_applied = int(meta["rounds_applied"])
         return session
+
+
+def _check_matches(what: str, saved: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                   *, exact: bool) -> None:
+    """The saved tensors must name the given parameters (all of them when ``exact``), with their shapes."""
+    extra = sorted(set(saved) - set(shapes))
+    missing = sorted(set(shapes) - set(saved)) if exact else []
+    if extra or missing:
+        raise ValueError(f"session {what} do not match the model's parameters "
+                         f"(unknown: {extra[:3]}, missing: {missing[:3]})")
+    for name, t in saved.items():
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"session {what} for {name} has shape {tuple(t.shape)}, "
+                             f"the model's parameter has {shapes[name]}")

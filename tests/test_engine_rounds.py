@@ -280,7 +280,7 @@ def test_with_overrides_rejects_unknown_names_and_copies_the_rest():
         base.with_overrides(steps=3, learning_rate=0.1)
     changed = base.with_overrides(lr=0.5, max_steps=7)
     assert (changed.lr, changed.max_steps) == (0.5, 7)
-    assert base.lr == 1e-4 and base.max_steps == 1000
+    assert (base.lr, base.max_steps) == (UnlearnConfig.lr, UnlearnConfig.max_steps)
     assert changed.to_dict() == {**base.to_dict(), "lr": 0.5, "max_steps": 7}
 
 

@@ -33,7 +33,7 @@ class UnlearnConfig:
     adv_per_instance: int = 8
     attack_batch: int = 1024
     # optimiser
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -42,13 +42,14 @@ class UnlearnConfig:
     forget_loss: str = "margin"
     forget_margin: float = 0.0
     mask_forgotten: bool = True
+    forget_boost: float = 1.05         # per-instance push × this after every step it is still not unlearned
     adv_loss: str = "kl"
-    adv_weight: float | None = 1.0     # None: L2UL's batch-size shares w_f, w_a
+    adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
     adv_batch: int = 256
-    lam: float = 1.0                   # importance penalty strength (L2UL's reg_lamb)
+    lam: float = 10.0                  # importance penalty strength (L2UL's reg_lamb)
     bn_train: bool = False             # BatchNorm in train mode while unlearning (L2UL does)
     # stopping
-    max_steps: int = 1000
+    max_steps: int = 400
     stop: str = "zero"
     stop_level: float = 0.0            # calibrated: stop once forget accuracy <= this
     # divergence
@@ -72,6 +73,8 @@ class UnlearnConfig:
         for name in ("momentum", "weight_decay", "lam", "forget_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.forget_boost < 1.0:
+            raise ValueError(f"forget_boost must be >= 1, got {self.forget_boost}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.adv_weight is not None and self.adv_weight < 0:
@@ -101,7 +104,8 @@ PRESETS: dict[str, UnlearnConfig] = {
     "paper": UnlearnConfig(
         pgd_eps=4.0, pgd_step=0.1, pgd_iterations=100, pgd_early_exit=False, adv_per_instance=20,
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
-        forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, adv_loss="ce", adv_weight=None,
+        forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, forget_boost=1.0, adv_loss="ce",
+        adv_weight=None,
         adv_batch=256, lam=1.0, bn_train=True, max_steps=1000, stop="zero",
     ),
 }

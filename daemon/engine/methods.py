@@ -38,12 +38,13 @@ def _margin_towards(logits: torch.Tensor, targets: torch.Tensor, margin: float) 
 
 
 def forget_term(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None,
-                active: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
+                active: torch.Tensor, config: UnlearnConfig, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The forget loss of a step, averaged over *all* instances of the round (not just the active ones).
 
     ``towards`` is None for pushing away from ``labels`` (misclassification), else per-instance
     targets to reach (relabel, and the relabelling baselines). ``active`` masks instances still to
     be unlearned; dividing by the full count keeps the step size from growing as they finish.
+    ``weights`` are per-instance multipliers (the round's dual variables, see ``forget_boost``).
     """
     n = logits.shape[0]
     if towards is None:
@@ -55,7 +56,10 @@ def forget_term(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tenso
         per = F.cross_entropy(logits, towards, reduction="none")
     else:
         per = _margin_towards(logits, towards, config.forget_margin)
-    return (per * active.to(per.dtype)).sum() / n
+    mask = active.to(per.dtype)
+    if weights is not None:
+        mask = mask * weights
+    return (per * mask).sum() / n
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,10 @@ def run_round(
         record(0, acc0)
     acc = acc0
     outcome, reason, steps = None, None, 0
+    # Per-instance dual variables: an instance that resists gets a growing share of the push, so
+    # easy instances flip with a gentle step and only the hard ones pay for more (forget_boost = 1:
+    # a plain sum, as in L2UL).
+    inst_w = torch.ones(x.shape[0], device=device)
     adv_pos = 0
     t_opt = time.perf_counter()
     if _stop_reached(acc, request, config):
@@ -203,7 +207,8 @@ def run_round(
                 active = (cur != towards_d) if towards_d is not None else (cur == labels)
         else:
             active = torch.ones_like(labels, dtype=torch.bool)
-        loss_f = forget_term(logits_f, labels, towards_d, active, config)
+        loss_f = forget_term(logits_f, labels, towards_d, active, config,
+                             inst_w if config.forget_boost > 1.0 else None)
         loss = loss_f
         if adv_x is not None:
             idx = torch.arange(adv_pos, adv_pos + config.adv_batch, device=device) % adv_x.shape[0]
@@ -228,7 +233,10 @@ def run_round(
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
-        acc, _ = _forget_accuracy(work, request)
+        acc, pred_now = _forget_accuracy(work, request)
+        if config.forget_boost > 1.0:
+            still = (pred_now != request.targets.cpu()) if request.kind == "relabel" else (pred_now == request.labels.cpu())
+            inst_w = torch.where(still.to(device), inst_w * config.forget_boost, inst_w)
         if track is not None and track_every > 0 and steps % track_every == 0:
             record(steps, acc)
         if progress is not None:

@@ -1,0 +1,338 @@
+"""Runs the unlearning benchmark: single rounds, continual rounds and class forgetting.
+
+Every row has exactly ``ROW_FIELDS``; the trajectories behind the trade-off plot (forget accuracy
+against test accuracy along each round) and per-row extras go to a side file, so the rows stay the
+schema the issue fixes. Results are written after every row (atomically), so a long run that is
+stopped keeps what it measured and ``--resume`` skips rows already present.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daemon.bench.evaluation import ROW_FIELDS, EvalContext, drift_report, evaluate_model
+from daemon.data.splits import DatasetSplits
+from daemon.engine.config import PRESETS, UnlearnConfig
+from daemon.engine.evaluate import accuracy, predict
+from daemon.engine.methods import get_method
+from daemon.engine.models import build_model
+from daemon.engine.requests import ForgetRequest
+from daemon.engine.session import DEFAULT_ACCUMULATION, UnlearningSession
+from daemon.engine.training import TrainConfig, train_classifier
+from daemon.registry import atomic_write_bytes
+
+__all__ = ["BenchPlan", "machine_info", "run_benchmark"]
+
+PAPER_METHODS = ("neggrad", "adv", "adv_imp")
+
+
+@dataclass
+class BenchPlan:
+    """What to run. ``continual`` is (rounds, k) or None; ``kinds`` any of forget, relabel, forget_class."""
+
+    dataset: str
+    arch: str
+    methods: Sequence[str]
+    ks: Sequence[int]
+    seeds: Sequence[int]
+    kinds: Sequence[str] = ("forget",)
+    presets: Sequence[str] = ("default", "paper")
+    continual: tuple[int, int] | None = None
+    accumulations: Sequence[str] = ("none", "sum", "max", "decayed")
+    continual_methods: Sequence[str] = ("adv_imp", "neggrad")
+    forget_class_examples: int = 64
+    forget_classes: Sequence[int] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track_size: int = 2000
+    track_every: int = 10
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+    }
+
+
+class _Results:
+    """The JSON files of a run, rewritten atomically after every row."""
+
+    def __init__(self, out: Path, dataset: str, machine: dict, settings: dict, resume: bool) -> None:
+        self.path = out / f"{dataset}.json"
+        self.extra_path = out / f"{dataset}_trajectories.json"
+        self.doc: dict[str, Any] = {"machine": machine, "settings": settings, "rows": []}
+        self.extra: dict[str, Any] = {}
+        settings["runs"] = [_run_summary(settings)]
+        if resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            self.doc["rows"] = old.get("rows", [])
+            # one results file gathers several invocations: keep what each of them ran
+            settings["runs"] = old.get("settings", {}).get("runs", []) + settings["runs"]
+            if self.extra_path.exists():
+                self.extra = json.loads(self.extra_path.read_text())
+
+    @staticmethod
+    def key(row: dict) -> str:
+        return "|".join(str(row[f]) for f in ("method", "preset", "kind", "protocol", "k", "seed", "round",
+                                              "accumulation"))
+
+    def has(self, **key: Any) -> bool:
+        probe = {f: key.get(f) for f in ("method", "preset", "kind", "protocol", "k", "seed", "round", "accumulation")}
+        wanted = self.key(probe)
+        return any(self.key(r) == wanted for r in self.doc["rows"])
+
+    def add(self, row: dict, extra: dict | None) -> None:
+        missing = set(ROW_FIELDS) - set(row)
+        if missing:
+            raise ValueError(f"benchmark row lacks {sorted(missing)}")
+        clean = {f: row[f] for f in ROW_FIELDS}
+        self.doc["rows"] = [r for r in self.doc["rows"] if self.key(r) != self.key(clean)] + [clean]
+        if extra is not None:
+            self.extra[self.key(clean)] = extra
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, (json.dumps(self.doc, indent=1, allow_nan=False, default=_nan_none) + "\n").encode())
+        atomic_write_bytes(self.extra_path, (json.dumps(self.extra, allow_nan=False, default=_nan_none) + "\n").encode())
+
+
+def _run_summary(settings: dict) -> dict:
+    keys = ("methods", "k", "seeds", "kinds", "continual", "accumulations", "overrides")
+    return {k: settings.get(k) for k in keys} | {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _nan_none(o: Any) -> Any:
+    raise TypeError(f"not JSON: {type(o)}")
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe: NaN/inf → None, floats rounded, containers cleaned recursively."""
+    if isinstance(v, float):
+        return round(v, 6) if v == v and abs(v) != float("inf") else None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _fresh(arch: str, splits: DatasetSplits, state: dict, device: str) -> torch.nn.Module:
+    c = splits.train_x.shape[1]
+    model = build_model(arch, num_classes=len(splits.classes), input_shape=tuple(splits.train_x.shape[1:]),
+                        mean=[0.0] * c, std=[1.0] * c)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def pretrain(arch: str, splits: DatasetSplits, config: TrainConfig, device: str,
+             progress: Callable[[int, int, dict], None] | None = None,
+             exclude: torch.Tensor | None = None) -> tuple[torch.nn.Module, float]:
+    """Train a fresh classifier (``exclude``: training indices left out — the retrain oracle)."""
+    mean, std = splits.mean_std()
+    model = build_model(arch, num_classes=len(splits.classes), input_shape=tuple(splits.train_x.shape[1:]),
+                        mean=mean, std=std).to(device)
+    x, y = splits.train_x, splits.train_y
+    if exclude is not None and exclude.numel():
+        keep = torch.ones(y.shape[0], dtype=torch.bool)
+        keep[exclude] = False
+        x, y = x[keep], y[keep]
+    t0 = time.perf_counter()
+    train_classifier(model, x, y, config, progress=progress)
+    return model, time.perf_counter() - t0
+
+
+def forget_indices(n_train: int, k: int, seed: int) -> torch.Tensor:
+    """L2UL's sampling: ``randperm(N)[:k]`` under ``seed`` (a uniform mix of classes)."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:k]
+
+
+def make_request(kind: str, splits: DatasetSplits, idx: torch.Tensor, seed: int,
+                 forget_class: int | None = None) -> ForgetRequest:
+    x, y = splits.train_x[idx], splits.train_y[idx]
+    if kind == "relabel":
+        gen = torch.Generator().manual_seed(10_007 + seed)
+        targets = (y + torch.randint(1, len(splits.classes), y.shape, generator=gen)) % len(splits.classes)
+        return ForgetRequest("relabel", x, y, targets=targets)
+    if kind == "forget_class":
+        return ForgetRequest("forget_class", x, y, forget_class=forget_class)
+    return ForgetRequest("forget", x, y)
+
+
+def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, out: Path, device: str = "cpu",
+                  resume: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Run ``plan`` against the pre-trained ``base_state``; returns the results file."""
+    if log is None:
+        def log(line: str) -> None:
+            print(line, flush=True)
+    for m in plan.methods:
+        get_method(m)
+    for p in plan.presets:
+        if p not in PRESETS:
+            raise ValueError(f"unknown preset {p!r}")
+    base = _fresh(plan.arch, splits, base_state, device)
+    acc_original = accuracy(base, splits.test_x, splits.test_y)
+    ctx = EvalContext(splits.train_x, splits.train_y, splits.test_x, splits.test_y, acc_original)
+    test_pred0 = predict(base, splits.test_x)
+    track = (splits.test_x[-plan.track_size:], splits.test_y[-plan.track_size:])
+    settings = {
+        "dataset": plan.dataset, "arch": plan.arch, "methods": list(plan.methods), "k": list(plan.ks),
+        "seeds": list(plan.seeds), "kinds": list(plan.kinds), "presets": {p: PRESETS[p].to_dict() for p in plan.presets},
+        "overrides": plan.overrides, "continual": list(plan.continual) if plan.continual else None,
+        "accumulations": list(plan.accumulations), "default_accumulation": DEFAULT_ACCUMULATION,
+        "pretrain": plan.train.__dict__, "acc_test_original": acc_original,
+        "track": {"set": f"last {plan.track_size} test images", "every_steps": plan.track_every},
+        "forget_classes": list(plan.forget_classes), "forget_class_examples": plan.forget_class_examples,
+        "mia": f"loss AUC of forget instances vs the first {ctx.mia_holdout} test images",
+    }
+    results = _Results(out, plan.dataset, machine_info(device), settings, resume)
+    results.flush()
+
+    def config_for(preset: str) -> UnlearnConfig:
+        cfg = PRESETS[preset]
+        return cfg.with_overrides(**plan.overrides) if preset == "default" and plan.overrides else cfg
+
+    def one(method: str, preset: str, kind: str, protocol: str, k: int, seed: int, rnd: int, accumulation: str | None,
+            session: UnlearningSession | None, request: ForgetRequest, idx: torch.Tensor, union: torch.Tensor,
+            test_pred_before: torch.Tensor, acc_test_before: float) -> dict:
+        row = {"dataset": plan.dataset, "arch": plan.arch, "method": method, "preset": preset, "kind": kind,
+               "protocol": protocol, "k": k, "seed": seed, "round": rnd, "accumulation": accumulation}
+        extra: dict[str, Any] = {}
+        if method == "retrain":
+            model, secs = pretrain(plan.arch, splits, plan.train, device, exclude=union)
+            ev = evaluate_model(model, ctx, request, forgotten_union=union, test_pred_before=test_pred_before)
+            row.update(steps=None, attack_s=0.0, optimise_s=secs, wall_s=secs, outcome="retrained")
+        else:
+            assert session is not None
+            before = {n: p.detach().cpu().clone() for n, p in session.model.named_parameters()}
+            result, _ = session.run_round(request, method=method, config=config_for(preset), track=track,
+                                          track_every=plan.track_every)
+            model = session.model
+            if not result.succeeded:   # evaluate what the round produced, though it was not committed
+                model = copy.deepcopy(session.model)
+                model.load_state_dict(result.state)
+            ev = evaluate_model(model, ctx, request, forgotten_union=union, test_pred_before=test_pred_before)
+            extra.update(drift_report(model, session.original, before))
+            extra["trajectory"] = [[p.step, p.acc_forget, p.acc_track] for p in result.trajectory]
+            extra["reason"] = result.reason
+            extra["attack"] = {"example_iterations": result.attack_example_iterations,
+                               "full_iterations": result.attack_full_iterations,
+                               "success": result.attack_success, "examples": result.adversarial_examples}
+            row.update(steps=result.steps, attack_s=result.attack_s, optimise_s=result.optimise_s,
+                       wall_s=result.wall_s, outcome=result.outcome)
+        extra["test_flip_ratio"] = ev.pop("test_flip_ratio")
+        row.update(ev)
+        row["acc_test_before"] = acc_test_before
+        row = {k2: _clean(v) for k2, v in row.items()}
+        extra = _clean(extra)
+        results.add(row, extra)
+        log(f"{protocol:9s} {kind:12s} {method:15s} {preset:7s} k={k:<4d} seed={seed} round={rnd} "
+            f"acc={accumulation or '-':7s} -> {row['outcome']:16s} forget={row['acc_forget']} "
+            f"test={row['acc_test']} steps={row['steps']} wall={row['wall_s']}s")
+        return row
+
+    # --- single rounds ------------------------------------------------------------------------------
+    for kind in [k for k in plan.kinds if k != "forget_class"]:
+        for k in plan.ks:
+            for seed in plan.seeds:
+                idx = forget_indices(splits.train_y.shape[0], k, seed)
+                request = make_request(kind, splits, idx, seed)
+                for method in plan.methods:
+                    presets = plan.presets if method in PAPER_METHODS else ("default",)
+                    for preset in presets:
+                        if results.has(method=method, preset=preset, kind=kind, protocol="single", k=k, seed=seed,
+                                       round=1, accumulation=None):
+                            continue
+                        if method == "retrain" and kind != "forget":
+                            continue
+                        session = None
+                        if method != "retrain":
+                            session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
+                                                        num_classes=len(splits.classes), seed=seed)
+                        one(method, preset, kind, "single", k, seed, 1, None, session, request, idx, idx,
+                            test_pred0, acc_original)
+
+    # --- class forgetting ---------------------------------------------------------------------------
+    if "forget_class" in plan.kinds:
+        for c in plan.forget_classes:
+            for seed in plan.seeds:
+                members = (splits.train_y == c).nonzero().squeeze(1)
+                pick = members[torch.randperm(members.numel(), generator=torch.Generator().manual_seed(seed))]
+                idx = pick[:plan.forget_class_examples]
+                request = make_request("forget_class", splits, idx, seed, forget_class=c)
+                for method in [m for m in plan.methods if m != "retrain"]:
+                    if results.has(method=method, preset="default", kind="forget_class", protocol="single",
+                                   k=c, seed=seed, round=1, accumulation=None):
+                        continue
+                    session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
+                                                num_classes=len(splits.classes), seed=seed)
+                    one(method, "default", "forget_class", "single", c, seed, 1, None, session, request, idx, idx,
+                        test_pred0, acc_original)
+
+    # --- continual ----------------------------------------------------------------------------------
+    if plan.continual:
+        rounds, k = plan.continual
+        for seed in plan.seeds:
+            order = forget_indices(splits.train_y.shape[0], rounds * k, seed)
+            for method in plan.continual_methods:
+                accs = plan.accumulations if get_method(method).uses_importance else (DEFAULT_ACCUMULATION,)
+                for acc_mode in accs:
+                    session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
+                                                num_classes=len(splits.classes), accumulation=acc_mode, seed=seed)
+                    acc_before, pred_before = acc_original, test_pred0
+                    for r in range(1, rounds + 1):
+                        idx = order[(r - 1) * k:r * k]
+                        union = order[:r * k]
+                        request = make_request("forget", splits, idx, seed)
+                        row = one(method, "default", "forget", "continual", k, seed, r, acc_mode, session, request,
+                                  idx, union, pred_before, acc_before)
+                        acc_before = row["acc_test"]
+                        pred_before = predict(session.model, splits.test_x)
+    return results.path
+
+
+def parse_list(text: str, cast: Callable[[str], Any] = int) -> list[Any]:
+    try:
+        return [cast(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise ValueError(f"not a comma-separated list: {text!r}") from exc
+
+
+def parse_continual(text: str) -> tuple[int, int]:
+    try:
+        rounds, k = (int(t) for t in text.lower().split("x"))
+    except ValueError as exc:
+        raise ValueError(f"--continual wants ROUNDSxK, e.g. 10x32; got {text!r}") from exc
+    if rounds < 1 or k < 1:
+        raise ValueError(f"--continual needs positive rounds and k, got {text!r}")
+    return rounds, k
+
+
+def iter_rows(path: Path) -> Iterable[dict]:
+    return json.loads(path.read_text())["rows"]

@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(UNLEARND) bench --dataset mnist --out benchmarks/results --cache var/bench-cache
+	UNLEARND=$(UNLEARND) benchmarks/run_mnist.sh
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

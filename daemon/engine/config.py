@@ -42,6 +42,7 @@ class UnlearnConfig:
     forget_loss: str = "margin"
     forget_margin: float = 0.0
     mask_forgotten: bool = True
+    class_margin: float = 3.0          # forget_class: push the examples this far past the boundary
     forget_boost: float = 1.05         # per-instance push × this after every step it is still not unlearned
     adv_loss: str = "kl"
     adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
@@ -70,7 +71,7 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adv_per_instance < 0:
             raise ValueError(f"adv_per_instance must be >= 0, got {self.adv_per_instance}")
-        for name in ("momentum", "weight_decay", "lam", "forget_margin"):
+        for name in ("momentum", "weight_decay", "lam", "forget_margin", "class_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.forget_boost < 1.0:

@@ -38,24 +38,28 @@ def _margin_towards(logits: torch.Tensor, targets: torch.Tensor, margin: float) 
 
 
 def forget_term(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None,
-                active: torch.Tensor, config: UnlearnConfig, weights: torch.Tensor | None = None) -> torch.Tensor:
+                active: torch.Tensor, config: UnlearnConfig, weights: torch.Tensor | None = None,
+                *, towards_ce: bool = False, margin: float | None = None) -> torch.Tensor:
     """The forget loss of a step, averaged over *all* instances of the round (not just the active ones).
 
     ``towards`` is None for pushing away from ``labels`` (misclassification), else per-instance
     targets to reach (relabel, and the relabelling baselines). ``active`` masks instances still to
     be unlearned; dividing by the full count keeps the step size from growing as they finish.
     ``weights`` are per-instance multipliers (the round's dual variables, see ``forget_boost``).
+    ``towards_ce``: fine-tune with cross-entropy to ``towards`` whatever ``forget_loss`` says (the
+    relabelling baselines are defined that way). ``margin`` overrides ``config.forget_margin``.
     """
     n = logits.shape[0]
+    m = config.forget_margin if margin is None else margin
     if towards is None:
         if config.forget_loss == "neg_ce":
             per = -F.cross_entropy(logits, labels, reduction="none")
         else:
-            per = _margin_away(logits, labels, config.forget_margin)
-    elif config.forget_loss == "neg_ce":   # the paper's relabel variant: +CE to the new label
+            per = _margin_away(logits, labels, m)
+    elif config.forget_loss == "neg_ce" or towards_ce:   # the paper's relabel variant: +CE to the new label
         per = F.cross_entropy(logits, towards, reduction="none")
     else:
-        per = _margin_towards(logits, towards, config.forget_margin)
+        per = _margin_towards(logits, towards, m)
     mask = active.to(per.dtype)
     if weights is not None:
         mask = mask * weights
@@ -71,6 +75,8 @@ class Method:
     uses_importance: ClassVar[bool] = False
     #: The benchmark-only oracle needs the remaining training data and never runs in a round.
     oracle: ClassVar[bool] = False
+    #: Fine-tune towards the chosen labels with cross-entropy (the relabelling baselines).
+    towards_ce: ClassVar[bool] = False
 
     def towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
                 generator: torch.Generator) -> torch.Tensor | None:
@@ -109,6 +115,7 @@ class RandomLabel(Method):
     """Fine-tune each forget instance towards a random *other* label, fixed for the round."""
 
     name: ClassVar[str] = "random_label"
+    towards_ce: ClassVar[bool] = True
 
     def towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
                 generator: torch.Generator) -> torch.Tensor | None:
@@ -128,6 +135,7 @@ class BoundaryShrink(Method):
     """
 
     name: ClassVar[str] = "boundary_shrink"
+    towards_ce: ClassVar[bool] = True
 
     def towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
                 generator: torch.Generator) -> torch.Tensor | None:

@@ -83,6 +83,18 @@ def _stop_reached(acc: float, request: ForgetRequest, config: UnlearnConfig) -> 
     return acc <= level + 1e-12
 
 
+def _still_active(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None, kind: str,
+                  config: UnlearnConfig) -> torch.Tensor:
+    """Instances the forget term still works on: not yet unlearned (forget_class: not yet by its margin)."""
+    if towards is not None:
+        return logits.argmax(1) != towards
+    if kind == "forget_class":
+        z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+        z_other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
+        return z_y - z_other > -config.class_margin
+    return logits.argmax(1) == labels
+
+
 def _collapsed(model: nn.Module, sentinel: torch.Tensor | None, share: float) -> bool:
     if sentinel is None or sentinel.shape[0] < 2:
         return False
@@ -203,12 +215,12 @@ def run_round(
         logits_f = work(x)
         if config.mask_forgotten:
             with torch.no_grad():
-                cur = logits_f.argmax(1)
-                active = (cur != towards_d) if towards_d is not None else (cur == labels)
+                active = _still_active(logits_f, labels, towards_d, request.kind, config)
         else:
             active = torch.ones_like(labels, dtype=torch.bool)
         loss_f = forget_term(logits_f, labels, towards_d, active, config,
-                             inst_w if config.forget_boost > 1.0 else None)
+                             inst_w if config.forget_boost > 1.0 else None, towards_ce=method.towards_ce,
+                             margin=config.class_margin if request.kind == "forget_class" else None)
         loss = loss_f
         if adv_x is not None:
             idx = torch.arange(adv_pos, adv_pos + config.adv_batch, device=device) % adv_x.shape[0]
@@ -233,10 +245,11 @@ def run_round(
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
-        acc, pred_now = _forget_accuracy(work, request)
+        acc, _ = _forget_accuracy(work, request)
+        with eval_mode(work):
+            still = _still_active(work(x), labels, towards_d, request.kind, config)
         if config.forget_boost > 1.0:
-            still = (pred_now != request.targets.cpu()) if request.kind == "relabel" else (pred_now == request.labels.cpu())
-            inst_w = torch.where(still.to(device), inst_w * config.forget_boost, inst_w)
+            inst_w = torch.where(still, inst_w * config.forget_boost, inst_w)
         if track is not None and track_every > 0 and steps % track_every == 0:
             record(steps, acc)
         if progress is not None:
@@ -244,7 +257,7 @@ def run_round(
         if steps % config.check_every == 0 and not _finite(work):
             outcome, reason = "diverged", f"non-finite weights at step {steps}"
             break
-        if _stop_reached(acc, request, config):
+        if _stop_reached(acc, request, config) and not (request.kind == "forget_class" and bool(still.any())):
             outcome = _success_outcome(request.kind)
     optimise_s = time.perf_counter() - t_opt
     if outcome is None:

@@ -93,7 +93,7 @@ def train_classifier(
             sched.step()
             step += 1
             if progress is not None:
-                progress(step, total, {"loss": float(loss)})
+                progress(step, total, {"loss": float(loss.detach())})
         if eval_x is not None and eval_y is not None:
             history.append(accuracy(model, eval_x, eval_y))
     model.eval()

@@ -1,0 +1,94 @@
+"""The benchmark runner and report on synthetic data: the row schema, resume, and the plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon.bench.evaluation import ROW_FIELDS
+from daemon.bench.report import write_report
+from daemon.bench.runner import BenchPlan, parse_continual, run_benchmark
+from daemon.data.synthetic import synthetic_splits
+from daemon.engine.training import TrainConfig, train_classifier
+from daemon.engine.models import build_model
+
+OUTCOMES = {"forgotten", "relabelled", "budget_exhausted", "diverged", "collapsed", "retrained"}
+
+
+@pytest.fixture(scope="module")
+def splits_and_state():
+    splits = synthetic_splits(n_train=256, n_test=128, num_classes=4, shape=(1, 8, 8), seed=0)
+    mean, std = splits.mean_std()
+    model = build_model("mnist_cnn", num_classes=4, input_shape=(1, 8, 8), mean=mean, std=std)
+    train_classifier(model, splits.train_x, splits.train_y, TrainConfig(epochs=3, batch_size=32, shift=0))
+    return splits, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _plan(**kw) -> BenchPlan:
+    base = dict(dataset="synthetic", arch="mnist_cnn", methods=["neggrad", "adv_imp", "retrain"], ks=[4], seeds=[0],
+                kinds=["forget"], presets=["default"], train=TrainConfig(epochs=1, batch_size=32, shift=0),
+                track_size=64, track_every=5, overrides={"max_steps": 60, "adv_per_instance": 2})
+    base.update(kw)
+    return BenchPlan(**base)
+
+
+def test_every_row_has_exactly_the_issue_fields_and_a_known_outcome(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    path = run_benchmark(_plan(kinds=["forget", "relabel", "forget_class"], forget_classes=[1],
+                               continual=(2, 4), accumulations=["none", "max"]),
+                         splits, state, out=tmp_path, log=lambda s: None)
+    doc = json.loads(path.read_text())
+    assert {"machine", "settings", "rows"} <= set(doc)
+    assert doc["settings"]["default_accumulation"]
+    rows = doc["rows"]
+    assert all(list(r) == list(ROW_FIELDS) for r in rows)
+    assert all(r["outcome"] in OUTCOMES for r in rows)
+    kinds = {(r["protocol"], r["kind"]) for r in rows}
+    assert kinds == {("single", "forget"), ("single", "relabel"), ("single", "forget_class"), ("continual", "forget")}
+    retrain = [r for r in rows if r["method"] == "retrain"]
+    assert len(retrain) == 1 and retrain[0]["wall_s"] > 0
+    cont = [r for r in rows if r["protocol"] == "continual" and r["method"] == "adv_imp"]
+    assert sorted((r["accumulation"], r["round"]) for r in cont) == [("max", 1), ("max", 2), ("none", 1), ("none", 2)]
+    fc = [r for r in rows if r["kind"] == "forget_class"]
+    assert all(r["acc_other_classes"] is not None for r in fc)
+    assert all(r["acc_other_classes"] is None for r in rows if r["kind"] != "forget_class")
+    traj = json.loads((tmp_path / "synthetic_trajectories.json").read_text())
+    assert any(v.get("trajectory") for v in traj.values())
+
+
+def test_resume_keeps_measured_rows_and_skips_them(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    run_benchmark(_plan(methods=["neggrad"]), splits, state, out=tmp_path, log=lambda s: None)
+    seen: list[str] = []
+    run_benchmark(_plan(methods=["neggrad", "adv_imp"]), splits, state, out=tmp_path, resume=True, log=seen.append)
+    assert len(seen) == 1 and "adv_imp" in seen[0]
+    doc = json.loads((tmp_path / "synthetic.json").read_text())
+    assert sorted(r["method"] for r in doc["rows"]) == ["adv_imp", "neggrad"]
+    assert len(doc["settings"]["runs"]) == 2
+
+
+def test_the_report_has_tables_and_plots(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    run_benchmark(_plan(methods=["neggrad", "adv_imp"], continual=(2, 4), accumulations=["max"]),
+                  splits, state, out=tmp_path, log=lambda s: None)
+    report = write_report(tmp_path, "synthetic")
+    text = report.read_text()
+    assert "## Single rounds" in text and "## Continual rounds" in text
+    for png in ("synthetic_tradeoff.png", "synthetic_continual.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png in text
+
+
+@pytest.mark.parametrize("text", ["10", "x3", "0x5", "ax2"])
+def test_parse_continual_rejects_bad_specs(text):
+    with pytest.raises(ValueError, match="ROUNDSxK|positive"):
+        parse_continual(text)
+
+
+def test_an_unknown_method_or_preset_is_rejected_before_any_work(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    with pytest.raises(ValueError, match="unknown method"):
+        run_benchmark(_plan(methods=["nope"]), splits, state, out=tmp_path)
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_benchmark(_plan(presets=["nope"]), splits, state, out=tmp_path)

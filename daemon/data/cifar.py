@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from daemon.data._safe_pickle import load_arrays
 from daemon.data.splits import DatasetSplits
 
 __all__ = ["CIFAR10_FOLDER", "load_cifar10"]
@@ -41,31 +42,6 @@ _HOW_TO_GET = (
     "`python -c \"import torchvision; torchvision.datasets.CIFAR10('DIR', download=True)\"` "
     f"and copy DIR/{CIFAR10_FOLDER} here (nothing is downloaded at run time)"
 )
-
-# What CIFAR-10's pickles need: the original files are Python 2 pickles of numpy arrays
-# (numpy.core names); re-saved ones use numpy._core names, protocol 5's _frombuffer, or
-# _codecs.encode (protocol 2 writing bytes). dict/list/str/bytes/int are pickle opcodes.
-_ALLOWED = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
-)
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:  # pickle's protocol: any class
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 file")
-        return super().find_class(module, name)
-
 
 def load_cifar10(root: Path, *, expect_full: bool = True) -> DatasetSplits:
     """Read CIFAR-10 from ``root`` as float32 ``N×3×32×32`` in [0, 1] and int64 labels.
@@ -116,7 +92,7 @@ def _unpickle(path: Path) -> dict[Any, Any]:
     try:
         with path.open("rb") as fh:
             # latin1, as torchvision reads them: the original files are Python 2 pickles.
-            content = _CifarUnpickler(fh, encoding="latin1").load()
+            content = load_arrays(fh, f"the CIFAR-10 file {path.name}")
     except pickle.UnpicklingError as exc:
         raise pickle.UnpicklingError(f"{path}: {exc}") from exc
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:

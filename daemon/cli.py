@@ -272,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     weights = cache / f"{args.dataset}-{plan.arch}-e{plan.train.epochs}.safetensors"
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if weights.exists():
         state = load_file(str(weights))

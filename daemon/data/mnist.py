@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
-import pickle
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

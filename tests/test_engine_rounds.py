@@ -299,3 +299,27 @@ def test_the_paper_and_default_presets_exist_and_unknown_presets_are_rejected():
 def test_get_method_rejects_an_unknown_name():
     with pytest.raises(ValueError, match="unknown method 'scrub'"):
         get_method("scrub")
+
+
+class _OneClass(torch.nn.Module):
+    """Predicts class 0 for everything: what a collapsed model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], NUM_CLASSES) + self.w
+        out[:, 0] = 1.0
+        return out
+
+
+def test_forget_set_collapse_is_detected_only_for_mixed_labels():
+    from daemon.engine.rounds import _forget_set_collapsed
+
+    x = torch.rand(8, *INPUT_SHAPE)
+    mixed = ForgetRequest("forget", x, torch.tensor([1, 2, 3, 1, 2, 3, 1, 2]))
+    same = ForgetRequest("forget", x, torch.full((8,), 2))
+    assert _forget_set_collapsed(_OneClass(), mixed, 0.9)
+    assert not _forget_set_collapsed(_OneClass(), same, 0.9)
+    assert not _forget_set_collapsed(_OneClass(), ForgetRequest("forget", x[:4], mixed.labels[:4]), 0.9)

@@ -122,6 +122,19 @@ def class_impressions(model: nn.Module, num_classes: int, input_shape: torch.Siz
     return attack(noise, targets, generator).x
 
 
+def _forget_set_collapsed(model: nn.Module, request: ForgetRequest, share: float, min_size: int = 8) -> bool:
+    """The signature of gradient-ascent collapse (method.md §9): instances of many classes all end up
+    in one class. Noise-based class impressions can stay spread while real digits do not, so the
+    forget set is checked too (for a mixed-label ``forget`` request of at least ``min_size``)."""
+    if request.kind != "forget" or len(request) < min_size:
+        return False
+    labels = request.labels.cpu()
+    if float(torch.bincount(labels).max()) / labels.numel() >= share:
+        return False   # the labels themselves are (nearly) one class: nothing to conclude
+    pred = predict(model, request.x)
+    return float(torch.bincount(pred).max()) / pred.numel() >= share
+
+
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -274,6 +287,9 @@ def run_round(
         outcome, reason = "diverged", "non-finite weights"
     if outcome in ("forgotten", "relabelled") and _collapsed(work, sentinel, config.collapse_share):
         outcome, reason = "collapsed", f"one class takes >= {config.collapse_share:.0%} of the sentinel predictions"
+    elif outcome == "forgotten" and _forget_set_collapsed(work, request, config.collapse_share):
+        outcome, reason = "collapsed", (f"one class takes >= {config.collapse_share:.0%} of the forget-set "
+                                        "predictions though their labels are mixed")
     if track is not None and track_every > 0 and (not trajectory or trajectory[-1].step != steps):
         record(steps, acc)
     acc_final, pred_after = _forget_accuracy(work, request)

@@ -183,7 +183,12 @@ def run_round(
         attack = make_attack(work, config)
         targets = other_class_targets(request.labels, num_classes, config.adv_per_instance, generator)
         res = attack(request.x.repeat_interleave(config.adv_per_instance, 0), targets, generator)
-        adv_x, adv_y = res.x.to(device), res.targets.to(device)
+        keep = torch.ones_like(res.reached)
+        if request.kind == "forget_class" and bool(res.reached.any()):
+            # Forgetting a class must generalise to all its inputs: an example the attack could not
+            # move out of the class would pin the class's own region in place. Keep those that left.
+            keep = res.reached
+        adv_x, adv_y = res.x[keep].to(device), res.targets[keep].to(device)
         with eval_mode(work):   # the model's own outputs on them: what the adversarial term holds fixed
             adv_logits = torch.cat([work(adv_x[i:i + 2048]) for i in range(0, adv_x.shape[0], 2048)])
         adv_soft = F.softmax(adv_logits, 1)

@@ -148,12 +148,10 @@ def _build_request(args: argparse.Namespace, splits, num_classes: int):  # noqa:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    import torch
-
     from daemon import model_store, registry
     from daemon.bench.evaluation import EvalContext, drift_report, evaluate_model
     from daemon.engine.config import preset
-    from daemon.engine.evaluate import accuracy, predict
+    from daemon.engine.evaluate import predict
     from daemon.engine.methods import get_method
 
     try:
@@ -181,10 +179,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     model = live.model
     ctx = EvalContext(splits.train_x, splits.train_y, splits.test_x, splits.test_y,
                       float(live.info.manifest.get("metrics", {}).get("acc_test_original", acc_before)))
-    evaluation = evaluate_model(model if result.succeeded else _with_state(model, result.state), ctx, request,
-                                forgotten_union=idx, test_pred_before=test_before)
-    evaluation.update(drift_report(model if result.succeeded else _with_state(model, result.state),
-                                   live.session.original, before))
+    # a failed round left the live model untouched: evaluate the weights it produced instead
+    produced = model if result.succeeded else _with_state(model, result.state)
+    evaluation = evaluate_model(produced, ctx, request, forgotten_union=idx, test_pred_before=test_before)
+    evaluation.update(drift_report(produced, live.session.original, before))
     _print_table(request, result, splits.classes)
     print(f"outcome: {result.outcome}" + (f" ({result.reason})" if result.reason else "")
           + f"; steps {result.steps}; attack {result.attack_s:.1f}s, optimise {result.optimise_s:.1f}s")

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,7 +332,3 @@ def parse_continual(text: str) -> tuple[int, int]:
     if rounds < 1 or k < 1:
         raise ValueError(f"--continual needs positive rounds and k, got {text!r}")
     return rounds, k
-
-
-def iter_rows(path: Path) -> Iterable[dict]:
-    return json.loads(path.read_text())["rows"]

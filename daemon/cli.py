@@ -366,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dir", default="var/demo")
     sp.add_argument("--count", type=int, default=8, help="digits forgotten per run")
     sp.set_defaults(func=cmd_demo)
+
+    # The serving and daemon layers register their own commands (one module each, kept out of here).
+    from daemon.serving import cli as serving_cli
+    from daemon.service import cli as service_cli
+    serving_cli.add_commands(sub)
+    service_cli.add_commands(sub)
     return p
 
 

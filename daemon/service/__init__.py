@@ -1,0 +1,1 @@
+"""The daemon: Kafka intake, crash-safe rounds, the ledger, receipts, audit trail and metrics."""

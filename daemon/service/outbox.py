@@ -1,0 +1,105 @@
+"""The outbox publisher: moves receipts, DLQ copies and model events from the ledger to the broker.
+
+It runs on its own thread so a broker outage never blocks intake or rounds; a row leaves the outbox
+only after the broker acknowledged it (acks=all). A crash between the acknowledgement and the delete
+publishes that row again, byte for byte the same (same audit entry): consumers deduplicate receipts
+by ``audit.entry``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+from kafka.errors import KafkaError
+
+from daemon.service.config import KafkaSection
+from daemon.service.kafka_io import make_producer
+from daemon.service.ledger import Ledger
+from daemon.service.metrics import DaemonMetrics
+
+__all__ = ["OutboxPublisher"]
+
+log = structlog.get_logger("unlearnd.outbox")
+
+
+class OutboxPublisher:
+    def __init__(self, ledger: Ledger, kafka: KafkaSection, metrics: DaemonMetrics, interval_s: float) -> None:
+        self.ledger = ledger
+        self.kafka = kafka
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._producer = None
+        self.published = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Try to empty the outbox for a while, then stop; what remains waits for the next start."""
+        deadline = time.monotonic() + flush_timeout_s
+        while self.ledger.outbox_size() and time.monotonic() < deadline and self._thread.is_alive():
+            self._wake.set()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=flush_timeout_s + 5)
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=2)
+            except KafkaError:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            try:
+                self.flush_once()
+            except Exception as exc:  # noqa: BLE001 - the thread must survive any broker trouble
+                self.metrics.broker_up.set(0)
+                log.warning("outbox_publish_failed", error=f"{type(exc).__name__}: {exc}",
+                            waiting=self.ledger.outbox_size())
+                self._drop_producer()
+                self._stop.wait(min(2.0, self.interval_s * 4))
+
+    def _drop_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=0.5)
+            except Exception:  # noqa: BLE001
+                pass
+            self._producer = None
+
+    def flush_once(self) -> int:
+        rows = self.ledger.outbox()
+        self.metrics.outbox.set(len(rows))
+        if not rows:
+            return 0
+        if self._producer is None:
+            self._producer = make_producer(self.kafka, client="outbox")
+        futures = [(row.seq, self._producer.send(row.topic, key=row.key, value=row.value, headers=row.headers))
+                   for row in rows]
+        self._producer.flush(timeout=self.kafka.request_timeout_ms / 1000)
+        done = []
+        for seq, fut in futures:
+            try:
+                fut.get(timeout=0)
+            except Exception as exc:  # noqa: BLE001 - keep the row, retry later
+                log.warning("outbox_row_not_acknowledged", seq=seq, error=f"{type(exc).__name__}: {exc}")
+                break       # keep order: rows after a failed one wait too
+            done.append(seq)
+        self.ledger.acknowledge(done)
+        self.published += len(done)
+        self.metrics.broker_up.set(1 if len(done) == len(rows) else 0)
+        self.metrics.outbox.set(self.ledger.outbox_size())
+        if len(done) < len(rows):
+            raise KafkaError(f"{len(rows) - len(done)} outbox rows not acknowledged")
+        return len(done)

@@ -21,7 +21,6 @@ forward at start-up from the drafts. Nothing is applied twice, because the ledge
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import threading
 import time
@@ -38,8 +37,9 @@ from kafka.errors import KafkaError
 
 from daemon import registry
 from daemon.service import receipts
-from daemon.service.codec import Limits, Rejection, decode_request
+from daemon.service.codec import Limits, ModelSpec, Rejection, check_request, decode_inputs
 from daemon.service.config import Config
+from daemon.service.failpoints import failpoint
 from daemon.service.kafka_io import ensure_topics, make_consumer
 from daemon.service.ledger import Ledger, canonical_json
 from daemon.service.metrics import DaemonMetrics
@@ -89,6 +89,7 @@ class Daemon:
         self.method = {"name": config.rounds.method, "preset": config.rounds.preset,
                        "accumulation": config.rounds.accumulation}
         self.runtimes: dict[str, ModelRuntime] = {}
+        self.specs: dict[str, ModelSpec] = {}
         self.pending: dict[str, list[PendingRequest]] = defaultdict(list)
         self.first_pending_at: dict[str, float] = {}
         self.inflight: dict[TopicPartition, set[int]] = defaultdict(set)
@@ -114,12 +115,13 @@ class Daemon:
             rt = ModelRuntime(section, self.registry_dir, self.config.rounds)
             rt.ensure_model(self._pretrain)
             self.runtimes[rt.name] = rt
+        self.specs = {n: rt.spec for n, rt in self.runtimes.items()}
         self._recover()
         self._check_consistency()
         for name, rt in self.runtimes.items():
             self.metrics.model_version.labels(model=name).set(rt.version)
-            self.metrics.probe_accuracy.labels(reference="original").set(rt.original_probe_accuracy)
-            self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy())
+            self.metrics.probe_accuracy.labels(reference="original").set(rt.probe_accuracy("original"))
+            self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy("current"))
         if self.config.metrics.port:
             self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         k = self.config.kafka
@@ -269,6 +271,7 @@ class Daemon:
         with self.ledger.transaction() as db:
             for rec in records:
                 effects.append(self._handle(db, rec))
+        failpoint("after_reject_batch")
         for kind, status, reason in effects:
             if status:
                 self.metrics.requests.labels(kind=kind, status=status).inc()
@@ -282,7 +285,7 @@ class Daemon:
         """Record one message's effect; returns (kind, receipt status or '', dlq reason or '')."""
         assert self.ledger is not None
         tp = TopicPartition(rec.topic, rec.partition)
-        self.next_offset[tp] = max(self.next_offset.get(tp, 0), rec.offset + 1)
+        self.next_offset[tp] = rec.offset + 1    # in order per partition; a broker that lost its log restarts at 0
         fp = _fingerprint(rec)
         now = time.time()
         seen = self.ledger.delivery(rec.topic, rec.partition, rec.offset)
@@ -292,21 +295,25 @@ class Daemon:
             if any(p.request_id == seen.request_id for ps in self.pending.values() for p in ps) or \
                     any(p.request_id == seen.request_id for p in self._round_batch):
                 return "", "", ""
-        models = {n: rt.spec for n, rt in self.runtimes.items()}
         try:
-            decoded = decode_request(rec.value, rec.key, models, self.limits)
+            checked = check_request(rec.value, rec.key, self.specs, self.limits)
+        except Rejection as rej:
+            return self._reject(db, rec, fp, rej, now)
+        # a replay is recognised before any image is decoded (cheap: the intake must keep up with floods)
+        existing = self.ledger.request(checked.request_id)
+        redelivered = seen is not None and seen.fingerprint == fp
+        if existing is not None and not redelivered:
+            receipt = receipts.duplicate(request_id=checked.request_id, model=checked.model, kind=checked.kind,
+                                         original=existing, received_at=now)
+            self._append(db, receipt)
+            Ledger.record_delivery(db, rec.topic, rec.partition, rec.offset, fp, checked.request_id, "duplicate")
+            log.info("request_duplicate", request_id=checked.request_id, original_status=existing["status"])
+            return checked.kind, "duplicate", ""
+        try:
+            decoded = decode_inputs(checked)
             pending = self._prepare(decoded, rec, now)
         except Rejection as rej:
             return self._reject(db, rec, fp, rej, now)
-        existing = self.ledger.request(decoded.request_id)
-        redelivered = seen is not None and seen.fingerprint == fp
-        if existing is not None and not redelivered:
-            receipt = receipts.duplicate(request_id=decoded.request_id, model=decoded.model, kind=decoded.kind,
-                                         original=existing, received_at=now)
-            Ledger.append_receipt(db, receipt, self.config.kafka.receipts_topic)
-            Ledger.record_delivery(db, rec.topic, rec.partition, rec.offset, fp, decoded.request_id, "duplicate")
-            log.info("request_duplicate", request_id=decoded.request_id, original_status=existing["status"])
-            return decoded.kind, "duplicate", ""
         if existing is not None:
             pending.received_at = float(existing["received_at"])
         Ledger.accept(db, decoded.request_id, decoded.model, decoded.kind, len(decoded.instances), now)
@@ -353,12 +360,16 @@ class Daemon:
             if self.ledger.request(rej.request_id) is None:
                 Ledger.finish(db, rej.request_id, "rejected", model=rej.model, kind=rej.kind, reason=rej.reason,
                               received_at=now)
-            Ledger.append_receipt(db, receipt, k.receipts_topic)
+            self._append(db, receipt)
             status = "rejected"
         Ledger.record_delivery(db, rec.topic, rec.partition, rec.offset, fp, rej.request_id, "rejected")
         log.info("request_rejected", request_id=rej.request_id, reason=rej.reason, detail=rej.detail,
                  partition=rec.partition, offset=rec.offset)
         return rej.kind or "unknown", status, rej.reason
+
+    def _append(self, db: Any, receipt: dict[str, Any]) -> None:
+        """Chain a receipt into the audit trail and the outbox, naming the daemon that decided it."""
+        Ledger.append_receipt(db, {**receipt, "daemon": self.instance}, self.config.kafka.receipts_topic)
 
     # -- offsets ------------------------------------------------------------------------------------
     def _safe_offsets(self) -> dict[TopicPartition, int]:
@@ -458,8 +469,11 @@ class Daemon:
             return "failed", candidate
         drafts = self._drafts(rt, candidate, round_id, method)
         self.ledger.begin_commit(round_id, rt.version, drafts)
+        failpoint("after_begin_commit")
         info = rt.publish(candidate, round_id, method)
+        failpoint("after_registry_write")
         self._commit_round(round_id, rt.name, info, drafts)
+        failpoint("after_ledger_commit")
         bound.info("round_committed", version=info.version, steps=candidate.result.steps,
                    forget_accuracy=candidate.result.acc_forget,
                    probe_accuracy=candidate.metrics.get("probe_accuracy_after"))
@@ -494,7 +508,7 @@ class Daemon:
                 Ledger.finish(db, d["request_id"], "applied", model=model, kind=d["kind"], round_id=round_id,
                               model_version=info.version)
                 Ledger.add_forgotten(db, model, [i["id_sha256"] for i in d["instances"]], round_id)
-                Ledger.append_receipt(db, receipt, k.receipts_topic)
+                self._append(db, receipt)
             event = {"schema": MODEL_EVENT_SCHEMA, "model": model, "version": info.version, "sha256": info.sha256,
                      "path": str(info.path), "round_id": round_id}
             Ledger.enqueue(db, k.models_topic, model.encode(), canonical_json(event))
@@ -513,7 +527,7 @@ class Daemon:
                     forget_accuracy=c.result.acc_forget, received_at=p.received_at, finished_at=now)
                 Ledger.finish(db, p.request_id, "failed", model=rt.name, kind=p.decoded.kind, reason=c.reason,
                               round_id=round_id, model_version=rt.version)
-                Ledger.append_receipt(db, receipt, self.config.kafka.receipts_topic)
+                self._append(db, receipt)
 
     def _finish_round_if_done(self) -> None:
         if self._round is None or not self._round.done():
@@ -589,7 +603,6 @@ class Daemon:
             hw = self.consumer.highwater(tp)
             if hw is not None:
                 self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, hw - self.next_offset[tp]))
-        time.sleep(0 if self._round is None else 0)
 
 
 def run_daemon(config: Config) -> int:
@@ -598,11 +611,3 @@ def run_daemon(config: Config) -> int:
     daemon.install_signal_handlers()
     daemon.start()
     return daemon.run()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.service.codec import canonical_json
+
 __all__ = [
     "GENESIS_HASH",
     "AuditProblem",
@@ -145,11 +147,6 @@ class AuditProblem:
 
     entry: int
     reason: str
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The byte form receipts are hashed and published in (sorted keys, compact, strict JSON)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
 
 
 def chain_hash(prev_hash: str, body: bytes) -> str:

@@ -24,6 +24,11 @@ def _base(request_id: str | None, model: str | None, status: str, reason: str | 
             "reason": reason}
 
 
+def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Strict JSON: a metric that could not be measured (NaN) is reported as null."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+
+
 def _instances(id_hashes: Sequence[str], labels: Sequence[int], before: Sequence[int],
                after: Sequence[int] | None, targets: Sequence[int] | None) -> list[dict[str, Any]]:
     out = []
@@ -45,9 +50,9 @@ def applied_draft(*, request_id: str, model: str, kind: str, round_id: str, prev
     r.update({"round_id": round_id, "model_version": None, "previous_version": previous_version,
               "model_sha256": None, "method": dict(method),
               "instances": _instances(id_hashes, labels, before, after, targets),
-              "metrics": {"forget_accuracy": metrics.get("forget_accuracy"),
-                          "probe_accuracy_before": metrics.get("probe_accuracy_before"),
-                          "probe_accuracy_after": metrics.get("probe_accuracy_after")},
+              "metrics": _clean({"forget_accuracy": metrics.get("forget_accuracy"),
+                                 "probe_accuracy_before": metrics.get("probe_accuracy_before"),
+                                 "probe_accuracy_after": metrics.get("probe_accuracy_after")}),
               "timings": {"received_at": iso(received_at), "applied_at": None, "time_to_forget_s": None},
               "received_ts": received_at})
     if forget_class is not None:
@@ -71,7 +76,7 @@ def failed(*, request_id: str, model: str, kind: str, round_id: str, reason: str
     r.update({"round_id": round_id, "model_version": current_version, "previous_version": current_version,
               "model_sha256": None, "method": dict(method),
               "instances": _instances(id_hashes, labels, before, None, None),
-              "metrics": {"forget_accuracy": forget_accuracy},
+              "metrics": _clean({"forget_accuracy": forget_accuracy}),
               "timings": {"received_at": iso(received_at), "failed_at": iso(finished_at)}})
     return r
 

@@ -95,8 +95,8 @@ class ModelRuntime:
         self.live: model_store.LiveModel | None = None
         self.intake_model: nn.Module | None = None
         self.original_probe_pred: torch.Tensor | None = None
-        self.original_probe_accuracy = float("nan")
         self.current_probe_pred: torch.Tensor | None = None
+        self.forgotten_classes: set[int] = set()
 
     # -- loading ------------------------------------------------------------------------------------
     def ensure_model(self, pretrain: Callable[[ModelRuntime], None]) -> None:
@@ -116,13 +116,13 @@ class ModelRuntime:
                                 f"{self.section.dataset} has {tuple(self.splits.train_x.shape[1:])}")
         live.session.accumulation = self.rounds.accumulation
         self.live = live
+        self.forgotten_classes = set((live.info.manifest.get("metrics") or {}).get("forgotten_classes", []))
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         original = copy.deepcopy(live.model)
         with torch.no_grad():
             for n, p in original.named_parameters():
                 p.copy_(live.session.original[n].to(p.device))
         self.original_probe_pred = predict(original, self.probe_x).cpu()
-        self.original_probe_accuracy = float((self.original_probe_pred == self.probe_y).float().mean())
         self.current_probe_pred = predict(live.model, self.probe_x).cpu()
 
     def is_current(self) -> bool:
@@ -144,9 +144,23 @@ class ModelRuntime:
         assert self.intake_model is not None
         return [int(v) for v in predict(self.intake_model, x)]
 
-    def probe_accuracy(self) -> float:
-        assert self.current_probe_pred is not None
-        return float((self.current_probe_pred == self.probe_y).float().mean())
+    def retained_mask(self, extra: int | None = None) -> torch.Tensor:
+        """Probe items of the classes the model should still recognise (forgotten classes are out)."""
+        gone = self.forgotten_classes | ({extra} if extra is not None else set())
+        if not gone:
+            return torch.ones_like(self.probe_y, dtype=torch.bool)
+        return ~torch.isin(self.probe_y, torch.tensor(sorted(gone), dtype=self.probe_y.dtype))
+
+    def _accuracy(self, pred: torch.Tensor, mask: torch.Tensor) -> float:
+        if not bool(mask.any()):
+            return float("nan")
+        return float((pred[mask] == self.probe_y[mask]).float().mean())
+
+    def probe_accuracy(self, reference: str = "current") -> float:
+        """Retention on the retained classes, for the live (``current``) or the ``original`` weights."""
+        pred = self.current_probe_pred if reference == "current" else self.original_probe_pred
+        assert pred is not None
+        return self._accuracy(pred, self.retained_mask())
 
     # -- a round ------------------------------------------------------------------------------------
     def build_request(self, batch: Sequence[PendingRequest]) -> ForgetRequest:
@@ -171,12 +185,14 @@ class ModelRuntime:
         candidate_model = copy.deepcopy(self.live.model)
         candidate_model.load_state_dict(result.state)
         probe_pred = predict(candidate_model, self.probe_x).cpu()
-        acc = float((probe_pred == self.probe_y).float().mean())
+        mask = self.retained_mask(request.forget_class)
+        acc = self._accuracy(probe_pred, mask)
+        original_acc = self._accuracy(self.original_probe_pred, mask)
         metrics = {
             "forget_accuracy": result.acc_forget,
-            "probe_accuracy_before": self.probe_accuracy(),
+            "probe_accuracy_before": self._accuracy(self.current_probe_pred, mask),
             "probe_accuracy_after": acc,
-            "probe_accuracy_original": self.original_probe_accuracy,
+            "probe_accuracy_original": original_acc,
             "param_drift_l2_original": param_drift_l2(_params(candidate_model), self.live.session.original),
             "param_drift_l2_previous": param_drift_l2(_params(candidate_model), _params(self.live.model)),
             "prediction_flip_ratio_original": prediction_flip_ratio(self.original_probe_pred, probe_pred),
@@ -184,11 +200,15 @@ class ModelRuntime:
             "importance_density_ratio": (ImportanceRegulariser(importance, importance, 1.0).density()
                                          if importance else 0.0),
         }
-        floor = self.original_probe_accuracy - self.rounds.retention_max_drop
-        if acc < floor:
+        floor = original_acc - self.rounds.retention_max_drop
+        if not acc >= floor:
             return Candidate(list(batch), result, importance, False,
                              f"retention gate: probe accuracy {acc:.4f} is below {floor:.4f} (original "
-                             f"{self.original_probe_accuracy:.4f} - {self.rounds.retention_max_drop})", metrics)
+                             f"{original_acc:.4f} - {self.rounds.retention_max_drop})", metrics)
+        if request.forget_class is not None:
+            metrics["forgotten_classes"] = sorted(self.forgotten_classes | {request.forget_class})
+        elif self.forgotten_classes:
+            metrics["forgotten_classes"] = sorted(self.forgotten_classes)
         return Candidate(list(batch), result, importance, True, None, metrics, probe_pred)
 
     def publish(self, candidate: Candidate, round_id: str, method: dict[str, Any]) -> registry.VersionInfo:
@@ -205,13 +225,14 @@ class ModelRuntime:
                 input_shape=live.input_shape, classes=live.classes, parent=live.version,
                 dataset=self.section.dataset, round_id=round_id,
                 request_ids=[p.request_id for p in candidate.requests], method=method,
-                metrics={k: v for k, v in candidate.metrics.items() if v == v})
+                metrics={k: v for k, v in candidate.metrics.items() if v == v})   # NaN is not JSON
         except BaseException:
             live.model.load_state_dict(previous)          # the live model stays what LATEST says
             live.session.rounds_applied = previous_rounds
             live.session.importance = previous_importance
             raise
         live.info = info
+        self.forgotten_classes = set(candidate.metrics.get("forgotten_classes", []))
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         self.current_probe_pred = candidate.probe_pred
         return info

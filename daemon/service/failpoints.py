@@ -1,0 +1,21 @@
+"""Named crash points for the crash-safety tests (the idea of TiKV's fail-rs, reduced to one action).
+
+``UNLEARND_FAILPOINTS=after_registry_write`` makes the daemon SIGKILL itself when it reaches that
+point, so a test can crash it exactly between two durable steps; random-time kills cover the rest.
+Unset (always, in production) this costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["POINTS", "failpoint"]
+
+POINTS = ("after_begin_commit", "after_registry_write", "after_ledger_commit", "after_reject_batch")
+_ACTIVE = frozenset(p for p in os.environ.get("UNLEARND_FAILPOINTS", "").split(",") if p)
+
+
+def failpoint(name: str) -> None:
+    if name in _ACTIVE:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -59,6 +59,7 @@ __all__ = [
     "VersionInfo",
     "atomic_write_bytes",
     "clean_temporaries",
+    "copy_version",
     "latest_version",
     "list_versions",
     "load_state_dict",
@@ -606,6 +607,68 @@ def write_version(
                          for name, data in sorted(files.items())}
     manifest["sha256"] = manifest["files"][STATE_DICT_FILE]["sha256"]
 
+    tmp = model_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            _write_durable(tmp / name, data)
+        version = _rename_into_place(tmp, model_dir, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(model_dir)
+
+    info = verify_version(registry, model_name, version)
+    if set_latest:
+        _atomic_write_bytes(model_dir / LATEST_FILE, f"{version}\n".encode("ascii"))
+    return info
+
+
+def copy_version(
+    registry: Path | str,
+    model_name: str,
+    source: int,
+    *,
+    parent: int | None,
+    manifest_updates: Mapping[str, Any] | None = None,
+    set_latest: bool = True,
+) -> VersionInfo:
+    """Write the files of version ``source`` again as the model's next version (an operator's rollback).
+
+    The source is verified first and every byte copied is checked against its manifest again while it is
+    read, so a corrupted version is never propagated. The new manifest is the source's with ``parent``,
+    ``version``, ``created_at`` and ``manifest_updates`` applied; the file table (and so ``sha256``) is
+    unchanged: the new version holds exactly the old weights and extra files (e.g. the session state).
+    The write is as crash-safe as ``write_version``'s, and ``LATEST`` moves last (by default).
+
+    Raises:
+        ValueError: a bad argument, or ``manifest_updates`` touching a key that identifies the files.
+        RegistryError / VerificationError: the source is missing or does not match its manifest.
+    """
+    _check_model_name(model_name)
+    _check_version(source)
+    if parent is not None:
+        _check_version(parent)
+    updates = _to_json(dict(manifest_updates or {}), "manifest_updates")
+    fixed = sorted(set(updates) & {"schema", "model", "version", "parent", "created_at", "files", "sha256"})
+    if fixed:
+        raise ValueError(f"manifest_updates may not set {', '.join(fixed)}")
+    if parent is not None and parent not in list_versions(registry, model_name):
+        raise ValueError(f"parent version {parent} of model {model_name!r} does not exist")
+    src = verify_version(registry, model_name, source)
+    files: dict[str, bytes] = {}
+    for name, entry in src.manifest["files"].items():
+        data = (src.path / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise VerificationError(model_name, source, name, "changed while being copied")
+        files[name] = data
+    manifest = copy.deepcopy(src.manifest)
+    for key in ("version", "created_at"):
+        manifest.pop(key, None)
+    manifest.update(updates)
+    manifest["parent"] = parent
+
+    model_dir = _model_dir(registry, model_name)
     tmp = model_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         tmp.mkdir()

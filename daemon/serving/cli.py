@@ -1,9 +1,284 @@
-"""`unlearnd serve` and `unlearnd registry ...` (placeholder until the serving layer lands)."""
+"""``unlearnd serve`` and ``unlearnd registry list|show|verify|rollback|prune``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands"]
+
+REGISTRY_ENV = "UNLEARND_REGISTRY_DIR"
+NOTIFY_ENV = "UNLEARND_NOTIFY_URLS"
+
+
+def _usage(message: str) -> Exception:
+    from daemon.cli import UsageError
+
+    return UsageError(message)
+
+
+def _registry_dir(args: argparse.Namespace) -> Path:
+    value = args.registry or os.environ.get(REGISTRY_ENV)
+    if not value:
+        raise _usage(f"--registry DIR is required (or set {REGISTRY_ENV})")
+    path = Path(value)
+    if not path.is_dir():
+        raise _usage(f"--registry {value}: no such directory")
+    return path
+
+
+def _model(args: argparse.Namespace, registry_dir: Path, *, must_exist: bool = True) -> str:
+    from daemon import registry
+
+    try:
+        registry._check_model_name(args.model)   # noqa: SLF001 - the one definition of a safe name
+    except ValueError as exc:
+        raise _usage(f"--model: {exc}") from exc
+    if must_exist and not (registry_dir / args.model).is_dir():
+        known = sorted(p.name for p in registry_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise _usage(f"--model {args.model}: not in {registry_dir} (models: {', '.join(known) or 'none'})")
+    return args.model
+
+
+# -- serve --------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.serving.server import run
+    from daemon.serving.settings import ServeSettings
+
+    registry_dir = _registry_dir(args)
+    model = _model(args, registry_dir, must_exist=False)   # the daemon may publish it after we start
+    try:
+        settings = ServeSettings(
+            registry=registry_dir, model=model, host=args.host, port=args.port,
+            poll_interval_s=args.poll_interval, threads=args.threads, torch_threads=args.torch_threads,
+            max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, lease_ttl_s=args.lease_ttl,
+            server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
+            log_format=args.log_format)
+    except ValueError as exc:
+        raise _usage(str(exc)) from exc
+    return run(settings)
+
+
+# -- registry -----------------------------------------------------------------------------------------
+def _rows(registry_dir: Path, model: str) -> list[dict[str, Any]]:
+    from daemon import registry, registry_ops
+
+    latest = registry.latest_version(registry_dir, model)
+    served: dict[int, list[str]] = {}
+    for lease in registry_ops.live_leases(registry_dir, model):
+        if lease.version is not None:
+            served.setdefault(lease.version, []).append(lease.server_id)
+    rows = []
+    for v in registry.list_versions(registry_dir, model):
+        try:
+            m = registry.read_manifest(registry_dir, model, v)
+        except registry.RegistryError as exc:
+            rows.append({"version": v, "error": str(exc)})
+            continue
+        method = m.get("method") if isinstance(m.get("method"), dict) else {}
+        rows.append({
+            "version": v, "parent": m.get("parent"), "created_at": m.get("created_at"),
+            "method": method.get("name"), "round_id": m.get("round_id"),
+            "requests": len(m.get("request_ids") or []), "sha256": m.get("sha256"),
+            "latest": v == latest, "served_by": served.get(v, []),
+            "rollback_to": (m.get("rollback") or {}).get("to") if isinstance(m.get("rollback"), dict) else None,
+        })
+    return rows
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    registry_dir = _registry_dir(args)
+    model = _model(args, registry_dir)
+    rows = _rows(registry_dir, model)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'version':>7}  {'parent':>6}  {'created_at':<24}  {'method':<14}  {'req':>4}  {'sha256':<12}  marks")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['version']:>7}  unreadable: {r['error']}")
+            continue
+        marks = []
+        if r["latest"]:
+            marks.append("LATEST")
+        if r["served_by"]:
+            marks.append("served by " + ", ".join(r["served_by"]))
+        if r["rollback_to"] is not None:
+            marks.append(f"rollback to {r['rollback_to']}")
+        parent = "-" if r["parent"] is None else str(r["parent"])
+        print(f"{r['version']:>7}  {parent:>6}  {str(r['created_at']):<24}  {str(r['method']):<14}  "
+              f"{r['requests']:>4}  {str(r['sha256'])[:12]:<12}  {'; '.join(marks)}")
+    return 0
+
+
+def _version_arg(registry_dir: Path, model: str, version: int | None) -> int:
+    from daemon import registry
+
+    if version is None:
+        latest = registry.latest_version(registry_dir, model)
+        if latest is None:
+            raise _usage(f"model {model} has no LATEST version; name one")
+        return latest
+    if version not in registry.list_versions(registry_dir, model):
+        raise _usage(f"model {model} has no version {version}")
+    return version
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    from daemon import registry
+
+    registry_dir = _registry_dir(args)
+    model = _model(args, registry_dir)
+    version = _version_arg(registry_dir, model, args.version)
+    try:
+        manifest = registry.read_manifest(registry_dir, model, version)
+    except registry.RegistryError as exc:
+        print(f"unlearnd registry show: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_registry_verify(args: argparse.Namespace) -> int:
+    from daemon import registry_ops
+
+    registry_dir = _registry_dir(args)
+    model = _model(args, registry_dir)
+    versions = None if args.version is None else [_version_arg(registry_dir, model, args.version)]
+    results = registry_ops.verify_all(registry_dir, model, versions)
+    for r in results:
+        print(f"{model} v{r.version}: {'ok' if r.ok else 'FAILED'}: {r.detail}")
+    bad = [r.version for r in results if not r.ok]
+    if bad:
+        print(f"{len(bad)} of {len(results)} versions failed verification: {', '.join(map(str, bad))}",
+              file=sys.stderr)
+        return 1
+    print(f"{len(results)} versions verified")
+    return 0
+
+
+def _notify_urls(args: argparse.Namespace) -> list[str]:
+    urls = list(args.notify or [])
+    if not urls and os.environ.get(NOTIFY_ENV):
+        urls = [u.strip() for u in os.environ[NOTIFY_ENV].split(",") if u.strip()]
+    return urls
+
+
+def cmd_registry_rollback(args: argparse.Namespace) -> int:
+    from daemon import registry, registry_ops
+    from daemon.serving.notify import notify_reload
+
+    registry_dir = _registry_dir(args)
+    model = _model(args, registry_dir)
+    try:
+        info = registry_ops.rollback(registry_dir, model, args.to, reason=args.reason)
+    except ValueError as exc:
+        raise _usage(str(exc)) from exc
+    except registry.VerificationError as exc:
+        print(f"unlearnd registry rollback: version {args.to} is damaged, nothing written: {exc}", file=sys.stderr)
+        return 1
+    rb = info.manifest["rollback"]
+    print(f"{model}: version {info.version} holds version {rb['to']}'s files (parent {rb['from']}); "
+          f"LATEST -> {info.version}")
+    reverted = rb["reverted_request_ids"]
+    if reverted or not rb["lineage_complete"]:
+        print(f"warning: this undoes the unlearning of {len(reverted)} request(s) applied after version "
+              f"{rb['to']}" + ("" if rb["lineage_complete"] else " (at least: some manifests were pruned)")
+              + "; re-submit them to forget again: " + ", ".join(reverted[:20])
+              + (" ..." if len(reverted) > 20 else ""), file=sys.stderr)
+    for result in notify_reload(_notify_urls(args), timeout=args.notify_timeout, model=model):
+        state = "ok" if result.ok else f"failed ({result.status}): {result.detail}"
+        print(f"notify {result.url}: {state} in {result.seconds * 1e3:.1f} ms")
+    return 0
+
+
+def cmd_registry_prune(args: argparse.Namespace) -> int:
+    from daemon import registry_ops
+
+    registry_dir = _registry_dir(args)
+    model = _model(args, registry_dir)
+    try:
+        result = registry_ops.prune(registry_dir, model, keep=args.keep, dry_run=args.dry_run)
+    except ValueError as exc:
+        raise _usage(f"--keep: {exc}") from exc
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{model}: {verb} {len(result.deleted)} version(s)"
+          + (f": {', '.join(map(str, result.deleted))}" if result.deleted else ""))
+    for v, why in sorted(result.protected.items()):
+        print(f"kept v{v}: {'; '.join(why)}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
+    from daemon import registry_ops
+
+    sp = sub.add_parser("serve", help="serve a registry model over the Open Inference Protocol (KServe v2)")
+    sp.add_argument("--registry", help=f"registry root (default: ${REGISTRY_ENV})")
+    sp.add_argument("--model", required=True, help="the model to serve")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sp.add_argument("--poll-interval", type=float, default=0.2, help="seconds between reads of LATEST (0.2)")
+    sp.add_argument("--threads", type=int, default=2, help="inference threads (2)")
+    sp.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of one inference (1)")
+    sp.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body (16 MiB)")
+    sp.add_argument("--max-batch-size", type=int, default=256, help="largest batch one request may carry (256)")
+    sp.add_argument("--lease-ttl", type=float, default=registry_ops.DEFAULT_LEASE_TTL_S,
+                    help="seconds this server's lease protects its version from retention (30)")
+    sp.add_argument("--server-id", help="this server's lease name (default host-pid-port)")
+    sp.add_argument("--access-log", action="store_true", help="log every request")
+    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sp.add_argument("--log-format", default="json", choices=("json", "console"))
+    sp.set_defaults(func=cmd_serve)
+
+    rp = sub.add_parser("registry", help="operate the model registry: list, show, verify, rollback, prune")
+    rsub = rp.add_subparsers(dest="registry_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--registry", help=f"registry root (default: ${REGISTRY_ENV})")
+        p.add_argument("--model", required=True)
+
+    p = rsub.add_parser("list", help="every version, with LATEST and the versions servers hold")
+    common(p)
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p.set_defaults(func=cmd_registry_list)
+
+    p = rsub.add_parser("show", help="print a version's manifest (default LATEST)")
+    common(p)
+    p.add_argument("version", nargs="?", type=_positive_int)
+    p.set_defaults(func=cmd_registry_show)
+
+    p = rsub.add_parser("verify", help="recompute every hash of every version (or one); exit 1 on a mismatch")
+    common(p)
+    p.add_argument("version", nargs="?", type=_positive_int)
+    p.set_defaults(func=cmd_registry_verify)
+
+    p = rsub.add_parser("rollback", help="serve an older version again, as a new version (history only grows)")
+    common(p)
+    p.add_argument("--to", required=True, type=_positive_int, help="the version whose files to serve again")
+    p.add_argument("--reason", help="recorded in the new version's manifest")
+    p.add_argument("--notify", action="append", metavar="URL",
+                   help=f"reload URL to call afterwards (repeatable; default ${NOTIFY_ENV}, comma-separated)")
+    p.add_argument("--notify-timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_registry_rollback)
+
+    p = rsub.add_parser("prune", help="delete all but the newest N versions (never LATEST or a served one)")
+    common(p)
+    p.add_argument("--keep", type=int, default=registry_ops.DEFAULT_KEEP, help="versions to keep (10)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    p.set_defaults(func=cmd_registry_prune)

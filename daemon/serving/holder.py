@@ -1,0 +1,181 @@
+"""The served version and how it changes: load beside the old one, verify, warm up, swap atomically.
+
+Requests read ``holder.current`` once and use that snapshot to the end, so a swap never changes the model
+under a request in flight, and the version a response names is the one that computed it. A swap is one
+reference assignment; loads are serialised by a lock, so two triggers never load the same version twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from daemon import registry
+from daemon.serving.metrics import ServeMetrics
+
+__all__ = ["LoadError", "ModelHolder", "ServedVersion", "SwapResult"]
+
+_log = structlog.get_logger("unlearnd.serve")
+
+
+class LoadError(Exception):
+    """A version could not be made servable; the previous one keeps serving.
+
+    Attributes:
+        version: the version refused.
+        reason: one of ``missing``, ``verification``, ``load``, ``warmup``, ``registry`` (a metric label).
+        detail: what was wrong, in words.
+    """
+
+    def __init__(self, version: int | None, reason: str, detail: str) -> None:
+        super().__init__(f"version {version}: {reason}: {detail}")
+        self.version = version
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One loaded, verified, warmed-up version (immutable: a swap replaces the whole object)."""
+
+    model: str
+    version: int
+    module: torch.jit.ScriptModule
+    input_shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    sha256: str
+    loaded_at: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for a float32 (N, C, H, W) batch in [0, 1]."""
+        with torch.inference_mode():
+            return self.module(batch)
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """What one attempt to follow the registry did: ``swapped``, ``unchanged`` or ``failed``."""
+
+    outcome: str
+    version: int | None          # the version served afterwards
+    attempted: int | None = None
+    error: LoadError | None = None
+    seconds: float = 0.0
+
+
+class ModelHolder:
+    """Holds the served version of one model and swaps in new ones from the registry.
+
+    Arguments:
+        registry_dir: the registry root.
+        model: the model name.
+        metrics: where swaps and refusals are counted.
+    """
+
+    def __init__(self, registry_dir: Path | str, model: str, *, metrics: ServeMetrics) -> None:
+        self.registry_dir = Path(registry_dir)
+        self.model = model
+        self.metrics = metrics
+        self._current: ServedVersion | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> ServedVersion | None:
+        return self._current
+
+    def load(self, version: int) -> ServedVersion:
+        """Verify every file of ``version`` against its manifest, load its TorchScript, and warm it up.
+
+        Nothing is swapped; raises ``LoadError`` with a reason on any failure.
+        """
+        try:
+            info = registry.verify_version(self.registry_dir, self.model, version)
+        except registry.VerificationError as exc:
+            reason = "missing" if exc.file == registry.MANIFEST_FILE and exc.reason == "missing" else "verification"
+            raise LoadError(version, reason, str(exc)) from exc
+        except (registry.RegistryError, OSError) as exc:
+            raise LoadError(version, "missing", str(exc)) from exc
+        manifest = info.manifest
+        try:
+            shape = tuple(int(d) for d in manifest["input_shape"])
+            classes = tuple(str(c) for c in manifest["classes"])
+            if len(shape) != 3 or len(classes) < 2:
+                raise ValueError(f"input_shape {shape} / {len(classes)} classes")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(version, "verification", f"manifest lacks a usable input_shape/classes: {exc}") from exc
+        # Load the very bytes that were hashed, so a file replaced after verification cannot slip in.
+        try:
+            data = (info.path / registry.TORCHSCRIPT_FILE).read_bytes()
+        except OSError as exc:
+            raise LoadError(version, "missing", f"{registry.TORCHSCRIPT_FILE}: {exc}") from exc
+        expected = manifest["files"][registry.TORCHSCRIPT_FILE]["sha256"]
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise LoadError(version, "verification", f"{registry.TORCHSCRIPT_FILE} changed after verification")
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            module.eval()
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive; all mean "refuse"
+            raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
+        served = ServedVersion(model=self.model, version=version, module=module,
+                               input_shape=shape, classes=classes, sha256=info.sha256, loaded_at=time.time())
+        self._warm_up(served)
+        return served
+
+    @staticmethod
+    def _warm_up(served: ServedVersion) -> None:
+        """One inference on a mid-grey batch: the output must be (1, classes) and finite."""
+        probe = torch.full((1, *served.input_shape), 0.5)
+        try:
+            out = served.infer(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure of the model's own code refuses the version
+            raise LoadError(served.version, "warmup", f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, served.num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise LoadError(served.version, "warmup",
+                            f"output {got}, manifest promises (1, {served.num_classes}) logits")
+        if out.dtype != torch.float32 or not math.isfinite(float(out.abs().sum())):
+            raise LoadError(served.version, "warmup", f"output is {out.dtype} or not finite")
+
+    def swap_to(self, version: int) -> SwapResult:
+        """Make ``version`` the served one unless it already is; on failure the old one keeps serving."""
+        with self._lock:
+            old = self._current
+            if old is not None and old.version == version:
+                return SwapResult("unchanged", version, attempted=version)
+            start = time.perf_counter()
+            try:
+                new = self.load(version)
+            except LoadError as exc:
+                seconds = time.perf_counter() - start
+                self.metrics.refused(exc.reason)
+                _log.error("version_refused", model=self.model, version=version, reason=exc.reason,
+                           detail=exc.detail, serving=old.version if old else None)
+                return SwapResult("failed", old.version if old else None, attempted=version, error=exc,
+                                  seconds=seconds)
+            self._current = new          # the swap: one reference assignment
+            seconds = time.perf_counter() - start
+            self.metrics.swapped(version, seconds)
+            _log.info("version_swapped", model=self.model, version=version,
+                      previous=old.version if old else None, sha256=new.sha256, load_ms=round(seconds * 1e3, 2))
+            return SwapResult("swapped", version, attempted=version, seconds=seconds)
+
+    def describe(self) -> dict[str, Any]:
+        cur = self._current
+        return {"model": self.model, "version": cur.version if cur else None,
+                "sha256": cur.sha256 if cur else None}

@@ -1,0 +1,72 @@
+"""Run ``unlearnd serve``: build the pieces, connect them, and hand the app to uvicorn.
+
+One process serves one model: uvicorn's event loop takes the HTTP, a thread pool runs the inferences,
+and a watcher thread follows ``LATEST``. Scale out with replicas (one process each, own port or host)
+behind a load balancer; each replica holds its own lease, so retention keeps every served version.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+import torch
+import uvicorn
+
+from daemon.serving.app import build_app
+from daemon.serving.holder import ModelHolder
+from daemon.serving.metrics import ServeMetrics
+from daemon.serving.settings import ServeSettings
+from daemon.serving.watcher import Watcher
+
+__all__ = ["configure_logging", "run"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """structlog on standard error, once per process: JSON lines (or console text for people)."""
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # uvicorn logs through the standard library: same stream, same level.
+    logging.basicConfig(stream=sys.stderr, level=_LEVELS[level], format="%(message)s")
+
+
+def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, metrics)
+    """The connected parts of a server, without starting anything (tests and the benchmark use it)."""
+    from daemon import registry_ops
+
+    metrics = ServeMetrics()
+    holder = ModelHolder(settings.registry, settings.model, metrics=metrics)
+    server_id = settings.server_id or registry_ops.default_server_id(settings.port)
+    watcher = Watcher(holder, interval_s=settings.poll_interval_s, server_id=server_id,
+                      lease_ttl_s=settings.lease_ttl_s)
+    app = build_app(settings, holder, watcher, metrics)
+    return app, holder, watcher, metrics
+
+
+def run(settings: ServeSettings) -> int:
+    """Serve until SIGTERM or SIGINT (uvicorn's handlers); returns the exit code."""
+    configure_logging(settings.log_level, settings.log_format)
+    torch.set_num_threads(settings.torch_threads)
+    app, _, _, _ = build(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
+        access_log=settings.access_log, log_level=settings.log_level, server_header=False,
+        timeout_keep_alive=30, timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn sets should_exit on a signal; a failed start (port in use) leaves started False.
+    return 0 if server.started else 1

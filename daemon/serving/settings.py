@@ -1,0 +1,71 @@
+"""The server's settings: one frozen object, every value checked at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import registry, registry_ops
+
+__all__ = ["ServeSettings"]
+
+INPUT_NAME = "INPUT__0"      # the names config.pbtxt gives Triton, so clients work against both servers
+OUTPUT_NAME = "OUTPUT__0"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``unlearnd serve`` can be told.
+
+    Attributes:
+        registry: the registry root.
+        model: the model served (a directory under ``registry``).
+        host, port: where to listen (port 0 picks a free one).
+        poll_interval_s: how often ``LATEST`` is read (the fallback when no publisher notifies).
+        threads: inference threads (requests are parsed and run there; the event loop only does HTTP).
+        torch_threads: intra-op threads of one inference (1 suits small models and many requests).
+        max_body_bytes: the largest request body accepted (after decompression); larger gets 413.
+        max_batch_size: the largest batch one request may carry.
+        lease_ttl_s: how long this server's lease protects its version without a refresh.
+        server_id: this server's lease name (``None``: host-pid-port).
+        access_log: log every request (uvicorn's access log).
+        log_level: debug, info, warning or error.
+        log_format: json or console.
+    """
+
+    registry: Path
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    poll_interval_s: float = 0.2
+    threads: int = 2
+    torch_threads: int = 1
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_batch_size: int = registry.DEFAULT_MAX_BATCH_SIZE
+    lease_ttl_s: float = registry_ops.DEFAULT_LEASE_TTL_S
+    server_id: str | None = None
+    access_log: bool = False
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "registry", Path(self.registry))
+        registry._check_model_name(self.model)   # noqa: SLF001 - the one definition of a safe model name
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        if not self.host:
+            raise ValueError("host must not be empty")
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"poll interval must be > 0 seconds, got {self.poll_interval_s!r}")
+        for name in ("threads", "torch_threads", "max_body_bytes", "max_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"lease ttl must be > 0 seconds, got {self.lease_ttl_s!r}")
+        if self.server_id is not None:
+            registry_ops._check_server_id(self.server_id)   # noqa: SLF001 - same rule as the lease files
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.log_format not in ("json", "console"):
+            raise ValueError(f"log format must be json or console, got {self.log_format!r}")

@@ -1,0 +1,128 @@
+"""Follow ``LATEST``: poll it on a background thread, or check at once when a reload is requested.
+
+The watcher also keeps this server's lease in the registry (``daemon.registry_ops``): it names the version
+served and, while a load is in progress, the version being loaded, so retention deletes neither.
+
+A version that failed to load is not retried by polling (that would reload and log it every interval);
+an explicit reload (``POST /v2/repository/models/{name}/load``) retries it, and a newer ``LATEST`` moves on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+
+from daemon import registry, registry_ops
+from daemon.serving.holder import LoadError, ModelHolder, SwapResult
+
+__all__ = ["Watcher"]
+
+_log = structlog.get_logger("unlearnd.serve")
+
+
+class Watcher:
+    """Polls ``LATEST`` every ``interval_s`` and swaps the holder to it.
+
+    Arguments:
+        holder: the served-version holder.
+        interval_s: the polling interval (the fallback when nobody notifies).
+        server_id: this server's lease name; ``None`` writes no lease.
+        lease_ttl_s: how long a lease protects its versions without a refresh (refreshed every third).
+    """
+
+    def __init__(self, holder: ModelHolder, *, interval_s: float = 0.2, server_id: str | None = None,
+                 lease_ttl_s: float = registry_ops.DEFAULT_LEASE_TTL_S) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"poll interval must be > 0 seconds, got {interval_s!r}")
+        if not lease_ttl_s > 0:
+            raise ValueError(f"lease ttl must be > 0 seconds, got {lease_ttl_s!r}")
+        self.holder = holder
+        self.interval_s = interval_s
+        self.server_id = server_id
+        self.lease_ttl_s = lease_ttl_s
+        self._failed: dict[int, str] = {}
+        self._check_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lease_due = 0.0
+        self._latest_error: str | None = None
+
+    # -- one check --------------------------------------------------------------------------------------
+    def check(self, *, force: bool = False) -> SwapResult:
+        """Read ``LATEST`` and swap to it if it differs from the served version.
+
+        ``force`` retries a version that failed before (an operator's or publisher's explicit reload).
+        """
+        with self._check_lock:
+            current = self.holder.current
+            served = current.version if current else None
+            try:
+                latest = registry.latest_version(self.holder.registry_dir, self.holder.model)
+            except (registry.RegistryError, ValueError) as exc:
+                if str(exc) != self._latest_error:     # log a broken LATEST once, not every interval
+                    self._latest_error = str(exc)
+                    self.holder.metrics.refused("registry")
+                    _log.error("latest_unreadable", model=self.holder.model, detail=str(exc), serving=served)
+                return SwapResult("failed", served, error=LoadError(None, "registry", str(exc)))
+            self._latest_error = None
+            if latest is None or latest == served:
+                return SwapResult("unchanged", served, attempted=latest)
+            if not force and latest in self._failed:
+                return SwapResult("failed", served, attempted=latest,
+                                  error=LoadError(latest, "skipped", self._failed[latest]))
+            self._lease(served, loading=latest)
+            result = self.holder.swap_to(latest)
+            if result.outcome == "failed" and result.error is not None:
+                self._failed[latest] = f"{result.error.reason}: {result.error.detail}"
+            elif result.outcome == "swapped":
+                self._failed.pop(latest, None)
+            self._lease(result.version)
+            return result
+
+    # -- lease ------------------------------------------------------------------------------------------
+    def _lease(self, version: int | None, loading: int | None = None) -> None:
+        if self.server_id is None:
+            return
+        try:
+            registry_ops.write_lease(self.holder.registry_dir, self.holder.model, self.server_id,
+                                     version=version, loading=loading, ttl_s=self.lease_ttl_s)
+            self._lease_due = time.monotonic() + self.lease_ttl_s / 3
+        except OSError as exc:       # a read-only registry mount: serve anyway, say so
+            _log.warning("lease_write_failed", model=self.holder.model, detail=str(exc))
+
+    def release(self) -> None:
+        if self.server_id is None:
+            return
+        try:
+            registry_ops.release_lease(self.holder.registry_dir, self.holder.model, self.server_id)
+        except OSError as exc:
+            _log.warning("lease_release_failed", model=self.holder.model, detail=str(exc))
+
+    # -- the polling thread -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="unlearnd-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+                if self.server_id is not None and time.monotonic() >= self._lease_due:
+                    cur = self.holder.current
+                    self._lease(cur.version if cur else None)
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad check; it is logged
+                _log.exception("watcher_check_failed", model=self.holder.model)
+            self._stop.wait(self.interval_s)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop polling and release the lease; idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.release()

@@ -40,8 +40,9 @@ def reload_url(base_url: str, model: str) -> str:
 
 def _call(url: str, timeout: float) -> NotifyResult:
     start = time.perf_counter()
-    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
     try:
+        request = urllib.request.Request(url, data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - operator-configured URL
             body = response.read(_MAX_DETAIL).decode("utf-8", "replace")
             return NotifyResult(url, response.status == 200, response.status, body, time.perf_counter() - start)

@@ -56,6 +56,15 @@ def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, met
     return app, holder, watcher, metrics
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the stopping signal once it has shut down (so the process dies *by* SIGTERM);
+    for unlearnd a SIGTERM or SIGINT is the clean stop of contract §7: exit code 0."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        self._captured_signals.clear()   # uvicorn's own list (0.29+); nothing is re-raised
+
+
 def run(settings: ServeSettings) -> int:
     """Serve until SIGTERM or SIGINT (uvicorn's handlers); returns the exit code."""
     configure_logging(settings.log_level, settings.log_format)
@@ -66,7 +75,7 @@ def run(settings: ServeSettings) -> int:
         access_log=settings.access_log, log_level=settings.log_level, server_header=False,
         timeout_keep_alive=30, timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run()
     # uvicorn sets should_exit on a signal; a failed start (port in use) leaves started False.
     return 0 if server.started else 1

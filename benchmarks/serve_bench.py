@@ -1,0 +1,431 @@
+"""Hot-swap serving benchmark: load from a separate process while versions are published.
+
+Three processes: ``unlearnd serve`` (the server under test), a load generator (this file with
+``--loadgen``: aiohttp, one keep-alive connection per client, each paced to its share of the target rate),
+and this orchestrator, which publishes versions into the registry like the daemon does.
+
+Phases, back to back, under one continuous load:
+
+1. ``noswap``  (``--noswap-s``, default 20 s): nothing is published → ``p99_noswap_ms``.
+2. ``poll``    (``--swap-s``, default 60 s): a new version every ``--publish-every`` (2 s); the server
+   finds it by polling ``LATEST`` → ``rps``, ``swap_latency_poll_s`` (worst swap).
+3. ``notify``  (``--notify-s``, default 30 s): the same, and after each publish the publisher calls the
+   server's reload URL → ``swap_latency_notify_ms`` (worst swap).
+
+``failed`` and ``versions_monotonic`` cover every request of every phase. ``p99_swap_ms`` is the p99
+of requests sent inside a swap window: from the start of a publish until 250 ms after the first response
+from the new version. A swap's latency is the time from ``LATEST`` changing (right after the publish
+returns) to the first response (its arrival) carrying the new version.
+
+Usage: ``.venv/bin/python benchmarks/serve_bench.py [--out benchmarks/results]`` (about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "bench-mnist"
+SHAPE = (1, 28, 28)
+SWAP_TAIL_S = 0.25
+RECORD = np.dtype([("t_send", "f8"), ("t_recv", "f8"), ("status", "i4"), ("version", "i4"), ("conn", "i4")])
+
+
+# -- load generator (its own process) -----------------------------------------------------------------
+async def _client(conn: int, url: str, body: bytes, period: float, t0: float, t_end: float,
+                  out: list[tuple[float, float, int, int, int]]) -> None:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=1, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=5)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        k = 0
+        next_at = t0 + (conn % 97) / 97 * period     # spread the clients over one period
+        while True:
+            now = time.time()
+            if now >= t_end:
+                return
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            k += 1
+            next_at += period
+            t_send = time.time()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+                    version = int(resp.headers.get("X-Model-Version", "0") or 0) if status == 200 else -1
+                    if status == 200 and json.loads(payload)["model_version"] != str(version):
+                        status = 599             # header and body disagree: count as a failure
+            except Exception:  # noqa: BLE001 - any transport error is a failed request
+                status, version = 0, -1
+            out.append((t_send, time.time(), status, version, conn))
+
+
+async def _loadgen(args: argparse.Namespace) -> None:
+    url = f"http://127.0.0.1:{args.port}/v2/models/{args.model}/infer"
+    x = np.random.default_rng(0).random(int(np.prod(SHAPE)), dtype=np.float32)
+    body = json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1, *SHAPE], "datatype": "FP32",
+                                   "data": [round(float(v), 4) for v in x]}]}).encode()
+    period = args.connections / args.rate
+    t0 = args.start_at
+    out: list[tuple[float, float, int, int, int]] = []
+    await asyncio.gather(*(_client(c, url, body, period, t0, t0 + args.duration, out)
+                           for c in range(args.connections)))
+    np.save(args.records, np.array(out, dtype=RECORD))
+
+
+# -- orchestrator -------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _machine() -> dict[str, object]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server not ready")
+
+
+class Publisher:
+    """Writes versions the way the daemon's model worker does (registry.write_version)."""
+
+    def __init__(self, registry_dir: Path) -> None:
+        import torch
+
+        from daemon.engine.models import build_model
+
+        torch.manual_seed(0)
+        self.registry_dir = registry_dir
+        self.model = build_model("mnist_cnn", num_classes=10, input_shape=SHAPE, mean=[0.0], std=[1.0]).eval()
+
+    def publish(self) -> tuple[int, float, float]:
+        """(version, publish start, LATEST changed) as wall-clock times."""
+        import torch
+
+        from daemon import registry
+
+        t_start = time.time()
+        with torch.no_grad():                    # a small step, like one unlearning round's update
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        info = registry.write_version(self.registry_dir, MODEL, self.model, input_shape=SHAPE,
+                                      classes=[str(c) for c in range(10)],
+                                      parent=registry.latest_version(self.registry_dir, MODEL),
+                                      method={"name": "bench"}, extra_manifest={"arch": "mnist_cnn"})
+        return info.version, t_start, time.time()
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    import torch
+
+    from daemon import registry_ops
+    from daemon.serving.notify import notify_reload, reload_url
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    registry_dir = work / "registry"
+    publisher = Publisher(registry_dir)
+    publisher.publish()
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    server_log = open(work / "server.log", "w")   # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "serve", "--registry", str(registry_dir), "--model", MODEL,
+         "--port", str(port), "--poll-interval", str(args.poll_interval), "--threads", str(args.server_threads)],
+        env=env, stdout=server_log, stderr=subprocess.STDOUT)
+    load_before = os.getloadavg()
+    try:
+        _wait_ready(port, server)
+        total = args.noswap_s + args.swap_s + args.notify_s
+        start_at = time.time() + 3.0                  # the load generator imports, then starts on time
+        records_path = work / "records.npy"
+        loadgen = subprocess.Popen(
+            [sys.executable, __file__, "--loadgen", "--port", str(port), "--model", MODEL, "--rate", str(args.rate),
+             "--connections", str(args.connections), "--duration", str(total), "--start-at", str(start_at),
+             "--records", str(records_path)], env=env)
+        phases = {"noswap": (start_at, start_at + args.noswap_s),
+                  "poll": (start_at + args.noswap_s, start_at + args.noswap_s + args.swap_s),
+                  "notify": (start_at + args.noswap_s + args.swap_s, start_at + total)}
+        publishes: list[dict[str, object]] = []
+        url = reload_url(f"http://127.0.0.1:{port}", MODEL)
+        for phase in ("poll", "notify"):
+            begin, end = phases[phase]
+            k = 1
+            while True:
+                due = begin + k * args.publish_every - args.publish_every / 2
+                if due >= end - 0.5:
+                    break
+                time.sleep(max(0.0, due - time.time()))
+                version, t_start, t_latest = publisher.publish()
+                entry: dict[str, object] = {"phase": phase, "version": version, "t_start": t_start,
+                                            "t_latest": t_latest}
+                if phase == "notify":
+                    [result] = notify_reload([url], timeout=2.0)
+                    entry.update(notify_ok=result.ok, notify_rtt_ms=result.seconds * 1e3,
+                                 server_load_ms=json.loads(result.detail).get("load_ms") if result.ok else None)
+                publishes.append(entry)
+                registry_ops.prune(registry_dir, MODEL, keep=args.keep)   # the daemon's retention
+                k += 1
+        if loadgen.wait(timeout=total + 60) != 0:
+            raise RuntimeError(f"load generator exited with {loadgen.returncode}")
+        records = np.load(records_path)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server_rc = server.wait(timeout=30)
+        server_log.close()
+    load_after = os.getloadavg()
+    return analyse(records, phases, publishes, args, load_before, load_after, server_rc)
+
+
+def _p99_ms(latencies: np.ndarray) -> float:
+    return float(np.percentile(latencies, 99) * 1e3) if latencies.size else float("nan")
+
+
+def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publishes: list[dict[str, object]],
+            args: argparse.Namespace, load_before: tuple[float, ...], load_after: tuple[float, ...],
+            server_rc: int) -> dict[str, object]:
+    lat = records["t_recv"] - records["t_send"]
+    ok = records["status"] == 200
+    failed = int((~ok).sum())
+    monotonic = True
+    for conn in np.unique(records["conn"]):
+        mine = records[(records["conn"] == conn) & ok]
+        mine = mine[np.argsort(mine["t_send"])]
+        if (np.diff(mine["version"]) < 0).any():
+            monotonic = False
+    in_swap = np.zeros(len(records), bool)
+    for p in publishes:
+        newer = records[ok & (records["version"] >= p["version"])]
+        first = float(newer["t_recv"].min()) if newer.size else float("nan")
+        p["t_first_served"] = first
+        p["swap_latency_s"] = first - float(p["t_latest"])
+        in_swap |= (records["t_send"] >= p["t_start"]) & (records["t_send"] <= first + SWAP_TAIL_S)
+
+    def phase_mask(name: str) -> np.ndarray:
+        begin, end = phases[name]
+        return (records["t_send"] >= begin) & (records["t_send"] < end)
+
+    noswap = phase_mask("noswap") & ok
+    poll = phase_mask("poll")
+    swap_phases = phase_mask("poll") | phase_mask("notify")
+    poll_lat = np.array([p["swap_latency_s"] for p in publishes if p["phase"] == "poll"])
+    notify_lat = np.array([p["swap_latency_s"] for p in publishes if p["phase"] == "notify"])
+    duration_poll = phases["poll"][1] - phases["poll"][0]
+    result: dict[str, object] = {
+        "rps": round(float((poll & ok).sum()) / duration_poll, 1),
+        "failed": failed,
+        "versions_monotonic": bool(monotonic),
+        "p99_noswap_ms": round(_p99_ms(lat[noswap]), 3),
+        "p99_swap_ms": round(_p99_ms(lat[in_swap & ok & swap_phases]), 3),
+        "swap_latency_poll_s": round(float(poll_lat.max()), 4),
+        "swap_latency_notify_ms": round(float(notify_lat.max()) * 1e3, 2),
+        "machine": _machine(),
+        "settings": {
+            "target_rate_rps": args.rate, "connections": args.connections, "client": "aiohttp, 1 keep-alive "
+            "connection per client, paced; separate process", "payload": "JSON, FP32 [1,1,28,28]",
+            "model": "mnist_cnn (0.2 M parameters), TorchScript, CPU",
+            "phases_s": {"noswap": args.noswap_s, "poll": args.swap_s, "notify": args.notify_s},
+            "publish_every_s": args.publish_every, "poll_interval_s": args.poll_interval,
+            "server_threads": args.server_threads, "torch_threads": 1, "retention_keep": args.keep,
+            "rps_over": "successful responses per second in the 60 s poll phase (versions published every 2 s)",
+            "failed_over": "every request of every phase (non-200 or transport error)",
+            "p99_swap_window": f"requests sent from a publish's start to {SWAP_TAIL_S * 1e3:.0f} ms after the "
+                               "first response from the new version (poll and notify phases)",
+            "swap_latency": "worst over the phase's publishes: LATEST changed -> first response carrying it",
+            "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
+        },
+    }
+    detail = {
+        "requests": int(len(records)),
+        "p50_noswap_ms": round(float(np.percentile(lat[noswap], 50) * 1e3), 3),
+        "p99_swap_phases_all_ms": round(_p99_ms(lat[swap_phases & ok]), 3),
+        "p999_noswap_ms": round(float(np.percentile(lat[noswap], 99.9) * 1e3), 3),
+        "p999_swap_ms": round(float(np.percentile(lat[in_swap & ok & swap_phases], 99.9) * 1e3), 3),
+        "rps_by_phase": {n: round(float((phase_mask(n) & ok).sum()) / (phases[n][1] - phases[n][0]), 1)
+                         for n in phases},
+        "swap_latency_poll_s": {"median": round(float(np.median(poll_lat)), 4), "max": round(float(poll_lat.max()), 4),
+                                "n": int(poll_lat.size)},
+        "swap_latency_notify_ms": {"median": round(float(np.median(notify_lat)) * 1e3, 2),
+                                   "max": round(float(notify_lat.max()) * 1e3, 2), "n": int(notify_lat.size)},
+        "server_load_ms": [p.get("server_load_ms") for p in publishes if p["phase"] == "notify"],
+        "notify_failures": sum(1 for p in publishes if p["phase"] == "notify" and not p["notify_ok"]),
+        "server_exit_code": server_rc,
+        "publishes": len(publishes),
+    }
+    result["_detail"] = detail
+    result["_series"] = {"records": records, "phases": phases, "publishes": publishes}
+    return result
+
+
+def report(result: dict[str, object], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = result.pop("_series")
+    detail = result.pop("_detail")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    records, phases, publishes = series["records"], series["phases"], series["publishes"]
+    t0 = phases["noswap"][0]
+    ok = records["status"] == 200
+    t = records["t_send"] - t0
+    lat_ms = (records["t_recv"] - records["t_send"]) * 1e3
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.scatter(t[ok], lat_ms[ok], s=1, alpha=0.25, color="tab:blue", label="request latency")
+    bins = np.arange(0, t.max() + 1, 1.0)
+    idx = np.digitize(t, bins)
+    p99 = [np.percentile(lat_ms[(idx == i) & ok], 99) if ((idx == i) & ok).any() else np.nan
+           for i in range(1, len(bins))]
+    ax.plot(bins[:-1] + 0.5, p99, color="tab:red", lw=1.2, label="p99 per second")
+    colors = {"noswap": "#eeeeee", "poll": "#e6f0ff", "notify": "#e9f7e9"}
+    for name, (b, e) in phases.items():
+        for a in (ax, ax2):
+            a.axvspan(b - t0, e - t0, color=colors[name], zorder=0)
+        ax.text((b + e) / 2 - t0, 0.97, name, transform=ax.get_xaxis_transform(), ha="center", va="top")
+    for p in publishes:
+        for a in (ax, ax2):
+            a.axvline(float(p["t_latest"]) - t0, color="grey", lw=0.5, ls=":")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"unlearnd serve under {result['settings']['target_rate_rps']} req/s; dotted: LATEST changed")
+    ax2.plot(t[ok], records["version"][ok], ".", ms=1, color="tab:purple")
+    ax2.set_ylabel("version served")
+    ax2.set_xlabel("seconds since load start")
+    fig.tight_layout()
+    fig.savefig(out / "serve_latency.png", dpi=110)
+    plt.close(fig)
+
+    s = result["settings"]
+    bars = [
+        ("rps", f"{result['rps']}", "≥ 500", result["rps"] >= 500),
+        ("failed", f"{result['failed']}", "0", result["failed"] == 0),
+        ("versions_monotonic", f"{result['versions_monotonic']}", "true", result["versions_monotonic"]),
+        ("p99_swap_ms / p99_noswap_ms", f"{result['p99_swap_ms']} / {result['p99_noswap_ms']} = "
+         f"{result['p99_swap_ms'] / result['p99_noswap_ms']:.2f}×", "≤ 2×",
+         result["p99_swap_ms"] <= 2 * result["p99_noswap_ms"]),
+        ("swap_latency_poll_s (worst)", f"{result['swap_latency_poll_s']}", "≤ 1 s",
+         result["swap_latency_poll_s"] <= 1.0),
+        ("swap_latency_notify_ms (worst)", f"{result['swap_latency_notify_ms']}", "≤ 50 ms",
+         result["swap_latency_notify_ms"] <= 50),
+    ]
+    m = result["machine"]
+    lines = [
+        "# Serving benchmark: hot-swap under load",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
+        f"Load average before/after: {s['loadavg_before']} / {s['loadavg_after']} (the 2 cores are shared "
+        "by the server, the load generator and the publisher).",
+        "",
+        f"Load: {s['connections']} keep-alive clients in a separate process (aiohttp), paced to "
+        f"{s['target_rate_rps']} req/s in total, JSON FP32 [1,1,28,28] inputs to a 0.2 M-parameter CNN. "
+        f"Phases: {s['phases_s']['noswap']} s without publishing, {s['phases_s']['poll']} s with a new version "
+        f"every {s['publish_every_s']} s found by polling (every {s['poll_interval_s']} s), "
+        f"{s['phases_s']['notify']} s with a new version every {s['publish_every_s']} s and a reload "
+        f"notification after each. Retention keeps {s['retention_keep']} versions.",
+        "",
+        "| bar | measured | target | met |",
+        "| --- | --- | --- | --- |",
+        *[f"| {name} | {value} | {target} | {'yes' if met else '**no**'} |" for name, value, target, met in bars],
+        "",
+        "Definitions: " + "; ".join(f"{k.replace('_', ' ')}: {s[k]}" for k in
+                                    ("rps_over", "failed_over", "p99_swap_window", "swap_latency")) + ".",
+        "",
+        "More numbers:",
+        "",
+        f"- requests: {detail['requests']}, versions published: {detail['publishes']}; req/s by phase "
+        f"{detail['rps_by_phase']}",
+        f"- p50 without swaps {detail['p50_noswap_ms']} ms; p99.9 without swaps {detail['p999_noswap_ms']} ms, "
+        f"in swap windows {detail['p999_swap_ms']} ms; p99 over the whole swap phases "
+        f"{detail['p99_swap_phases_all_ms']} ms",
+        f"- swap latency with polling: median {detail['swap_latency_poll_s']['median']} s, worst "
+        f"{detail['swap_latency_poll_s']['max']} s over {detail['swap_latency_poll_s']['n']} versions",
+        f"- swap latency with notify: median {detail['swap_latency_notify_ms']['median']} ms, worst "
+        f"{detail['swap_latency_notify_ms']['max']} ms over {detail['swap_latency_notify_ms']['n']} versions; "
+        f"the server's verify+load+warm-up per version (ms): {detail['server_load_ms']}; failed notifications: "
+        f"{detail['notify_failures']}",
+        f"- server exit code after SIGTERM: {detail['server_exit_code']}",
+        "",
+        "![latency over time](serve_latency.png)",
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/serve_bench.py --out benchmarks/results` (about 2 minutes; run it "
+        "on an otherwise idle machine).",
+        "",
+    ]
+    (out / "serve.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int)
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--start-at", type=float)
+    p.add_argument("--duration", type=float)
+    p.add_argument("--records")
+    p.add_argument("--rate", type=float, default=600.0, help="target requests per second (600)")
+    p.add_argument("--connections", type=int, default=16, help="concurrent keep-alive clients (16)")
+    p.add_argument("--noswap-s", type=float, default=20.0)
+    p.add_argument("--swap-s", type=float, default=60.0)
+    p.add_argument("--notify-s", type=float, default=30.0)
+    p.add_argument("--publish-every", type=float, default=2.0)
+    p.add_argument("--poll-interval", type=float, default=0.2)
+    p.add_argument("--server-threads", type=int, default=2)
+    p.add_argument("--keep", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.loadgen:
+        asyncio.run(_loadgen(args))
+        return 0
+    result = run(args)
+    report(result, Path(args.out))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "settings")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,8 +37,10 @@ def make_consumer(cfg: KafkaSection) -> KafkaConsumer:
     )
 
 
-def make_producer(cfg: KafkaSection, *, client: str = "producer") -> KafkaProducer:
+def make_producer(cfg: KafkaSection, *, client: str = "producer", max_request_size: int = 1 << 20
+                  ) -> KafkaProducer:
     return KafkaProducer(
+        max_request_size=max_request_size,
         bootstrap_servers=cfg.bootstrap.split(","),
         client_id=f"unlearnd-{cfg.instance_id}-{client}",
         acks="all",

@@ -8,11 +8,12 @@ by ``audit.entry``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import structlog
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from daemon.service.config import KafkaSection
 from daemon.service.kafka_io import make_producer
@@ -25,8 +26,10 @@ log = structlog.get_logger("unlearnd.outbox")
 
 
 class OutboxPublisher:
-    def __init__(self, ledger: Ledger, kafka: KafkaSection, metrics: DaemonMetrics, interval_s: float) -> None:
+    def __init__(self, ledger: Ledger, kafka: KafkaSection, metrics: DaemonMetrics, interval_s: float,
+                 max_request_size: int = 16 << 20) -> None:
         self.ledger = ledger
+        self.max_request_size = max_request_size
         self.kafka = kafka
         self.metrics = metrics
         self.interval_s = interval_s
@@ -78,15 +81,31 @@ class OutboxPublisher:
                 pass
             self._producer = None
 
+    def _replace_oversized(self, row, exc: Exception) -> None:  # noqa: ANN001 - OutboxRow
+        """Publish what can be published of an oversized row: its headers, and the size it had."""
+        log.error("outbox_row_too_large", seq=row.seq, topic=row.topic, bytes=len(row.value), error=str(exc))
+        headers = [*row.headers, ("error.original_bytes", str(len(row.value)).encode()),
+                   ("error.truncated", b"value omitted: larger than the producer's max_request_size")]
+        with self.ledger.transaction() as db:
+            db.execute("UPDATE outbox SET value=?, headers=? WHERE seq=?",
+                       (b"", json.dumps([[n, v.decode("latin-1")] for n, v in headers]), row.seq))
+
     def flush_once(self) -> int:
         rows = self.ledger.outbox()
         self.metrics.outbox.set(len(rows))
         if not rows:
             return 0
         if self._producer is None:
-            self._producer = make_producer(self.kafka, client="outbox")
-        futures = [(row.seq, self._producer.send(row.topic, key=row.key, value=row.value, headers=row.headers))
-                   for row in rows]
+            self._producer = make_producer(self.kafka, client="outbox", max_request_size=self.max_request_size)
+        futures = []
+        for row in rows:
+            try:
+                futures.append((row.seq, self._producer.send(row.topic, key=row.key, value=row.value,
+                                                             headers=row.headers)))
+            except MessageSizeTooLargeError as exc:
+                # Never retriable: a row the broker can never take must not block the rows behind it.
+                self._replace_oversized(row, exc)
+                break
         self._producer.flush(timeout=self.kafka.request_timeout_ms / 1000)
         done = []
         for seq, fut in futures:

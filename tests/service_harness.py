@@ -1,0 +1,243 @@
+"""Real parts for the daemon tests: a Tansu broker on a free port, daemons as subprocesses, topic readers.
+
+Everything talks TCP to a real Kafka-protocol broker; daemons run as `python -m daemon.cli run`, so a
+test can SIGKILL or SIGTERM them like an operator (or the kernel) would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from daemon.service.broker import start_broker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """A Tansu broker (in-memory storage) that a test may stop and start again on the same port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Broker:
+        self.proc = start_broker(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def copy_registry(source: Path, dest: Path, names: Iterable[str] = ("mnist-cnn",), source_name: str = "mnist-cnn"
+                  ) -> Path:
+    """A private registry for one test, with the session's pretrained model under each name."""
+    from daemon import registry
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name == source_name:
+            shutil.copytree(source / source_name, dest / name)
+        else:   # a second model: same weights, its own name (manifest and Triton config)
+            from daemon import model_store
+
+            live = model_store.load_live(source, source_name)
+            model_store.publish(dest, name, live.model, live.session, arch=live.arch, input_shape=live.input_shape,
+                                classes=live.classes, parent=None, dataset="mnist")
+            assert registry.latest_version(dest, name) == 1
+    return dest
+
+
+def write_config(path: Path, *, bootstrap: str, registry_dir: Path, state_dir: Path, models: Iterable[str] = (
+        "mnist-cnn",), instance: str = "unlearnd-1", metrics_port: int = 0, group: str = "unlearnd",
+        extra: str = "", rounds: str = "", probe: str = "mnist-test:0-999", retention_max_drop: float = 0.1
+        ) -> Path:
+    """A daemon configuration for tests (the 1-epoch test model is fragile: the retention gate is wide)."""
+    model_tables = "\n".join(f'[[models]]\nname = "{m}"\nprobe = "{probe}"\n' for m in models)
+    path.write_text(f"""
+[kafka]
+bootstrap = "{bootstrap}"
+group_id = "{group}"
+instance_id = "{instance}"
+session_timeout_ms = 3000
+heartbeat_interval_ms = 1000
+poll_timeout_ms = 100
+[state]
+dir = "{state_dir}"
+[registry]
+dir = "{registry_dir}"
+[metrics]
+port = {metrics_port}
+[rounds]
+max_wait_s = 0.5
+threads = 1
+retention_max_drop = {retention_max_drop}
+{rounds}
+[daemon]
+outbox_interval_s = 0.1
+{extra}
+{model_tables}
+""")
+    return path
+
+
+class DaemonProcess:
+    """`unlearnd run` in a subprocess; its JSON log lines are read back from a file."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> DaemonProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config)],
+                                     cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return self
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        if not self.log.exists():
+            return out
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, after: int = 0
+                 ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.events()
+            for e in events[after:]:
+                if predicate(e):
+                    return e
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for a log event:\n{self.tail()}")
+
+    def wait_assigned(self, timeout: float = 60.0) -> None:
+        self.wait_for(lambda e: e.get("event") == "partitions_assigned" and e.get("partitions"), timeout)
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+
+def request(request_id: str, kind: str = "forget", refs: Iterable[str] = ("mnist-train:0",), *,
+            model: str = "mnist-cnn", labels: Iterable[int] | None = None, targets: Iterable[int] | None = None,
+            forget_class: int | None = None, id_prefix: str = "user/") -> dict[str, Any]:
+    refs = list(refs)
+    instances: list[dict[str, Any]] = [{"id": f"{id_prefix}{request_id}/{i}", "ref": r} for i, r in enumerate(refs)]
+    for inst, lab in zip(instances, labels or [], strict=False):
+        inst["label"] = lab
+    for inst, tgt in zip(instances, targets or [], strict=False):
+        inst["target"] = tgt
+    body: dict[str, Any] = {"schema": "unlearn.request/v1", "request_id": request_id, "model": model, "kind": kind,
+                            "instances": instances, "submitted_at": "2026-11-24T10:00:00Z"}
+    if forget_class is not None:
+        body["class"] = forget_class
+    return body
+
+
+def produce(bootstrap: str, messages: Iterable[tuple[bytes | None, bytes]], topic: str = "unlearn.requests") -> None:
+    producer = KafkaProducer(bootstrap_servers=[bootstrap], acks="all", max_request_size=4 << 20,
+                             max_block_ms=20000)
+    try:
+        for key, value in messages:
+            producer.send(topic, key=key, value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=5)
+
+
+def produce_requests(bootstrap: str, bodies: Iterable[dict[str, Any]]) -> None:
+    produce(bootstrap, [(b["model"].encode(), json.dumps(b).encode()) for b in bodies])
+
+
+def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[Any]], bool] | None = None,
+               timeout: float = 60.0) -> list[Any]:
+    """All records of a topic, polling until ``until(records)`` holds or the timeout passes."""
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], enable_auto_commit=False,
+                             auto_offset_reset="earliest", group_id=None, client_id=f"reader-{uuid.uuid4().hex[:6]}")
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        parts: set[int] = set()
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                time.sleep(0.2)
+        if not parts:
+            return records
+        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        while time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=200).values():
+                records.extend(recs)
+            if until is not None and until(records):
+                break
+            if until is None and not consumer.poll(timeout_ms=300):
+                break
+        return records
+    finally:
+        consumer.close()
+
+
+def receipts_by_request(records: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
+    """Receipts per request id, deduplicated by audit entry (the outbox may resend after a crash)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for rec in records:
+        r = json.loads(rec.value)
+        out.setdefault(r["request_id"], {})[r["audit"]["entry"]] = r
+    return {k: list(v.values()) for k, v in out.items()}
+
+
+def outcome_receipts(records: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
+    return {k: [r for r in v if r["status"] != "duplicate"] for k, v in receipts_by_request(records).items()}

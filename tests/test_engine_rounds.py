@@ -323,3 +323,15 @@ def test_forget_set_collapse_is_detected_only_for_mixed_labels():
     assert _forget_set_collapsed(_OneClass(), mixed, 0.9)
     assert not _forget_set_collapsed(_OneClass(), same, 0.9)
     assert not _forget_set_collapsed(_OneClass(), ForgetRequest("forget", x[:4], mixed.labels[:4]), 0.9)
+
+
+def test_should_abort_also_stops_the_attack_phase():
+    polls = []
+
+    def abort_during_attack() -> bool:
+        polls.append(1)
+        return len(polls) >= 2          # the attack polls first: stop it on its second iteration
+
+    res = _round(tiny_model(), _forget(), "adv", fast_config(), should_abort=abort_during_attack)
+    assert res.outcome == "aborted" and res.steps == 0
+    assert res.adversarial_examples == 0

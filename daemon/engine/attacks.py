@@ -8,13 +8,18 @@ examples of a round, and each example stops costing compute as soon as it reache
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttackResult", "TargetedL2PGD", "other_class_targets"]
+__all__ = ["AttackAborted", "AttackResult", "TargetedL2PGD", "other_class_targets"]
+
+
+class AttackAborted(Exception):
+    """The caller asked the attack to stop (its ``should_abort`` returned True)."""
 
 
 def other_class_targets(labels: torch.Tensor, num_classes: int, per_instance: int,
@@ -96,7 +101,10 @@ class TargetedL2PGD:
         self.margin = margin
         self.batch_size = batch_size
 
-    def __call__(self, x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> AttackResult:
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
+                 should_abort: Callable[[], bool] | None = None) -> AttackResult:
+        """Attack every image towards its target; ``should_abort`` is polled every iteration
+        (raising :class:`AttackAborted`), so a daemon shutting down is not held up by a long attack."""
         if x.dim() != 4:
             raise ValueError(f"x must be N×C×H×W, got shape {tuple(x.shape)}")
         if targets.shape != (x.shape[0],):
@@ -110,7 +118,7 @@ class TargetedL2PGD:
         for p, _ in flags:
             p.requires_grad_(False)
         try:
-            outs = [self.forward(x[i:i + self.batch_size], targets[i:i + self.batch_size], generator)
+            outs = [self.forward(x[i:i + self.batch_size], targets[i:i + self.batch_size], generator, should_abort)
                     for i in range(0, x.shape[0], self.batch_size)]
         finally:
             model.train(was_training)
@@ -136,8 +144,8 @@ class TargetedL2PGD:
         others = logits.scatter(1, t.view(-1, 1), float("-inf")).amax(1)
         return target_logit - others > self.margin
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+                should_abort: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The maths for one batch: returns (adversarial x, reached, iterations), all on the CPU."""
         device = next(self.model.parameters()).device
         x0 = x.to(device)
@@ -151,6 +159,8 @@ class TargetedL2PGD:
         iters = torch.zeros(x0.shape[0], dtype=torch.int64, device=device)
         active = torch.arange(x0.shape[0], device=device)
         for it in range(self.iterations + 1):
+            if should_abort is not None and should_abort():
+                raise AttackAborted("the attack was aborted")
             xa = x_adv[active].clone().requires_grad_(True)
             logits = self.model(xa)
             if self.early_exit:

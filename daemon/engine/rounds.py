@@ -21,7 +21,7 @@ from daemon.engine.config import UnlearnConfig
 from daemon.engine.evaluate import eval_mode, predict
 from daemon.engine.importance import ImportanceRegulariser
 from daemon.engine.methods import Method, forget_term, make_attack
-from daemon.engine.attacks import TargetedL2PGD, other_class_targets
+from daemon.engine.attacks import AttackAborted, TargetedL2PGD, other_class_targets
 from daemon.engine.requests import ForgetRequest
 
 __all__ = ["OUTCOMES", "RoundResult", "TrajectoryPoint", "run_round"]
@@ -179,10 +179,15 @@ def run_round(
     adv_x = adv_y = adv_soft = adv_logits = None
     attack_stats = (0, 0, float("nan"))
     t_attack = time.perf_counter()
+    res, attack_aborted = None, False
     if method.uses_adversarial and config.adv_per_instance > 0:
         attack = make_attack(work, config)
         targets = other_class_targets(request.labels, num_classes, config.adv_per_instance, generator)
-        res = attack(request.x.repeat_interleave(config.adv_per_instance, 0), targets, generator)
+        try:
+            res = attack(request.x.repeat_interleave(config.adv_per_instance, 0), targets, generator, should_abort)
+        except AttackAborted:
+            res, attack_aborted = None, True
+    if res is not None:
         keep = torch.ones_like(res.reached)
         if request.kind == "forget_class" and bool(res.reached.any()):
             # Forgetting a class must generalise to all its inputs: an example the attack could not
@@ -198,6 +203,8 @@ def run_round(
     if method.uses_importance:
         anchor = {n: p.detach().clone() for n, p in work.named_parameters()}
         regulariser = ImportanceRegulariser(importance_weights, anchor, config.lam)
+    if sentinel is None and attack_aborted:
+        sentinel = request.x          # never used: the loop below stops at once
     if sentinel is None:
         sentinel = adv_x.cpu() if adv_x is not None else class_impressions(work, num_classes, request.x.shape[1:],
                                                                              config, generator)

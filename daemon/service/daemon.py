@@ -69,7 +69,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.daemon = daemon
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.daemon._on_revoked(set(revoked))
+        try:
+            self.daemon._on_revoked(set(revoked))
+        except Exception as exc:  # noqa: BLE001 - kafka-python turns a raise here into a failed poll
+            log.warning("revoke_handling_failed", error=f"{type(exc).__name__}: {exc}")
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
@@ -392,12 +395,15 @@ class Daemon:
         try:
             self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in todo.items()})
             self.committed.update(todo)
-        except KafkaError as exc:
+        except (KafkaError, AssertionError) as exc:
             log.warning("offset_commit_failed", error=str(exc))
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
-        self._commit_offsets()
+        try:
+            self._commit_offsets()
+        except Exception as exc:  # noqa: BLE001 - the group may already be gone (broker restart)
+            log.warning("offset_commit_failed", error=f"{type(exc).__name__}: {exc}")
         for model, items in list(self.pending.items()):
             keep = [p for p in items if TopicPartition(p.topic, p.partition) not in revoked]
             self.pending[model] = keep
@@ -599,9 +605,9 @@ class Daemon:
         self.metrics.oldest_pending_age.set(max((now - p.received_at for p in waiting), default=0.0))
         if self.consumer is None:
             return
-        for tp in list(self.next_offset):
+        for tp in self.consumer.assignment():
             hw = self.consumer.highwater(tp)
-            if hw is not None:
+            if hw is not None and tp in self.next_offset:
                 self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, hw - self.next_offset[tp]))
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -54,6 +57,23 @@ def _metrics(port: int) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def _served_version(port: int, x: torch.Tensor, timeout: float = 30.0) -> int | None:
+    """One KServe v2 inference; the version that answered (None while the server is not up yet)."""
+    body = json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1, *x.shape], "datatype": "FP32",
+                                   "data": x.flatten().tolist()}]}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mnist-cnn/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return int(json.loads(resp.read())["model_version"])
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _predict_torchscript(reg: Path, model: str, version: int, x: torch.Tensor) -> torch.Tensor:
     ts = torch.jit.load(str(reg / model / str(version) / "model.pt"), map_location="cpu")
     with torch.no_grad():
@@ -66,8 +86,13 @@ def test_all_kinds_are_applied_and_the_published_versions_forget(tmp_path, broke
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                        state_dir=tmp_path / "state", metrics_port=port)
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    serve_port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--registry", str(reg), "--model",
+                               "mnist-cnn", "--port", str(serve_port), "--poll-interval", "0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         d.wait_assigned()
+        assert _served_version(serve_port, mnist.test_x[0]) == 1
         before = _metrics(port)
         sevens = (mnist.test_y == 7).nonzero().flatten()[:8].tolist()
         x5 = mnist.train_x[5]
@@ -124,9 +149,16 @@ def test_all_kinds_are_applied_and_the_published_versions_forget(tmp_path, broke
         assert after[("unlearnd_time_to_forget_seconds_count", ())] == 3
         assert after[("unlearnd_pending_requests", ())] == 0
         assert before[("unlearnd_rounds_total", (("outcome", "applied"),))] == 0
+        # a running server answers with the newest version
+        deadline = time.monotonic() + 5
+        while _served_version(serve_port, mnist.test_x[0]) != 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _served_version(serve_port, mnist.test_x[0]) == 4
         assert d.terminate() == 0
     finally:
         d.kill()
+        server.terminate()
+        server.wait(timeout=30)
     ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
     count, problem = ledger.verify_audit()
     assert problem is None and count == 3

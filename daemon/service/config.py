@@ -290,6 +290,12 @@ def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -
 
 
 def _check(config: Config) -> None:
+    topics = [config.kafka.requests_topic, config.kafka.receipts_topic, config.kafka.dlq_topic,
+              config.kafka.models_topic]
+    if len(set(topics)) != len(topics):
+        raise ConfigError("kafka", "the four topics must have distinct names")
+    if config.kafka.heartbeat_interval_ms * 3 > config.kafka.session_timeout_ms:
+        raise ConfigError("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms")
     if not config.models:
         raise ConfigError("models", "at least one [[models]] table is needed")
     seen: set[str] = set()
@@ -305,14 +311,6 @@ def _check(config: Config) -> None:
             raise ConfigError(f"models[{i}].probe", str(exc)) from None
         if m.dataset == "cifar10" and not m.data_root:
             raise ConfigError(f"models[{i}].data_root", "cifar10 needs the folder holding cifar-10-batches-py")
-    topics = [config.kafka.requests_topic, config.kafka.receipts_topic, config.kafka.dlq_topic,
-              config.kafka.models_topic]
-    if len(set(topics)) != len(topics):
-        raise ConfigError("kafka", "the four topics must have distinct names")
-    if config.kafka.heartbeat_interval_ms * 3 > config.kafka.session_timeout_ms:
-        raise ConfigError("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms")
-
-
 # -- documentation generated from the schema ----------------------------------------------------------
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):

@@ -480,10 +480,25 @@ class Daemon:
         failpoint("after_registry_write")
         self._commit_round(round_id, rt.name, info, drafts)
         failpoint("after_ledger_commit")
+        self._prune(rt.name)
         bound.info("round_committed", version=info.version, steps=candidate.result.steps,
                    forget_accuracy=candidate.result.acc_forget,
                    probe_accuracy=candidate.metrics.get("probe_accuracy_after"))
         return "applied", (candidate, info)
+
+    def _prune(self, model: str) -> None:
+        """Retention: keep the newest N versions (never LATEST, never one a server's lease holds)."""
+        keep = self.config.registry.keep_versions
+        if not keep:
+            return
+        from daemon.registry_ops import prune
+
+        try:
+            result = prune(self.registry_dir, model, keep=keep)
+            if result.deleted:
+                log.info("versions_pruned", model=model, deleted=result.deleted, protected=result.protected)
+        except (OSError, ValueError, registry.RegistryError) as exc:
+            log.warning("prune_failed", model=model, error=str(exc))
 
     def _slices(self, batch: Sequence[PendingRequest]) -> list[slice]:
         out, start = [], 0

@@ -1,0 +1,178 @@
+"""The daemon's parts without a broker: configuration, the ledger and its audit chain, receipts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from daemon.service import receipts
+from daemon.service.config import ConfigError, example_toml, load_config, parse_probe, reference_rows
+from daemon.service.ledger import GENESIS_HASH, Ledger, LedgerError, chain_hash
+
+
+# -- configuration -------------------------------------------------------------------------------------
+def test_the_example_config_is_complete_and_valid(tmp_path):
+    path = tmp_path / "u.toml"
+    path.write_text(example_toml())
+    config = load_config(path, env={})
+    assert config.kafka.bootstrap == "127.0.0.1:19092" and config.models[0].name == "mnist-cnn"
+    keys = {r["key"] for r in reference_rows()}
+    text = example_toml()
+    for key in keys:   # every setting appears in the example, with its env override named
+        name = key.split(".")[-1]
+        assert f"\n{name} = " in text, key
+    assert len({r["env"] for r in reference_rows()}) == len(keys)
+
+
+def test_environment_overrides_win_and_are_typed(tmp_path):
+    config = load_config(None, env={"UNLEARND_KAFKA_BOOTSTRAP": "broker:9092", "UNLEARND_STATE_DIR": "/s",
+                                    "UNLEARND_REGISTRY_DIR": "/r", "UNLEARND_ROUNDS_MAX_WAIT_S": "3.5",
+                                    "UNLEARND_KAFKA_CREATE_TOPICS": "false",
+                                    "UNLEARND_SERVING_NOTIFY_URLS": "http://a/x, http://b/y",
+                                    "UNLEARND_MODELS_0_PROBE": "mnist-test:0-9"})
+    assert config.kafka.bootstrap == "broker:9092" and config.state.dir == "/s" and config.registry.dir == "/r"
+    assert config.rounds.max_wait_s == 3.5 and config.kafka.create_topics is False
+    assert config.serving.notify_urls == ["http://a/x", "http://b/y"]
+    assert config.models[0].probe == "mnist-test:0-9"
+
+
+@pytest.mark.parametrize(("text", "env", "setting"), [
+    ("[rounds]\nmax_wait_s = 'soon'\n", {}, "rounds.max_wait_s"),
+    ("[rounds]\nmax_instances = 0\n", {}, "rounds.max_instances"),
+    ("[rounds]\nmethod = 'magic'\n", {}, "rounds.method"),
+    ("[kafka]\nbootstrapp = 'x'\n", {}, "kafka.bootstrapp"),
+    ("[nonsense]\n", {}, "nonsense"),
+    ("[[models]]\nname = 'a b'\n", {}, "models[0].name"),
+    ("[[models]]\nname = 'm'\nprobe = 'mnist-test:9-1'\n", {}, "models[0].probe"),
+    ("[[models]]\nname = 'm'\n[[models]]\nname = 'm'\n", {}, "models[1].name"),
+    ("[[models]]\nname = 'm'\ndataset = 'cifar10'\n", {}, "models[0].data_root"),
+    ("[kafka]\nheartbeat_interval_ms = 5000\n", {}, "kafka.heartbeat_interval_ms"),
+    ("", {"UNLEARND_METRICS_PORT": "eighty"}, "metrics.port (from UNLEARND_METRICS_PORT)"),
+    ("", {"UNLEARND_KAFKA_CREATE_TOPICS": "maybe"}, "kafka.create_topics (from UNLEARND_KAFKA_CREATE_TOPICS)"),
+    ("this is = not = toml", {}, "--config"),
+])
+def test_bad_configuration_is_rejected_naming_the_setting(tmp_path, text, env, setting):
+    path = tmp_path / "u.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=env)
+    assert exc.value.setting == setting
+
+
+def test_probe_spec():
+    assert parse_probe("mnist-test:0-999") == ("mnist-test", 0, 1000)
+    with pytest.raises(ValueError):
+        parse_probe("mnist-test")
+
+
+# -- ledger ----------------------------------------------------------------------------------------------
+def _receipt(rid: str, status: str = "rejected") -> dict:
+    return receipts.rejected(request_id=rid, model="m", kind="forget", reason="bad_type", detail="x",
+                             received_at=0.0) | {"status": status}
+
+
+def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with ledger.transaction() as db:
+        out = [Ledger.append_receipt(db, _receipt(f"r{i}"), "receipts") for i in range(5)]
+    assert out[0]["audit"]["prev_hash"] == GENESIS_HASH
+    for a, b in zip(out, out[1:]):
+        assert b["audit"]["prev_hash"] == a["audit"]["hash"] and b["audit"]["entry"] == a["audit"]["entry"] + 1
+    assert ledger.verify_audit() == (5, None)
+    # the published receipt is exactly what the chain hashed (plus its audit block)
+    body = json.dumps({k: v for k, v in out[2].items() if k != "audit"}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    assert chain_hash(out[2]["audit"]["prev_hash"], body) == out[2]["audit"]["hash"]
+    # append-only: the database itself refuses changes
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with ledger.transaction() as db:
+            db.execute("UPDATE audit SET status='applied' WHERE entry=3")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with ledger.transaction() as db:
+            db.execute("DELETE FROM audit WHERE entry=3")
+    ledger.close()
+    # someone with file access drops the guard and edits entry 3: verification names it
+    raw = sqlite3.connect(tmp_path / "l.sqlite")
+    raw.execute("DROP TRIGGER audit_no_update")
+    raw.execute("UPDATE audit SET body = replace(body, 'bad_type', 'ok') WHERE entry=3")
+    raw.commit()
+    raw.close()
+    count, problem = Ledger(tmp_path / "l.sqlite").verify_audit()
+    assert count == 2 and problem is not None and problem.entry == 3
+
+
+def test_deleted_audit_entry_is_found(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with ledger.transaction() as db:
+        for i in range(4):
+            Ledger.append_receipt(db, _receipt(f"r{i}"), "receipts")
+    ledger.close()
+    raw = sqlite3.connect(tmp_path / "l.sqlite")
+    raw.execute("DROP TRIGGER audit_no_delete")
+    raw.execute("DELETE FROM audit WHERE entry=2")
+    raw.commit()
+    raw.close()
+    count, problem = Ledger(tmp_path / "l.sqlite").verify_audit()
+    assert count == 1 and problem.entry == 2 and "missing" in problem.reason
+
+
+def test_outbox_rows_leave_only_when_acknowledged_and_a_failed_transaction_leaves_nothing(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with ledger.transaction() as db:
+        Ledger.enqueue(db, "dlq", b"k", b"\xff raw", [("error.reason", b"not_json")])
+        Ledger.append_receipt(db, _receipt("a"), "receipts")
+    with pytest.raises(RuntimeError):
+        with ledger.transaction() as db:
+            Ledger.append_receipt(db, _receipt("b"), "receipts")
+            raise RuntimeError("crash mid-decision")
+    rows = ledger.outbox()
+    assert [r.topic for r in rows] == ["dlq", "receipts"]
+    assert rows[0].value == b"\xff raw" and rows[0].headers == [("error.reason", b"not_json")]
+    assert ledger.verify_audit()[0] == 1
+    ledger.acknowledge([rows[0].seq])
+    assert [r.topic for r in ledger.outbox()] == ["receipts"]
+
+
+def test_deliveries_requests_and_rounds_survive_reopening(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with ledger.transaction() as db:
+        Ledger.accept(db, "req-1", "m", "forget", 2, 100.0)
+        Ledger.record_delivery(db, "t", 0, 7, "fp", "req-1", "accepted")
+    rid = ledger.allocate_round("m", "d1", ["req-1"])
+    ledger.begin_commit(rid, 1, [{"request_id": "req-1"}])
+    ledger.close()
+    ledger = Ledger(tmp_path / "l.sqlite")
+    seen = ledger.delivery("t", 0, 7)
+    assert seen.fingerprint == "fp" and seen.request_status == "accepted"
+    assert ledger.rounds_in_state("committing", "d1")[0]["drafts"] == [{"request_id": "req-1"}]
+    assert ledger.rounds_in_state("committing", "d2") == []       # recovery touches only its own rounds
+    with ledger.transaction() as db:
+        Ledger.end_round(db, rid, "committed", version=2)
+        Ledger.finish(db, "req-1", "applied", round_id=rid, model_version=2)
+    assert ledger.request("req-1")["status"] == "applied" and ledger.last_committed_version("m") == 2
+    assert ledger.rounds_in_state("committing", "d1") == []
+
+
+def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
+    path = tmp_path / "l.sqlite"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(LedgerError):
+        Ledger(path)
+
+
+# -- receipts --------------------------------------------------------------------------------------------
+def test_applied_receipt_completes_the_draft_and_holds_no_clear_id():
+    draft = receipts.applied_draft(
+        request_id="r", model="m", kind="forget", round_id="r-000001", previous_version=3,
+        method={"name": "adv_imp"}, id_hashes=["a" * 64], labels=[7], targets=None, before=[7], after=[2],
+        metrics={"forget_accuracy": 0.0, "probe_accuracy_before": 0.99, "probe_accuracy_after": float("nan")},
+        received_at=1000.0, forget_class=None)
+    full = receipts.complete_applied(draft, version=4, sha256="b" * 64, applied_at=1012.5)
+    assert full["model_version"] == 4 and full["previous_version"] == 3 and full["model_sha256"] == "b" * 64
+    assert full["timings"]["time_to_forget_s"] == 12.5 and "received_ts" not in full
+    assert full["metrics"]["probe_accuracy_after"] is None            # NaN is not JSON
+    assert full["instances"] == [{"id_sha256": "a" * 64, "label": 7, "prediction_before": 7,
+                                  "prediction_after": 2}]
+    json.dumps(full, allow_nan=False)

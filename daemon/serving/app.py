@@ -284,6 +284,7 @@ def build_app(settings: ServeSettings, holder: ModelHolder, watcher: Watcher, me
     import contextlib
 
     pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="unlearnd-infer")
+    # Reloads asked for explicitly (a publisher's notification) run at normal priority: they should be fast.
     control_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unlearnd-reload")
     routes = ServeApp(settings, holder, watcher, metrics, pool, control_pool)
 

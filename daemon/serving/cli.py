@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             registry=registry_dir, model=model, host=args.host, port=args.port,
             poll_interval_s=args.poll_interval, threads=args.threads, torch_threads=args.torch_threads,
             max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, lease_ttl_s=args.lease_ttl,
-            server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
+            load_nice=args.load_nice, server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
             log_format=args.log_format)
     except ValueError as exc:
         raise _usage(str(exc)) from exc
@@ -240,6 +240,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--max-batch-size", type=int, default=256, help="largest batch one request may carry (256)")
     sp.add_argument("--lease-ttl", type=float, default=registry_ops.DEFAULT_LEASE_TTL_S,
                     help="seconds this server's lease protects its version from retention (30)")
+    sp.add_argument("--load-nice", type=int, default=10,
+                    help="lower CPU priority of the polling thread that loads new versions, 0-19 (10)")
     sp.add_argument("--server-id", help="this server's lease name (default host-pid-port)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -27,6 +27,7 @@ class ServeSettings:
         max_body_bytes: the largest request body accepted (after decompression); larger gets 413.
         max_batch_size: the largest batch one request may carry.
         lease_ttl_s: how long this server's lease protects its version without a refresh.
+        load_nice: how much lower the CPU priority of the polling thread (which loads what it finds) is.
         server_id: this server's lease name (``None``: host-pid-port).
         access_log: log every request (uvicorn's access log).
         log_level: debug, info, warning or error.
@@ -43,6 +44,7 @@ class ServeSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_batch_size: int = registry.DEFAULT_MAX_BATCH_SIZE
     lease_ttl_s: float = registry_ops.DEFAULT_LEASE_TTL_S
+    load_nice: int = 10
     server_id: str | None = None
     access_log: bool = False
     log_level: str = "info"
@@ -63,6 +65,8 @@ class ServeSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.lease_ttl_s > 0:
             raise ValueError(f"lease ttl must be > 0 seconds, got {self.lease_ttl_s!r}")
+        if isinstance(self.load_nice, bool) or not isinstance(self.load_nice, int) or not 0 <= self.load_nice <= 19:
+            raise ValueError(f"load_nice must be an integer in [0, 19], got {self.load_nice!r}")
         if self.server_id is not None:
             registry_ops._check_server_id(self.server_id)   # noqa: SLF001 - same rule as the lease files
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ RECORD = np.dtype([("t_send", "f8"), ("t_recv", "f8"), ("status", "i4"), ("versi
 
 
 # -- load generator (its own process) -----------------------------------------------------------------
-async def _client(conn: int, url: str, body: bytes, period: float, t0: float, t_end: float,
+async def _client(conn: int, n_clients: int, url: str, body: bytes, period: float, t0: float, t_end: float,
                   out: list[tuple[float, float, int, int, int]]) -> None:
     import aiohttp
 
@@ -54,7 +55,7 @@ async def _client(conn: int, url: str, body: bytes, period: float, t0: float, t_
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         k = 0
-        next_at = t0 + (conn % 97) / 97 * period     # spread the clients over one period
+        next_at = t0 + conn / n_clients * period      # clients evenly spread over one period
         while True:
             now = time.time()
             if now >= t_end:
@@ -84,7 +85,7 @@ async def _loadgen(args: argparse.Namespace) -> None:
     period = args.connections / args.rate
     t0 = args.start_at
     out: list[tuple[float, float, int, int, int]] = []
-    await asyncio.gather(*(_client(c, url, body, period, t0, t0 + args.duration, out)
+    await asyncio.gather(*(_client(c, args.connections, url, body, period, t0, t0 + args.duration, out)
                            for c in range(args.connections)))
     np.save(args.records, np.array(out, dtype=RECORD))
 
@@ -163,12 +164,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     from daemon.serving.notify import notify_reload, reload_url
 
     torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()       # the publisher's full collections (~100 ms of CPU each) compete with the server
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     registry_dir = work / "registry"
     publisher = Publisher(registry_dir)
     publisher.publish()
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     server_log = open(work / "server.log", "w")   # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli", "serve", "--registry", str(registry_dir), "--model", MODEL,
@@ -184,6 +188,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             [sys.executable, __file__, "--loadgen", "--port", str(port), "--model", MODEL, "--rate", str(args.rate),
              "--connections", str(args.connections), "--duration", str(total), "--start-at", str(start_at),
              "--records", str(records_path)], env=env)
+        # The publisher stands in for the daemon, whose rounds run on their own hardware in production:
+        # on this shared box it yields the CPU to the server and the load generator.
+        os.nice(args.publisher_nice)
         phases = {"noswap": (start_at, start_at + args.noswap_s),
                   "poll": (start_at + args.noswap_s, start_at + args.noswap_s + args.swap_s),
                   "notify": (start_at + args.noswap_s + args.swap_s, start_at + total)}
@@ -210,12 +217,55 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if loadgen.wait(timeout=total + 60) != 0:
             raise RuntimeError(f"load generator exited with {loadgen.returncode}")
         records = np.load(records_path)
+        (work / "publishes.json").write_text(json.dumps(publishes))
     finally:
         server.send_signal(signal.SIGTERM)
         server_rc = server.wait(timeout=30)
         server_log.close()
     load_after = os.getloadavg()
-    return analyse(records, phases, publishes, args, load_before, load_after, server_rc)
+    swapped_at = _swap_times(work / "server.log")
+    return analyse(records, phases, publishes, args, load_before, load_after, server_rc, swapped_at)
+
+
+def _swap_times(log: Path) -> dict[int, float]:
+    """When the server swapped in each version (its ``version_swapped`` log events)."""
+    from datetime import datetime
+
+    out: dict[int, float] = {}
+    for line in log.read_text().splitlines():
+        if '"version_swapped"' in line:
+            event = json.loads(line)
+            out[int(event["version"])] = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+    return out
+
+
+def _segments(records: np.ndarray, publishes: list[dict[str, object]], swapped_at: dict[int, float]) -> list[dict]:
+    """p50/p99 of requests sent in each part of a swap: where the swap-window tail comes from."""
+    lat = (records["t_recv"] - records["t_send"]) * 1e3
+    ok = records["status"] == 200
+    parts = {"publisher writing the version": [], "LATEST changed -> server swapped (incl. its load)": [],
+             "0-50 ms after the swap": [], "50-250 ms after the swap": []}
+    names = list(parts)
+    seen = np.zeros(len(records), bool)
+    for p in publishes:
+        swapped = swapped_at.get(int(p["version"]))
+        if swapped is None:
+            continue
+        bounds = [(p["t_start"], p["t_latest"]), (p["t_latest"], swapped), (swapped, swapped + 0.05),
+                  (swapped + 0.05, swapped + 0.25)]
+        for name, (a, b) in zip(names, bounds):
+            m = ok & (records["t_send"] >= a) & (records["t_send"] < b)
+            parts[name].append(lat[m])
+            seen |= m
+    first = min(float(p["t_start"]) for p in publishes)
+    parts["outside swap windows (same phases)"] = [lat[ok & ~seen & (records["t_send"] >= first)]]
+    rows = []
+    for name, chunks in parts.items():
+        v = np.concatenate(chunks) if chunks else np.array([])
+        if v.size:
+            rows.append({"part": name, "requests": int(v.size), "p50_ms": round(float(np.percentile(v, 50)), 2),
+                         "p99_ms": round(float(np.percentile(v, 99)), 2), "max_ms": round(float(v.max()), 1)})
+    return rows
 
 
 def _p99_ms(latencies: np.ndarray) -> float:
@@ -224,7 +274,7 @@ def _p99_ms(latencies: np.ndarray) -> float:
 
 def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publishes: list[dict[str, object]],
             args: argparse.Namespace, load_before: tuple[float, ...], load_after: tuple[float, ...],
-            server_rc: int) -> dict[str, object]:
+            server_rc: int, swapped_at: dict[int, float]) -> dict[str, object]:
     lat = records["t_recv"] - records["t_send"]
     ok = records["status"] == 200
     failed = int((~ok).sum())
@@ -267,7 +317,9 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
             "model": "mnist_cnn (0.2 M parameters), TorchScript, CPU",
             "phases_s": {"noswap": args.noswap_s, "poll": args.swap_s, "notify": args.notify_s},
             "publish_every_s": args.publish_every, "poll_interval_s": args.poll_interval,
-            "server_threads": args.server_threads, "torch_threads": 1, "retention_keep": args.keep,
+            "server_threads": args.server_threads, "server_poller_nice": 10, "server_gil_switch_interval_ms": 0.5,
+            "server_gc": "import-time heap frozen (gc.freeze)",
+            "publisher_nice": args.publisher_nice, "torch_threads": 1, "retention_keep": args.keep,
             "rps_over": "successful responses per second in the 60 s poll phase (versions published every 2 s)",
             "failed_over": "every request of every phase (non-200 or transport error)",
             "p99_swap_window": f"requests sent from a publish's start to {SWAP_TAIL_S * 1e3:.0f} ms after the "
@@ -292,6 +344,7 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
         "notify_failures": sum(1 for p in publishes if p["phase"] == "notify" and not p["notify_ok"]),
         "server_exit_code": server_rc,
         "publishes": len(publishes),
+        "segments": _segments(records, publishes, swapped_at),
     }
     result["_detail"] = detail
     result["_series"] = {"records": records, "phases": phases, "publishes": publishes}
@@ -390,6 +443,13 @@ def report(result: dict[str, object], out: Path) -> None:
         f"{detail['notify_failures']}",
         f"- server exit code after SIGTERM: {detail['server_exit_code']}",
         "",
+        "Where the swap-window tail comes from (requests by when they were sent, poll and notify phases):",
+        "",
+        "| part of a swap | requests | p50 ms | p99 ms | max ms |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {r['part']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |"
+          for r in detail["segments"]],
+        "",
         "![latency over time](serve_latency.png)",
         "",
         "Reproduce: `.venv/bin/python benchmarks/serve_bench.py --out benchmarks/results` (about 2 minutes; run it "
@@ -416,9 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--server-threads", type=int, default=2)
     p.add_argument("--keep", type=int, default=5)
+    p.add_argument("--publisher-nice", type=int, default=10, help="nice increment of the publishing process (10)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.loadgen:
+        # The instrument must not stall: a full collection pauses every client at once and would be
+        # counted as server latency. A 2-minute run's garbage fits in memory.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         asyncio.run(_loadgen(args))
         return 0
     result = run(args)

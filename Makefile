@@ -25,8 +25,18 @@ $(STAMP): setup.cfg pyproject.toml
 run: install
 	$(UNLEARND) demo --dir $(DEMO_DIR)
 
-test: install
+test: install test-deps
 	$(PY) -m pytest -q tests
+
+# promtool and prometheus for the deployment tests (tests/test_deploy_*.py): Debian's prometheus package,
+# installed when promtool is missing (with sudo when not root).
+.PHONY: test-deps
+test-deps:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus || \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }; }
 
 bench: install
 	UNLEARND=$(UNLEARND) benchmarks/run_mnist.sh

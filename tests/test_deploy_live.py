@@ -77,6 +77,12 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.2):  # noqa:
     raise AssertionError(f"timed out waiting for {what}" + (f": {last_exc}" if last_exc else ""))
 
 
+def _value(base: str, query: str) -> float | None:
+    """The first sample of an instant query (None when it has none)."""
+    result = _api(base, "/api/v1/query", query=query)["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
 def _infer_version(port: int) -> int:
     body = json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1, 1, 28, 28], "datatype": "FP32",
                                    "data": [0.0] * 784}]}).encode()
@@ -156,6 +162,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mnist_registry: Path):
             names = _wait(scraped, 30, "Prometheus to hold every metric the rules and the dashboard use", 0.5)
         except AssertionError:
             names = set(_api(base, "/api/v1/label/__name__/values"))
+        else:   # names can be complete before the scrape that follows the swap: wait for the end state too
+            _wait(lambda: (_value(base, "max(unlearnd_serve_model_version)") == 2
+                           and _value(base, "max(unlearnd:serve_versions_behind)") == 0
+                           and _value(base, 'sum(unlearnd_rounds_total{outcome="applied"})') == 1),
+                  30, "Prometheus to scrape the scenario's end state", 0.5)
         yield Stack(base, f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{serve_port}/metrics",
                     names)
     finally:
@@ -202,10 +213,8 @@ def test_the_stale_version_join_matches_the_real_labels(stack):
 
 
 def test_dashboard_panels_show_the_scenario(stack):
-    def value(expr: str) -> float:
-        result = _api(stack.prometheus, "/api/v1/query", query=substitute_grafana(expr))["result"]
-        assert result, expr
-        return float(result[0]["value"][1])
+    def value(expr: str) -> float | None:
+        return _value(stack.prometheus, substitute_grafana(expr))
 
     assert value('max by (instance, model) (unlearnd_serve_model_version{instance=~"$server"})') == 2
     assert value('sum(unlearnd_rounds_total{outcome="applied"})') == 1

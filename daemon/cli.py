@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+from daemon.errors import UsageError
+
+__all__ = ["UsageError", "main"]
 
 DEFAULT_ARCH = {"mnist": "mnist_cnn", "cifar10": "cifar_resnet18"}
 
 
-class UsageError(ValueError):
-    """Bad arguments or input: exit code 2."""
 
 
 # -- helpers ------------------------------------------------------------------------------------------

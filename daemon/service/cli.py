@@ -16,7 +16,7 @@ __all__ = ["add_commands"]
 
 
 def _usage(message: str) -> Exception:
-    from daemon.cli import UsageError
+    from daemon.errors import UsageError
 
     return UsageError(message)
 

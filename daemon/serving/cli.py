@@ -16,7 +16,7 @@ NOTIFY_ENV = "UNLEARND_NOTIFY_URLS"
 
 
 def _usage(message: str) -> Exception:
-    from daemon.cli import UsageError
+    from daemon.errors import UsageError
 
     return UsageError(message)
 

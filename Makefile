@@ -22,8 +22,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
+# broker + daemon + demo model + server; publishes demo requests and prints their receipts (Ctrl-C stops)
 run: install
-	$(UNLEARND) demo --dir $(DEMO_DIR)
+	$(UNLEARND) quickstart --dir $(DEMO_DIR)
+
+# the offline demo: one round straight into the registry, no broker
+demo: install
+	$(UNLEARND) demo --dir var/demo-offline
 
 test: install test-deps
 	$(PY) -m pytest -q tests

@@ -249,6 +249,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from daemon.service.quickstart import run_quickstart
+
+    return run_quickstart(Path(args.dir), broker_port=args.broker_port, serve_port=args.serve_port)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
     from daemon.service.broker import DEFAULT_PORT
@@ -292,6 +298,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
     sp.add_argument("--json", action="store_true", help="print whole receipts as JSON lines")
     sp.set_defaults(func=cmd_receipts)
+
+    sp = sub.add_parser("quickstart", help="broker + daemon + demo model + server + demo requests (make run)")
+    sp.add_argument("--dir", default="var/demo")
+    sp.add_argument("--broker-port", type=int, default=DEFAULT_PORT)
+    sp.add_argument("--serve-port", type=int, default=8000)
+    sp.set_defaults(func=cmd_quickstart)
 
     sp = sub.add_parser("audit", help="verify the hash-chained audit trail of receipts")
     sp.add_argument("action", choices=("verify",))

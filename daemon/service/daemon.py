@@ -153,8 +153,8 @@ class Daemon:
         mean, std = splits.mean_std()
         model = build_model(arch, num_classes=splits.num_classes, input_shape=splits.input_shape, mean=mean,
                             std=std)
-        train_classifier(model, splits.train_x, splits.train_y, TrainConfig(epochs=rt.section.pretrain_epochs),
-                         device=self.config.rounds.device)
+        model.to(self.config.rounds.device)
+        train_classifier(model, splits.train_x, splits.train_y, TrainConfig(epochs=rt.section.pretrain_epochs))
         model.cpu().eval()
         session = UnlearningSession(model, num_classes=splits.num_classes)
         model_store.publish(self.registry_dir, rt.name, model, session, arch=arch, input_shape=splits.input_shape,

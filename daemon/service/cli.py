@@ -32,7 +32,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
 
 # -- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.service.daemon import Daemon, StartupError
+    from daemon.service.daemon import BrokerUnavailable, Daemon, StartupError
     from daemon.service.logs import configure_logging
     from daemon.service.runtime import RuntimeError_
 
@@ -44,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon.start()
     except (StartupError, RuntimeError_) as exc:
         raise _usage(f"refusing to start: {exc}") from exc
+    except BrokerUnavailable as exc:
+        print(f"unlearnd run: {exc}", file=sys.stderr)
+        daemon.shutdown()
+        return 1
     return daemon.run()
 
 

@@ -78,6 +78,8 @@ class KafkaSection:
                                      "ms", minimum=1000)
     poll_timeout_ms: int = _opt(200, "how long one poll waits for records", "ms", minimum=1)
     max_poll_records: int = _opt(500, "records fetched per poll at most", minimum=1)
+    startup_wait_s: float = _opt(60.0, "how long start-up waits for an unreachable broker before exiting 1",
+                                 "s", minimum=0)
     request_timeout_ms: int = _opt(10000, "timeout of one broker request (producer and admin)", "ms",
                                    minimum=1000)
 

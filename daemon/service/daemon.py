@@ -46,7 +46,7 @@ from daemon.service.metrics import DaemonMetrics
 from daemon.service.outbox import OutboxPublisher
 from daemon.service.runtime import Candidate, ModelRuntime, PendingRequest
 
-__all__ = ["Daemon", "StartupError"]
+__all__ = ["BrokerUnavailable", "Daemon", "StartupError"]
 
 log = structlog.get_logger("unlearnd.daemon")
 
@@ -55,6 +55,10 @@ MODEL_EVENT_SCHEMA = "unlearn.model/v1"
 
 class StartupError(RuntimeError):
     """The daemon refuses to start: configuration or state is inconsistent (message says how)."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker could not be reached at start-up (transient: exit 1, a supervisor retries)."""
 
 
 def _fingerprint(record: Any) -> str:
@@ -129,11 +133,18 @@ class Daemon:
             self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         k = self.config.kafka
         if k.create_topics:
-            try:
-                ensure_topics(k, [k.requests_topic, k.receipts_topic, k.dlq_topic, k.models_topic],
-                              {k.requests_topic: k.partitions})
-            except KafkaError as exc:
-                raise StartupError(f"kafka.bootstrap: cannot reach the broker at {k.bootstrap}: {exc}") from exc
+            deadline = time.monotonic() + k.startup_wait_s
+            while True:
+                try:
+                    ensure_topics(k, [k.requests_topic, k.receipts_topic, k.dlq_topic, k.models_topic],
+                                  {k.requests_topic: k.partitions})
+                    break
+                except KafkaError as exc:
+                    if time.monotonic() > deadline or self._stop.is_set():
+                        raise BrokerUnavailable(f"cannot reach the broker at {k.bootstrap} "
+                                                f"(kafka.bootstrap): {exc}") from exc
+                    log.warning("broker_unreachable", bootstrap=k.bootstrap, error=str(exc), retry_s=2)
+                    time.sleep(2)
         self.outbox = OutboxPublisher(self.ledger, k, self.metrics, self.config.daemon.outbox_interval_s)
         self.outbox.start()
         self.consumer = make_consumer(k)

@@ -607,21 +607,7 @@ def write_version(
                          for name, data in sorted(files.items())}
     manifest["sha256"] = manifest["files"][STATE_DICT_FILE]["sha256"]
 
-    tmp = model_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-    try:
-        tmp.mkdir()
-        for name, data in files.items():
-            _write_durable(tmp / name, data)
-        version = _rename_into_place(tmp, model_dir, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(model_dir)
-
-    info = verify_version(registry, model_name, version)
-    if set_latest:
-        _atomic_write_bytes(model_dir / LATEST_FILE, f"{version}\n".encode("ascii"))
-    return info
+    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest)
 
 
 def copy_version(
@@ -669,6 +655,12 @@ def copy_version(
     manifest["parent"] = parent
 
     model_dir = _model_dir(registry, model_name)
+    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest)
+
+
+def _commit_version(registry: Path | str, model_name: str, model_dir: Path, files: Mapping[str, bytes],
+                    manifest: dict[str, Any], set_latest: bool) -> VersionInfo:
+    """Write the files into a hidden temporary, rename it to the next number, verify, then move LATEST."""
     tmp = model_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         tmp.mkdir()

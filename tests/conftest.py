@@ -22,3 +22,13 @@ def mnist_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rc = main(["pretrain", "--dataset", "mnist", "--registry", str(reg), "--model", E2E_MODEL, "--epochs", "1"])
     assert rc == 0
     return reg
+
+
+@pytest.fixture()
+def broker():
+    """A real Kafka-protocol broker (Tansu, in memory) on a free port of 127.0.0.1, for one test."""
+    from tests.service_harness import Broker
+
+    b = Broker().start()
+    yield b
+    b.stop()

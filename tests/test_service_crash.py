@@ -12,7 +12,6 @@ from daemon import registry
 from daemon.service.failpoints import POINTS
 from daemon.service.ledger import Ledger
 from tests.service_harness import (
-    Broker,
     DaemonProcess,
     copy_registry,
     outcome_receipts,
@@ -24,13 +23,6 @@ from tests.service_harness import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def broker():
-    b = Broker().start()
-    yield b
-    b.stop()
 
 
 def _check_registry(reg, model: str = "mnist-cnn") -> list[str]:

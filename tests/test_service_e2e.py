@@ -19,7 +19,6 @@ from daemon.data.inline import encode_png
 from daemon.data.mnist import load_mnist
 from daemon.service.ledger import Ledger
 from tests.service_harness import (
-    Broker,
     DaemonProcess,
     copy_registry,
     free_port,
@@ -34,13 +33,6 @@ from tests.service_harness import (
 
 pytestmark = pytest.mark.slow
 CORPUS = Path(__file__).parent / "corpus" / "bad_requests.jsonl"
-
-
-@pytest.fixture()
-def broker():
-    b = Broker().start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

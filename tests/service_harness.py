@@ -85,7 +85,7 @@ def write_config(path: Path, *, bootstrap: str, registry_dir: Path, state_dir: P
 bootstrap = "{bootstrap}"
 group_id = "{group}"
 instance_id = "{instance}"
-session_timeout_ms = 3000
+session_timeout_ms = 6000
 heartbeat_interval_ms = 1000
 poll_timeout_ms = 100
 [state]

@@ -48,3 +48,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+# the daemon benchmark (issue 5): Tansu broker + daemon on a real MNIST model; ~7 min; writes
+# benchmarks/results/daemon.json, daemon.md and daemon_rss.png
+.PHONY: bench-daemon
+bench-daemon: install
+	$(PY) benchmarks/daemon_bench.py

@@ -321,7 +321,7 @@ class Daemon:
                                          original=existing, received_at=now)
             self._append(db, receipt)
             Ledger.record_delivery(db, rec.topic, rec.partition, rec.offset, fp, checked.request_id, "duplicate")
-            log.info("request_duplicate", request_id=checked.request_id, original_status=existing["status"])
+            log.debug("request_duplicate", request_id=checked.request_id, original_status=existing["status"])
             return checked.kind, "duplicate", ""
         try:
             decoded = decode_inputs(checked)
@@ -377,7 +377,7 @@ class Daemon:
             self._append(db, receipt)
             status = "rejected"
         Ledger.record_delivery(db, rec.topic, rec.partition, rec.offset, fp, rej.request_id, "rejected")
-        log.info("request_rejected", request_id=rej.request_id, reason=rej.reason, detail=rej.detail,
+        log.debug("request_rejected", request_id=rej.request_id, reason=rej.reason, detail=rej.detail,
                  partition=rec.partition, offset=rec.offset)
         return rej.kind or "unknown", status, rej.reason
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -78,19 +77,11 @@ OPEN_GATE = 1.0            # supplementary runs: the retention gate opened so th
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _machine() -> dict[str, Any]:
-    import torch
+def _machine() -> dict[str, object]:
+    """The project's machine record (daemon.bench.runner), with the ``cores`` key these results use."""
+    from daemon.bench.runner import machine_info
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {**machine_info("cpu"), "cores": os.cpu_count()}
 
 
 def _load() -> list[float]:

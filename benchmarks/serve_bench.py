@@ -27,7 +27,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -98,18 +97,10 @@ def _free_port() -> int:
 
 
 def _machine() -> dict[str, object]:
-    import torch
+    """The project's machine record (daemon.bench.runner), with the ``cores`` key these results use."""
+    from daemon.bench.runner import machine_info
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {**machine_info("cpu"), "cores": os.cpu_count()}
 
 
 def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -223,7 +223,8 @@ class ServeApp:
             return self._error(500, message, served)
         return _json(200, {"model_name": self.settings.model,
                            "model_version": str(served.version) if served else None,
-                           "outcome": result.outcome, "load_ms": round(result.seconds * 1e3, 3)}, served)
+                           "outcome": result.outcome, "load": result.kind,
+                           "load_ms": round(result.seconds * 1e3, 3)}, served)
 
     async def repository_index(self, request: Request) -> Response:
         served = self.holder.current

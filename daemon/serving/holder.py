@@ -3,10 +3,21 @@
 Requests read ``holder.current`` once and use that snapshot to the end, so a swap never changes the model
 under a request in flight, and the version a response names is the one that computed it. A swap is one
 reference assignment; loads are serialised by a lock, so two triggers never load the same version twice.
+
+Two ways to load a version, both after every file has been verified against the manifest:
+
+* ``weights``: when its ``model.pt`` differs from the served one's only in the bytes of its tensors
+  (``daemon.serving.weights``: same classes, code, module tree, constants), those bytes are copied into the
+  standby, a private copy of the served module that shares its compiled and optimised code, which then
+  serves. Nothing is deserialised or optimised; two probe inferences check the result. The module serving is
+  never written: each standby is a fresh copy, prepared after a swap, and serves at most once.
+* ``full``: otherwise (a new architecture, the first version, an archive the reader does not understand),
+  ``torch.jit.load`` of the very bytes hashed, then warm-up until TorchScript has optimised the graph.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import math
@@ -22,11 +33,13 @@ import torch
 
 from daemon import registry
 from daemon.serving.metrics import ServeMetrics
+from daemon.serving.weights import ArchiveLayout, copy_storages, read_layout
 
 __all__ = ["LoadError", "ModelHolder", "ServedVersion", "SwapResult"]
 
 _log = structlog.get_logger("unlearnd.serve")
 _WARMUP_CALLS = 3   # profiling run, optimising run, one optimised run
+_PROBE_CALLS = 2    # a weight-only load runs code that is optimised already: check the output, twice
 
 
 class LoadError(Exception):
@@ -56,6 +69,8 @@ class ServedVersion:
     classes: tuple[str, ...]
     sha256: str
     loaded_at: float
+    layout: ArchiveLayout | None = None   # of its model.pt; None: not understood (no weight-only swaps)
+    load_kind: str = "full"                # how it was loaded: "full" or "weights"
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +91,7 @@ class SwapResult:
     attempted: int | None = None
     error: LoadError | None = None
     seconds: float = 0.0
+    kind: str | None = None      # for a swap: how the version was loaded, "full" or "weights"
 
 
 class ModelHolder:
@@ -93,6 +109,9 @@ class ModelHolder:
         self.metrics = metrics
         self._current: ServedVersion | None = None
         self._lock = threading.Lock()
+        # (served version it copies, module): never served, written only by a weight-only load.
+        self._standby: tuple[ServedVersion, torch.jit.ScriptModule] | None = None
+        self._stages_ms: dict[str, float] = {}     # of the last load: where its time went
 
     @property
     def current(self) -> ServedVersion | None:
@@ -101,8 +120,10 @@ class ModelHolder:
     def load(self, version: int) -> ServedVersion:
         """Verify every file of ``version`` against its manifest, load its TorchScript, and warm it up.
 
-        Nothing is swapped; raises ``LoadError`` with a reason on any failure.
+        Nothing is swapped; raises ``LoadError`` with a reason on any failure. A weight-only load uses up
+        the standby, so call this through ``swap_to`` (which holds the load lock).
         """
+        marks = [time.perf_counter()]
         try:
             info = registry.verify_version(self.registry_dir, self.model, version)
         except registry.VerificationError as exc:
@@ -126,29 +147,89 @@ class ModelHolder:
         expected = manifest["files"][registry.TORCHSCRIPT_FILE]["sha256"]
         if hashlib.sha256(data).hexdigest() != expected:
             raise LoadError(version, "verification", f"{registry.TORCHSCRIPT_FILE} changed after verification")
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-                module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-            module.eval()
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive; all mean "refuse"
-            raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
-        served = ServedVersion(model=self.model, version=version, module=module,
-                               input_shape=shape, classes=classes, sha256=info.sha256, loaded_at=time.time())
-        self._warm_up(served)
+        marks.append(time.perf_counter())
+        layout = read_layout(data)
+        base = self._take_standby(layout)
+        marks.append(time.perf_counter())
+        if base is not None:
+            try:
+                copy_storages(base, layout, data)
+            except Exception as exc:  # noqa: BLE001 - the archive's entries are unreadable: refuse it
+                raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
+            module, kind, calls = base, "weights", _PROBE_CALLS
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+                    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+                module.eval()
+            except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive; all mean "refuse"
+                raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
+            kind, calls = "full", _WARMUP_CALLS
+        marks.append(time.perf_counter())
+        served = ServedVersion(model=self.model, version=version, module=module, input_shape=shape,
+                               classes=classes, sha256=info.sha256, loaded_at=time.time(), layout=layout,
+                               load_kind=kind)
+        self._warm_up(served, calls)
+        marks.append(time.perf_counter())
+        self._stages_ms = {name: round((b - a) * 1e3, 2) for name, a, b in
+                           zip(("verify", "layout", "load", "warmup"), marks, marks[1:])}
         return served
 
+    def _take_standby(self, layout: ArchiveLayout | None) -> torch.jit.ScriptModule | None:
+        """The standby module if ``layout`` has the served archive's signature (it is then used up)."""
+        if layout is None:
+            return None
+        standby = self._standby
+        if standby is None or standby[0] is not self._current:
+            self._prepare_standby()
+            standby = self._standby
+        if standby is None or standby[0].layout is None or standby[0].layout.signature != layout.signature:
+            return None
+        self._standby = None          # written now: it must never be reused, whatever happens next
+        return standby[1]
+
+    def prepare_standby(self) -> bool:
+        """Copy the served module (weights and all) as the next weight-only load's target, if not done yet.
+
+        The copy shares the served module's compiled code and its optimised plan, but not its tensors.
+        Returns whether a standby is ready. Called after a swap, off the request path (the watcher does it
+        between polls), or at the latest by the next load; skipped while a load is in progress.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            return self._prepare_standby()
+        finally:
+            self._lock.release()
+
+    def _prepare_standby(self) -> bool:
+        current = self._current
+        if current is None or current.layout is None:
+            return False
+        standby = self._standby
+        if standby is not None and standby[0] is current:
+            return True
+        try:
+            module = copy.deepcopy(current.module)
+        except Exception as exc:  # noqa: BLE001 - no standby only means full loads
+            _log.warning("standby_copy_failed", model=self.model, version=current.version,
+                         detail=f"{type(exc).__name__}: {exc}")
+            return False
+        self._standby = (current, module)
+        return True
+
     @staticmethod
-    def _warm_up(served: ServedVersion) -> None:
+    def _warm_up(served: ServedVersion, calls: int = _WARMUP_CALLS) -> None:
         """Run the module until TorchScript has profiled and optimised it, before any request sees it.
 
         The profiling executor profiles on the first call and optimises on the second, so the first
         real requests would otherwise pay for it (~2 ms each here). The calls must give the same finite
-        (1, classes) logits.
+        (1, classes) logits. A weight-only load runs code optimised already: fewer calls only check it.
         """
         probe = torch.full((1, *served.input_shape), 0.5)
         try:
-            outs = [served.infer(probe) for _ in range(_WARMUP_CALLS)]
+            outs = [served.infer(probe) for _ in range(calls)]
         except Exception as exc:  # noqa: BLE001 - any failure of the model's own code refuses the version
             raise LoadError(served.version, "warmup", f"{type(exc).__name__}: {exc}") from exc
         out = outs[-1]
@@ -179,10 +260,11 @@ class ModelHolder:
                                   seconds=seconds)
             self._current = new          # the swap: one reference assignment
             seconds = time.perf_counter() - start
-            self.metrics.swapped(version, seconds)
-            _log.info("version_swapped", model=self.model, version=version,
+            self.metrics.swapped(version, seconds, new.load_kind)
+            _log.info("version_swapped", model=self.model, version=version, load=new.load_kind,
+                      stages_ms=self._stages_ms,
                       previous=old.version if old else None, sha256=new.sha256, load_ms=round(seconds * 1e3, 2))
-            return SwapResult("swapped", version, attempted=version, seconds=seconds)
+            return SwapResult("swapped", version, attempted=version, seconds=seconds, kind=new.load_kind)
 
     def describe(self) -> dict[str, Any]:
         cur = self._current

@@ -13,9 +13,10 @@ from collections import OrderedDict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["LOAD_FAILURE_REASONS", "SWAP_OUTCOMES", "ServeMetrics"]
+__all__ = ["LOAD_FAILURE_REASONS", "LOAD_KINDS", "SWAP_OUTCOMES", "ServeMetrics"]
 
 SWAP_OUTCOMES = ("swapped", "failed")
+LOAD_KINDS = ("full", "weights")
 LOAD_FAILURE_REASONS = ("missing", "verification", "load", "warmup", "registry")
 # Latency of one tiny-model request is sub-millisecond; a swap's load is tens of milliseconds.
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -46,12 +47,17 @@ class ServeMetrics:
         self.swap_duration = Histogram("unlearnd_serve_swap_duration_seconds",
                                        "Verify, load and warm up a new version, until it serves",
                                        buckets=_SWAP_BUCKETS, registry=r)
+        self.loads = Counter("unlearnd_serve_loads", "Versions swapped in, by how they were loaded: full "
+                             "(TorchScript deserialised and warmed up) or weights (copied into the standby)",
+                             ["kind"], registry=r)
         self.model_version = Gauge("unlearnd_serve_model_version", "The version being served (0: none)",
                                    registry=r)
         for outcome in SWAP_OUTCOMES:
             self.swaps.labels(outcome)
         for reason in LOAD_FAILURE_REASONS:
             self.load_failures.labels(reason)
+        for kind in LOAD_KINDS:
+            self.loads.labels(kind)
 
     def observe_request(self, version: int | None, code: int, seconds: float) -> None:
         v = str(version) if version is not None else "none"
@@ -73,8 +79,11 @@ class ServeMetrics:
                 self.requests.remove(old, c)
             self.duration.remove(old)
 
-    def swapped(self, version: int, seconds: float) -> None:
+    def swapped(self, version: int, seconds: float, kind: str = "full") -> None:
+        if kind not in LOAD_KINDS:
+            raise ValueError(f"unknown load kind {kind!r}; known: {', '.join(LOAD_KINDS)}")
         self.swaps.labels("swapped").inc()
+        self.loads.labels(kind).inc()
         self.swap_duration.observe(seconds)
         self.model_version.set(version)
 

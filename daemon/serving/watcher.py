@@ -131,6 +131,8 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 self.check()
+                # the next weight-only load's target: copied here, between polls, not while a load waits
+                self.holder.prepare_standby()
                 if self.server_id is not None and time.monotonic() >= self._lease_due:
                     cur = self.holder.current
                     self._lease(cur.version if cur else None)

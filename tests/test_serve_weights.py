@@ -1,0 +1,189 @@
+"""Weight-only swaps: a new version with the served architecture is served by copying its weights into the
+standby; the result must be exactly what loading its model.pt alone gives, and anything else a full load."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from daemon import registry
+from daemon.serving.holder import ModelHolder
+from daemon.serving.metrics import ServeMetrics
+from daemon.serving.weights import read_layout
+
+SHAPE = (1, 8, 8)
+NAME = "tiny"
+
+
+class Scaled(nn.Module):
+    """A conv net with a buffer, and a tensor attribute that tracing bakes into the code as a constant."""
+
+    def __init__(self, scale: float = 1.0, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.act = act()
+        self.head = nn.Linear(4 * 64, 3)
+        self.scale = torch.tensor([scale])       # not a buffer: a traced constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.act(self.norm(self.conv(x))), 1)) * self.scale
+
+
+def publish(root: Path, seed: int, **kwargs: object) -> registry.VersionInfo:
+    torch.manual_seed(seed)
+    module = Scaled(**kwargs).eval()
+    with torch.no_grad():                        # non-trivial running statistics
+        module.norm.running_mean.uniform_(-0.5, 0.5)
+        module.norm.running_var.uniform_(0.5, 2.0)
+    return registry.write_version(root, NAME, module, input_shape=SHAPE, classes=["a", "b", "c"],
+                                  parent=registry.latest_version(root, NAME))
+
+
+def holder(root: Path) -> tuple[ModelHolder, ServeMetrics]:
+    metrics = ServeMetrics(CollectorRegistry())
+    return ModelHolder(root, NAME, metrics=metrics), metrics
+
+
+def alone(info: registry.VersionInfo, x: torch.Tensor) -> torch.Tensor:
+    """What the version's model.pt computes when loaded on its own."""
+    module = torch.jit.load(str(info.path / registry.TORCHSCRIPT_FILE), map_location="cpu").eval()
+    with torch.inference_mode():
+        return module(x)
+
+
+def served_output(h: ModelHolder, x: torch.Tensor) -> torch.Tensor:
+    return h.current.infer(x)
+
+
+X = torch.rand((5, *SHAPE), generator=torch.Generator().manual_seed(7))
+
+
+def test_same_architecture_is_a_weight_only_swap_that_serves_exactly_the_new_weights(tmp_path: Path) -> None:
+    h, metrics = holder(tmp_path)
+    v1 = publish(tmp_path, seed=1)
+    assert h.swap_to(v1.version).kind == "full"
+    first = h.current
+    for seed in (2, 3, 4):
+        info = publish(tmp_path, seed=seed)
+        result = h.swap_to(info.version)
+        assert result.outcome == "swapped" and result.kind == "weights"
+        assert h.current.version == info.version and h.current.sha256 == info.sha256
+        assert torch.equal(served_output(h, X), alone(info, X))
+    # the module that served version 1 was never written: it still computes version 1
+    assert torch.equal(first.infer(X), alone(v1, X))
+    assert not torch.equal(alone(v1, X), alone(info, X))
+    assert metrics.registry.get_sample_value("unlearnd_serve_loads_total", {"kind": "weights"}) == 3
+    assert metrics.registry.get_sample_value("unlearnd_serve_loads_total", {"kind": "full"}) == 1
+
+
+@pytest.mark.parametrize("change", [{"act": nn.Tanh}, {"scale": 2.0}])
+def test_a_different_architecture_or_constant_is_loaded_in_full(tmp_path: Path, change: dict) -> None:
+    """Tanh instead of ReLU has the same parameters, a new scale the same code: both are new computations."""
+    h, _ = holder(tmp_path)
+    h.swap_to(publish(tmp_path, seed=1).version)
+    h.swap_to(publish(tmp_path, seed=2).version)
+    info = publish(tmp_path, seed=3, **change)
+    result = h.swap_to(info.version)
+    assert result.outcome == "swapped" and result.kind == "full"
+    assert torch.equal(served_output(h, X), alone(info, X))
+    back = publish(tmp_path, seed=4)             # and back to the first architecture: full again
+    assert h.swap_to(back.version).kind == "full"
+    assert torch.equal(served_output(h, X), alone(back, X))
+
+
+def _rehash(info: registry.VersionInfo, name: str) -> None:
+    """Make the manifest match a file that was changed (so only deeper checks can catch it)."""
+    manifest = json.loads((info.path / registry.MANIFEST_FILE).read_text())
+    data = (info.path / name).read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (info.path / registry.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _flip_storage_byte(path: Path) -> None:
+    """Change one byte of a tensor's data inside model.pt, leaving the zip's CRC-32 stale."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        entry = next(i for i in zf.infolist() if i.filename.endswith("/data/2"))
+    # the local header's name and extra-field lengths (its extra field is torch's alignment padding)
+    name_len, extra_len = (int.from_bytes(data[entry.header_offset + k:entry.header_offset + k + 2], "little")
+                           for k in (26, 28))
+    offset = entry.header_offset + 30 + name_len + extra_len
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", ["safetensors", "model.pt", "model.pt rehashed"])
+def test_a_corrupted_version_is_refused_and_the_old_one_keeps_serving(tmp_path: Path, fault: str) -> None:
+    h, metrics = holder(tmp_path)
+    h.swap_to(publish(tmp_path, seed=1).version)
+    good = publish(tmp_path, seed=2)
+    assert h.swap_to(good.version).kind == "weights"
+    bad = publish(tmp_path, seed=3)
+    if fault == "safetensors":
+        path = bad.path / registry.STATE_DICT_FILE
+        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    else:
+        _flip_storage_byte(bad.path / registry.TORCHSCRIPT_FILE)
+        if fault == "model.pt rehashed":         # the manifest agrees; the zip's own CRC-32 does not
+            _rehash(bad, registry.TORCHSCRIPT_FILE)
+    result = h.swap_to(bad.version)
+    assert result.outcome == "failed"
+    assert result.error.reason == ("load" if fault == "model.pt rehashed" else "verification")
+    assert h.current.version == good.version and torch.equal(served_output(h, X), alone(good, X))
+    assert metrics.registry.get_sample_value("unlearnd_serve_swaps_total", {"outcome": "failed"}) == 1
+    after = publish(tmp_path, seed=4)            # the next good version still swaps by its weights
+    assert h.swap_to(after.version).kind == "weights"
+    assert torch.equal(served_output(h, X), alone(after, X))
+
+
+def test_requests_during_weight_swaps_get_the_output_of_the_version_they_name(tmp_path: Path) -> None:
+    """Double buffering: a request's module is never written under it, so each output matches its version."""
+    h, _ = holder(tmp_path)
+    infos = [publish(tmp_path, seed=s) for s in range(1, 13)]
+    expected = {i.version: alone(i, X) for i in infos}
+    h.swap_to(infos[0].version)
+    seen: list[tuple[int, torch.Tensor]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            served = h.current
+            seen.append((served.version, served.infer(X)))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for info in infos[1:]:
+            assert h.swap_to(info.version).kind == "weights"
+        deadline = time.monotonic() + 10
+        while not any(v == infos[-1].version for v, _ in seen[-6:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert {v for v, _ in seen} >= {infos[0].version, infos[-1].version}
+    for version, out in seen:
+        assert torch.equal(out, expected[version]), version
+
+
+def test_layout_signature_ignores_trace_names_and_sees_the_computation(tmp_path: Path) -> None:
+    a, b = publish(tmp_path, seed=1), publish(tmp_path, seed=2)
+    c = publish(tmp_path, seed=3, act=nn.Tanh)
+    la, lb, lc = (read_layout((i.path / registry.TORCHSCRIPT_FILE).read_bytes()) for i in (a, b, c))
+    names = [zipfile.ZipFile(i.path / registry.TORCHSCRIPT_FILE).namelist() for i in (a, b)]
+    assert names[0] != names[1]                  # each trace in a process names its classes anew
+    assert la.signature == lb.signature != lc.signature
+    assert read_layout(b"not a zip") is None

@@ -187,3 +187,27 @@ def test_layout_signature_ignores_trace_names_and_sees_the_computation(tmp_path:
     assert names[0] != names[1]                  # each trace in a process names its classes anew
     assert la.signature == lb.signature != lc.signature
     assert read_layout(b"not a zip") is None
+
+
+def test_double_buffering_reuses_the_previous_module_once_no_request_holds_its_version(tmp_path: Path) -> None:
+    h, _ = holder(tmp_path)
+    h.swap_to(publish(tmp_path, seed=1).version)
+    module_1 = h.current.module
+    assert h.swap_to(publish(tmp_path, seed=2).version).kind == "weights"     # into a copy of module 1
+    module_2 = h.current.module
+    assert module_2 is not module_1
+    held = h.current                       # a request still holding version 2 ...
+    assert h.prepare_standby()             # ... does not stop version 1's module from becoming the standby
+    info = publish(tmp_path, seed=3)
+    assert h.swap_to(info.version).kind == "weights"
+    assert h.current.module is module_1 and torch.equal(served_output(h, X), alone(info, X))
+    assert not h.prepare_standby()         # version 2 is still held: its module is not written, not copied
+    info = publish(tmp_path, seed=4)
+    assert h.swap_to(info.version).kind == "weights"   # the load copies the served module instead
+    assert h.current.module not in (module_1, module_2)
+    assert held.module is module_2 and torch.equal(held.infer(X), alone(registry_info(tmp_path, 2), X))
+    assert torch.equal(served_output(h, X), alone(info, X))
+
+
+def registry_info(root: Path, version: int) -> registry.VersionInfo:
+    return registry.verify_version(root, NAME, version)

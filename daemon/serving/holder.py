@@ -8,9 +8,10 @@ Two ways to load a version, both after every file has been verified against the 
 
 * ``weights``: when its ``model.pt`` differs from the served one's only in the bytes of its tensors
   (``daemon.serving.weights``: same classes, code, module tree, constants), those bytes are copied into the
-  standby, a private copy of the served module that shares its compiled and optimised code, which then
-  serves. Nothing is deserialised or optimised; two probe inferences check the result. The module serving is
-  never written: each standby is a fresh copy, prepared after a swap, and serves at most once.
+  standby, a second module with the served one's compiled and optimised code, which then serves. Nothing
+  is deserialised or optimised; two probe inferences check the result. Double buffering: the standby is the
+  module the previous version served with, once no request holds that version (a weak reference tells), or
+  else a copy of the served module. The module serving is never written.
 * ``full``: otherwise (a new architecture, the first version, an archive the reader does not understand),
   ``torch.jit.load`` of the very bytes hashed, then warm-up until TorchScript has optimised the graph.
 """
@@ -24,6 +25,7 @@ import math
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +111,10 @@ class ModelHolder:
         self.metrics = metrics
         self._current: ServedVersion | None = None
         self._lock = threading.Lock()
-        # (served version it copies, module): never served, written only by a weight-only load.
-        self._standby: tuple[ServedVersion, torch.jit.ScriptModule] | None = None
+        # (archive signature, module): not serving; written only by a weight-only load, which uses it up.
+        self._standby: tuple[str, torch.jit.ScriptModule] | None = None
+        # The module the previous version served with, once no request holds that version any more.
+        self._retired: tuple[weakref.ref[ServedVersion], str, torch.jit.ScriptModule] | None = None
         self._stages_ms: dict[str, float] = {}     # of the last load: where its time went
 
     @property
@@ -180,43 +184,52 @@ class ModelHolder:
         """The standby module if ``layout`` has the served archive's signature (it is then used up)."""
         if layout is None:
             return None
+        self._prepare_standby(copy_if_busy=True)
         standby = self._standby
-        if standby is None or standby[0] is not self._current:
-            self._prepare_standby()
-            standby = self._standby
-        if standby is None or standby[0].layout is None or standby[0].layout.signature != layout.signature:
+        if standby is None or standby[0] != layout.signature:
             return None
         self._standby = None          # written now: it must never be reused, whatever happens next
         return standby[1]
 
     def prepare_standby(self) -> bool:
-        """Copy the served module (weights and all) as the next weight-only load's target, if not done yet.
+        """Have a standby for the next weight-only load ready, if not done yet; returns whether one is.
 
-        The copy shares the served module's compiled code and its optimised plan, but not its tensors.
-        Returns whether a standby is ready. Called after a swap, off the request path (the watcher does it
-        between polls), or at the latest by the next load; skipped while a load is in progress.
+        Double buffering: the standby is the module the previous version served with, as soon as no
+        request holds that version any more (a weak reference tells, so it is never written under a request),
+        or else a copy of the served module; either shares the served module's compiled, optimised code. The
+        watcher calls this between polls, off the request path; a load that finds none ready makes the copy.
+        Skipped while a load is in progress.
         """
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            return self._prepare_standby()
+            return self._prepare_standby(copy_if_busy=False)
         finally:
             self._lock.release()
 
-    def _prepare_standby(self) -> bool:
+    def _prepare_standby(self, *, copy_if_busy: bool) -> bool:
         current = self._current
         if current is None or current.layout is None:
             return False
-        standby = self._standby
-        if standby is not None and standby[0] is current:
+        signature = current.layout.signature
+        if self._standby is not None and self._standby[0] == signature:
             return True
+        retired = self._retired
+        if retired is not None:
+            if retired[0]() is None:                 # no request holds the previous version any more
+                self._retired = None
+                if retired[1] == signature:
+                    self._standby = (signature, retired[2])
+                    return True
+            elif retired[1] == signature and not copy_if_busy:
+                return False                         # it will be free at the next call: no copy needed
         try:
             module = copy.deepcopy(current.module)
         except Exception as exc:  # noqa: BLE001 - no standby only means full loads
             _log.warning("standby_copy_failed", model=self.model, version=current.version,
                          detail=f"{type(exc).__name__}: {exc}")
             return False
-        self._standby = (current, module)
+        self._standby = (signature, module)
         return True
 
     @staticmethod
@@ -259,6 +272,8 @@ class ModelHolder:
                 return SwapResult("failed", old.version if old else None, attempted=version, error=exc,
                                   seconds=seconds)
             self._current = new          # the swap: one reference assignment
+            if old is not None and old.layout is not None:
+                self._retired = (weakref.ref(old), old.layout.signature, old.module)
             seconds = time.perf_counter() - start
             self.metrics.swapped(version, seconds, new.load_kind)
             _log.info("version_swapped", model=self.model, version=version, load=new.load_kind,

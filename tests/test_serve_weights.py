@@ -211,3 +211,35 @@ def test_double_buffering_reuses_the_previous_module_once_no_request_holds_its_v
 
 def registry_info(root: Path, version: int) -> registry.VersionInfo:
     return registry.verify_version(root, NAME, version)
+
+
+def test_polling_runs_full_loads_on_a_low_priority_loader_thread_and_weight_loads_itself(tmp_path: Path) -> None:
+    import os
+
+    from daemon.serving.watcher import Watcher
+
+    h, _ = holder(tmp_path)
+    watcher = Watcher(h, interval_s=0.05, load_nice=5)
+    seen: list[tuple[str, str, int]] = []
+    original = h._warm_up
+
+    def record(served, calls):  # the real warm-up, noting which thread ran it at which priority
+        tid = threading.get_native_id()
+        seen.append((served.load_kind, threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)))
+        return original(served, calls)
+
+    h._warm_up = record
+    try:
+        publish(tmp_path, seed=1)
+        assert watcher.check().kind == "full"
+        publish(tmp_path, seed=2)
+        assert watcher.check().kind == "weights"
+        publish(tmp_path, seed=3, act=nn.Tanh)
+        assert watcher.check(force=True).kind == "full"    # an explicit reload: at normal priority
+    finally:
+        watcher.stop()
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    (k1, t1, n1), (k2, t2, n2), (k3, t3, n3) = seen
+    assert (k1, k2, k3) == ("full", "weights", "full")
+    assert t1.startswith("unlearnd-loader") and n1 == min(19, base + 5)
+    assert t2 == t3 == threading.current_thread().name and n2 == n3 == base

@@ -241,7 +241,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--lease-ttl", type=float, default=registry_ops.DEFAULT_LEASE_TTL_S,
                     help="seconds this server's lease protects its version from retention (30)")
     sp.add_argument("--load-nice", type=int, default=10,
-                    help="lower CPU priority of the polling thread that loads new versions, 0-19 (10)")
+                    help="lower CPU priority of full loads found by polling, 0-19 (10)")
     sp.add_argument("--server-id", help="this server's lease name (default host-pid-port)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,11 +122,13 @@ class ModelHolder:
     def current(self) -> ServedVersion | None:
         return self._current
 
-    def load(self, version: int) -> ServedVersion:
+    def load(self, version: int, *,
+             run_full: Callable[[Callable[[], ServedVersion]], ServedVersion] | None = None) -> ServedVersion:
         """Verify every file of ``version`` against its manifest, load its TorchScript, and warm it up.
 
         Nothing is swapped; raises ``LoadError`` with a reason on any failure. A weight-only load uses up
-        the standby, so call this through ``swap_to`` (which holds the load lock).
+        the standby, so call this through ``swap_to`` (which holds the load lock). ``run_full`` runs the
+        deserialising and warm-up of a full load (e.g. on a thread at lower CPU priority); default: here.
         """
         marks = [time.perf_counter()]
         try:
@@ -160,21 +163,30 @@ class ModelHolder:
                 copy_storages(base, layout, data)
             except Exception as exc:  # noqa: BLE001 - the archive's entries are unreadable: refuse it
                 raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
-            module, kind, calls = base, "weights", _PROBE_CALLS
+            marks.append(time.perf_counter())
+            served = ServedVersion(model=self.model, version=version, module=base, input_shape=shape,
+                                   classes=classes, sha256=info.sha256, loaded_at=time.time(), layout=layout,
+                                   load_kind="weights")
+            self._warm_up(served, _PROBE_CALLS)
         else:
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-                    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-                module.eval()
-            except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive; all mean "refuse"
-                raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
-            kind, calls = "full", _WARMUP_CALLS
-        marks.append(time.perf_counter())
-        served = ServedVersion(model=self.model, version=version, module=module, input_shape=shape,
-                               classes=classes, sha256=info.sha256, loaded_at=time.time(), layout=layout,
-                               load_kind=kind)
-        self._warm_up(served, calls)
+            def full() -> ServedVersion:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated",
+                                                category=DeprecationWarning)
+                        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+                    module.eval()
+                except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive: refuse
+                    raise LoadError(version, "load",
+                                    f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
+                marks.append(time.perf_counter())
+                loaded = ServedVersion(model=self.model, version=version, module=module, input_shape=shape,
+                                       classes=classes, sha256=info.sha256, loaded_at=time.time(), layout=layout,
+                                       load_kind="full")
+                self._warm_up(loaded, _WARMUP_CALLS)
+                return loaded
+
+            served = run_full(full) if run_full is not None else full()
         marks.append(time.perf_counter())
         self._stages_ms = {name: round((b - a) * 1e3, 2) for name, a, b in
                            zip(("verify", "layout", "load", "warmup"), marks, marks[1:])}
@@ -255,15 +267,18 @@ class ModelHolder:
         if not all(torch.equal(o, out) for o in outs):
             raise LoadError(served.version, "warmup", "the same input gave different outputs")
 
-    def swap_to(self, version: int) -> SwapResult:
-        """Make ``version`` the served one unless it already is; on failure the old one keeps serving."""
+    def swap_to(self, version: int, *,
+                run_full: Callable[[Callable[[], ServedVersion]], ServedVersion] | None = None) -> SwapResult:
+        """Make ``version`` the served one unless it already is; on failure the old one keeps serving.
+
+        ``run_full``: see ``load``."""
         with self._lock:
             old = self._current
             if old is not None and old.version == version:
                 return SwapResult("unchanged", version, attempted=version)
             start = time.perf_counter()
             try:
-                new = self.load(version)
+                new = self.load(version, run_full=run_full)
             except LoadError as exc:
                 seconds = time.perf_counter() - start
                 self.metrics.refused(exc.reason)

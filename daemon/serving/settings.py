@@ -27,7 +27,7 @@ class ServeSettings:
         max_body_bytes: the largest request body accepted (after decompression); larger gets 413.
         max_batch_size: the largest batch one request may carry.
         lease_ttl_s: how long this server's lease protects its version without a refresh.
-        load_nice: how much lower the CPU priority of the polling thread (which loads what it finds) is.
+        load_nice: how much lower the CPU priority of full loads found by polling is (a loader thread's).
         server_id: this server's lease name (``None``: host-pid-port).
         access_log: log every request (uvicorn's access log).
         log_level: debug, info, warning or error.

@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from daemon import registry, registry_ops
-from daemon.serving.holder import LoadError, ModelHolder, SwapResult
+from daemon.serving.holder import LoadError, ModelHolder, ServedVersion, SwapResult
 
 __all__ = ["Watcher", "lower_thread_priority"]
 
@@ -26,8 +28,8 @@ _log = structlog.get_logger("unlearnd.serve")
 def lower_thread_priority(nice: int) -> None:
     """Give the calling thread (alone: Linux nices threads one by one) a lower CPU priority.
 
-    Loading a version (hashing, deserialising, warming up) is CPU work that competes with the requests
-    being served; at a higher nice value it takes the CPU the requests leave, so a swap costs them less.
+    A full load (deserialising, warming up) is CPU work that competes with the requests being served; at
+    a higher nice value it takes the CPU the requests leave, so a swap costs them less.
     """
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
@@ -46,7 +48,10 @@ class Watcher:
         interval_s: the polling interval (the fallback when nobody notifies).
         server_id: this server's lease name; ``None`` writes no lease.
         lease_ttl_s: how long a lease protects its versions without a refresh (refreshed every third).
-        load_nice: how much lower the polling thread's CPU priority is (0: unchanged).
+        load_nice: how much lower the CPU priority of full loads found by polling is (0: unchanged). They
+            run on a loader thread of their own; the polling thread, weight-only loads (a few ms) and
+            explicit reloads keep normal priority, so a notified reload never waits behind a slow,
+            low-priority load of the same version.
     """
 
     def __init__(self, holder: ModelHolder, *, interval_s: float = 0.2, server_id: str | None = None,
@@ -66,6 +71,7 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._lease_due = 0.0
         self._latest_error: str | None = None
+        self._loader: ThreadPoolExecutor | None = None      # started by the first full load found by polling
 
     # -- one check --------------------------------------------------------------------------------------
     def check(self, *, force: bool = False) -> SwapResult:
@@ -91,13 +97,22 @@ class Watcher:
                 return SwapResult("failed", served, attempted=latest,
                                   error=LoadError(latest, "skipped", self._failed[latest]))
             self._lease(served, loading=latest)
-            result = self.holder.swap_to(latest)
+            result = self.holder.swap_to(latest, run_full=None if force else self._run_full)
             if result.outcome == "failed" and result.error is not None:
                 self._failed[latest] = f"{result.error.reason}: {result.error.detail}"
             elif result.outcome == "swapped":
                 self._failed.pop(latest, None)
             self._lease(result.version)
             return result
+
+    def _run_full(self, load: Callable[[], ServedVersion]) -> ServedVersion:
+        """Run a full load found by polling on the low-priority loader thread (and wait for it)."""
+        if self.load_nice <= 0:
+            return load()
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unlearnd-loader",
+                                              initializer=lower_thread_priority, initargs=(self.load_nice,))
+        return self._loader.submit(load).result()
 
     # -- lease ------------------------------------------------------------------------------------------
     def _lease(self, version: int | None, loading: int | None = None) -> None:
@@ -127,7 +142,6 @@ class Watcher:
         self._thread.start()
 
     def _run(self) -> None:
-        lower_thread_priority(self.load_nice)
         while not self._stop.is_set():
             try:
                 self.check()
@@ -146,4 +160,7 @@ class Watcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            self._loader = None
         self.release()

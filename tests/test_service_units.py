@@ -9,7 +9,7 @@ import pytest
 
 from daemon.service import receipts
 from daemon.service.config import ConfigError, example_toml, load_config, parse_probe, reference_rows
-from daemon.service.ledger import GENESIS_HASH, Ledger, LedgerError, chain_hash
+from daemon.service.ledger import GENESIS_HASH, IntakeBatch, Ledger, LedgerError, chain_hash
 
 
 # -- configuration -------------------------------------------------------------------------------------
@@ -153,6 +153,79 @@ def test_deliveries_requests_and_rounds_survive_reopening(tmp_path):
         Ledger.finish(db, "req-1", "applied", round_id=rid, model_version=2)
     assert ledger.request("req-1")["status"] == "applied" and ledger.last_committed_version("m") == 2
     assert ledger.rounds_in_state("committing", "d1") == []
+
+
+def _ledger_state(ledger: Ledger) -> dict:
+    db = ledger._db
+    return {
+        "requests": db.execute("SELECT request_id, model, kind, status, reason, round_id, model_version, instances, "
+                               "received_at FROM requests ORDER BY request_id").fetchall(),
+        "deliveries": db.execute('SELECT * FROM deliveries ORDER BY topic, partition, "offset"').fetchall(),
+        "audit": db.execute("SELECT entry, request_id, status, body, prev_hash, hash FROM audit ORDER BY entry"
+                            ).fetchall(),
+        "outbox": db.execute("SELECT seq, topic, key, value, headers FROM outbox ORDER BY seq").fetchall(),
+    }
+
+
+def test_an_intake_batch_leaves_the_ledger_as_the_same_statements_one_by_one_would(tmp_path):
+    """IntakeBatch buffers an intake poll's writes (executemany at flush) and answers its own reads from
+    memory: the ledger must end up byte for byte as with Ledger's per-message statements."""
+    def decide(ledger: Ledger, batched: bool) -> list:
+        with ledger.transaction() as db:     # history: an applied request, an earlier receipt
+            Ledger.finish(db, "old", "applied", model="m", kind="forget", round_id="r-000001", model_version=2,
+                          received_at=50.0)
+            Ledger.append_receipt(db, _receipt("old", "applied"), "receipts")
+            Ledger.record_delivery(db, "t", 0, 3, "fp-3", "old", "accepted")
+        seen = []
+        with ledger.transaction() as db:
+            b = IntakeBatch(db) if batched else None
+            if b is not None:
+                b.load([("t", 0, o) for o in range(3, 9)], ["old", "new", "bad"])
+            delivery = b.delivery if b else ledger.delivery
+            request = b.request if b else ledger.request
+            seen.append(delivery("t", 0, 3))
+            seen.append(delivery("t", 0, 4))
+            for off, rid in ((4, "old"), (5, "bad"), (6, "bad"), (7, "new"), (8, "new")):
+                existing = request(rid)
+                seen.append(existing and {k: existing[k] for k in ("status", "round_id", "model_version")})
+                if rid == "bad" and existing is None:     # a rejection the first time
+                    (b.enqueue if b else lambda *a: Ledger.enqueue(db, *a))("dlq", b"m", b"{", [("error.reason",
+                                                                                                b"bad_kind")])
+                    (b.finish if b else lambda *a, **k: Ledger.finish(db, *a, **k))(
+                        rid, "rejected", model="m", kind=None, reason="bad_kind", received_at=100.0)
+                    receipt, effect = _receipt(rid), "rejected"
+                elif rid == "new" and existing is None:   # accepted the first time
+                    (b.accept if b else lambda *a: Ledger.accept(db, *a))(rid, "m", "forget", 2, 100.0)
+                    (b.record_delivery if b else lambda *a: Ledger.record_delivery(db, *a))(
+                        "t", 0, off, f"fp-{off}", rid, "accepted")
+                    continue
+                else:
+                    receipt, effect = receipts.duplicate(request_id=rid, model="m", kind="forget", original=existing,
+                                                         received_at=100.0), "duplicate"
+                (b.append_receipt if b else lambda *a: Ledger.append_receipt(db, *a))(
+                    {**receipt, "daemon": "d1"}, "receipts")
+                (b.record_delivery if b else lambda *a: Ledger.record_delivery(db, *a))(
+                    "t", 0, off, f"fp-{off}", rid, effect)
+            if b is not None:
+                b.flush()
+        return seen
+
+    one, many = Ledger(tmp_path / "one.sqlite"), Ledger(tmp_path / "many.sqlite")
+    seen_one, seen_many = decide(one, batched=False), decide(many, batched=True)
+    assert seen_one == seen_many
+    assert seen_many[0].fingerprint == "fp-3" and seen_many[0].request_status == "applied" and seen_many[1] is None
+    a, b = _ledger_state(one), _ledger_state(many)
+    assert a["requests"] == b["requests"] and a["deliveries"] == b["deliveries"]
+    for x, y in zip(a["audit"], b["audit"], strict=True):   # the bodies' received_at are the same; created_at differ
+        assert x == y
+    assert [r[:3] for r in a["outbox"]] == [r[:3] for r in b["outbox"]]
+    assert [r[3:] for r in a["outbox"]] == [r[3:] for r in b["outbox"]]
+    assert len(b["audit"]) == 5 and many.verify_audit() == (5, None)
+    statuses = [json.loads(r[3])["status"] for r in b["outbox"] if r[1] == "receipts"]
+    assert statuses == ["applied", "duplicate", "rejected", "duplicate", "duplicate"]
+    # the published receipt is the canonical JSON of the receipt with its audit block
+    last = json.loads(b["outbox"][-1][3])
+    assert b["outbox"][-1][3] == json.dumps(last, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -408,6 +409,24 @@ def _refuse_constant(name: str) -> NoReturn:
     raise _Fail("not_json", f"the message is not JSON: {name} is not a JSON value")
 
 
+_parsing = threading.local()  # the repeated keys of the document being parsed (one parse per thread at a time)
+
+
+def _pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: only then look for which key repeats
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                _parsing.repeated.append(name)
+            seen.add(name)
+    return obj
+
+
+# one decoder for every message (json.loads with hooks would build a new one per call)
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_to_dict, parse_constant=_refuse_constant)
+
+
 def _check(
     value: bytes | None,
     key: bytes | None,
@@ -434,19 +453,11 @@ def _check(
         _fail("not_utf8", f"the message is not UTF-8: invalid byte at offset {exc.start}")
 
     repeated: list[str] = []
-
-    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj = dict(pairs)
-        if len(obj) != len(pairs):  # rare: only then look for which key repeats
-            seen: set[str] = set()
-            for name, _ in pairs:
-                if name in seen:
-                    repeated.append(name)
-                seen.add(name)
-        return obj
-
+    _parsing.repeated = repeated
     try:
-        doc = json.loads(text, object_pairs_hook=pairs_to_dict, parse_constant=_refuse_constant)
+        if text.startswith("\ufeff"):  # as json.loads does
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        doc = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         _fail("not_json", f"the message is not JSON: {exc.msg} ({where})")

@@ -38,6 +38,7 @@ __all__ = [
     "GENESIS_HASH",
     "AuditProblem",
     "Delivery",
+    "IntakeBatch",
     "Ledger",
     "LedgerError",
     "OutboxRow",
@@ -116,6 +117,45 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
+
+
+_SQL_DELIVERY = 'INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?, ?)'
+_SQL_ACCEPT = ("INSERT INTO requests (request_id, model, kind, status, instances, received_at) "
+               "VALUES (?, ?, ?, 'accepted', ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
+               "received_at=MIN(received_at, excluded.received_at)")
+_SQL_FINISH = ("INSERT INTO requests (request_id, model, kind, status, reason, round_id, model_version, "
+               "received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
+               "status=excluded.status, reason=excluded.reason, round_id=excluded.round_id, "
+               "model_version=excluded.model_version, finished_at=excluded.finished_at")
+_SQL_LAST_AUDIT = "SELECT entry, hash FROM audit ORDER BY entry DESC LIMIT 1"
+_SQL_AUDIT = "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SQL_OUTBOX = "INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)"
+_REQUEST_COLUMNS = ("request_id", "model", "kind", "status", "reason", "round_id", "model_version", "instances",
+                    "attempts", "received_at", "finished_at")
+_IN_CHUNK = 500     # bound parameters per IN (...) lookup (SQLite's old limit is 999)
+
+
+def _headers_json(headers: Sequence[tuple[str, bytes]]) -> str:
+    return json.dumps([[n, v.decode("latin-1")] for n, v in headers]) if headers else "[]"
+
+
+def _with_audit(receipt: Mapping[str, Any], body: bytes, audit: dict[str, Any]) -> bytes:
+    """``canonical_json({**receipt, "audit": audit})``, given ``body`` = the receipt's canonical JSON without it.
+
+    With sorted keys, "audit" comes first whenever every other key sorts after it (every receipt's does):
+    then the bytes are the body's with the audit member spliced in front, and the receipt is not
+    serialised a second time. Otherwise it is serialised in full.
+    """
+    others = [k for k in receipt if k != "audit"]
+    if others and body[:1] == b"{" and all(isinstance(k, str) and k > "audit" for k in others):
+        if set(audit) == {"entry", "hash", "prev_hash"} and type(audit["entry"]) is int and all(
+                isinstance(audit[k], str) and audit[k].isalnum() and audit[k].isascii() for k in ("hash", "prev_hash")):
+            # the same bytes as canonical_json(audit), without the encoder: an int and two hex digests
+            block = f'{{"entry":{audit["entry"]},"hash":"{audit["hash"]}","prev_hash":"{audit["prev_hash"]}"}}'.encode()
+        else:
+            block = canonical_json(audit)
+        return b'{"audit":' + block + b"," + body[1:]
+    return canonical_json({**receipt, "audit": audit})
 
 
 class LedgerError(RuntimeError):
@@ -209,17 +249,13 @@ class Ledger:
     @staticmethod
     def record_delivery(db: sqlite3.Connection, topic: str, partition: int, offset: int, fingerprint: str,
                         request_id: str | None, effect: str) -> None:
-        db.execute('INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?, ?)',
-                   (topic, partition, offset, fingerprint, request_id, effect))
+        db.execute(_SQL_DELIVERY, (topic, partition, offset, fingerprint, request_id, effect))
 
     @staticmethod
     def accept(db: sqlite3.Connection, request_id: str, model: str, kind: str, instances: int,
                received_at: float) -> None:
         """A valid request waits for its round (kept across a crash only as this row: Kafka holds its data)."""
-        db.execute("INSERT INTO requests (request_id, model, kind, status, instances, received_at) "
-                   "VALUES (?, ?, ?, 'accepted', ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
-                   "received_at=MIN(received_at, excluded.received_at)",
-                   (request_id, model, kind, instances, received_at))
+        db.execute(_SQL_ACCEPT, (request_id, model, kind, instances, received_at))
 
     @staticmethod
     def finish(db: sqlite3.Connection, request_id: str, status: str, *, model: str | None = None,
@@ -228,12 +264,8 @@ class Ledger:
         if status not in FINAL_STATUSES:
             raise ValueError(f"not a final status: {status}")
         now = time.time()
-        db.execute(
-            "INSERT INTO requests (request_id, model, kind, status, reason, round_id, model_version, "
-            "received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
-            "status=excluded.status, reason=excluded.reason, round_id=excluded.round_id, "
-            "model_version=excluded.model_version, finished_at=excluded.finished_at",
-            (request_id, model, kind, status, reason, round_id, model_version, received_at or now, now))
+        db.execute(_SQL_FINISH, (request_id, model, kind, status, reason, round_id, model_version, received_at or now,
+                                 now))
 
     def pending_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -296,21 +328,19 @@ class Ledger:
     def append_receipt(db: sqlite3.Connection, receipt: dict[str, Any], topic: str) -> dict[str, Any]:
         """Chain the receipt into the audit trail and queue it for publication; returns it with ``audit``."""
         body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
-        last = db.execute("SELECT entry, hash FROM audit ORDER BY entry DESC LIMIT 1").fetchone()
+        last = db.execute(_SQL_LAST_AUDIT).fetchone()
         entry, prev = (1, GENESIS_HASH) if last is None else (last[0] + 1, last[1])
         digest = chain_hash(prev, body)
-        db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (entry, receipt.get("request_id"), receipt["status"], body, prev, digest, time.time()))
-        full = {**receipt, "audit": {"entry": entry, "hash": digest, "prev_hash": prev}}
+        db.execute(_SQL_AUDIT, (entry, receipt.get("request_id"), receipt["status"], body, prev, digest, time.time()))
+        audit = {"entry": entry, "hash": digest, "prev_hash": prev}
         key = receipt.get("request_id")
-        Ledger.enqueue(db, topic, key.encode() if isinstance(key, str) else None, canonical_json(full))
-        return full
+        Ledger.enqueue(db, topic, key.encode() if isinstance(key, str) else None, _with_audit(receipt, body, audit))
+        return {**receipt, "audit": audit}
 
     @staticmethod
     def enqueue(db: sqlite3.Connection, topic: str, key: bytes | None, value: bytes,
                 headers: Sequence[tuple[str, bytes]] = ()) -> None:
-        db.execute("INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)",
-                   (topic, key, value, json.dumps([[n, v.decode("latin-1")] for n, v in headers]), time.time()))
+        db.execute(_SQL_OUTBOX, (topic, key, value, _headers_json(headers), time.time()))
 
     def outbox(self, limit: int = 500) -> list[OutboxRow]:
         with self._lock:
@@ -337,6 +367,134 @@ class Ledger:
 
     def verify_audit(self) -> tuple[int, AuditProblem | None]:
         return verify_audit(self.audit_entries())
+
+
+class IntakeBatch:
+    """The writes of one intake poll, issued together inside the caller's transaction.
+
+    Reads come first and in bulk (:meth:`load`: one range query per partition for the deliveries, ``IN``
+    lookups for the request ids); every write is then buffered and answered from memory when the same
+    batch reads it back (a request id that appears twice in one poll is a duplicate the second time);
+    :meth:`flush` issues them with ``executemany`` in the order they were made, before the transaction
+    commits. The audit chain is continued from the last entry read once, inside the transaction (which
+    holds SQLite's write lock, so no other writer can append in between). The effect is the same as the
+    per-message statements of :class:`Ledger`, in one transaction.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self._deliveries: dict[tuple[str, int, int], Delivery] = {}
+        self._requests: dict[str, dict[str, Any] | None] = {}
+        self._request_ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._delivery_rows: list[tuple[Any, ...]] = []
+        self._audit_rows: list[tuple[Any, ...]] = []
+        self._outbox_rows: list[tuple[Any, ...]] = []
+        last = db.execute(_SQL_LAST_AUDIT).fetchone()
+        self._entry, self._prev = (0, GENESIS_HASH) if last is None else (last[0], last[1])
+
+    # -- reads --------------------------------------------------------------------------------------
+    def load(self, deliveries: Iterable[tuple[str, int, int]], request_ids: Iterable[str]) -> None:
+        """Read what the ledger holds for these (topic, partition, offset)s and request ids."""
+        wanted: dict[tuple[str, int], set[int]] = {}
+        for topic, partition, offset in deliveries:
+            wanted.setdefault((topic, partition), set()).add(offset)
+        for (topic, partition), offsets in wanted.items():
+            rows = self.db.execute(
+                'SELECT d."offset", d.fingerprint, d.request_id, d.effect, r.status FROM deliveries d '
+                'LEFT JOIN requests r ON r.request_id = d.request_id '
+                'WHERE d.topic=? AND d.partition=? AND d."offset" BETWEEN ? AND ?',
+                (topic, partition, min(offsets), max(offsets))).fetchall()
+            for off, fp, rid, effect, status in rows:
+                if off in offsets:
+                    self._deliveries[(topic, partition, off)] = Delivery(fp, rid, effect, status)
+        ids = [i for i in dict.fromkeys(request_ids) if i not in self._requests]
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start:start + _IN_CHUNK]
+            for i in chunk:
+                self._requests[i] = None
+            cur = self.db.execute(f"SELECT {', '.join(_REQUEST_COLUMNS)} FROM requests WHERE request_id IN "
+                                  f"({', '.join('?' * len(chunk))})", chunk)
+            for row in cur.fetchall():
+                self._requests[row[0]] = dict(zip(_REQUEST_COLUMNS, row, strict=True))
+
+    def delivery(self, topic: str, partition: int, offset: int) -> Delivery | None:
+        """What :meth:`load` found (or this batch recorded) for that offset; None if nothing."""
+        return self._deliveries.get((topic, partition, offset))
+
+    def request(self, request_id: str) -> dict[str, Any] | None:
+        """The request's row as this batch leaves it (read from the ledger if :meth:`load` did not)."""
+        if request_id not in self._requests:
+            self.load((), [request_id])
+        row = self._requests[request_id]
+        return None if row is None else dict(row)
+
+    # -- writes (buffered) --------------------------------------------------------------------------
+    def record_delivery(self, topic: str, partition: int, offset: int, fingerprint: str, request_id: str | None,
+                        effect: str) -> None:
+        self._delivery_rows.append((topic, partition, offset, fingerprint, request_id, effect))
+        status = (self._requests.get(request_id) or {}).get("status") if request_id is not None else None
+        self._deliveries[(topic, partition, offset)] = Delivery(fingerprint, request_id, effect, status)
+
+    def accept(self, request_id: str, model: str, kind: str, instances: int, received_at: float) -> None:
+        self._request_ops.append((_SQL_ACCEPT, (request_id, model, kind, instances, received_at)))
+        row = self.request(request_id)
+        if row is None:
+            row = dict.fromkeys(_REQUEST_COLUMNS)
+            row.update(request_id=request_id, model=model, kind=kind, status="accepted", instances=instances,
+                       attempts=0, received_at=received_at)
+        else:
+            row["received_at"] = min(row["received_at"], received_at)
+        self._requests[request_id] = row
+
+    def finish(self, request_id: str, status: str, *, model: str | None = None, kind: str | None = None,
+               reason: str | None = None, round_id: str | None = None, model_version: int | None = None,
+               received_at: float | None = None) -> None:
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final status: {status}")
+        now = time.time()
+        self._request_ops.append((_SQL_FINISH, (request_id, model, kind, status, reason, round_id, model_version,
+                                                received_at or now, now)))
+        row = self.request(request_id)
+        if row is None:
+            row = dict.fromkeys(_REQUEST_COLUMNS)
+            row.update(request_id=request_id, model=model, kind=kind, instances=0, attempts=0,
+                       received_at=received_at or now)
+        row.update(status=status, reason=reason, round_id=round_id, model_version=model_version, finished_at=now)
+        self._requests[request_id] = row
+
+    def append_receipt(self, receipt: dict[str, Any], topic: str) -> dict[str, Any]:
+        """As :meth:`Ledger.append_receipt`: the next audit entry and its outbox row."""
+        body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
+        entry, prev = self._entry + 1, self._prev
+        digest = chain_hash(prev, body)
+        now = time.time()
+        self._audit_rows.append((entry, receipt.get("request_id"), receipt["status"], body, prev, digest, now))
+        self._entry, self._prev = entry, digest
+        audit = {"entry": entry, "hash": digest, "prev_hash": prev}
+        key = receipt.get("request_id")
+        self.enqueue(topic, key.encode() if isinstance(key, str) else None, _with_audit(receipt, body, audit))
+        return {**receipt, "audit": audit}
+
+    def enqueue(self, topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> None:
+        self._outbox_rows.append((topic, key, value, _headers_json(headers), time.time()))
+
+    def flush(self) -> None:
+        """Issue the buffered writes (call inside the transaction, before it commits)."""
+        db = self.db
+        i, ops = 0, self._request_ops
+        while i < len(ops):       # consecutive statements of one kind go together, in order
+            j = i
+            while j < len(ops) and ops[j][0] == ops[i][0]:
+                j += 1
+            db.executemany(ops[i][0], [params for _, params in ops[i:j]])
+            i = j
+        if self._delivery_rows:
+            db.executemany(_SQL_DELIVERY, self._delivery_rows)
+        if self._audit_rows:
+            db.executemany(_SQL_AUDIT, self._audit_rows)
+        if self._outbox_rows:
+            db.executemany(_SQL_OUTBOX, self._outbox_rows)
+        self._request_ops, self._delivery_rows, self._audit_rows, self._outbox_rows = [], [], [], []
 
 
 def verify_audit(entries: Iterable[tuple[int, str | None, str, bytes, str, str]]) -> tuple[int, AuditProblem | None]:

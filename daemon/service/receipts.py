@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 __all__ = ["RECEIPT_SCHEMA", "applied_draft", "complete_applied", "duplicate", "failed", "iso", "rejected"]
@@ -14,6 +15,7 @@ __all__ = ["RECEIPT_SCHEMA", "applied_draft", "complete_applied", "duplicate", "
 RECEIPT_SCHEMA = "unlearn.receipt/v1"
 
 
+@lru_cache(maxsize=64)     # an intake poll stamps all of its receipts with one time
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

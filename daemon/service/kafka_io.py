@@ -37,15 +37,16 @@ def make_consumer(cfg: KafkaSection) -> KafkaConsumer:
     )
 
 
-def make_producer(cfg: KafkaSection, *, client: str = "producer", max_request_size: int = 1 << 20
-                  ) -> KafkaProducer:
+def make_producer(cfg: KafkaSection, *, client: str = "producer", max_request_size: int = 1 << 20,
+                  linger_ms: int = 2, batch_size: int = 16384) -> KafkaProducer:
     return KafkaProducer(
         max_request_size=max_request_size,
         bootstrap_servers=cfg.bootstrap.split(","),
         client_id=f"unlearnd-{cfg.instance_id}-{client}",
         acks="all",
         retries=3,
-        linger_ms=2,
+        linger_ms=linger_ms,
+        batch_size=batch_size,
         max_block_ms=cfg.request_timeout_ms,
         request_timeout_ms=cfg.request_timeout_ms,
         reconnect_backoff_max_ms=2000,

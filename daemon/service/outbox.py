@@ -27,8 +27,9 @@ log = structlog.get_logger("unlearnd.outbox")
 
 class OutboxPublisher:
     def __init__(self, ledger: Ledger, kafka: KafkaSection, metrics: DaemonMetrics, interval_s: float,
-                 max_request_size: int = 16 << 20) -> None:
+                 max_request_size: int = 16 << 20, page: int = 500) -> None:
         self.ledger = ledger
+        self.page = page
         self.max_request_size = max_request_size
         self.kafka = kafka
         self.metrics = metrics
@@ -61,11 +62,14 @@ class OutboxPublisher:
                 pass
 
     def _run(self) -> None:
+        backlog = False
         while not self._stop.is_set():
-            self._wake.wait(self.interval_s)
+            if not backlog:             # a full page means more rows wait: go on at once
+                self._wake.wait(self.interval_s)
             self._wake.clear()
+            backlog = False
             try:
-                self.flush_once()
+                backlog = self.flush_once() >= self.page
             except Exception as exc:  # noqa: BLE001 - the thread must survive any broker trouble
                 self.metrics.broker_up.set(0)
                 log.warning("outbox_publish_failed", error=f"{type(exc).__name__}: {exc}",
@@ -91,12 +95,15 @@ class OutboxPublisher:
                        (b"", json.dumps([[n, v.decode("latin-1")] for n, v in headers]), row.seq))
 
     def flush_once(self) -> int:
-        rows = self.ledger.outbox()
+        rows = self.ledger.outbox(self.page)
         self.metrics.outbox.set(len(rows))
         if not rows:
             return 0
         if self._producer is None:
-            self._producer = make_producer(self.kafka, client="outbox", max_request_size=self.max_request_size)
+            # a page is sent, then flushed: lingering costs nothing (flush sends at once) and lets the page go
+            # out in a few large batches rather than one produce request per row
+            self._producer = make_producer(self.kafka, client="outbox", max_request_size=self.max_request_size,
+                                           linger_ms=1000, batch_size=256 << 10)
         futures = []
         for row in rows:
             try:

@@ -14,14 +14,15 @@ var/bench-cache/daemon-registry). Three phases:
    from the last sample before ``unlearnd_intake_messages_total`` moved to the first sample where the
    messages handled (``unlearnd_dlq_total`` + ``unlearnd_requests_total{status="duplicate"}``, both
    incremented after the ledger transaction that records the effect) reach 20,000. Cross-checked with
-   the timestamps of the daemon's per-message log lines.
+   the timestamps of the daemon's per-poll ``intake_batch`` log lines.
 3. rss: a fresh daemon; one 4-instance forget request at a time, waiting for its receipt, so each round
    is its own commit; VmRSS of the daemon process (/proc/<pid>/status) is read after each
    ``round_committed`` log event. The first rounds are warm-up; the spread is taken against the first
    round after them.
 
 Writes benchmarks/results/daemon.json, daemon.md and daemon_rss.png. Run from the repository root:
-``.venv/bin/python benchmarks/daemon_bench.py`` (or ``make bench-daemon``).
+``.venv/bin/python benchmarks/daemon_bench.py`` (or ``make bench-daemon``). ``--only intake`` runs
+section 2 alone (after a one-request section 1) and prints it, leaving benchmarks/results alone.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def start_daemon(cfg: Path, log: Path, threads_env: str) -> DaemonProcess:
 
 
 # -- phase 1: 32 forget requests at once -----------------------------------------------------------------
-def phase_forget(broker: Broker, base: Path, cache: Path, threads_env: str, gate: float | None) -> dict[str, Any]:
+def phase_forget(broker: Broker, base: Path, cache: Path, threads_env: str, gate: float | None,
+                 n_forget: int = N_FORGET) -> dict[str, Any]:
     reg = copy_registry(cache, base / "registry")
     port = free_port()
     cfg = write_config(base / "unlearnd.toml", bootstrap=broker.bootstrap, registry_dir=reg,
@@ -232,7 +234,7 @@ def phase_forget(broker: Broker, base: Path, cache: Path, threads_env: str, gate
         d.wait_assigned(timeout=120)
         startup_s = time.monotonic() - t_start
         watcher = ReceiptWatcher(broker.bootstrap)
-        bodies = [request(f"bench-f-{i}", "forget", [f"mnist-train:{i}"]) for i in range(N_FORGET)]
+        bodies = [request(f"bench-f-{i}", "forget", [f"mnist-train:{i}"]) for i in range(n_forget)]
         producer = make_producer(broker.bootstrap)
         producer.partitions_for("unlearn.requests")   # metadata fetched before the clock starts
         t0 = time.monotonic()
@@ -241,7 +243,7 @@ def phase_forget(broker: Broker, base: Path, cache: Path, threads_env: str, gate
         producer.flush(timeout=30)
         publish_s = time.monotonic() - t0
         producer.close(timeout=5)
-        got = watcher.wait("bench-f-", N_FORGET, timeout=300)
+        got = watcher.wait("bench-f-", n_forget, timeout=300)
         watcher.close()
     except BaseException:
         d.kill()
@@ -256,7 +258,7 @@ def phase_forget(broker: Broker, base: Path, cache: Path, threads_env: str, gate
                             log_ts({"timestamp": r["timings"]["received_at"]}), 3)
                       for _, r in got.values() if r["status"] == "failed"]
     last_outcome = max((t for t, _ in got.values()), default=None)
-    all_applied = len(applied) == N_FORGET
+    all_applied = len(applied) == n_forget
     rounds = sorted({r.get("round_id") for _, r in got.values() if r.get("round_id")})
     round_events = [e for e in d.events() if e.get("event") in ("round_started", "round_committed", "round_failed")]
     reasons = sorted({r.get("reason") for _, r in got.values() if r.get("reason")})
@@ -268,7 +270,7 @@ def phase_forget(broker: Broker, base: Path, cache: Path, threads_env: str, gate
             "all_applied_s": round(last_outcome - t0, 3) if all_applied and last_outcome else None,
         },
         "detail": {
-            "retention_max_drop": gate, "requests": N_FORGET, "instances_per_request": 1, "statuses": statuses,
+            "retention_max_drop": gate, "requests": n_forget, "instances_per_request": 1, "statuses": statuses,
             "outcome_receipts": len(got), "failure_reasons": reasons,
             "last_outcome_receipt_s": round(last_outcome - t0, 3) if last_outcome else None,
             "failed_received_to_failed_s": {"p50": pct(failed_latency, 50), "max": max(failed_latency)}
@@ -350,12 +352,14 @@ def phase_intake(broker: Broker, base: Path, forget: dict[str, Any], threads_env
         drained = next((s[0] for s in samples[done or 0:] if s[1]["outbox"] == 0), None) if done is not None else None
         # upper estimate: from the first sample that saw the intake move to the last one before all were handled
         last_short = max(i for i, h in enumerate(handled) if h < n) if done is not None else None
-        # log cross-check: one log line per handled message, timestamped by the daemon
-        handled_events = [e for e in d2.events() if e.get("event") in ("request_rejected", "request_duplicate")]
+        # log cross-check: one `intake_batch` line per poll (after its transaction), timestamped by the daemon;
+        # the first poll's messages are not counted, its line's time is where the count starts
+        handled_events = [e for e in d2.events() if e.get("event") == "intake_batch"]
         log_rate = None
         if len(handled_events) >= 2:
             ts = [log_ts(e) for e in handled_events]
-            log_rate = (len(ts) - 1) / (max(ts) - min(ts)) if max(ts) > min(ts) else None
+            later = sum(int(e.get("messages", 0)) for e in handled_events[1:])
+            log_rate = later / (max(ts) - min(ts)) if max(ts) > min(ts) else None
         final = samples[-1][1]
         rss_after = vmrss_mb(d2.proc.pid) if d2.proc is not None else None
     finally:
@@ -363,7 +367,7 @@ def phase_intake(broker: Broker, base: Path, forget: dict[str, Any], threads_env
     # what reached the broker: DLQ rows and duplicate receipts (a fresh consumer reads the topics back)
     dlq = read_topic(broker.bootstrap, "unlearn.dlq", timeout=60, until=lambda rs: len(rs) >= N_NOT_JSON + N_SCHEMA)
     recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=60,
-                      until=lambda rs: len(rs) >= N_FORGET + N_REPLAY + N_SCHEMA)
+                      until=lambda rs: len(rs) >= len(forget["_bodies"]) + N_REPLAY + N_SCHEMA)
     receipt_status: dict[str, int] = {}
     for rec in recs:
         r = json.loads(rec.value)
@@ -383,7 +387,8 @@ def phase_intake(broker: Broker, base: Path, forget: dict[str, Any], threads_env
                                           if last_short is not None and samples[last_short][0] > samples[first][0]
                                           else None),
             "log_timestamps_msgs_per_s": round(log_rate, 1) if log_rate else None,
-            "log_lines_handled": len(handled_events),
+            "log_intake_batches": len(handled_events),
+            "log_messages_handled": sum(int(e.get("messages", 0)) for e in handled_events),
             "outbox_drained_s": round(drained - t_before, 2) if drained else None,
             "metrics_final": final,
             "scrape_samples": len(samples),
@@ -677,14 +682,15 @@ def report(result: dict[str, Any]) -> str:
         "up to ~100 ms too long, so the rate is a lower bound.",
         "",
         (f"- rate: **{rate:,.0f} msg/s** over {i['window_s']} s" if rate else "- rate: not measured"),
-        f"- cross-checks: the daemon's own log timestamps (one `request_rejected` / `request_duplicate` line per "
-        f"message, {i['log_lines_handled']:,} lines, first to last): {i['log_timestamps_msgs_per_s']} msg/s; "
+        f"- cross-checks: the daemon's own log timestamps (one `intake_batch` line per poll, written after its "
+        f"transaction: {i['log_intake_batches']} lines for {i['log_messages_handled']:,} messages; the messages "
+        f"after the first line over first to last line): {i['log_timestamps_msgs_per_s']} msg/s; "
         f"upper estimate from the samples (first sample that saw the intake move to the last one short of "
         f"{i['messages']:,}): {i['upper_estimate_msgs_per_s']} msg/s",
         f"- the receipts and DLQ copies leave through the outbox (own thread, acks=all): outbox empty "
         f"{i['outbox_drained_s']} s after the window's start",
         f"- read back from the broker afterwards: {i['dlq_rows_on_broker']:,} DLQ rows; receipts by status "
-        f"{i['receipts_on_broker_by_status']} (including section 1's {N_FORGET} outcome receipts)",
+        f"{i['receipts_on_broker_by_status']} (including section 1's {w['requests']} outcome receipts)",
         "",
         "## 3. Resident memory over rounds",
         "",
@@ -724,10 +730,30 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def only_intake(cache: Path, threads_env: str) -> int:
+    """Section 2 alone: one request applied (gate open: the replayed request must be `applied`), then the flood."""
+    broker = Broker().start()
+    try:
+        res = phase_forget(broker, WORK / "intake-only", cache, threads_env, OPEN_GATE, n_forget=1)
+        res["_replay_status"] = res["_by_id"].get(res["_bodies"][0]["request_id"])
+        intake = phase_intake(broker, WORK / "intake-only", res, threads_env)
+    finally:
+        broker.stop()
+    out = {"intake_msgs_per_s": intake["intake_msgs_per_s"], "intake": intake["detail"], "machine": _machine(),
+           "loadavg": _load()}
+    (WORK / "intake-only.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    print(f"wrote {WORK / 'intake-only.json'} (benchmarks/results untouched)", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only rewrite daemon.md and daemon_rss.png from daemon.json")
+    ap.add_argument("--only", choices=("intake",),
+                    help="run one section alone and print it (results/ untouched): intake = section 2 after a "
+                         "one-request version of section 1 (gate open), for iterating on the intake path")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -745,6 +771,8 @@ def main() -> int:
     cache = ensure_model()
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
+    if args.only == "intake":
+        return only_intake(cache, threads_env)
 
     def with_broker(fn):  # noqa: ANN001, ANN202
         broker = Broker().start()

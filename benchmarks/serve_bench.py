@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     server_log = open(work / "server.log", "w")   # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli", "serve", "--registry", str(registry_dir), "--model", MODEL,
-         "--port", str(port), "--poll-interval", str(args.poll_interval), "--threads", str(args.server_threads)],
+         "--port", str(port), "--poll-interval", str(args.poll_interval), "--threads", str(args.server_threads),
+         "--load-nice", str(args.server_load_nice)],
         env=env, stdout=server_log, stderr=subprocess.STDOUT)
     load_before = os.getloadavg()
     try:
@@ -214,20 +215,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         server_rc = server.wait(timeout=30)
         server_log.close()
     load_after = os.getloadavg()
-    swapped_at = _swap_times(work / "server.log")
-    return analyse(records, phases, publishes, args, load_before, load_after, server_rc, swapped_at)
+    swapped_at, loads = _swap_times(work / "server.log")
+    result = analyse(records, phases, publishes, args, load_before, load_after, server_rc, swapped_at)
+    result["_detail"]["server_loads_ms"] = loads
+    return result
 
 
-def _swap_times(log: Path) -> dict[int, float]:
-    """When the server swapped in each version (its ``version_swapped`` log events)."""
+def _swap_times(log: Path) -> tuple[dict[int, float], dict[str, list[float]]]:
+    """When the server swapped in each version, and its load times (ms) by kind of load (``full``: the
+    TorchScript deserialised and warmed up; ``weights``: weights copied into the standby), from its
+    ``version_swapped`` log events."""
     from datetime import datetime
 
     out: dict[int, float] = {}
+    loads: dict[str, list[float]] = {}
     for line in log.read_text().splitlines():
         if '"version_swapped"' in line:
             event = json.loads(line)
             out[int(event["version"])] = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-    return out
+            loads.setdefault(str(event.get("load", "full")), []).append(float(event["load_ms"]))
+    return out, loads
 
 
 def _segments(records: np.ndarray, publishes: list[dict[str, object]], swapped_at: dict[int, float]) -> list[dict]:
@@ -308,7 +315,8 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
             "model": "mnist_cnn (0.2 M parameters), TorchScript, CPU",
             "phases_s": {"noswap": args.noswap_s, "poll": args.swap_s, "notify": args.notify_s},
             "publish_every_s": args.publish_every, "poll_interval_s": args.poll_interval,
-            "server_threads": args.server_threads, "server_poller_nice": 10, "server_gil_switch_interval_ms": 0.5,
+            "server_threads": args.server_threads, "server_full_load_nice": args.server_load_nice,
+            "server_gil_switch_interval_ms": 0.5,
             "server_gc": "import-time heap frozen (gc.freeze)",
             "publisher_nice": args.publisher_nice, "torch_threads": 1, "retention_keep": args.keep,
             "rps_over": "successful responses per second in the 60 s poll phase (versions published every 2 s)",
@@ -432,6 +440,9 @@ def report(result: dict[str, object], out: Path) -> None:
         f"{detail['swap_latency_notify_ms']['max']} ms over {detail['swap_latency_notify_ms']['n']} versions; "
         f"the server's verify+load+warm-up per version (ms): {detail['server_load_ms']}; failed notifications: "
         f"{detail['notify_failures']}",
+        "- how the server loaded each version it swapped in (`version_swapped` log events): " + "; ".join(
+            f"{kind}: {len(ms)} (load ms median {np.median(ms):.2f}, worst {max(ms):.2f})"
+            for kind, ms in sorted(detail.get("server_loads_ms", {}).items())),
         f"- server exit code after SIGTERM: {detail['server_exit_code']}",
         "",
         "Where the swap-window tail comes from (requests by when they were sent, poll and notify phases):",
@@ -441,15 +452,17 @@ def report(result: dict[str, object], out: Path) -> None:
         *[f"| {r['part']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |"
           for r in detail["segments"]],
         "",
-        "What the parts show (investigated while building this benchmark): a swap costs the requests nothing "
-        "until the server loads the version; during the load (15-30 ms here) deserialising the TorchScript "
-        "holds the GIL for about 5 ms, and hashing, deserialising and warming up take the second of the "
-        "machine's two cores from the event loop and the load generator, so requests queue; requests sent "
-        "in the first 50 ms after the swap wait behind that backlog, and 50 ms later latency is back to "
-        "normal. Mitigations in place: the import-time heap is frozen (it caused 100 ms full collections "
-        "every ~14 s), a 0.5 ms GIL switch interval, the polling thread loads at nice +10, warm-up runs until "
-        "TorchScript has optimised the graph. On a machine with a core to spare for loading (or with "
-        "replicas swapped one at a time behind a load balancer) the load would not compete with requests.",
+        "What the parts show: a swap costs the requests nothing until the publisher writes the version (its "
+        "trace, save and fsyncs run in another process, at nice +10, on the same two cores) and the server "
+        "loads it. A full load (the first version, or a new architecture) deserialises the TorchScript (holding "
+        "the GIL for about 5 ms) and warms it up until TorchScript has optimised the graph: 15-30 ms of CPU on "
+        "this machine, during which requests queue. A weight-only load (a new version whose model.pt differs "
+        "from the served one's only in its tensor bytes) verifies the manifest hashes, compares the archive's "
+        "structure, copies the 0.8 MB of weights into the standby module (the one the previous version served "
+        "with, which shares the optimised code) and runs two probe inferences: a few ms of CPU. Other mitigations in place: the "
+        "import-time heap is frozen (it caused 100 ms full collections every ~14 s), a 0.5 ms GIL switch "
+        "interval, full loads found by polling run at nice +10. The machine's own noise (two cores shared with "
+        "other work) shows in the p99 outside swap windows; compare it with the row for the swap parts.",
         "",
         "![latency over time](serve_latency.png)",
         "",
@@ -477,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--server-threads", type=int, default=2)
     p.add_argument("--keep", type=int, default=5)
+    p.add_argument("--server-load-nice", type=int, default=10, help="the server's --load-nice (10)")
     p.add_argument("--publisher-nice", type=int, default=10, help="nice increment of the publishing process (10)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)

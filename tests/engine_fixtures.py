@@ -79,7 +79,7 @@ def fast_config(**overrides) -> UnlearnConfig:
     """A round setting small enough for the tiny model: few adversarial examples, short PGD, Adam."""
     base = UnlearnConfig(
         pgd_eps=2.0, pgd_step=0.25, pgd_iterations=20, adv_per_instance=2, attack_batch=256,
-        optimizer="adam", lr=1e-2, momentum=0.0, adv_batch=16, max_steps=100, check_every=5,
+        optimizer="adam", lr=1e-2, momentum=0.0, adv_batch=16, max_steps=100, check_every=5, anchor_deform=2,
     )
     return base.with_overrides(**overrides)
 

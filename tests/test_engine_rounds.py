@@ -66,6 +66,8 @@ def test_every_method_forgets_a_few_instances_without_touching_the_callers_model
     assert res.wall_s >= res.attack_s + res.optimise_s - 1e-6
     expected_adv = 4 * res.config.adv_per_instance if METHODS[method].uses_adversarial else 0
     assert res.adversarial_examples == expected_adv
+    expected_anchors = 4 * res.config.anchor_deform if METHODS[method].uses_adversarial else 0
+    assert res.anchor_examples == expected_anchors
     assert state_equal(model.state_dict(), before)
     assert not model.training
     assert res.state.keys() == before.keys() and not state_equal(res.state, before)

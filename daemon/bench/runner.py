@@ -243,7 +243,8 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             extra["reason"] = result.reason
             extra["attack"] = {"example_iterations": result.attack_example_iterations,
                                "full_iterations": result.attack_full_iterations,
-                               "success": result.attack_success, "examples": result.adversarial_examples}
+                               "success": result.attack_success, "examples": result.adversarial_examples,
+                               "anchors": result.anchor_examples}
             row.update(steps=result.steps, attack_s=result.attack_s, optimise_s=result.optimise_s,
                        wall_s=result.wall_s, outcome=result.outcome)
         extra["test_flip_ratio"] = ev.pop("test_flip_ratio")

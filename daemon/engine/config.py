@@ -4,7 +4,8 @@
 (method.md §9: on MNIST it diverges or collapses). ``default`` is the stabilised setting this
 project measured (benchmarks/results/mnist.md): a bounded margin loss on the instances not yet
 unlearned, with a per-instance weight that grows while an instance resists (dual ascent), adversarial
-examples from a tight L2 ball (eps 1.5) held at the model's own logits, MAS importance, Adam, and
+examples from a tight L2 ball (eps 1.5, 30 PGD iterations) and small affine copies of each instance
+(``daemon.engine.anchors``) held at the model's own logits, MAS importance, Adam (3e-4), and
 divergence / collapse checks.
 """
 
@@ -30,13 +31,16 @@ class UnlearnConfig:
     # targeted L2 PGD (method.md §2.2); a tight ball keeps the retain proxies close to each instance
     pgd_eps: float = 1.5
     pgd_step: float = 0.1
-    pgd_iterations: int = 100
+    pgd_iterations: int = 30
     pgd_early_exit: bool = True
     adv_per_instance: int = 8
     attack_batch: int = 1024
+    # data-free anchors: small random affine copies of every instance (daemon.engine.anchors), held at
+    # the model's own logits beside the adversarial examples (forget and relabel; not forget_class)
+    anchor_deform: int = 16
     # optimiser
     optimizer: str = "adam"
-    lr: float = 1e-4
+    lr: float = 3e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float | None = None
@@ -71,6 +75,8 @@ class UnlearnConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.anchor_deform < 0:
+            raise ValueError(f"anchor_deform must be >= 0, got {self.anchor_deform}")
         if self.adv_per_instance < 0:
             raise ValueError(f"adv_per_instance must be >= 0, got {self.adv_per_instance}")
         for name in ("momentum", "weight_decay", "lam", "forget_margin", "class_margin"):
@@ -109,7 +115,7 @@ PRESETS: dict[str, UnlearnConfig] = {
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
         forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, forget_boost=1.0, adv_loss="ce",
         adv_weight=None,
-        adv_batch=256, lam=1.0, bn_train=True, max_steps=1000, stop="zero",
+        adv_batch=256, lam=1.0, anchor_deform=0, bn_train=True, max_steps=1000, stop="zero",
     ),
 }
 

@@ -21,6 +21,7 @@ from daemon.engine.config import UnlearnConfig
 from daemon.engine.evaluate import eval_mode, predict
 from daemon.engine.importance import ImportanceRegulariser
 from daemon.engine.methods import Method, forget_term, make_attack
+from daemon.engine.anchors import deformations
 from daemon.engine.attacks import AttackAborted, TargetedL2PGD, other_class_targets
 from daemon.engine.requests import ForgetRequest
 
@@ -57,6 +58,7 @@ class RoundResult:
     attack_full_iterations: int = 0
     attack_success: float = float("nan")
     adversarial_examples: int = 0
+    anchor_examples: int = 0
     trajectory: list[TrajectoryPoint] = field(default_factory=list)
 
     @property
@@ -198,6 +200,18 @@ def run_round(
             adv_logits = torch.cat([work(adv_x[i:i + 2048]) for i in range(0, adv_x.shape[0], 2048)])
         adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
+    n_adv = 0 if adv_x is None else int(adv_x.shape[0])
+    if method.uses_adversarial and not attack_aborted and config.anchor_deform and request.kind != "forget_class":
+        # forget_class is left out: copies of a class's examples are the class, and must go with it
+        anchors = deformations(request.x, config.anchor_deform, generator).to(device)
+        with eval_mode(work):
+            anchor_logits = torch.cat([work(anchors[i:i + 2048]) for i in range(0, anchors.shape[0], 2048)])
+        if adv_x is None:
+            adv_x, adv_y, adv_logits = anchors, anchor_logits.argmax(1), anchor_logits
+        else:
+            adv_x, adv_logits = torch.cat([adv_x, anchors]), torch.cat([adv_logits, anchor_logits])
+            adv_y = torch.cat([adv_y, anchor_logits.argmax(1)])
+        adv_soft = F.softmax(adv_logits, 1)
     attack_s = time.perf_counter() - t_attack
     regulariser = None
     if method.uses_importance:
@@ -313,6 +327,7 @@ def run_round(
         state={k: v.detach().cpu().clone() for k, v in work.state_dict().items()},
         attack_example_iterations=attack_stats[0], attack_full_iterations=attack_stats[1],
         attack_success=attack_stats[2],
-        adversarial_examples=0 if adv_x is None else int(adv_x.shape[0]),
+        adversarial_examples=n_adv,
+        anchor_examples=0 if adv_x is None else int(adv_x.shape[0]) - n_adv,
         trajectory=trajectory,
     )

@@ -241,6 +241,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             extra.update(drift_report(model, session.original, before))
             extra["trajectory"] = [[p.step, p.acc_forget, p.acc_track] for p in result.trajectory]
             extra["reason"] = result.reason
+            extra["tracking_s"] = result.tracking_s   # trajectory evaluations, excluded from wall_s
             extra["attack"] = {"example_iterations": result.attack_example_iterations,
                                "full_iterations": result.attack_full_iterations,
                                "success": result.attack_success, "examples": result.adversarial_examples,

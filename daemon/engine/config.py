@@ -53,7 +53,7 @@ class UnlearnConfig:
     adv_loss: str = "logit_mse"        # hold the adversarial examples at the model's own logits
     adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
     adv_batch: int = 256
-    lam: float = 10.0                  # importance penalty strength (L2UL's reg_lamb)
+    lam: float = 1.0                   # importance penalty strength (L2UL's reg_lamb, its value)
     bn_train: bool = False             # BatchNorm in train mode while unlearning (L2UL does)
     # stopping
     max_steps: int = 400

@@ -65,3 +65,20 @@ def test_forget_class_rounds_use_no_anchors_since_copies_of_the_class_must_go_to
     res = _run(ForgetRequest("forget_class", xs, torch.full((4,), 1), forget_class=1), "adv",
                anchor_deform=3)
     assert res.anchor_examples == 0
+
+
+def test_forget_class_forgets_copies_of_its_examples_too():
+    x, y = train_data()
+    xs = x[y == 1][:4]
+    request = ForgetRequest("forget_class", xs, torch.full((4,), 1), forget_class=1)
+    res = _run(request, "adv", class_copies=3)
+    assert res.outcome == "forgotten" and res.acc_forget == 0.0
+    assert res.predictions_after.shape == (4,)      # accuracy and predictions are the request's own
+
+
+def test_negative_copy_counts_are_refused_by_name():
+    import pytest
+    from daemon.engine.config import UnlearnConfig
+    for name in ("anchor_deform", "class_copies"):
+        with pytest.raises(ValueError, match=name):
+            UnlearnConfig(**{name: -1})

@@ -38,6 +38,7 @@ class UnlearnConfig:
     # data-free anchors: small random affine copies of every instance (daemon.engine.anchors), held at
     # the model's own logits beside the adversarial examples (forget and relabel; not forget_class)
     anchor_deform: int = 16
+    class_copies: int = 8              # forget_class: affine copies per example, forgotten with them
     # optimiser
     optimizer: str = "adam"
     lr: float = 3e-4
@@ -75,8 +76,9 @@ class UnlearnConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.anchor_deform < 0:
-            raise ValueError(f"anchor_deform must be >= 0, got {self.anchor_deform}")
+        for name in ("anchor_deform", "class_copies"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.adv_per_instance < 0:
             raise ValueError(f"adv_per_instance must be >= 0, got {self.adv_per_instance}")
         for name in ("momentum", "weight_decay", "lam", "forget_margin", "class_margin"):
@@ -115,7 +117,7 @@ PRESETS: dict[str, UnlearnConfig] = {
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
         forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, forget_boost=1.0, adv_loss="ce",
         adv_weight=None,
-        adv_batch=256, lam=1.0, anchor_deform=0, bn_train=True, max_steps=1000, stop="zero",
+        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, bn_train=True, max_steps=1000, stop="zero",
     ),
 }
 

@@ -214,6 +214,11 @@ def run_round(
             adv_x, adv_logits = torch.cat([adv_x, anchors]), torch.cat([adv_logits, anchor_logits])
             adv_y = torch.cat([adv_y, anchor_logits.argmax(1)])
         adv_soft = F.softmax(adv_logits, 1)
+    n_req = x.shape[0]
+    if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted:
+        # forgetting a class must generalise to the class: its examples' copies are forgotten with them
+        x = torch.cat([x, deformations(request.x, config.class_copies, generator).to(device)])
+        labels = torch.cat([labels, labels.repeat_interleave(config.class_copies)])
     attack_s = time.perf_counter() - t_attack
     regulariser = None
     if method.uses_importance:
@@ -299,7 +304,7 @@ def run_round(
         opt.step()
         with eval_mode(work):   # one eval forward serves the stopping rule and the per-instance mask
             logits_eval = work(x)
-        acc = _accuracy_of(logits_eval.argmax(1).cpu(), request)
+        acc = _accuracy_of(logits_eval[:n_req].argmax(1).cpu(), request)
         still = _still_active(logits_eval, labels, towards_d, request.kind, config)
         if config.forget_boost > 1.0:
             inst_w = torch.where(still, inst_w * config.forget_boost, inst_w)
@@ -310,7 +315,7 @@ def run_round(
         if steps % config.check_every == 0 and not _finite(work):
             outcome, reason = "diverged", f"non-finite weights at step {steps}"
             break
-        if _stop_reached(acc, request, config) and not (request.kind == "forget_class" and bool(still.any())):
+        if _stop_reached(acc, request, config) and not (request.kind == "forget_class" and bool(still[:n_req].any())):
             outcome = _success_outcome(request.kind)
     optimise_s = time.perf_counter() - t_opt - (tracking_s - tracked_before_opt)
     if outcome is None:

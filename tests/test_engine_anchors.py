@@ -71,9 +71,10 @@ def test_forget_class_forgets_copies_of_its_examples_too():
     x, y = train_data()
     xs = x[y == 1][:4]
     request = ForgetRequest("forget_class", xs, torch.full((4,), 1), forget_class=1)
-    res = _run(request, "adv", class_copies=3)
-    assert res.outcome == "forgotten" and res.acc_forget == 0.0
-    assert res.predictions_after.shape == (4,)      # accuracy and predictions are the request's own
+    for method in ("adv", "neggrad", "random_label", "boundary_shrink"):
+        res = _run(request, method, class_copies=3)
+        assert res.outcome == "forgotten" and res.acc_forget == 0.0, method
+        assert res.predictions_after.shape == (4,)      # accuracy and predictions are the request's own
 
 
 def test_negative_copy_counts_are_refused_by_name():

@@ -219,6 +219,8 @@ def run_round(
         # forgetting a class must generalise to the class: its examples' copies are forgotten with them
         x = torch.cat([x, deformations(request.x, config.class_copies, generator).to(device)])
         labels = torch.cat([labels, labels.repeat_interleave(config.class_copies)])
+        if towards_d is not None:   # the relabelling baselines: each copy goes where its example goes
+            towards_d = torch.cat([towards_d, towards_d.repeat_interleave(config.class_copies)])
     attack_s = time.perf_counter() - t_attack
     regulariser = None
     if method.uses_importance:

@@ -101,7 +101,8 @@ def test_all_kinds_are_applied_and_the_published_versions_forget(tmp_path, broke
         got = outcome_receipts(recs)
         assert sorted(got) == ["e2e-class", "e2e-forget", "e2e-relabel"], d.tail()
         for rid, rs in got.items():
-            assert len(rs) == 1 and rs[0]["status"] == "applied", (rid, rs)
+            assert len(rs) == 1 and rs[0]["status"] == "applied", (rid, rs[0].get("status"), rs[0].get("reason"),
+                                                                   d.tail())
         r_forget, r_relabel, r_class = got["e2e-forget"][0], got["e2e-relabel"][0], got["e2e-class"][0]
 
         # each published version, loaded from its TorchScript file alone, does what was asked

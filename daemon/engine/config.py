@@ -38,7 +38,7 @@ class UnlearnConfig:
     # data-free anchors: small random affine copies of every instance (daemon.engine.anchors), held at
     # the model's own logits beside the adversarial examples (forget and relabel; not forget_class)
     anchor_deform: int = 16
-    class_copies: int = 8              # forget_class: affine copies per example, forgotten with them
+    class_copies: int = 0              # forget_class: affine copies per example, forgotten with them (see mnist_notes.md)
     # optimiser
     optimizer: str = "adam"
     lr: float = 3e-4

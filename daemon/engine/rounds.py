@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daemon.engine.config import UnlearnConfig
-from daemon.engine.evaluate import eval_mode, predict
+from daemon.engine.evaluate import eval_mode, logits, predict
 from daemon.engine.importance import ImportanceRegulariser
 from daemon.engine.methods import Method, forget_term, make_attack
 from daemon.engine.anchors import deformations
@@ -198,21 +198,17 @@ def run_round(
             # move out of the class would pin the class's own region in place. Keep those that left.
             keep = res.reached
         adv_x, adv_y = res.x[keep].to(device), res.targets[keep].to(device)
-        with eval_mode(work):   # the model's own outputs on them: what the adversarial term holds fixed
-            adv_logits = torch.cat([work(adv_x[i:i + 2048]) for i in range(0, adv_x.shape[0], 2048)])
+        adv_logits = logits(work, adv_x).to(device)   # the model's own outputs: what the adversarial term holds
         adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
     n_adv = 0 if adv_x is None else int(adv_x.shape[0])
     if method.uses_adversarial and not attack_aborted and config.anchor_deform and request.kind != "forget_class":
         # forget_class is left out: copies of a class's examples are the class, and must go with it
         anchors = deformations(request.x, config.anchor_deform, generator).to(device)
-        with eval_mode(work):
-            anchor_logits = torch.cat([work(anchors[i:i + 2048]) for i in range(0, anchors.shape[0], 2048)])
-        if adv_x is None:
-            adv_x, adv_y, adv_logits = anchors, anchor_logits.argmax(1), anchor_logits
-        else:
-            adv_x, adv_logits = torch.cat([adv_x, anchors]), torch.cat([adv_logits, anchor_logits])
-            adv_y = torch.cat([adv_y, anchor_logits.argmax(1)])
+        anchor_logits = logits(work, anchors).to(device)
+        held = [] if adv_x is None else [(adv_x, adv_y, adv_logits)]
+        held.append((anchors, anchor_logits.argmax(1), anchor_logits))
+        adv_x, adv_y, adv_logits = (torch.cat(parts) for parts in zip(*held))
         adv_soft = F.softmax(adv_logits, 1)
     n_req = x.shape[0]
     if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted:

@@ -97,10 +97,21 @@ def _free_port() -> int:
 
 
 def _machine() -> dict[str, object]:
-    """The project's machine record (daemon.bench.runner), with the ``cores`` key these results use."""
-    from daemon.bench.runner import machine_info
+    """The project's machine record (the keys of ``daemon.bench.runner.machine_info``), with the ``cores``
+    key these results use. Built here: the serving benchmark needs nothing of the engine's bench code."""
+    import platform
 
-    return {**machine_info("cpu"), "cores": os.cpu_count()}
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "device": "cpu", "cuda": None, "cores": os.cpu_count()}
 
 
 def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

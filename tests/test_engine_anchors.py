@@ -72,7 +72,7 @@ def test_forget_class_forgets_copies_of_its_examples_too():
     xs = x[y == 1][:4]
     request = ForgetRequest("forget_class", xs, torch.full((4,), 1), forget_class=1)
     for method in ("adv", "neggrad", "random_label", "boundary_shrink"):
-        res = _run(request, method, class_copies=3)
+        res = _run(request, method, class_copies=3, class_scope="all")
         assert res.outcome == "forgotten" and res.acc_forget == 0.0, method
         assert res.predictions_after.shape == (4,)      # accuracy and predictions are the request's own
 

@@ -21,6 +21,7 @@ _CHOICES = {
     "forget_loss": ("neg_ce", "margin"),
     "adv_loss": ("ce", "kl", "logit_mse"),
     "stop": ("zero", "calibrated"),
+    "class_scope": ("head_row", "all"),
 }
 
 
@@ -39,6 +40,9 @@ class UnlearnConfig:
     # the model's own logits beside the adversarial examples (forget and relabel; not forget_class)
     anchor_deform: int = 16
     class_copies: int = 0              # forget_class: affine copies per example, forgotten with them (see mnist_notes.md)
+    # forget_class: which weights move. "head_row": only the class's row (weights and bias) of the output
+    # layer, so no other class's logit changes; "all": every weight, as for instances (mnist_notes.md)
+    class_scope: str = "head_row"
     # optimiser
     optimizer: str = "adam"
     lr: float = 3e-4
@@ -117,7 +121,7 @@ PRESETS: dict[str, UnlearnConfig] = {
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
         forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, forget_boost=1.0, adv_loss="ce",
         adv_weight=None,
-        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, bn_train=True, max_steps=1000, stop="zero",
+        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, class_scope="all", bn_train=True, max_steps=1000, stop="zero",
     ),
 }
 

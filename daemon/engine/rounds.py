@@ -20,7 +20,8 @@ from torch import nn
 from daemon.engine.config import UnlearnConfig
 from daemon.engine.evaluate import eval_mode, logits, predict
 from daemon.engine.importance import ImportanceRegulariser
-from daemon.engine.methods import Method, forget_term, make_attack
+from daemon.engine.methods import Method, forget_term, held_logit_term, make_attack
+from daemon.engine.models import output_layer
 from daemon.engine.anchors import deformations
 from daemon.engine.attacks import AttackAborted, TargetedL2PGD, other_class_targets
 from daemon.engine.requests import ForgetRequest
@@ -143,6 +144,23 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def _trainable(work: nn.Module, request: ForgetRequest, config: UnlearnConfig, num_classes: int) -> list[nn.Parameter]:
+    """The weights a round may move. A class round scoped to ``head_row`` moves only that class's row
+    of the output layer: lowering one logit cannot make any other class's example look like the class,
+    and leaves every other class's logit exactly as it was."""
+    if request.kind != "forget_class" or config.class_scope == "all":
+        return [p for p in work.parameters() if p.requires_grad]
+    head = output_layer(work, num_classes)
+    row = torch.zeros(num_classes, 1, device=head.weight.device, dtype=head.weight.dtype)
+    row[request.forget_class] = 1.0
+    head.weight.register_hook(lambda g: g * row)
+    params = [head.weight]
+    if head.bias is not None:
+        head.bias.register_hook(lambda g: g * row[:, 0])
+        params.append(head.bias)
+    return params
+
+
 def run_round(
     model: nn.Module,
     request: ForgetRequest,
@@ -229,7 +247,7 @@ def run_round(
                                                                              config, generator)
 
     # --- optimise -----------------------------------------------------------------------------------
-    params = [p for p in work.parameters() if p.requires_grad]
+    params = _trainable(work, request, config, num_classes)
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
@@ -284,7 +302,7 @@ def run_round(
             elif config.adv_loss == "kl":
                 loss_a = F.kl_div(F.log_softmax(logits_a, 1), adv_soft[idx], reduction="batchmean")
             else:
-                loss_a = (logits_a - adv_logits[idx]).pow(2).sum(1).mean()
+                loss_a = held_logit_term(logits_a, adv_logits[idx], request.forget_class)
             if config.adv_weight is None:   # L2UL: per-sample mean over the union batch
                 b_f, b_a = x.shape[0], idx.shape[0]
                 loss = (b_f * loss_f + b_a * loss_a) / (b_f + b_a)

@@ -44,7 +44,7 @@ def _class_round(scope: str, method: str = "adv_imp"):
     return model, res, cls, x
 
 
-@pytest.mark.parametrize("method", ["adv_imp", "neggrad"])
+@pytest.mark.parametrize("method", ["adv_imp", "neggrad", "random_label", "boundary_shrink"])
 def test_a_head_row_class_round_moves_only_that_class_row_and_forgets_it(method: str):
     model, res, cls, x = _class_round("head_row", method)
     assert res.outcome == "forgotten" and res.acc_forget == 0.0

@@ -93,13 +93,16 @@ def _stop_reached(acc: float, request: ForgetRequest, config: UnlearnConfig) -> 
 
 def _still_active(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None, kind: str,
                   config: UnlearnConfig) -> torch.Tensor:
-    """Instances the forget term still works on: not yet unlearned (forget_class: not yet by its margin)."""
-    if towards is not None:
-        return logits.argmax(1) != towards
+    """Instances the forget term still works on: not yet unlearned (forget_class: not yet by its margin).
+
+    A class round's goal is leaving the class, whichever way a method pushes (``towards``: the
+    relabelling baselines), so every method stops on the same rule there."""
     if kind == "forget_class":
         z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
         z_other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
         return z_y - z_other > -config.class_margin
+    if towards is not None:
+        return logits.argmax(1) != towards
     return logits.argmax(1) == labels
 
 

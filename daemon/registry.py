@@ -35,7 +35,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +66,7 @@ __all__ = [
     "load_torchscript",
     "read_extra_file",
     "read_manifest",
+    "read_verified",
     "set_latest",
     "verify_version",
     "write_version",
@@ -159,30 +160,46 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that readers see the old content or the new, never a mix.
 
-    The temporary file is a hidden sibling (same filesystem, so the rename is atomic); it is fsynced
-    before the rename and the directory after it, so the replacement survives a power cut.
+    The temporary file is a hidden sibling (same filesystem, so the rename is atomic); with ``durable``
+    it is fsynced before the rename and the directory after it, so the replacement survives a power cut.
     """
     path = Path(path)
     tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}"
     try:
-        _write_durable(tmp, data)
+        if durable:
+            _write_durable(tmp, data)
+        else:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Atomically and durably replace the file at ``path`` with ``data`` (its directory must exist).
+def atomic_write_bytes(path: Path | str, data: bytes, *, durable: bool = True) -> None:
+    """Atomically (and, by default, durably) replace the file at ``path`` with ``data`` (its directory must
+    exist).
 
-    Readers see either the previous content or ``data``; a crash leaves at worst a hidden
-    ``.tmp-<name>-<uuid>`` sibling, never a truncated ``path``.
+    Readers see either the previous content or ``data``; with ``durable``, a crash leaves at worst a
+    hidden ``.tmp-<name>-<uuid>`` sibling, never a truncated ``path``. ``durable=False`` skips the two
+    fsyncs (a few ms on a busy disk), for state that means nothing after a crash of its writer.
     """
-    _atomic_write_bytes(Path(path), bytes(data))
+    _atomic_write_bytes(Path(path), bytes(data), durable)
+
+
+def _sha256_bytes(data: bytes) -> str:
+    """sha256 in chunks, as of a file: hashlib releases the GIL while it hashes each one."""
+    digest = hashlib.sha256()
+    view = memoryview(data)
+    for start in range(0, len(view), _HASH_CHUNK):
+        digest.update(view[start:start + _HASH_CHUNK])
+    return digest.hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
@@ -330,6 +347,16 @@ def verify_version(registry: Path | str, model_name: str, version: int) -> Versi
     Checks: the manifest names this model and version; both standard files are listed; every listed
     file exists, is a regular file, has the recorded size and the recorded sha256.
     """
+    return read_verified(registry, model_name, version)[0]
+
+
+def read_verified(registry: Path | str, model_name: str, version: int,
+                  read: Collection[str] = ()) -> tuple[VersionInfo, dict[str, bytes]]:
+    """``verify_version``, also returning the contents of the files named in ``read``.
+
+    Each of those is read once and hashed from memory, so the bytes returned are the very bytes whose
+    sha256 matched the manifest (a file replaced after the check cannot slip in), with no second read.
+    """
     manifest = read_manifest(registry, model_name, version)
     if manifest.get("model") != model_name or manifest.get("version") != version:
         raise VerificationError(
@@ -340,6 +367,7 @@ def verify_version(registry: Path | str, model_name: str, version: int) -> Versi
         if required not in files:
             raise VerificationError(model_name, version, required, "not listed in the manifest")
     vdir = _version_dir(registry, model_name, version)
+    contents: dict[str, bytes] = {}
     for name, entry in sorted(files.items()):
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise VerificationError(model_name, version, name, "manifest entry has no sha256")
@@ -355,11 +383,21 @@ def verify_version(registry: Path | str, model_name: str, version: int) -> Versi
         if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
             raise VerificationError(model_name, version, name,
                                     f"size {size} bytes, manifest says {entry['bytes']}")
-        actual = _sha256_file(path)
+        if name in read:
+            try:
+                contents[name] = data = path.read_bytes()
+            except OSError as exc:
+                raise VerificationError(model_name, version, name, f"unreadable: {exc}") from exc
+            actual = _sha256_bytes(data)
+        else:
+            actual = _sha256_file(path)
         if actual != entry["sha256"]:
             raise VerificationError(model_name, version, name,
                                     f"sha256 mismatch: file {actual}, manifest {entry['sha256']}")
-    return _info(registry, model_name, version, manifest)
+    missing = sorted(set(read) - set(contents))
+    if missing:
+        raise VerificationError(model_name, version, missing[0], "not listed in the manifest")
+    return _info(registry, model_name, version, manifest), contents
 
 
 def _resolve(registry: Path | str, model_name: str, version: int | None) -> int:

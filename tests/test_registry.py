@@ -28,6 +28,7 @@ from daemon.registry import (
     load_torchscript,
     read_extra_file,
     read_manifest,
+    read_verified,
     set_latest,
     verify_version,
     write_version,
@@ -162,6 +163,26 @@ def test_corrupted_file_fails_verification(tmp_path: Path) -> None:
     assert unverified.sha256 == info.sha256
     with pytest.raises(VerificationError):
         set_latest(tmp_path, NAME, 1)
+
+
+def test_read_verified_returns_the_bytes_it_hashed_and_checks_every_file(tmp_path: Path) -> None:
+    """read_verified reads the named files once, hashes them from memory, and still checks every other file."""
+    info = write(tmp_path, tiny_model(), extra_files={"notes.txt": b"hello"})
+    got, contents = read_verified(tmp_path, NAME, 1, read=("model.pt",))
+    assert got == info and set(contents) == {"model.pt"}
+    assert contents["model.pt"] == (info.path / "model.pt").read_bytes()
+    assert read_verified(tmp_path, NAME, 1)[1] == {}
+    with pytest.raises(VerificationError, match=r"other\.bin: not listed"):
+        read_verified(tmp_path, NAME, 1, read=("model.pt", "other.bin"))
+    # a corrupted file is refused whether it is read or only hashed
+    for name, read in (("model.pt", ("model.pt",)), ("notes.txt", ("model.pt",)), ("model.safetensors", ())):
+        path = info.path / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(VerificationError, match=rf"{name.replace('.', chr(92) + '.')}: sha256 mismatch"):
+            read_verified(tmp_path, NAME, 1, read=read)
+        path.write_bytes(original)
+    assert read_verified(tmp_path, NAME, 1, read=("model.pt", "notes.txt"))[1]["notes.txt"] == b"hello"
 
 
 def test_missing_file_fails_verification(tmp_path: Path) -> None:
@@ -385,3 +406,12 @@ def test_sigkill_during_writes_leaves_only_complete_versions(tmp_path: Path) -> 
     nxt = write_version(tmp_path, "crashy", nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), input_shape=(1, 8, 8),
                         classes=["a", "b", "c"], parent=latest)
     assert nxt.version == versions[-1] + 1
+
+
+def test_atomic_write_without_fsync_still_replaces_whole(tmp_path: Path) -> None:
+    """durable=False (leases) skips the fsyncs, not the atomic replace: no temporary is left behind."""
+    target = tmp_path / "lease.json"
+    reg.atomic_write_bytes(target, b"first")
+    reg.atomic_write_bytes(target, b"second", durable=False)
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["lease.json"]

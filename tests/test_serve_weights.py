@@ -243,3 +243,38 @@ def test_polling_runs_full_loads_on_a_low_priority_loader_thread_and_weight_load
     assert (k1, k2, k3) == ("full", "weights", "full")
     assert t1.startswith("unlearnd-loader") and n1 == min(19, base + 5)
     assert t2 == t3 == threading.current_thread().name and n2 == n3 == base
+
+
+def test_loads_run_with_a_short_gil_switch_interval_and_restore_it(tmp_path: Path) -> None:
+    """While a version loads, the GIL switch interval is short (requests wait less behind the load's
+    Python work); afterwards, whether the load succeeded or was refused, it is what it was."""
+    import sys
+
+    from daemon.serving import holder as holder_module
+
+    h, _ = holder(tmp_path)
+    seen: list[float] = []
+    original = h._warm_up
+
+    def record(served, calls):  # the real warm-up, noting the switch interval it ran under
+        seen.append(sys.getswitchinterval())
+        return original(served, calls)
+
+    h._warm_up = record
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        publish(tmp_path, seed=1)
+        assert h.swap_to(1).kind == "full"
+        publish(tmp_path, seed=2)
+        assert h.swap_to(2).kind == "weights"
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        bad = publish(tmp_path, seed=3)
+        path = bad.path / registry.STATE_DICT_FILE
+        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        assert h.swap_to(bad.version).outcome == "failed"
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [pytest.approx(holder_module._LOAD_SWITCH_INTERVAL_S)] * 2
+    assert h.current.version == 2

@@ -57,11 +57,12 @@ class UnlearnConfig:
     forget_boost: float = 1.05         # per-instance push × this after every step it is still not unlearned
     adv_loss: str = "logit_mse"        # hold the adversarial examples at the model's own logits
     adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
+    held_balance: float = 1.0          # held gradient >= this x the forget gradient's norm (0: fixed adv_weight)
     adv_batch: int = 256
     lam: float = 1.0                   # importance penalty strength (L2UL's reg_lamb, its value)
     bn_train: bool = False             # BatchNorm in train mode while unlearning (L2UL does)
     # stopping
-    max_steps: int = 400
+    max_steps: int = 800
     stop: str = "zero"
     stop_level: float = 0.0            # calibrated: stop once forget accuracy <= this
     # divergence
@@ -85,7 +86,7 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.adv_per_instance < 0:
             raise ValueError(f"adv_per_instance must be >= 0, got {self.adv_per_instance}")
-        for name in ("momentum", "weight_decay", "lam", "forget_margin", "class_margin"):
+        for name in ("momentum", "weight_decay", "lam", "forget_margin", "class_margin", "held_balance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.forget_boost < 1.0:
@@ -121,7 +122,7 @@ PRESETS: dict[str, UnlearnConfig] = {
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
         forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, forget_boost=1.0, adv_loss="ce",
         adv_weight=None,
-        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, class_scope="all", bn_train=True, max_steps=1000, stop="zero",
+        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, class_scope="all", held_balance=0.0, bn_train=True, max_steps=1000, stop="zero",
     ),
 }
 

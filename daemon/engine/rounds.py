@@ -147,6 +147,33 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def _balanced_backward(loss_f: torch.Tensor, loss_a: torch.Tensor, params: list[nn.Parameter], floor: float,
+                       balance: float, penalty: torch.Tensor | None) -> None:
+    """Set ``p.grad`` to g_forget + s * g_held (+ the penalty's), s = max(floor, balance * |g_forget| / |g_held|).
+
+    The forget term's per-instance weights grow without bound while an instance resists; with a
+    fixed held weight the forget gradient soon drowns the held one, and (under Adam's per-weight
+    normalisation) the steps become plain gradient ascent: test accuracy dips by several points
+    while the last instances flip, and the held term only partly repairs it afterwards. Scaling the
+    held gradient to keep at least ``balance`` times the forget gradient's norm keeps every step
+    regularised (MNIST k = 64, 3 seeds: 1.30 -> 0.70 pp test loss; mnist_notes.md).
+    """
+    g_f = torch.autograd.grad(loss_f, params, allow_unused=True)
+    g_a = torch.autograd.grad(loss_a, params, allow_unused=True)
+    norm_f = torch.sqrt(sum((g.pow(2).sum() for g in g_f if g is not None), torch.zeros(())))
+    norm_a = torch.sqrt(sum((g.pow(2).sum() for g in g_a if g is not None), torch.zeros(())))
+    scale = max(floor, balance * float(norm_f) / max(float(norm_a), 1e-12))
+    if penalty is not None:
+        penalty.backward()
+    for p, gf, ga in zip(params, g_f, g_a):
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        if gf is not None:
+            grad = grad + gf
+        if ga is not None:
+            grad = grad + scale * ga
+        p.grad = grad
+
+
 def _trainable(work: nn.Module, request: ForgetRequest, config: UnlearnConfig, num_classes: int) -> list[nn.Parameter]:
     """The weights a round may move. A class round scoped to ``head_row`` moves only that class's row
     of the output layer: lowering one logit cannot make any other class's example look like the class,
@@ -311,13 +338,17 @@ def run_round(
                 loss = (b_f * loss_f + b_a * loss_a) / (b_f + b_a)
             else:
                 loss = loss_f + config.adv_weight * loss_a
-        if regulariser is not None:
-            loss = loss + regulariser.penalty(work)
+        penalty = None if regulariser is None else regulariser.penalty(work)
+        if penalty is not None:
+            loss = loss + penalty
         if not math.isfinite(float(loss.detach())):
             outcome, reason = "diverged", f"non-finite loss at step {steps}"
             break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if config.held_balance > 0 and adv_x is not None and config.adv_weight is not None:
+            _balanced_backward(loss_f, loss_a, params, config.adv_weight, config.held_balance, penalty)
+        else:
+            loss.backward()
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()

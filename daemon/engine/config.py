@@ -5,8 +5,10 @@
 project measured (benchmarks/results/mnist.md): a bounded margin loss on the instances not yet
 unlearned, with a per-instance weight that grows while an instance resists (dual ascent), adversarial
 examples from a tight L2 ball (eps 1.5, 30 PGD iterations) and small affine copies of each instance
-(``daemon.engine.anchors``) held at the model's own logits, MAS importance, Adam (3e-4), and
-divergence / collapse checks.
+(``daemon.engine.anchors``) held at the model's own logits with a gradient that keeps pace with the
+forget gradient (``held_balance``), MAS importance, Adam (3e-4), and divergence / collapse checks.
+Class rounds move only the class's output row (``class_scope``) and let held examples lose the
+class's logit, never gain it.
 """
 
 from __future__ import annotations

@@ -273,8 +273,11 @@ def run_round(
     if sentinel is None and attack_aborted:
         sentinel = request.x          # never used: the loop below stops at once
     if sentinel is None:
-        sentinel = adv_x.cpu() if adv_x is not None else class_impressions(work, num_classes, request.x.shape[1:],
-                                                                             config, generator)
+        # Class-balanced and data-free. Not the adversarial set: a small request's examples and copies
+        # lie around one or two classes, so "one class takes 90%" can be their natural state (a single
+        # instance's 8 + 16 held examples mostly keep its class). Its own generator leaves the round's
+        # random stream as it was.
+        sentinel = class_impressions(work, num_classes, request.x.shape[1:], config, torch.Generator().manual_seed(0))
 
     # --- optimise -----------------------------------------------------------------------------------
     params = _trainable(work, request, config, num_classes)

@@ -174,7 +174,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     before = {n: p.detach().cpu().clone() for n, p in live.model.named_parameters()}
     with _bar(config.max_steps, f"{method.name} k={len(request)}") as bar:
         result, _ = live.session.run_round(
-            request, method=method.name, config=config,
+            request, method=method.name, config=config, sentinel=splits.test_x[:2000],
             progress=lambda s, t, acc: (bar.update(1), bar.set_postfix(forget_acc=f"{acc:.3f}")))
     model = live.model
     ctx = EvalContext(splits.train_x, splits.train_y, splits.test_x, splits.test_y,

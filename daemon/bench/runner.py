@@ -232,7 +232,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             assert session is not None
             before = {n: p.detach().cpu().clone() for n, p in session.model.named_parameters()}
             result, _ = session.run_round(request, method=method, config=config_for(preset), track=track,
-                                          track_every=plan.track_every)
+                                          track_every=plan.track_every, sentinel=splits.test_x[:2000])
             model = session.model
             if not result.succeeded:   # evaluate what the round produced, though it was not committed
                 model = copy.deepcopy(session.model)

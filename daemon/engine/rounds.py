@@ -106,12 +106,16 @@ def _still_active(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Ten
     return logits.argmax(1) == labels
 
 
-def _collapsed(model: nn.Module, sentinel: torch.Tensor | None, share: float) -> bool:
+def _top_share(model: nn.Module, sentinel: torch.Tensor | None) -> float:
+    """The share of ``sentinel`` predicted as its most frequent class (0 for fewer than two inputs)."""
     if sentinel is None or sentinel.shape[0] < 2:
-        return False
+        return 0.0
     pred = predict(model, sentinel)
-    top = torch.bincount(pred).max()
-    return float(top) / pred.numel() >= share
+    return float(torch.bincount(pred).max()) / pred.numel()
+
+
+def _collapsed(model: nn.Module, sentinel: torch.Tensor | None, share: float, share_before: float) -> bool:
+    return share_before < share <= _top_share(model, sentinel)
 
 
 def class_impressions(model: nn.Module, num_classes: int, input_shape: torch.Size, config: UnlearnConfig,
@@ -272,12 +276,12 @@ def run_round(
         regulariser = ImportanceRegulariser(importance_weights, anchor, config.lam)
     if sentinel is None and attack_aborted:
         sentinel = request.x          # never used: the loop below stops at once
-    if sentinel is None:
-        # Class-balanced and data-free. Not the adversarial set: a small request's examples and copies
-        # lie around one or two classes, so "one class takes 90%" can be their natural state (a single
-        # instance's 8 + 16 held examples mostly keep its class). Its own generator leaves the round's
-        # random stream as it was.
-        sentinel = class_impressions(work, num_classes, request.x.shape[1:], config, torch.Generator().manual_seed(0))
+    if sentinel is None:   # callers with real inputs (the daemon's probe set, a test split) pass them
+        sentinel = adv_x.cpu() if adv_x is not None else class_impressions(work, num_classes, request.x.shape[1:],
+                                                                             config, generator)
+    # A set whose predictions already sit in one class (a single instance's held examples mostly keep
+    # its class) says nothing about collapse: only a round that *puts* them there has collapsed.
+    share_before = _top_share(work, sentinel)
 
     # --- optimise -----------------------------------------------------------------------------------
     params = _trainable(work, request, config, num_classes)
@@ -376,7 +380,7 @@ def run_round(
         reason = f"forget accuracy {acc:.3f} after the step budget of {config.max_steps}"
     if outcome in ("forgotten", "relabelled") and not _finite(work):
         outcome, reason = "diverged", "non-finite weights"
-    if outcome in ("forgotten", "relabelled") and _collapsed(work, sentinel, config.collapse_share):
+    if outcome in ("forgotten", "relabelled") and _collapsed(work, sentinel, config.collapse_share, share_before):
         outcome, reason = "collapsed", f"one class takes >= {config.collapse_share:.0%} of the sentinel predictions"
     elif outcome == "forgotten" and _forget_set_collapsed(work, request, config.collapse_share):
         outcome, reason = "collapsed", (f"one class takes >= {config.collapse_share:.0%} of the forget-set "

@@ -177,7 +177,8 @@ class ModelRuntime:
         request = self.build_request(batch)
         config = preset(self.rounds.preset)
         result, importance = self.live.session.run_round(request, method=self.rounds.method, config=config,
-                                                         should_abort=should_abort, commit=False)
+                                                         sentinel=self.probe_x, should_abort=should_abort,
+                                                         commit=False)
         if not result.succeeded:
             reason = f"{result.outcome}" + (f": {result.reason}" if result.reason else "")
             return Candidate(list(batch), result, importance, False, reason,

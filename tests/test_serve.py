@@ -267,7 +267,8 @@ def test_retention_never_deletes_the_served_version(server: Server, reg: Path) -
     staged = [publish(reg, set_latest=False).version for _ in range(2)]
     result = registry_ops.prune(reg, NAME, keep=1)
     assert served in result.kept and result.protected[served] == [f"served by test-{server.port}"]
-    assert result.protected[bad.version] == ["LATEST"] and staged[-1] in result.kept
+    # (a server that is trying the damaged version at this moment also holds a lease on it while it loads)
+    assert "LATEST" in result.protected[bad.version] and staged[-1] in result.kept
     assert staged[0] in result.deleted
     assert served_version(server) == served
     registry.verify_version(reg, NAME, served)          # still whole on disk

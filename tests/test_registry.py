@@ -415,3 +415,86 @@ def test_atomic_write_without_fsync_still_replaces_whole(tmp_path: Path) -> None
     reg.atomic_write_bytes(target, b"second", durable=False)
     assert target.read_bytes() == b"second"
     assert [p.name for p in tmp_path.iterdir()] == ["lease.json"]
+
+
+# -- the export cache: a republished architecture is not traced or loaded back again -----------------------
+def alone(info: reg.VersionInfo, x: torch.Tensor) -> torch.Tensor:
+    """What the version's model.pt computes loaded on its own, in a fresh module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(info.path / "model.pt"), map_location="cpu").eval()
+    with torch.no_grad():
+        return module(x)
+
+
+def archive_names(info: reg.VersionInfo) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(info.path / "model.pt") as zf:
+        return sorted(zf.namelist())
+
+
+X = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(11))
+
+
+def test_republished_architecture_reuses_the_trace_and_serves_exactly_the_new_weights(tmp_path: Path) -> None:
+    """Each round's module (the same object, or a copy of it as the daemon passes) is exported through the
+    cached trace (same TorchScript class names, no fresh trace) and its model.pt computes its own weights."""
+    import copy
+
+    module = tiny_model(0).eval()
+    infos = [write(tmp_path, module)]
+    entry = list(reg._export_cache.values())[-1]          # the entry the export just used
+    reloaded = entry.reloaded
+    for step in range(3):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        infos.append(write(tmp_path, copy.deepcopy(module) if step % 2 else module, parent=infos[-1].version))
+        with torch.no_grad():
+            assert torch.allclose(alone(infos[-1], X), module(X), rtol=1e-6, atol=1e-7)
+        state, _ = load_state_dict(tmp_path, NAME, infos[-1].version)
+        assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+    assert all(archive_names(i) == archive_names(infos[0]) for i in infos)   # one trace for all four
+    assert entry.reloaded is reloaded                                         # loaded back once, then copied into
+    outs = [alone(i, X) for i in infos]
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
+
+
+class Gained(nn.Module):
+    """A plain attribute that the trace bakes in (a change must trace again), and a branch on a weight."""
+
+    def __init__(self, gain: float = 2.0) -> None:
+        super().__init__()
+        self.gain = gain
+        self.lin = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(torch.flatten(x, 1)) * self.gain
+        if bool(self.lin.bias.sum() > 0):        # data-dependent control flow: a trace freezes one branch
+            y = y + 1.0
+        return y
+
+
+def test_changed_attribute_or_weight_dependent_branch_is_traced_again(tmp_path: Path) -> None:
+    """A cached trace is reused only for the same structure, and one that no longer matches the eager module
+    (a branch on a weight's value) is dropped and traced afresh: model.pt always computes what the module does."""
+    torch.manual_seed(0)
+    module = Gained().eval()
+    with torch.no_grad():
+        module.lin.bias.fill_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        first = write(tmp_path, module)
+        module.gain = 3.0                         # a structure change: new key, new trace
+        second = write(tmp_path, module, parent=first.version)
+        with torch.no_grad():
+            module.lin.bias.fill_(-1.0)           # the cached trace took the other branch: redone
+        third = write(tmp_path, module, parent=second.version)
+    with torch.no_grad():
+        assert torch.allclose(alone(third, X), module(X), rtol=1e-6, atol=1e-7)
+        module.lin.bias.fill_(1.0)
+        assert torch.allclose(alone(second, X), module(X), rtol=1e-6, atol=1e-7)
+        module.gain = 2.0
+        assert torch.allclose(alone(first, X), module(X), rtol=1e-6, atol=1e-7)
+    assert archive_names(first) != archive_names(second) != archive_names(third)

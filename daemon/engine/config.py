@@ -53,7 +53,7 @@ class UnlearnConfig:
     grad_clip: float | None = None
     # losses
     forget_loss: str = "margin"
-    forget_margin: float = 0.0
+    forget_margin: float = 0.0         # forget: push every instance this far past the boundary before stopping
     mask_forgotten: bool = True
     class_margin: float = 3.0          # forget_class: push the examples this far past the boundary
     forget_boost: float = 1.05         # per-instance push × this after every step it is still not unlearned

@@ -93,17 +93,24 @@ def _stop_reached(acc: float, request: ForgetRequest, config: UnlearnConfig) -> 
 
 def _still_active(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None, kind: str,
                   config: UnlearnConfig) -> torch.Tensor:
-    """Instances the forget term still works on: not yet unlearned (forget_class: not yet by its margin).
+    """Instances the forget term still works on: not yet unlearned (forget_class, and forget with a
+    ``forget_margin``: not yet past the margin).
 
     A class round's goal is leaving the class, whichever way a method pushes (``towards``: the
     relabelling baselines), so every method stops on the same rule there."""
-    if kind == "forget_class":
+    if kind == "forget_class" or (towards is None and config.forget_margin > 0):
+        margin = config.class_margin if kind == "forget_class" else config.forget_margin
         z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
         z_other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
-        return z_y - z_other > -config.class_margin
+        return z_y - z_other > -margin
     if towards is not None:
         return logits.argmax(1) != towards
     return logits.argmax(1) == labels
+
+
+def _margin_stop(request: ForgetRequest, config: UnlearnConfig) -> bool:
+    """Rounds that end only once every instance is past its margin, not merely misclassified."""
+    return request.kind == "forget_class" or (request.kind == "forget" and config.forget_margin > 0)
 
 
 def _top_share(model: nn.Module, sentinel: torch.Tensor | None) -> float:
@@ -372,7 +379,7 @@ def run_round(
         if steps % config.check_every == 0 and not _finite(work):
             outcome, reason = "diverged", f"non-finite weights at step {steps}"
             break
-        if _stop_reached(acc, request, config) and not (request.kind == "forget_class" and bool(still[:n_req].any())):
+        if _stop_reached(acc, request, config) and not (_margin_stop(request, config) and bool(still[:n_req].any())):
             outcome = _success_outcome(request.kind)
     optimise_s = time.perf_counter() - t_opt - (tracking_s - tracked_before_opt)
     if outcome is None:

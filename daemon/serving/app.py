@@ -26,6 +26,7 @@ from daemon.serving.holder import ModelHolder, ServedVersion
 from daemon.serving.metrics import ServeMetrics
 from daemon.serving.protocol import ProtocolError, encode_response, parse_infer_request
 from daemon.serving.settings import INPUT_NAME, OUTPUT_NAME, ServeSettings
+from daemon.serving.verifier import VerifierUnavailable
 from daemon.serving.watcher import Watcher
 
 __all__ = ["ServeApp", "build_app"]
@@ -292,6 +293,13 @@ def build_app(settings: ServeSettings, holder: ModelHolder, watcher: Watcher, me
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):  # noqa: ANN202 - Starlette's lifespan type
         loop = asyncio.get_running_loop()
+        if holder.verifier is not None:
+            try:
+                await loop.run_in_executor(control_pool, holder.verifier.start)
+                _log.info("verifier_started", model=settings.model, pid=holder.verifier.pid,
+                          nice=holder.verifier.nice)
+            except VerifierUnavailable as exc:     # loads verify in this process instead
+                _log.warning("verifier_unavailable", model=settings.model, detail=str(exc))
         result = await loop.run_in_executor(control_pool, watcher.check)
         if result.version is None:
             _log.warning("no_version_served", model=settings.model, registry=str(settings.registry),
@@ -305,6 +313,8 @@ def build_app(settings: ServeSettings, holder: ModelHolder, watcher: Watcher, me
             watcher.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             control_pool.shutdown(wait=False, cancel_futures=True)
+            if holder.verifier is not None:
+                holder.verifier.close()
             _log.info("serve_stopped", model=settings.model)
 
     return Starlette(

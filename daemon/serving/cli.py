@@ -56,7 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             registry=registry_dir, model=model, host=args.host, port=args.port,
             poll_interval_s=args.poll_interval, threads=args.threads, torch_threads=args.torch_threads,
             max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, lease_ttl_s=args.lease_ttl,
-            load_nice=args.load_nice, server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
+            load_nice=args.load_nice, verify_process=not args.verify_inline, verify_nice=args.verify_nice,
+            verify_idle=not args.no_verify_idle,
+            server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
             log_format=args.log_format)
     except ValueError as exc:
         raise _usage(str(exc)) from exc
@@ -242,6 +244,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
                     help="seconds this server's lease protects its version from retention (30)")
     sp.add_argument("--load-nice", type=int, default=10,
                     help="lower CPU priority of full loads found by polling, 0-19 (10)")
+    sp.add_argument("--verify-nice", type=int, default=19,
+                    help="lower CPU priority of the process that verifies each new version, 0-19 (19)")
+    sp.add_argument("--no-verify-idle", action="store_true",
+                    help="the verifying process runs at its nice value, not SCHED_IDLE first")
+    sp.add_argument("--verify-inline", action="store_true",
+                    help="verify new versions in the serving process instead of a helper process")
     sp.add_argument("--server-id", help="this server's lease name (default host-pid-port)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

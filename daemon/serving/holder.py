@@ -4,7 +4,9 @@ Requests read ``holder.current`` once and use that snapshot to the end, so a swa
 under a request in flight, and the version a response names is the one that computed it. A swap is one
 reference assignment; loads are serialised by a lock, so two triggers never load the same version twice.
 
-Two ways to load a version, both after every file has been verified against the manifest:
+Two ways to load a version, both after every file has been verified against the manifest (in a helper
+process when the holder has a ``Verifier``: the hashing and the archive's layout then cost this process, and
+the requests it serves, almost nothing; see ``daemon.serving.verifier``):
 
 * ``weights``: when its ``model.pt`` differs from the served one's only in the bytes of its tensors
   (``daemon.serving.weights``: same classes, code, module tree, constants), those bytes are copied into the
@@ -37,7 +39,8 @@ import torch
 
 from daemon import registry
 from daemon.serving.metrics import ServeMetrics
-from daemon.serving.weights import ArchiveLayout, copy_storages, read_layout
+from daemon.serving.verifier import Verified, Verifier, VerifierUnavailable, verify_for_load
+from daemon.serving.weights import ArchiveLayout, copy_storages
 
 __all__ = ["LoadError", "ModelHolder", "ServedVersion", "SwapResult"]
 
@@ -128,12 +131,16 @@ class ModelHolder:
         registry_dir: the registry root.
         model: the model name.
         metrics: where swaps and refusals are counted.
+        verifier: verifies versions in a helper process (``daemon.serving.verifier``), so a load costs this
+            process little CPU and GIL time; ``None`` (or a helper that cannot answer): in this process.
     """
 
-    def __init__(self, registry_dir: Path | str, model: str, *, metrics: ServeMetrics) -> None:
+    def __init__(self, registry_dir: Path | str, model: str, *, metrics: ServeMetrics,
+                 verifier: Verifier | None = None) -> None:
         self.registry_dir = Path(registry_dir)
         self.model = model
         self.metrics = metrics
+        self.verifier = verifier
         self._current: ServedVersion | None = None
         self._lock = threading.Lock()
         # (archive signature, module): not serving; written only by a weight-only load, which uses it up.
@@ -155,16 +162,10 @@ class ModelHolder:
         deserialising and warm-up of a full load (e.g. on a thread at lower CPU priority); default: here.
         """
         marks = [time.perf_counter()]
-        try:
-            # Every file of the manifest is hashed; model.pt is read once, and the bytes hashed are the
-            # bytes loaded below (a file replaced after verification cannot slip in).
-            info, contents = registry.read_verified(self.registry_dir, self.model, version,
-                                                    read=(registry.TORCHSCRIPT_FILE,))
-        except registry.VerificationError as exc:
-            reason = "missing" if exc.file == registry.MANIFEST_FILE and exc.reason == "missing" else "verification"
-            raise LoadError(version, reason, str(exc)) from exc
-        except (registry.RegistryError, OSError) as exc:
-            raise LoadError(version, "missing", str(exc)) from exc
+        # Every file of the manifest is hashed; model.pt is read once, and the bytes hashed are the bytes
+        # loaded below (a file replaced after verification cannot slip in).
+        verified = self._verify(version)
+        info, data, layout = verified.info, verified.data, verified.layout
         manifest = info.manifest
         try:
             shape = tuple(int(d) for d in manifest["input_shape"])
@@ -173,16 +174,16 @@ class ModelHolder:
                 raise ValueError(f"input_shape {shape} / {len(classes)} classes")
         except (KeyError, TypeError, ValueError) as exc:
             raise LoadError(version, "verification", f"manifest lacks a usable input_shape/classes: {exc}") from exc
-        data = contents[registry.TORCHSCRIPT_FILE]
         marks.append(time.perf_counter())
         _pause()
-        layout = read_layout(data)
         base = self._take_standby(layout)
         marks.append(time.perf_counter())
         if base is not None:
             _pause()
             try:
-                copy_storages(base, layout, data)
+                if not verified.crc_ok:
+                    raise ValueError("a storage's bytes do not match the CRC-32 the archive records")
+                copy_storages(base, layout, data, check_crc=False)    # checked with the layout
             except Exception as exc:  # noqa: BLE001 - the archive's entries are unreadable: refuse it
                 raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
             marks.append(time.perf_counter())
@@ -214,6 +215,26 @@ class ModelHolder:
         self._stages_ms = {name: round((b - a) * 1e3, 2) for name, a, b in
                            zip(("verify", "layout", "load", "warmup"), marks, marks[1:])}
         return served
+
+    def _verify(self, version: int) -> Verified:
+        """Verify ``version`` (in the helper process when there is one that answers); raises ``LoadError``."""
+        try:
+            if self.verifier is not None:
+                escalations = self.verifier.escalations
+                try:
+                    verified = self.verifier.verify(self.registry_dir, self.model, version)
+                    if self.verifier.escalations != escalations:
+                        _log.info("verifier_raised", model=self.model, version=version,
+                                  detail=f"no idle CPU for {self.verifier.idle_grace_s} s: raised to SCHED_OTHER")
+                    return verified
+                except VerifierUnavailable as exc:
+                    _log.warning("verifier_unavailable", model=self.model, version=version, detail=str(exc))
+            return verify_for_load(self.registry_dir, self.model, version)
+        except registry.VerificationError as exc:
+            reason = "missing" if exc.file == registry.MANIFEST_FILE and exc.reason == "missing" else "verification"
+            raise LoadError(version, reason, str(exc)) from exc
+        except (registry.RegistryError, OSError) as exc:
+            raise LoadError(version, "missing", str(exc)) from exc
 
     def _take_standby(self, layout: ArchiveLayout | None) -> torch.jit.ScriptModule | None:
         """The standby module if ``layout`` has the served archive's signature (it is then used up)."""

@@ -49,8 +49,12 @@ def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, met
     """The connected parts of a server, without starting anything (tests and the benchmark use it)."""
     from daemon import registry_ops
 
+    from daemon.serving.verifier import Verifier
+
     metrics = ServeMetrics()
-    holder = ModelHolder(settings.registry, settings.model, metrics=metrics)
+    verifier = (Verifier(nice=settings.verify_nice, idle=settings.verify_idle) if settings.verify_process
+                else None)
+    holder = ModelHolder(settings.registry, settings.model, metrics=metrics, verifier=verifier)
     server_id = settings.server_id or registry_ops.default_server_id(settings.port)
     watcher = Watcher(holder, interval_s=settings.poll_interval_s, server_id=server_id,
                       lease_ttl_s=settings.lease_ttl_s, load_nice=settings.load_nice)

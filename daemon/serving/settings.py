@@ -28,6 +28,10 @@ class ServeSettings:
         max_batch_size: the largest batch one request may carry.
         lease_ttl_s: how long this server's lease protects its version without a refresh.
         load_nice: how much lower the CPU priority of full loads found by polling is (a loader thread's).
+        verify_process: verify each version in a helper process (``daemon.serving.verifier``) instead of
+            in the serving process, whose requests would otherwise wait behind the hashing and checks.
+        verify_nice: how much lower the helper process's CPU priority is.
+        verify_idle: the helper verifies at SCHED_IDLE, raised to its nice value after 0.2 s without CPU.
         server_id: this server's lease name (``None``: host-pid-port).
         access_log: log every request (uvicorn's access log).
         log_level: debug, info, warning or error.
@@ -45,6 +49,9 @@ class ServeSettings:
     max_batch_size: int = registry.DEFAULT_MAX_BATCH_SIZE
     lease_ttl_s: float = registry_ops.DEFAULT_LEASE_TTL_S
     load_nice: int = 10
+    verify_process: bool = True
+    verify_nice: int = 19
+    verify_idle: bool = True
     server_id: str | None = None
     access_log: bool = False
     log_level: str = "info"
@@ -67,6 +74,8 @@ class ServeSettings:
             raise ValueError(f"lease ttl must be > 0 seconds, got {self.lease_ttl_s!r}")
         if isinstance(self.load_nice, bool) or not isinstance(self.load_nice, int) or not 0 <= self.load_nice <= 19:
             raise ValueError(f"load_nice must be an integer in [0, 19], got {self.load_nice!r}")
+        if isinstance(self.verify_nice, bool) or not isinstance(self.verify_nice, int) or not 0 <= self.verify_nice <= 19:
+            raise ValueError(f"verify_nice must be an integer in [0, 19], got {self.verify_nice!r}")
         if self.server_id is not None:
             registry_ops._check_server_id(self.server_id)   # noqa: SLF001 - same rule as the lease files
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -233,12 +233,14 @@ def _attribute(module: torch.jit.ScriptModule, path: tuple[str, ...]) -> torch.T
     return obj
 
 
-def copy_storages(module: torch.jit.ScriptModule, layout: ArchiveLayout, data: bytes) -> None:
+def copy_storages(module: torch.jit.ScriptModule, layout: ArchiveLayout, data: bytes | bytearray, *,
+                  check_crc: bool = True) -> None:
     """Overwrite every storage of ``module`` with the archive's bytes for it (``data``: the archive).
 
     ``module`` must have been loaded from an archive with ``layout.signature`` (or be a copy of one), and
     must not be serving: nothing else may read it while it is written. Each storage's bytes are checked
-    against the CRC-32 the zip records for them first, as reading the entry would.
+    against the CRC-32 the zip records for them first, as reading the entry would (``check_crc=False``: the
+    caller has checked them in these very bytes already).
     """
     paths = dict(layout.tensors)
     view = memoryview(data)
@@ -247,7 +249,7 @@ def copy_storages(module: torch.jit.ScriptModule, layout: ArchiveLayout, data: b
         target = _attribute(module, paths[key]).untyped_storage()
         if target.nbytes() != size:
             raise ValueError(f"storage {key}: {target.nbytes()} bytes in the module, {size} in the archive")
-        if zlib.crc32(view[start:start + size]) != crc:
+        if check_crc and zlib.crc32(view[start:start + size]) != crc:
             raise ValueError(f"storage {key}: bad CRC-32")
         targets.append((target, start, size))
     with torch.no_grad(), warnings.catch_warnings():

@@ -13,6 +13,7 @@ from daemon.engine.importance import anchor_weights, mas_importance
 from daemon.engine.models import build_model
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.session import UnlearningSession
+from daemon.engine.subspace import protectable_layers
 from tests.engine_fixtures import (
     INPUT_SHAPE,
     MEAN,
@@ -79,6 +80,7 @@ def test_a_restored_session_continues_bit_identically_to_an_uninterrupted_one():
     assert state_equal(uninterrupted.state, resumed.state)
     assert state_equal(live.model.state_dict(), restored.model.state_dict())
     assert state_equal(live.importance, restored.importance)
+    assert state_equal(live.memory.bases, restored.memory.bases) and live.memory.bases
     assert state_equal(live.original, restored.original)
     assert live.rounds_applied == restored.rounds_applied == 3
 
@@ -87,13 +89,18 @@ def test_session_state_serialises_through_safetensors_bytes():
     session = _session()
     _run(session, 0)
     tensors, meta = session.state()
-    assert meta["has_importance"] and meta["state_version"] == 1 and meta["rounds_applied"] == 1
+    assert meta["has_importance"] and meta["state_version"] == 2 and meta["rounds_applied"] == 1
     names = {n for n, _ in session.model.named_parameters()}
-    assert set(tensors) == {f"original/{n}" for n in names} | {f"importance/{n}" for n in names}
+    layers = set(protectable_layers(session.model))
+    assert layers and set(session.memory.bases) == layers
+    assert set(tensors) == ({f"original/{n}" for n in names} | {f"importance/{n}" for n in names}
+                            | {f"subspace/{n}" for n in layers})
     back = _bytes_roundtrip(tensors)
     assert state_equal(back, tensors)
     restored = UnlearningSession.restore(tiny_model(), back, meta)
     assert state_equal(restored.importance, session.importance)
+    assert state_equal(restored.memory.bases, session.memory.bases)
+    assert restored.memory.energy == session.memory.energy
 
 
 def test_a_new_session_saves_its_original_weights_and_no_importance():
@@ -163,7 +170,7 @@ def test_restore_rejects_importance_that_does_not_cover_the_model():
         UnlearningSession.restore(tiny_model(), tensors, meta)
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+@pytest.mark.parametrize("version", [None, 0, 3, "1", "2"])
 def test_restore_rejects_an_unknown_state_version(version):
     tensors, meta = _session().state()
     meta = {**meta, "state_version": version}

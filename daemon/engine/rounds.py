@@ -25,6 +25,7 @@ from daemon.engine.models import output_layer
 from daemon.engine.anchors import deformations
 from daemon.engine.attacks import AttackAborted, TargetedL2PGD, other_class_targets
 from daemon.engine.requests import ForgetRequest
+from daemon.engine.subspace import SubspaceMemory
 
 __all__ = ["OUTCOMES", "RoundResult", "TrajectoryPoint", "run_round"]
 
@@ -211,6 +212,7 @@ def run_round(
     generator: torch.Generator,
     num_classes: int,
     importance_weights: Mapping[str, torch.Tensor] | None = None,
+    memory: SubspaceMemory | None = None,
     sentinel: torch.Tensor | None = None,
     track: tuple[torch.Tensor, torch.Tensor] | None = None,
     track_every: int = 0,
@@ -220,7 +222,8 @@ def run_round(
     """Unlearn ``request`` from a copy of ``model`` with ``method``; never touches ``model`` itself.
 
     ``importance_weights``: the (accumulated) penalty weights for ``adv_imp``; the anchor is the
-    model as it is now. ``sentinel``: inputs whose predictions must not all fall into one class
+    model as it is now. ``memory``: earlier rounds' protected subspaces; every update of an instance
+    round is projected off them (class rounds are global by design and are not). ``sentinel``: inputs whose predictions must not all fall into one class
     (defaults to the adversarial set). ``track``: an (x, y) set whose accuracy is recorded along the
     trajectory every ``track_every`` steps (benchmark plots). ``should_abort`` is polled every step.
     """
@@ -296,6 +299,7 @@ def run_round(
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    projector = memory.projector(work) if memory is not None and request.kind != "forget_class" else None
     trajectory: list[TrajectoryPoint] = []
 
     tracking_s = 0.0   # the benchmark's trajectory evaluations: instrumentation, not the round's work
@@ -394,7 +398,11 @@ def run_round(
             loss.backward()
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if projector is not None:
+            projector.before()
         opt.step()
+        if projector is not None:
+            projector.after()
         if reuse:
             pending = True
             continue

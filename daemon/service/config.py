@@ -50,9 +50,9 @@ class ConfigError(ValueError):
         self.setting = setting
 
 
-def _opt(default: Any, doc: str, unit: str = "", *, minimum: float | None = None,
+def _opt(default: Any, doc: str, unit: str = "", *, minimum: float | None = None, below: float | None = None,
          choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"doc": doc, "unit": unit, "minimum": minimum, "choices": choices}
+    meta = {"doc": doc, "unit": unit, "minimum": minimum, "below": below, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -111,6 +111,8 @@ class RoundsSection:
     preset: str = _opt("default", "engine preset", choices=("default", "paper"))
     accumulation: str = _opt("max", "how weight importance accumulates across rounds",
                              choices=("none", "sum", "max", "decayed"))
+    memory_energy: float = _opt(0.97, "subspace memory across rounds: share of each round's input energy "
+                                      "later rounds leave untouched (0: off)", "ratio", minimum=0, below=1)
     device: str = _opt("cpu", "torch device of the engine (cpu, cuda, cuda:N)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)", minimum=0)
     retention_max_drop: float = _opt(0.02, "the retention gate: largest allowed fall of probe accuracy "
@@ -242,6 +244,8 @@ def _convert(setting: str, f: dataclasses.Field, value: Any, from_env: bool) -> 
         raise ConfigError(setting, str(exc)) from None
     if meta.get("minimum") is not None and value < meta["minimum"]:
         raise ConfigError(setting, f"must be >= {meta['minimum']}, got {value!r}")
+    if meta.get("below") is not None and not value < meta["below"]:
+        raise ConfigError(setting, f"must be < {meta['below']}, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(setting, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
     return value

@@ -115,6 +115,7 @@ class ModelRuntime:
             raise RuntimeError_(f"model {self.name!r} takes inputs {live.input_shape}, but dataset "
                                 f"{self.section.dataset} has {tuple(self.splits.train_x.shape[1:])}")
         live.session.accumulation = self.rounds.accumulation
+        live.session.memory.energy = self.rounds.memory_energy
         self.live = live
         self.forgotten_classes = set((live.info.manifest.get("metrics") or {}).get("forgotten_classes", []))
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
@@ -216,9 +217,7 @@ class ModelRuntime:
         """Adopt the candidate and write it as the next version (atomic; LATEST moves last)."""
         assert self.live is not None and candidate.passed
         live = self.live
-        previous = {n: p.detach().clone() for n, p in live.model.state_dict().items()}
-        previous_rounds = live.session.rounds_applied
-        previous_importance = live.session.importance
+        previous = live.session.snapshot()
         live.session.commit(candidate.result, candidate.importance)
         try:
             info = model_store.publish(
@@ -228,9 +227,7 @@ class ModelRuntime:
                 request_ids=[p.request_id for p in candidate.requests], method=method,
                 metrics={k: v for k, v in candidate.metrics.items() if v == v})   # NaN is not JSON
         except BaseException:
-            live.model.load_state_dict(previous)          # the live model stays what LATEST says
-            live.session.rounds_applied = previous_rounds
-            live.session.importance = previous_importance
+            live.session.undo(previous)          # the live model and session stay what LATEST says
             raise
         live.info = info
         self.forgotten_classes = set(candidate.metrics.get("forgotten_classes", []))

@@ -1,0 +1,196 @@
+"""A gradient-projection memory across rounds (GPM, Saha et al., ICLR 2021), kept as subspaces only.
+
+Why: in continual rounds each round's collateral damage is small where it acts but it erodes the
+margins of inputs far away (MNIST, 10 rounds × 32: median test margin 10.6 → 7.7 logits after two
+rounds), later rounds push those inputs over, and they pull earlier-forgotten instances back across
+the boundary (relapse). The held examples of a round only see the neighbourhood of *its* instances.
+After a round commits, this memory stores, per layer, an orthonormal basis of the input directions
+that carry most (``energy``) of the layer's input activations on the round's instances and their
+affine copies, measured on the *unlearned* model. Later rounds' weight updates are projected off
+those directions, so what the layers compute on the earlier instances' features (and on the many
+inputs that share them) stays as it was, and a later round must forget through directions the earlier
+ones did not use. Measured (MNIST, 10 × 32, seed 0; mnist_notes.md): cumulative test loss 24.4 → ~18 pp,
+relapse 21% → 13%.
+
+At rest the memory is only bases of feature-space directions (no inputs, no activations of any one
+instance), persisted beside the accumulated importance in the session state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SubspaceMemory", "layer_input_covariances", "protectable_layers"]
+
+
+def protectable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear and (ungrouped, undilated) Conv2d layers with a trainable weight, by module name."""
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.weight.requires_grad:
+            out[name] = m
+        elif (isinstance(m, nn.Conv2d) and m.weight.requires_grad and m.groups == 1
+              and m.dilation == (1, 1) and isinstance(m.padding, tuple)):
+            out[name] = m
+    return out
+
+
+def _rows(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """The layer's input as one row per weight application (a conv: one per output position), with a
+    trailing 1 where the layer has a bias: the update of [W | b] acts on exactly these rows."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(inp, module.kernel_size, padding=module.padding, stride=module.stride)
+        inp = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        inp = inp.reshape(-1, inp.shape[-1])
+    if module.bias is None:
+        return inp
+    return torch.cat([inp, inp.new_ones(inp.shape[0], 1)], 1)
+
+
+def _input_width(module: nn.Module) -> int:
+    weight = module.weight
+    return int(weight[0].numel()) + (module.bias is not None)
+
+
+@torch.no_grad()
+def layer_input_covariances(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Uncentred covariance (AᵀA) of every protectable layer's input rows over ``x``, in eval mode."""
+    layers = protectable_layers(model)
+    cov: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            rows = _rows(module, args[0].detach()).double()
+            c = rows.T @ rows
+            cov[name] = c if name not in cov else cov[name] + c
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, x.shape[0], batch_size):
+            model(x[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: c.cpu() for n, c in cov.items()}
+
+
+class SubspaceMemory:
+    """Per layer, an orthonormal basis (columns) of protected input directions of [W | b].
+
+    ``energy`` in (0, 1): a round adds the fewest new directions that, with the ones already kept,
+    hold this share of its instances' input energy (GPM's threshold); 0 turns the memory off.
+    """
+
+    def __init__(self, energy: float, bases: Mapping[str, torch.Tensor] | None = None) -> None:
+        if not 0.0 <= energy < 1.0:
+            raise ValueError(f"memory energy must lie in [0, 1), got {energy}")
+        self.energy = energy
+        self.bases: dict[str, torch.Tensor] = {n: b.clone() for n, b in (bases or {}).items()}
+
+    @property
+    def enabled(self) -> bool:
+        return self.energy > 0
+
+    def dims(self) -> dict[str, int]:
+        """Protected directions per layer (reported per round)."""
+        return {n: int(b.shape[1]) for n, b in self.bases.items()}
+
+    def extended(self, model: nn.Module, x: torch.Tensor) -> SubspaceMemory:
+        """A new memory that also protects what ``model`` computes on ``x`` (this one is unchanged)."""
+        out = SubspaceMemory(self.energy, self.bases)
+        if not self.enabled or x.shape[0] == 0:
+            return out
+        for name, cov in layer_input_covariances(model, x).items():
+            out.bases[name] = _grow(cov, self.bases.get(name), self.energy)
+        return out
+
+    def check(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The memory's layers in ``model``; a basis for a missing layer or of the wrong size is refused."""
+        layers = protectable_layers(model)
+        unknown = sorted(set(self.bases) - set(layers))
+        if unknown:
+            raise ValueError(f"the subspace memory names layers the model lacks: {unknown[:3]}")
+        for name, basis in self.bases.items():
+            width = _input_width(layers[name])
+            if basis.dim() != 2 or basis.shape[0] != width or basis.shape[1] > width:
+                raise ValueError(f"the subspace memory of {name} has shape {tuple(basis.shape)}; "
+                                 f"the layer takes {width}-wide input rows")
+        return layers
+
+    def projector(self, model: nn.Module) -> _UpdateProjector | None:
+        """Call ``before()`` ahead of ``optimizer.step()`` and ``after()`` right after it."""
+        if not self.enabled or not self.bases:
+            return None
+        layers = self.check(model)
+        return _UpdateProjector({n: (layers[n], b) for n, b in self.bases.items()})
+
+    # -- persistence (tensors for safetensors) ------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: b.contiguous() for n, b in self.bases.items()}
+
+
+def _grow(cov: torch.Tensor, basis: torch.Tensor | None, energy: float) -> torch.Tensor:
+    """GPM's step: add the top residual directions until the kept share of energy reaches ``energy``."""
+    cov = cov.double()
+    total = float(torch.trace(cov))
+    if total <= 0:
+        return basis if basis is not None else cov.new_zeros((cov.shape[0], 0)).float()
+    d = cov.shape[0]
+    if basis is None:
+        residual, kept = cov, 0.0
+    else:
+        proj = torch.eye(d, dtype=cov.dtype) - basis.double() @ basis.double().T
+        residual = proj @ cov @ proj
+        kept = total - float(torch.trace(residual))
+    values, vectors = torch.linalg.eigh((residual + residual.T) / 2)
+    values, vectors = values.flip(0), vectors.flip(1)
+    r = 0
+    while r < d and kept / total < energy and float(values[r]) > 0:
+        kept += float(values[r])
+        r += 1
+    new = vectors[:, :r]
+    if basis is not None:
+        new = torch.cat([basis.double(), new], 1)
+    q, _ = torch.linalg.qr(new)
+    return q.float().contiguous()
+
+
+class _UpdateProjector:
+    """Projects each optimiser update of [W | b] off the protected input directions (exactly, after
+    Adam's per-weight scaling, which a gradient projection would not survive)."""
+
+    def __init__(self, layers: Mapping[str, tuple[nn.Module, torch.Tensor]]) -> None:
+        self.layers = {}
+        for name, (module, basis) in layers.items():
+            device = module.weight.device
+            self.layers[name] = (module, basis.to(device))
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def before(self) -> None:
+        self._before = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+                        for n, (m, _) in self.layers.items()}
+
+    @torch.no_grad()
+    def after(self) -> None:
+        for name, (module, basis) in self.layers.items():
+            w0, b0 = self._before[name]
+            delta = (module.weight - w0).reshape(w0.shape[0], -1)
+            if b0 is not None:
+                delta = torch.cat([delta, (module.bias - b0).unsqueeze(1)], 1)
+            delta = delta - (delta @ basis) @ basis.T
+            if b0 is not None:
+                module.bias.copy_(b0 + delta[:, -1])
+                delta = delta[:, :-1]
+            module.weight.copy_(w0 + delta.reshape(w0.shape))
+        self._before = {}

@@ -146,6 +146,7 @@ def test_only_committed_instance_rounds_extend_the_memory():
     sentinel = synthetic(16, seed=1)[0]
     result, _ = session.run_round(_request(0), method="adv_imp", config=config, sentinel=sentinel, commit=False)
     assert result.succeeded and session.memory.bases == {}      # not yet committed
+    assert 0 < result.memory_s < result.wall_s                   # its cost is part of the round's
     session.commit(result, None)
     dims = session.memory.dims()
     assert dims and all(d > 0 for d in dims.values())

@@ -242,6 +242,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             extra["trajectory"] = [[p.step, p.acc_forget, p.acc_track] for p in result.trajectory]
             extra["reason"] = result.reason
             extra["tracking_s"] = result.tracking_s   # trajectory evaluations, excluded from wall_s
+            extra["memory_s"] = result.memory_s       # subspace memory extension, included in wall_s
             extra["attack"] = {"example_iterations": result.attack_example_iterations,
                                "full_iterations": result.attack_full_iterations,
                                "success": result.attack_success, "examples": result.adversarial_examples,

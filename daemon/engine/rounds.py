@@ -63,6 +63,8 @@ class RoundResult:
     anchor_examples: int = 0
     #: seconds spent evaluating ``track`` along the trajectory, left out of ``optimise_s`` and ``wall_s``
     tracking_s: float = 0.0
+    #: seconds a session spent extending its subspace memory after the round (included in ``wall_s``)
+    memory_s: float = 0.0
     trajectory: list[TrajectoryPoint] = field(default_factory=list)
 
     @property

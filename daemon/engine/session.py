@@ -12,6 +12,7 @@ state continues bit-identically to one that never stopped.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -102,7 +103,10 @@ class UnlearningSession:
                            importance_weights=combined, memory=self.memory, sentinel=sentinel, track=track,
                            track_every=track_every, progress=progress, should_abort=should_abort)
         if result.succeeded and self.memory.enabled and request.kind != "forget_class":
+            t0 = time.perf_counter()
             self._pending = (result, self._remember(request, result, gen))
+            result.memory_s = time.perf_counter() - t0
+            result.wall_s += result.memory_s      # part of what the round costs the caller
         if commit and result.succeeded:
             self.commit(result, combined)
         return result, combined

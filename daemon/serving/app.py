@@ -25,6 +25,7 @@ from starlette.routing import Route
 from daemon.serving.holder import ModelHolder, ServedVersion
 from daemon.serving.metrics import ServeMetrics
 from daemon.serving.protocol import ProtocolError, encode_response, parse_infer_request
+from daemon.serving.sched import set_thread_slice
 from daemon.serving.settings import INPUT_NAME, OUTPUT_NAME, ServeSettings
 from daemon.serving.verifier import VerifierUnavailable
 from daemon.serving.watcher import Watcher
@@ -285,7 +286,9 @@ def build_app(settings: ServeSettings, holder: ModelHolder, watcher: Watcher, me
     """The ASGI app; its lifespan loads ``LATEST``, starts polling, and at shutdown stops and releases."""
     import contextlib
 
-    pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="unlearnd-infer")
+    # inference threads get the short scheduler slice of request threads (daemon.serving.sched)
+    pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="unlearnd-infer",
+                              initializer=set_thread_slice, initargs=(settings.request_slice_us,))
     # Reloads asked for explicitly (a publisher's notification) run at normal priority: they should be fast.
     control_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unlearnd-reload")
     routes = ServeApp(settings, holder, watcher, metrics, pool, control_pool)

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             poll_interval_s=args.poll_interval, threads=args.threads, torch_threads=args.torch_threads,
             max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, lease_ttl_s=args.lease_ttl,
             load_nice=args.load_nice, verify_process=not args.verify_inline, verify_nice=args.verify_nice,
-            verify_idle=not args.no_verify_idle,
+            verify_idle=not args.no_verify_idle, request_slice_us=args.request_slice_us,
             server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
             log_format=args.log_format)
     except ValueError as exc:
@@ -244,6 +244,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
                     help="seconds this server's lease protects its version from retention (30)")
     sp.add_argument("--load-nice", type=int, default=10,
                     help="lower CPU priority of full loads found by polling, 0-19 (10)")
+    sp.add_argument("--request-slice-us", type=int, default=300,
+                    help="CPU scheduler slice of the request threads in µs, 0 for the kernel's default (300; "
+                         "Linux 6.12+: a woken request thread then preempts other CPU work at once)")
     sp.add_argument("--verify-nice", type=int, default=19,
                     help="lower CPU priority of the process that verifies each new version, 0-19 (19)")
     sp.add_argument("--no-verify-idle", action="store_true",

@@ -18,6 +18,7 @@ import uvicorn
 from daemon.serving.app import build_app
 from daemon.serving.holder import ModelHolder
 from daemon.serving.metrics import ServeMetrics
+from daemon.serving.sched import set_thread_slice, thread_slice_us
 from daemon.serving.settings import ServeSettings
 from daemon.serving.watcher import Watcher
 
@@ -96,6 +97,11 @@ def run(settings: ServeSettings) -> int:
     # loads on another thread, each hand-off can wait a whole switch interval (5 ms by default).
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     http, loop = _stack()
+    # The event loop (this thread) and the threads started from here on: a short scheduler slice, so a woken
+    # request thread preempts other CPU work at once instead of waiting out its slice (daemon.serving.sched).
+    slice_set = set_thread_slice(settings.request_slice_us) if settings.request_slice_us else False
+    structlog.get_logger("unlearnd.serve").info("request_slice", us=settings.request_slice_us, applied=slice_set,
+                                                slice_us=thread_slice_us())
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
         access_log=settings.access_log, log_level=settings.log_level, server_header=False,

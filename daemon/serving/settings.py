@@ -32,6 +32,8 @@ class ServeSettings:
             in the serving process, whose requests would otherwise wait behind the hashing and checks.
         verify_nice: how much lower the helper process's CPU priority is.
         verify_idle: the helper verifies at SCHED_IDLE, raised to its nice value after 0.2 s without CPU.
+        request_slice_us: the CPU scheduler slice of the threads that serve requests, in µs (0: the kernel's
+            default; Linux 6.12+, ``daemon.serving.sched``): shorter, a woken request thread preempts other work.
         server_id: this server's lease name (``None``: host-pid-port).
         access_log: log every request (uvicorn's access log).
         log_level: debug, info, warning or error.
@@ -52,6 +54,7 @@ class ServeSettings:
     verify_process: bool = True
     verify_nice: int = 19
     verify_idle: bool = True
+    request_slice_us: int = 300
     server_id: str | None = None
     access_log: bool = False
     log_level: str = "info"
@@ -76,6 +79,9 @@ class ServeSettings:
             raise ValueError(f"load_nice must be an integer in [0, 19], got {self.load_nice!r}")
         if isinstance(self.verify_nice, bool) or not isinstance(self.verify_nice, int) or not 0 <= self.verify_nice <= 19:
             raise ValueError(f"verify_nice must be an integer in [0, 19], got {self.verify_nice!r}")
+        if (isinstance(self.request_slice_us, bool) or not isinstance(self.request_slice_us, int)
+                or not (self.request_slice_us == 0 or 100 <= self.request_slice_us <= 100_000)):
+            raise ValueError(f"request_slice_us must be 0 or an integer in [100, 100000], got {self.request_slice_us!r}")
         if self.server_id is not None:
             registry_ops._check_server_id(self.server_id)   # noqa: SLF001 - same rule as the lease files
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.nice > 0:
         os.nice(args.nice)
+    from daemon.serving.sched import set_thread_slice
+
+    set_thread_slice(0)        # not the serving threads' short slice (inherited): it is background work
     out = sys.stdout.buffer
     sys.stdout = sys.stderr                 # nothing else may write into the protocol
     import daemon.registry  # noqa: F401 - imported before saying ready, not during the first load

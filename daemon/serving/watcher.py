@@ -33,6 +33,9 @@ def lower_thread_priority(nice: int) -> None:
     """
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
+    from daemon.serving.sched import set_thread_slice
+
+    set_thread_slice(0)        # background work: the kernel's default slice, not the request threads' short one
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))

@@ -360,6 +360,11 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
             "publish_every_s": args.publish_every, "poll_interval_s": args.poll_interval,
             "server_threads": args.server_threads, "server_full_load_nice": args.server_load_nice,
             "server_gil_switch_interval_ms": "0.5 (0.1 while a version loads)",
+            "server_request_slice_us": 300,
+            "server_verify": "helper process at SCHED_IDLE and nice 19 (raised to SCHED_OTHER after 0.2 s "
+                             "without idle CPU)",
+            "publisher_export": "registry.write_version with its export cache (the trace and loaded-back module "
+                                "of the previous round, new weights copied in; every check as on a fresh export)",
             "server_gc": "import-time heap frozen (gc.freeze)",
             "publisher_nice": args.publisher_nice, "publisher_policy": args.publisher_policy,
             "torch_threads": 1, "retention_keep": args.keep,
@@ -487,9 +492,11 @@ def report(result: dict[str, object], out: Path) -> None:
         "- how the server loaded each version it swapped in (`version_swapped` log events): " + "; ".join(
             f"{kind}: {len(ms)} (load ms median {np.median(ms):.2f}, worst {max(ms):.2f})"
             for kind, ms in sorted(detail.get("server_loads_ms", {}).items()) if kind in ("full", "weights")),
-        "- a weight-only load's stages, median / worst ms (verify: read and hash every file of the manifest; "
-        "layout: compare the archive's structure with the served one's; load: CRC-check and copy the weights "
-        "into the standby; warmup: the two probe inferences and their checks): " + ", ".join(
+        "- a weight-only load's stages in the server, median / worst ms of wall time (verify: the helper process "
+        "reads and hashes every file of the manifest, reads the archive's layout and checks its CRC-32s, and hands "
+        "over model.pt, the server waiting on a pipe; layout: pick the standby with the served archive's "
+        "structure; load: copy the weights into it; warmup: the two probe inferences and their checks; each of "
+        "the last three after a 0.3 ms pause): " + ", ".join(
             f"{kind.split(':', 1)[1]} {np.median(ms):.2f} / {max(ms):.2f}"
             for kind, ms in detail.get("server_loads_ms", {}).items() if kind.startswith("weights:")),
         f"- the server's HTTP stack (parser, event loop): {detail.get('server_loads_ms', {}).get('_http_stack', '?')}",
@@ -503,20 +510,27 @@ def report(result: dict[str, object], out: Path) -> None:
           for r in detail["segments"]],
         "",
         "What the parts show: a swap costs the requests nothing until the publisher writes the version (its "
-        f"trace, save and fsyncs run in another process, {_publisher_words(s)}, on the same two cores) and the "
+        f"export, save and fsyncs run in another process, {_publisher_words(s)}, on the same two cores: about "
+        "13 ms of CPU, since the registry's export cache copies each round's weights into the trace and the "
+        "loaded-back module of the previous round instead of tracing and loading again) and the "
         "server loads it. A full load (the first version, or a new architecture) deserialises the TorchScript (holding "
         "the GIL for about 5 ms) and warms it up until TorchScript has optimised the graph: 15-30 ms of CPU on "
         "this machine, during which requests queue. A weight-only load (a new version whose model.pt differs "
         "from the served one's only in its tensor bytes) verifies the manifest hashes, compares the archive's "
         "structure, copies the 0.8 MB of weights into the standby module (the one the previous version served "
-        "with, which shares the optimised code) and runs two probe inferences: a few ms of CPU. Mitigations in "
+        "with, which shares the optimised code) and runs two probe inferences: a few ms of CPU, of which the "
+        "verification and the structure comparison run in the server's helper process at SCHED_IDLE (only on "
+        "CPU the requests leave idle, and none of the server's GIL), leaving the serving process about 1.5 ms "
+        "(the copy and the probes). Mitigations in "
         "place: model.pt is read and hashed once (its bytes are the ones loaded); while a version loads the GIL "
         "switch interval is 0.1 ms instead of 0.5 (request threads waited up to a whole interval behind the "
         "load's Python at each GIL hand-off) and a weight-only load pauses 0.3 ms between its stages; the "
         "server's lease is written without fsync (it was two fsyncs on the swap's path); the HTTP stack is "
         "httptools and uvloop (about 30% less CPU per request than h11 and asyncio, so less queueing when a "
         "load or another process takes CPU); the import-time heap is frozen (it caused 100 ms full collections "
-        "every ~14 s); full loads found by polling run at nice +10. The machine's own noise (two cores shared "
+        "every ~14 s); full loads found by polling run at nice +10; the request threads run with a 0.3 ms "
+        "scheduler slice, so a woken one preempts the publisher (or a load) at once instead of waiting out its "
+        "slice. The machine's own noise (two cores shared "
         "with other work) shows in the p99 without swaps and outside swap windows; compare them with the rows "
         "for the swap parts.",
         "",

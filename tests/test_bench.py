@@ -68,6 +68,25 @@ def test_resume_keeps_measured_rows_and_skips_them(tmp_path, splits_and_state):
     assert len(doc["settings"]["runs"]) == 2
 
 
+def test_resume_skips_a_complete_continual_sequence_and_reruns_an_incomplete_one(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    plan = _plan(methods=["neggrad"], continual=(2, 4), accumulations=["max"])
+    run_benchmark(plan, splits, state, out=tmp_path, log=lambda s: None)
+    seen: list[str] = []
+    run_benchmark(plan, splits, state, out=tmp_path, resume=True, log=seen.append)
+    assert seen == []
+    path = tmp_path / "synthetic.json"
+    doc = json.loads(path.read_text())
+    continual = [r for r in doc["rows"] if r["protocol"] == "continual"]
+    assert {r["method"] for r in continual} == {"neggrad", "adv_imp"}      # adv_imp always runs continual
+    doc["rows"] = [r for r in doc["rows"]
+                   if not (r["protocol"] == "continual" and r["method"] == "neggrad" and r["round"] == 2)]
+    path.write_text(json.dumps(doc))
+    run_benchmark(plan, splits, state, out=tmp_path, resume=True, log=seen.append)
+    rerun = sorted((line.split()[2], line.split("round=")[1].split()[0]) for line in seen)
+    assert rerun == [("neggrad", "1"), ("neggrad", "2")]
+
+
 def test_the_report_has_tables_and_plots(tmp_path, splits_and_state):
     splits, state = splits_and_state
     run_benchmark(_plan(methods=["neggrad", "adv_imp"], continual=(2, 4), accumulations=["max"]),

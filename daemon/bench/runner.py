@@ -306,6 +306,10 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             for method in plan.continual_methods:
                 accs = plan.accumulations if get_method(method).uses_importance else (DEFAULT_ACCUMULATION,)
                 for acc_mode in accs:
+                    # a sequence needs every earlier round's session, so only a complete one is skipped
+                    if all(results.has(method=method, preset="default", kind="forget", protocol="continual", k=k,
+                                       seed=seed, round=r, accumulation=acc_mode) for r in range(1, rounds + 1)):
+                        continue
                     session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
                                                 num_classes=len(splits.classes), accumulation=acc_mode, seed=seed)
                     acc_before, pred_before = acc_original, test_pred0

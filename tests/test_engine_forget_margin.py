@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from daemon.engine.evaluate import logits
-from daemon.engine.methods import get_method
+from daemon.engine.methods import get_method, label_margin
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import run_round
 from tests.engine_fixtures import NUM_CLASSES, fast_config, forget_set, tiny_model
@@ -18,9 +18,7 @@ from tests.engine_fixtures import NUM_CLASSES, fast_config, forget_set, tiny_mod
 def _label_margins(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     model = tiny_model()
     model.load_state_dict(state)
-    z = logits(model, x)
-    z_y = z.gather(1, y.view(-1, 1)).squeeze(1)
-    return z_y - z.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
+    return label_margin(logits(model, x), y)
 
 
 @pytest.mark.parametrize("method", ["adv", "adv_imp"])

@@ -20,21 +20,23 @@ from daemon.engine.attacks import TargetedL2PGD
 from daemon.engine.config import UnlearnConfig
 from daemon.engine.requests import ForgetRequest
 
-__all__ = ["METHODS", "Method", "get_method", "forget_term", "held_logit_term"]
+__all__ = ["METHODS", "Method", "get_method", "forget_term", "held_logit_term", "label_margin"]
+
+
+def label_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z_y − max_{j≠y} z_j per row: positive while ``labels`` wins, negative once it has lost."""
+    z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    return z_y - logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
 
 
 def _margin_away(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """relu(z_y − max_{j≠y} z_j + m): zero once the label has lost by ``margin``; bounded below."""
-    z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-    z_other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
-    return F.relu(z_y - z_other + margin)
+    return F.relu(label_margin(logits, labels) + margin)
 
 
 def _margin_towards(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> torch.Tensor:
     """relu(max_{j≠t} z_j − z_t + m): zero once the target wins by ``margin``."""
-    z_t = logits.gather(1, targets.view(-1, 1)).squeeze(1)
-    z_other = logits.scatter(1, targets.view(-1, 1), float("-inf")).amax(1)
-    return F.relu(z_other - z_t + margin)
+    return F.relu(margin - label_margin(logits, targets))
 
 
 def forget_term(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None,

@@ -20,7 +20,7 @@ from torch import nn
 from daemon.engine.config import UnlearnConfig
 from daemon.engine.evaluate import eval_mode, logits, predict
 from daemon.engine.importance import ImportanceRegulariser
-from daemon.engine.methods import Method, forget_term, held_logit_term, make_attack
+from daemon.engine.methods import Method, forget_term, held_logit_term, label_margin, make_attack
 from daemon.engine.models import output_layer
 from daemon.engine.anchors import deformations
 from daemon.engine.attacks import AttackAborted, TargetedL2PGD, other_class_targets
@@ -103,9 +103,7 @@ def _still_active(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Ten
     relabelling baselines), so every method stops on the same rule there."""
     if kind == "forget_class" or (towards is None and config.forget_margin > 0):
         margin = config.class_margin if kind == "forget_class" else config.forget_margin
-        z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-        z_other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
-        return z_y - z_other > -margin
+        return label_margin(logits, labels) > -margin
     if towards is not None:
         return logits.argmax(1) != towards
     return logits.argmax(1) == labels

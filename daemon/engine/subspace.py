@@ -12,8 +12,10 @@ inputs that share them) stays as it was, and a later round must forget through d
 ones did not use. Measured (MNIST, 10 × 32, seed 0; mnist_notes.md): cumulative test loss 24.4 → ~18 pp,
 relapse 21% → 13%.
 
-At rest the memory is only bases of feature-space directions (no inputs, no activations of any one
-instance), persisted beside the accumulated importance in the session state.
+At rest the memory is only orthonormal bases of feature-space directions, never inputs, persisted
+beside the accumulated importance in the session state. Like the importance, the bases are derived
+from the forgotten instances' hidden features (mixed with their copies'), so they are weaker than
+hashes: an operator who must keep nothing derived sets ``memory_energy = 0``.
 """
 
 from __future__ import annotations

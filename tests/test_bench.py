@@ -111,3 +111,33 @@ def test_an_unknown_method_or_preset_is_rejected_before_any_work(tmp_path, split
         run_benchmark(_plan(methods=["nope"]), splits, state, out=tmp_path)
     with pytest.raises(ValueError, match="unknown preset"):
         run_benchmark(_plan(presets=["nope"]), splits, state, out=tmp_path)
+
+
+def test_retrain_records_its_test_accuracy_curve_without_counting_the_evaluations(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    run_benchmark(_plan(methods=["retrain"]), splits, state, out=tmp_path, log=lambda s: None)
+    [row] = json.loads((tmp_path / "synthetic.json").read_text())["rows"]
+    extra = json.loads((tmp_path / "synthetic_trajectories.json").read_text())
+    curve = next(v["retrain_curve"] for v in extra.values() if "retrain_curve" in v)
+    steps = [c[1] for c in curve]
+    secs = [c[0] for c in curve]
+    assert steps == sorted(steps) and steps[-1] == 8          # 256 images / batch 32, one epoch: the last step
+    assert secs == sorted(secs) and secs[-1] <= row["wall_s"] + 1e-3
+    assert curve[-1][2] == pytest.approx(row["acc_test"])     # the last point is the retrained model
+
+
+def test_the_report_reads_retrain_time_to_the_unlearned_accuracy_off_the_curve():
+    from daemon.bench.report import _retrain_to_accuracy
+
+    def row(method: str, seed: int, acc: float, wall: float) -> dict:
+        return dict(method=method, preset="default", kind="forget", protocol="single", k=64, seed=seed, round=1,
+                    accumulation=None, acc_test=acc, wall_s=wall)
+
+    retrain = [row("retrain", 0, 0.995, 40.0), row("retrain", 1, 0.995, 40.0)]
+    unlearned = [row("adv_imp", 0, 0.985, 10.0), row("adv_imp", 1, 0.999, 10.0)]
+    curve = [[2.0, 50, 0.90], [4.0, 100, 0.986], [6.0, 150, 0.99]]
+    extra = {f"retrain|default|forget|single|64|{s}|1|None": {"retrain_curve": curve} for s in (0, 1)}
+    secs, target = _retrain_to_accuracy(retrain, unlearned, extra)
+    assert secs == pytest.approx((4.0 + 40.0) / 2)     # seed 1's target is never reached: its whole time
+    assert target == pytest.approx(0.992)
+    assert _retrain_to_accuracy(retrain, unlearned, {}) is None

@@ -28,6 +28,26 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return str(x)
 
 
+def _row_key(r: dict) -> str:
+    return "|".join(str(r[f]) for f in ("method", "preset", "kind", "protocol", "k", "seed", "round", "accumulation"))
+
+
+def _retrain_to_accuracy(retrain: list[dict], unlearned: list[dict], extra: dict) -> tuple[float, float] | None:
+    """Mean training seconds the retrain oracle takes to first reach the test accuracy of the unlearned
+    model of the same seed, and the mean of those accuracies; None without the retrain curves (rows from
+    before they were recorded). A retrain that never reaches it counts with its whole time."""
+    secs, targets = [], []
+    for r in retrain:
+        curve = (extra.get(_row_key(r)) or {}).get("retrain_curve")
+        mine = [u for u in unlearned if u["seed"] == r["seed"]]
+        if not curve or not mine:
+            return None
+        target = _mean([u["acc_test"] for u in mine])
+        secs.append(next((t for t, _, acc in curve if acc >= target), r["wall_s"]))
+        targets.append(target)
+    return (_mean(secs), _mean(targets)) if secs else None
+
+
 def _plots(rows: list[dict], extra: dict, out: Path, dataset: str) -> list[str]:
     import matplotlib
 
@@ -42,10 +62,8 @@ def _plots(rows: list[dict], extra: dict, out: Path, dataset: str) -> list[str]:
         colors: dict[str, Any] = {}
         for ax, k in zip(axes[0], ks):
             for r in [r for r in single if r["k"] == k]:
-                key = "|".join(str(r[f]) for f in ("method", "preset", "kind", "protocol", "k", "seed", "round",
-                                                  "accumulation"))
-                traj = (extra.get(key) or {}).get("trajectory") or []
-                pts = [(1 - t[1] if False else t[1], t[2]) for t in traj if t[2] is not None]
+                traj = (extra.get(_row_key(r)) or {}).get("trajectory") or []
+                pts = [(t[1], t[2]) for t in traj if t[2] is not None]
                 if not pts:
                     continue
                 label = f"{r['method']} ({r['preset']})"
@@ -156,14 +174,19 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
         retrain = [r for r in single if r["k"] == 64 and r["method"] == "retrain"]
         if retrain:
             rt = _mean([r["wall_s"] for r in retrain])
-            add("k=64 adv_imp ≥ 10× cheaper than retrain", f"retrain {rt:.1f} s / adv_imp {wall:.1f} s = {rt / wall:.1f}×",
-                rt / wall >= 10)
+            add("k=64 adv_imp ≥ 10× cheaper than retrain (retrain's whole recipe)",
+                f"retrain {rt:.1f} s / adv_imp {wall:.1f} s = {rt / wall:.1f}×", rt / wall >= 10)
+            reach = _retrain_to_accuracy(retrain, k64, extra)
+            if reach is not None:
+                secs, target = reach
+                add("k=64 adv_imp ≥ 10× cheaper than retrain to the same test accuracy",
+                    f"retrain reaches adv_imp's test accuracy ({_pp(target)}%, mean) after {secs:.1f} s / adv_imp "
+                    f"{wall:.1f} s = {secs / wall:.1f}×", secs / wall >= 10)
     used = full = 0
     for r in single:
         if r["method"] != "adv_imp":
             continue
-        a = (extra.get("|".join(str(r[f]) for f in ("method", "preset", "kind", "protocol", "k", "seed", "round",
-                                                    "accumulation"))) or {}).get("attack") or {}
+        a = (extra.get(_row_key(r)) or {}).get("attack") or {}
         used += a.get("example_iterations") or 0
         full += a.get("full_iterations") or 0
     if attack is not None:

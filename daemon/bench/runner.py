@@ -34,6 +34,8 @@ from daemon.registry import atomic_write_bytes
 __all__ = ["BenchPlan", "machine_info", "run_benchmark"]
 
 PAPER_METHODS = ("neggrad", "adv", "adv_imp")
+# the retrain oracle's test accuracy is measured every this many steps (MNIST: ~470 steps an epoch)
+RETRAIN_CURVE_EVERY = 50
 
 
 @dataclass
@@ -153,8 +155,15 @@ def _fresh(arch: str, splits: DatasetSplits, state: dict, device: str) -> torch.
 
 def pretrain(arch: str, splits: DatasetSplits, config: TrainConfig, device: str,
              progress: Callable[[int, int, dict], None] | None = None,
-             exclude: torch.Tensor | None = None) -> tuple[torch.nn.Module, float]:
-    """Train a fresh classifier (``exclude``: training indices left out — the retrain oracle)."""
+             exclude: torch.Tensor | None = None, curve: list[list[float]] | None = None,
+             curve_every: int = RETRAIN_CURVE_EVERY) -> tuple[torch.nn.Module, float]:
+    """Train a fresh classifier (``exclude``: training indices left out — the retrain oracle); returns it and
+    its training seconds.
+
+    ``curve``, when given, is filled with ``[training seconds, step, test accuracy]`` every ``curve_every``
+    steps and after the last: "retrain to the same test accuracy" is read off it. The evaluations are not
+    counted in the seconds.
+    """
     mean, std = splits.mean_std()
     model = build_model(arch, num_classes=len(splits.classes), input_shape=tuple(splits.train_x.shape[1:]),
                         mean=mean, std=std).to(device)
@@ -163,9 +172,21 @@ def pretrain(arch: str, splits: DatasetSplits, config: TrainConfig, device: str,
         keep = torch.ones(y.shape[0], dtype=torch.bool)
         keep[exclude] = False
         x, y = x[keep], y[keep]
+    paused = 0.0
+
+    def step_done(step: int, total: int, info: dict) -> None:
+        nonlocal paused
+        if progress is not None:
+            progress(step, total, info)
+        if curve is not None and (step % curve_every == 0 or step == total):
+            t = time.perf_counter()
+            acc = accuracy(model, splits.test_x, splits.test_y)
+            curve.append([round(t - t0 - paused, 3), step, acc])
+            paused += time.perf_counter() - t
+
     t0 = time.perf_counter()
-    train_classifier(model, x, y, config, progress=progress)
-    return model, time.perf_counter() - t0
+    train_classifier(model, x, y, config, progress=step_done)
+    return model, time.perf_counter() - t0 - paused
 
 
 def forget_indices(n_train: int, k: int, seed: int) -> torch.Tensor:
@@ -225,9 +246,11 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
                "protocol": protocol, "k": k, "seed": seed, "round": rnd, "accumulation": accumulation}
         extra: dict[str, Any] = {}
         if method == "retrain":
-            model, secs = pretrain(plan.arch, splits, plan.train, device, exclude=union)
+            curve: list[list[float]] = []
+            model, secs = pretrain(plan.arch, splits, plan.train, device, exclude=union, curve=curve)
             ev = evaluate_model(model, ctx, request, forgotten_union=union, test_pred_before=test_pred_before)
             row.update(steps=None, attack_s=0.0, optimise_s=secs, wall_s=secs, outcome="retrained")
+            extra["retrain_curve"] = curve       # [training s, step, test accuracy]: time to a given accuracy
         else:
             assert session is not None
             before = {n: p.detach().cpu().clone() for n, p in session.model.named_parameters()}

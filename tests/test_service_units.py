@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -42,6 +43,7 @@ def test_environment_overrides_win_and_are_typed(tmp_path):
     ("[rounds]\nmax_wait_s = 'soon'\n", {}, "rounds.max_wait_s"),
     ("[rounds]\nmax_instances = 0\n", {}, "rounds.max_instances"),
     ("[rounds]\nmethod = 'magic'\n", {}, "rounds.method"),
+    ("", {"UNLEARND_ROUNDS_CPU_POLICY": "realtime"}, "rounds.cpu_policy (from UNLEARND_ROUNDS_CPU_POLICY)"),
     ("[kafka]\nbootstrapp = 'x'\n", {}, "kafka.bootstrapp"),
     ("[nonsense]\n", {}, "nonsense"),
     ("[[models]]\nname = 'a b'\n", {}, "models[0].name"),
@@ -59,6 +61,35 @@ def test_bad_configuration_is_rejected_naming_the_setting(tmp_path, text, env, s
     with pytest.raises(ConfigError) as exc:
         load_config(path, env=env)
     assert exc.value.setting == setting
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("policy", ["normal", "idle"])
+def test_rounds_run_on_a_thread_with_the_configured_cpu_policy_and_torch_workers_inherit_it(policy):
+    import threading
+
+    import torch
+
+    from daemon.cpu_policy import thread_policy
+    from daemon.service.daemon import Daemon
+
+    daemon = Daemon(load_config(None, env={"UNLEARND_ROUNDS_CPU_POLICY": policy, "UNLEARND_METRICS_PORT": "0"}))
+
+    def work() -> tuple[str | None, int]:
+        x = torch.randn(256, 256)
+        for _ in range(5):
+            x = (x @ x).tanh()             # a parallel op: torch starts its workers from this thread
+        return thread_policy(), threading.get_native_id()
+
+    try:
+        got, tid = daemon._executor.submit(work).result()
+    finally:
+        daemon._executor.shutdown()
+    assert got == policy
+    tasks = [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
+    idle = [t for t in tasks if os.sched_getscheduler(t) == os.SCHED_IDLE]
+    assert (tid in idle) == (policy == "idle")
+    assert threading.get_native_id() not in idle       # the daemon's own thread keeps its policy
 
 
 def test_probe_spec():
@@ -249,3 +280,11 @@ def test_applied_receipt_completes_the_draft_and_holds_no_clear_id():
     assert full["instances"] == [{"id_sha256": "a" * 64, "label": 7, "prediction_before": 7,
                                   "prediction_after": 2}]
     json.dumps(full, allow_nan=False)
+
+
+def test_the_quickstart_daemon_yields_the_cpu_to_the_server_beside_it(tmp_path):
+    from daemon.service.quickstart import _config
+
+    config = load_config(_config(tmp_path, 19999, 8001), env={})
+    assert config.rounds.cpu_policy == "idle"
+    assert config.serving.notify_urls == ["http://127.0.0.1:8001/v2/repository/models/{name}/load"]

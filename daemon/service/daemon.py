@@ -37,6 +37,7 @@ from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from daemon import registry
+from daemon.cpu_policy import set_thread_policy
 from daemon.service import receipts
 from daemon.service.codec import CheckedRequest, Limits, ModelSpec, Rejection, check_request, decode_inputs
 from daemon.service.config import Config
@@ -84,6 +85,12 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
+def _round_thread_init(policy: str) -> None:
+    """The round thread's CPU policy (``rounds.cpu_policy``): its torch workers, started from it, inherit it."""
+    if policy != "normal" and not set_thread_policy(policy):
+        log.warning("cpu_policy_unavailable", policy=policy, detail="this OS lacks it: rounds run at normal policy")
+
+
 class Daemon:
     """``unlearnd run``: call :meth:`start`, then :meth:`run` until :meth:`request_stop`."""
 
@@ -107,7 +114,8 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.consumer = None
         self.outbox: OutboxPublisher | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round",
+                                            initializer=_round_thread_init, initargs=(config.rounds.cpu_policy,))
         self._round: Future | None = None
         self._round_batch: list[PendingRequest] = []
         self._round_started = 0.0

@@ -4,20 +4,29 @@ Three processes: ``unlearnd serve`` (the server under test), a load generator (t
 ``--loadgen``: aiohttp, one keep-alive connection per client, each paced to its share of the target rate),
 and this orchestrator, which publishes versions into the registry like the daemon does.
 
-Phases, back to back, under one continuous load:
+Three kinds of phase under one continuous load, interleaved: the sequence noswap, poll, notify runs
+``--cycles`` times (12), each phase taking its total divided by the cycles (2.5 s, 5 s, 2.5 s):
 
-1. ``noswap``  (``--noswap-s``, default 20 s): nothing is published → ``p99_noswap_ms``.
+1. ``noswap``  (``--noswap-s`` in all, default 30 s): nothing is published → ``p99_noswap_ms``.
 2. ``poll``    (``--swap-s``, default 60 s): a new version every ``--publish-every`` (2 s); the server
    finds it by polling ``LATEST`` → ``rps``, ``swap_latency_poll_s`` (worst swap).
 3. ``notify``  (``--notify-s``, default 30 s): the same, and after each publish the publisher calls the
    server's reload URL → ``swap_latency_notify_ms`` (worst swap).
+
+Why interleaved: this machine (a VM with two cores) has background noise that comes in
+episodes of seconds to tens of seconds (measured: the share of requests over 5 ms went from 0.3% to 1-4%
+for half a minute at a time, with nothing published; one episode stalled 200 requests at once). With one
+block of each phase, an episode that fell on the swap phases and not on the ``noswap`` block, or the other
+way round, decided the comparison (three runs of the same code: 2.9×, 1.6×, 2.9×). Short interleaved blocks
+make both sides of ``p99_swap_ms / p99_noswap_ms`` sample the same stretches of time. ``--cycles 1`` gives
+the single-block layout.
 
 ``failed`` and ``versions_monotonic`` cover every request of every phase. ``p99_swap_ms`` is the p99
 of requests sent inside a swap window: from the start of a publish until 250 ms after the first response
 from the new version. A swap's latency is the time from ``LATEST`` changing (right after the publish
 returns) to the first response (its arrival) carrying the new version.
 
-Usage: ``.venv/bin/python benchmarks/serve_bench.py [--out benchmarks/results]`` (about 2 minutes).
+Usage: ``.venv/bin/python benchmarks/serve_bench.py [--out benchmarks/results]`` (about 2.5 minutes).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from daemon.cpu_policy import set_thread_policy
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "bench-mnist"
@@ -114,6 +125,20 @@ def _machine() -> dict[str, object]:
             "device": "cpu", "cuda": None, "cores": os.cpu_count()}
 
 
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` lies on (the longest mount point above it), e.g. ext4 or tmpfs."""
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                _, point, fstype, *_ = line.split()
+                if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                    best, kind = point, fstype
+    except OSError:
+        pass
+    return kind
+
+
 def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     import urllib.request
 
@@ -163,7 +188,8 @@ class _IdleWhile:
     """``with`` it, the calling thread runs at SCHED_IDLE (when ``on``); after, at SCHED_OTHER again.
 
     The publisher's work (trace, save, fsync, verify, retention) stands in for the daemon's, which runs on
-    its own hardware in production. A nice value does not keep it off the server's CPU on this kernel
+    its own hardware in production, or on a shared host with ``rounds.cpu_policy = "idle"``, as here
+    (``daemon.cpu_policy``). A nice value does not keep it off the server's CPU on this kernel
     (EEVDF: a woken request thread waits out the niced task's slice; measured: with nice +10, 6-12% of the
     requests sent in a publish's first 20 ms were slowed, none with SCHED_IDLE); SCHED_IDLE runs it only
     on CPU time nothing else wants. The reload notification is sent outside it, as before (SCHED_OTHER at
@@ -175,11 +201,26 @@ class _IdleWhile:
 
     def __enter__(self) -> None:
         if self.on:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            set_thread_policy("idle")
 
     def __exit__(self, *exc: object) -> None:
         if self.on:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))   # the nice value is kept
+            set_thread_policy("normal")     # the nice value is kept
+
+
+Block = tuple[str, float, float]      # (phase, begin, end) in wall-clock seconds
+
+
+def schedule(start_at: float, args: argparse.Namespace) -> list[Block]:
+    """The phases in order: noswap, poll, notify, ``args.cycles`` times, back to back."""
+    blocks: list[Block] = []
+    t = start_at
+    for _ in range(args.cycles):
+        for name, total in (("noswap", args.noswap_s), ("poll", args.swap_s), ("notify", args.notify_s)):
+            length = total / args.cycles
+            blocks.append((name, t, t + length))
+            t += length
+    return blocks
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -218,13 +259,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # on this shared box it yields the CPU to the server and the load generator.
         os.nice(args.publisher_nice)
         idle = _IdleWhile(args.publisher_policy == "idle")
-        phases = {"noswap": (start_at, start_at + args.noswap_s),
-                  "poll": (start_at + args.noswap_s, start_at + args.noswap_s + args.swap_s),
-                  "notify": (start_at + args.noswap_s + args.swap_s, start_at + total)}
+        phases = schedule(start_at, args)
         publishes: list[dict[str, object]] = []
         url = reload_url(f"http://127.0.0.1:{port}", MODEL)
-        for phase in ("poll", "notify"):
-            begin, end = phases[phase]
+        for phase, begin, end in phases:
+            if phase == "noswap":
+                continue
             k = 1
             while True:
                 due = begin + k * args.publish_every - args.publish_every / 2
@@ -255,6 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     swapped_at, loads = _swap_times(work / "server.log")
     result = analyse(records, phases, publishes, args, load_before, load_after, server_rc, swapped_at)
     result["_detail"]["server_loads_ms"] = loads
+    result["settings"]["registry_filesystem"] = f"{_filesystem(registry_dir)} ({registry_dir.parent.parent})"
     return result
 
 
@@ -280,7 +321,8 @@ def _swap_times(log: Path) -> tuple[dict[int, float], dict[str, list[float]]]:
     return out, loads
 
 
-def _segments(records: np.ndarray, publishes: list[dict[str, object]], swapped_at: dict[int, float]) -> list[dict]:
+def _segments(records: np.ndarray, publishes: list[dict[str, object]], swapped_at: dict[int, float],
+              swap_phases: np.ndarray) -> list[dict]:
     """p50/p99 of requests sent in each part of a swap: where the swap-window tail comes from."""
     lat = (records["t_recv"] - records["t_send"]) * 1e3
     ok = records["status"] == 200
@@ -298,8 +340,7 @@ def _segments(records: np.ndarray, publishes: list[dict[str, object]], swapped_a
             m = ok & (records["t_send"] >= a) & (records["t_send"] < b)
             parts[name].append(lat[m])
             seen |= m
-    first = min(float(p["t_start"]) for p in publishes)
-    parts["outside swap windows (same phases)"] = [lat[ok & ~seen & (records["t_send"] >= first)]]
+    parts["outside swap windows (same phases)"] = [lat[ok & ~seen & swap_phases]]
     rows = []
     for name, chunks in parts.items():
         v = np.concatenate(chunks) if chunks else np.array([])
@@ -313,7 +354,7 @@ def _p99_ms(latencies: np.ndarray) -> float:
     return float(np.percentile(latencies, 99) * 1e3) if latencies.size else float("nan")
 
 
-def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publishes: list[dict[str, object]],
+def analyse(records: np.ndarray, phases: list[Block], publishes: list[dict[str, object]],
             args: argparse.Namespace, load_before: tuple[float, ...], load_after: tuple[float, ...],
             server_rc: int, swapped_at: dict[int, float]) -> dict[str, object]:
     lat = records["t_recv"] - records["t_send"]
@@ -334,15 +375,21 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
         in_swap |= (records["t_send"] >= p["t_start"]) & (records["t_send"] <= first + SWAP_TAIL_S)
 
     def phase_mask(name: str) -> np.ndarray:
-        begin, end = phases[name]
-        return (records["t_send"] >= begin) & (records["t_send"] < end)
+        mask = np.zeros(len(records), bool)
+        for phase, begin, end in phases:
+            if phase == name:
+                mask |= (records["t_send"] >= begin) & (records["t_send"] < end)
+        return mask
 
-    noswap = phase_mask("noswap") & ok
+    def duration(name: str) -> float:
+        return sum(end - begin for phase, begin, end in phases if phase == name)
+
+    noswap = phase_mask("noswap") & ok & ~in_swap      # a window reaching into a noswap block is a swap
     poll = phase_mask("poll")
     swap_phases = phase_mask("poll") | phase_mask("notify")
     poll_lat = np.array([p["swap_latency_s"] for p in publishes if p["phase"] == "poll"])
     notify_lat = np.array([p["swap_latency_s"] for p in publishes if p["phase"] == "notify"])
-    duration_poll = phases["poll"][1] - phases["poll"][0]
+    duration_poll = duration("poll")
     result: dict[str, object] = {
         "rps": round(float((poll & ok).sum()) / duration_poll, 1),
         "failed": failed,
@@ -357,6 +404,8 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
             "connection per client, paced; separate process", "payload": "JSON, FP32 [1,1,28,28]",
             "model": "mnist_cnn (0.2 M parameters), TorchScript, CPU",
             "phases_s": {"noswap": args.noswap_s, "poll": args.swap_s, "notify": args.notify_s},
+            "cycles": args.cycles,
+            "phase_order": "noswap, poll, notify; repeated `cycles` times, each phase its total / cycles",
             "publish_every_s": args.publish_every, "poll_interval_s": args.poll_interval,
             "server_threads": args.server_threads, "server_full_load_nice": args.server_load_nice,
             "server_gil_switch_interval_ms": "0.5 (0.1 while a version loads)",
@@ -368,7 +417,8 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
             "server_gc": "import-time heap frozen (gc.freeze)",
             "publisher_nice": args.publisher_nice, "publisher_policy": args.publisher_policy,
             "torch_threads": 1, "retention_keep": args.keep,
-            "rps_over": "successful responses per second in the 60 s poll phase (versions published every 2 s)",
+            "rps_over": f"successful responses per second in the poll phases ({args.swap_s:g} s in all, versions "
+                        f"published every {args.publish_every:g} s)",
             "failed_over": "every request of every phase (non-200 or transport error)",
             "p99_swap_window": f"requests sent from a publish's start to {SWAP_TAIL_S * 1e3:.0f} ms after the "
                                "first response from the new version (poll and notify phases)",
@@ -382,8 +432,8 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
         "p99_swap_phases_all_ms": round(_p99_ms(lat[swap_phases & ok]), 3),
         "p999_noswap_ms": round(float(np.percentile(lat[noswap], 99.9) * 1e3), 3),
         "p999_swap_ms": round(float(np.percentile(lat[in_swap & ok & swap_phases], 99.9) * 1e3), 3),
-        "rps_by_phase": {n: round(float((phase_mask(n) & ok).sum()) / (phases[n][1] - phases[n][0]), 1)
-                         for n in phases},
+        "rps_by_phase": {n: round(float((phase_mask(n) & ok).sum()) / duration(n), 1)
+                         for n in ("noswap", "poll", "notify")},
         "swap_latency_poll_s": {"median": round(float(np.median(poll_lat)), 4), "max": round(float(poll_lat.max()), 4),
                                 "n": int(poll_lat.size)},
         "swap_latency_notify_ms": {"median": round(float(np.median(notify_lat)) * 1e3, 2),
@@ -392,7 +442,7 @@ def analyse(records: np.ndarray, phases: dict[str, tuple[float, float]], publish
         "notify_failures": sum(1 for p in publishes if p["phase"] == "notify" and not p["notify_ok"]),
         "server_exit_code": server_rc,
         "publishes": len(publishes),
-        "segments": _segments(records, publishes, swapped_at),
+        "segments": _segments(records, publishes, swapped_at, swap_phases),
     }
     result["_detail"] = detail
     result["_series"] = {"records": records, "phases": phases, "publishes": publishes}
@@ -411,7 +461,7 @@ def report(result: dict[str, object], out: Path) -> None:
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
 
     records, phases, publishes = series["records"], series["phases"], series["publishes"]
-    t0 = phases["noswap"][0]
+    t0 = phases[0][1]
     ok = records["status"] == 200
     t = records["t_send"] - t0
     lat_ms = (records["t_recv"] - records["t_send"]) * 1e3
@@ -423,7 +473,7 @@ def report(result: dict[str, object], out: Path) -> None:
            for i in range(1, len(bins))]
     ax.plot(bins[:-1] + 0.5, p99, color="tab:red", lw=1.2, label="p99 per second")
     colors = {"noswap": "#eeeeee", "poll": "#e6f0ff", "notify": "#e9f7e9"}
-    for name, (b, e) in phases.items():
+    for name, b, e in phases:
         for a in (ax, ax2):
             a.axvspan(b - t0, e - t0, color=colors[name], zorder=0)
         ax.text((b + e) / 2 - t0, 0.97, name, transform=ax.get_xaxis_transform(), ha="center", va="top")
@@ -460,14 +510,17 @@ def report(result: dict[str, object], out: Path) -> None:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
         f"Load average before/after: {s['loadavg_before']} / {s['loadavg_after']} (the 2 cores are shared "
-        "by the server, the load generator and the publisher).",
+        f"by the server, the load generator and the publisher). The registry lies on "
+        f"{s.get('registry_filesystem', 'an unrecorded filesystem')}.",
         "",
         f"Load: {s['connections']} keep-alive clients in a separate process (aiohttp), paced to "
         f"{s['target_rate_rps']} req/s in total, JSON FP32 [1,1,28,28] inputs to a 0.2 M-parameter CNN. "
         f"Phases: {s['phases_s']['noswap']} s without publishing, {s['phases_s']['poll']} s with a new version "
         f"every {s['publish_every_s']} s found by polling (every {s['poll_interval_s']} s), "
         f"{s['phases_s']['notify']} s with a new version every {s['publish_every_s']} s and a reload "
-        f"notification after each. Retention keeps {s['retention_keep']} versions.",
+        f"notification after each; the three interleaved, {s['cycles']} cycles of noswap, poll, notify, so that "
+        "both sides of the p99 comparison sample the same stretch of the shared machine's time. Retention keeps "
+        f"{s['retention_keep']} versions.",
         "",
         "| bar | measured | target | met |",
         "| --- | --- | --- | --- |",
@@ -536,7 +589,7 @@ def report(result: dict[str, object], out: Path) -> None:
         "",
         "![latency over time](serve_latency.png)",
         "",
-        "Reproduce: `.venv/bin/python benchmarks/serve_bench.py --out benchmarks/results` (about 2 minutes; run it "
+        "Reproduce: `.venv/bin/python benchmarks/serve_bench.py --out benchmarks/results` (about 2.5 minutes; run it "
         "on an otherwise idle machine).",
         "",
     ]
@@ -559,18 +612,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records")
     p.add_argument("--rate", type=float, default=600.0, help="target requests per second (600)")
     p.add_argument("--connections", type=int, default=16, help="concurrent keep-alive clients (16)")
-    p.add_argument("--noswap-s", type=float, default=20.0)
+    p.add_argument("--noswap-s", type=float, default=30.0)
     p.add_argument("--swap-s", type=float, default=60.0)
     p.add_argument("--notify-s", type=float, default=30.0)
     p.add_argument("--publish-every", type=float, default=2.0)
+    p.add_argument("--cycles", type=int, default=12, help="times the noswap, poll, notify sequence runs (12)")
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--server-threads", type=int, default=2)
     p.add_argument("--keep", type=int, default=5)
     p.add_argument("--server-load-nice", type=int, default=10, help="the server's --load-nice (10)")
     p.add_argument("--publisher-nice", type=int, default=10, help="nice increment of the publishing process (10)")
-    p.add_argument("--publisher-policy", choices=("nice", "idle"), default="nice",
-                   help="the publishing process's scheduling: 'nice' (SCHED_OTHER at --publisher-nice) or 'idle' "
-                        "(SCHED_IDLE)")
+    p.add_argument("--publisher-policy", choices=("nice", "idle"), default="idle",
+                   help="the publishing process's scheduling: 'idle' (SCHED_IDLE, as the daemon's rounds.cpu_policy "
+                        "= \"idle\" runs a co-located daemon's rounds and publishes) or 'nice' (SCHED_OTHER at "
+                        "--publisher-nice)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.loadgen:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.cpu_policy import POLICIES
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -117,7 +119,7 @@ class RoundsSection:
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)", minimum=0)
     cpu_policy: str = _opt("normal", "CPU scheduling of the rounds and publishes (their thread and torch's "
                                      "workers): normal; batch; idle, only on CPU nothing else wants (Linux), for "
-                                     "a daemon that shares its host with servers", choices=("normal", "batch", "idle"))
+                                     "a daemon that shares its host with servers", choices=POLICIES)
     retention_max_drop: float = _opt(0.02, "the retention gate: largest allowed fall of probe accuracy "
                                            "below the original model's", "ratio", minimum=0)
     grace_period_s: float = _opt(30.0, "on SIGTERM, how long a running round may take to finish before "

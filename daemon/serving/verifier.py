@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from daemon.cpu_policy import set_thread_policy
+
 __all__ = ["Verified", "Verifier", "VerifierUnavailable", "verify_for_load"]
 
 _PREFIX = 16
@@ -112,15 +114,6 @@ def _policy() -> str:
             getattr(os, "SCHED_BATCH", -2): "batch"}.get(policy, str(policy))
 
 
-def _idle() -> None:
-    """Run at SCHED_IDLE: only on CPU time nothing else wants (where the OS has the policy)."""
-    if hasattr(os, "SCHED_IDLE"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """The child: answer requests on stdin until it closes."""
     import argparse
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     import daemon.serving.weights  # noqa: F401
 
     if args.idle:
-        _idle()
+        set_thread_policy("idle")
     _send(out, {"ready": True})
     for line in sys.stdin.buffer:
         if not line.strip():
@@ -152,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         header["policy"] = _policy()
         _send(out, header, payload)
         if args.idle:
-            _idle()     # the server may have raised it to finish this one (never undone before the answer)
+            set_thread_policy("idle")     # the server may have raised it to finish this one (never undone before the answer)
     return 0
 
 

@@ -628,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--publisher-nice)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    if args.cycles < 1:
+        p.error(f"--cycles must be >= 1, got {args.cycles}")
     if args.loadgen:
         # The instrument must not stall: a full collection pauses every client at once and would be
         # counted as server latency. A 2-minute run's garbage fits in memory.

@@ -215,3 +215,98 @@ def test_session_rounds_validate_the_request_against_its_classes():
     x, _ = forget_set(2)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
         _session().run_round(ForgetRequest("forget", x, torch.tensor([0, 5])), method="neggrad")
+
+
+# -- what the held examples keep, and what the memory keeps (session 7) ---------------------------------
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_held_targets_are_the_references_where_the_decision_is_unchanged():
+    from daemon.engine.rounds import _held_targets
+
+    reference = tiny_model()
+    work = tiny_model()
+    x = synthetic(8, seed=7)[0]
+    ref = _logits(reference, x)
+    with torch.no_grad():                       # raise one class's logit by its median gap: some decisions change
+        gap = (ref.max(1).values - ref[:, 2]).median()
+        next(m for m in reversed(list(work.modules())) if isinstance(m, nn.Linear)).bias[2] += float(gap) + 1e-3
+    cur = _logits(work, x)
+    agree = ref.argmax(1) == cur.argmax(1)
+    assert agree.any() and (~agree).any()
+    held = _held_targets(work, reference, x)
+    torch.testing.assert_close(held[agree], ref[agree], rtol=0, atol=0)
+    torch.testing.assert_close(held[~agree], cur[~agree], rtol=0, atol=0)
+    torch.testing.assert_close(_held_targets(work, None, x), cur, rtol=0, atol=0)
+
+
+def test_hold_at_original_changes_nothing_in_a_first_round_and_something_later():
+    runs = {}
+    for hold in ("original", "current"):
+        session = _session()
+        config = CONFIG.with_overrides(hold_at=hold)
+        runs[hold] = [_run(session, r, config=config)[0] for r in range(2)]
+    assert all(r.succeeded for rs in runs.values() for r in rs)
+    assert state_equal(runs["original"][0].state, runs["current"][0].state)     # reference = model at round 1
+    assert not state_equal(runs["original"][1].state, runs["current"][1].state)
+
+
+def test_earlier_instances_stay_where_their_round_left_them():
+    """The default memory keeps (all but 1e-5 of) each forgotten instance's input directions at every
+    layer, so later rounds leave its logits as they were: it cannot relapse. Without the memory the
+    same rounds move them."""
+    moved = {}
+    for energy in (None, 0.0):
+        session = _session() if energy is None else _session(memory_energy=energy)
+        first, _ = _run(session, 0)
+        assert first.succeeded
+        x0 = _request(0).x
+        before = _logits(session.model, x0)
+        for r in (1, 2):
+            assert _run(session, r)[0].succeeded
+        after = _logits(session.model, x0)
+        moved[energy] = float((after - before).abs().max())
+        if energy is None:
+            assert torch.equal(after.argmax(1), before.argmax(1))
+    assert moved[None] < 0.05 * moved[0.0]
+
+
+def test_a_committed_class_round_becomes_the_reference_and_is_saved_and_undone():
+    session = _session()
+    assert session.reference is None
+    assert state_equal(dict(session.reference_model().named_parameters()), session.original)
+    x, y = forget_set(8, 40)
+    cls = int(y[0])
+    snap = session.snapshot()
+    result, _ = session.run_round(ForgetRequest("forget_class", x[y == cls], y[y == cls], forget_class=cls),
+                                  method="adv_imp", config=CONFIG, sentinel=_sentinel())
+    assert result.succeeded and result.kind == "forget_class"
+    live = {n: p.detach() for n, p in session.model.named_parameters()}
+    assert state_equal(session.reference, live) and not state_equal(session.reference, session.original)
+    assert state_equal({n: p.detach() for n, p in session.reference_model().named_parameters()}, live)
+    tensors, meta = session.state()
+    restored = UnlearningSession.restore(tiny_model(), _bytes_roundtrip(tensors), meta)
+    assert state_equal(restored.reference, session.reference)
+    bad = dict(tensors)
+    bad[next(k for k in bad if k.startswith("reference/"))] = torch.zeros(3)
+    with pytest.raises(ValueError, match="reference weights"):
+        UnlearningSession.restore(tiny_model(), bad, meta)
+    session.undo(snap)
+    assert session.reference is None
+    instance_round, _ = _run(session, 0)
+    assert instance_round.succeeded and session.reference is None     # instance rounds keep the reference
+
+
+def test_memory_copies_are_saved_and_older_states_keep_the_copies_they_ran_with():
+    session = _session(memory_copies=3)
+    tensors, meta = session.state()
+    assert meta["memory_copies"] == 3
+    assert UnlearningSession.restore(tiny_model(), tensors, meta).memory_copies == 3
+    older = {k: v for k, v in meta.items() if k != "memory_copies"}
+    assert UnlearningSession.restore(tiny_model(), tensors, older).memory_copies == 16
+    assert _session().memory_copies == 0
+    with pytest.raises(ValueError, match="memory_copies"):
+        _session(memory_copies=-1)

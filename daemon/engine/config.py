@@ -5,8 +5,8 @@
 project measured (benchmarks/results/mnist.md): a bounded margin loss on the instances not yet
 unlearned, with a per-instance weight that grows while an instance resists (dual ascent), adversarial
 examples from a tight L2 ball (eps 1.5, 30 PGD iterations) and small affine copies of each instance
-(``daemon.engine.anchors``) held at the model's own logits with a gradient that keeps pace with the
-forget gradient (``held_balance``), MAS importance, Adam (3e-4), and divergence / collapse checks.
+(``daemon.engine.anchors``) held at the original model's logits with a gradient that keeps pace with
+the forget gradient (``held_balance``), MAS importance, Adam (3e-4), and divergence / collapse checks.
 Class rounds move only the class's output row (``class_scope``) and let held examples lose the
 class's logit, never gain it.
 """
@@ -24,6 +24,7 @@ _CHOICES = {
     "adv_loss": ("ce", "kl", "logit_mse"),
     "stop": ("zero", "calibrated"),
     "class_scope": ("head_row", "all"),
+    "hold_at": ("original", "current"),
 }
 
 
@@ -57,7 +58,11 @@ class UnlearnConfig:
     mask_forgotten: bool = True
     class_margin: float = 3.0          # forget_class: push the examples this far past the boundary
     forget_boost: float = 1.05         # per-instance push × this after every step it is still not unlearned
-    adv_loss: str = "logit_mse"        # hold the adversarial examples at the model's own logits
+    adv_loss: str = "logit_mse"        # hold the adversarial examples at a model's logits (hold_at)
+    # whose outputs the held examples keep: the session's "original" model (repairs what earlier rounds
+    # eroded around them; safe because the subspace memory keeps earlier instances where they are) or the
+    # "current" one (without a session both are the model the round starts from)
+    hold_at: str = "original"
     adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
     held_balance: float = 1.0          # held gradient >= this x the forget gradient's norm (0: fixed adv_weight)
     adv_batch: int = 256
@@ -124,7 +129,8 @@ PRESETS: dict[str, UnlearnConfig] = {
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, grad_clip=None,
         forget_loss="neg_ce", forget_margin=0.0, mask_forgotten=False, forget_boost=1.0, adv_loss="ce",
         adv_weight=None,
-        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, class_scope="all", held_balance=0.0, bn_train=True, max_steps=1000, stop="zero",
+        adv_batch=256, lam=1.0, anchor_deform=0, class_copies=0, class_scope="all", held_balance=0.0, bn_train=True,
+        hold_at="current", max_steps=1000, stop="zero",
     ),
 }
 

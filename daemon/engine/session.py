@@ -27,13 +27,25 @@ from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import RoundResult, run_round
 from daemon.engine.subspace import SubspaceMemory
 
-__all__ = ["DEFAULT_ACCUMULATION", "DEFAULT_MEMORY_ENERGY", "UnlearningSession"]
+__all__ = ["DEFAULT_ACCUMULATION", "DEFAULT_MEMORY_COPIES", "DEFAULT_MEMORY_ENERGY", "UnlearningSession"]
 
 DEFAULT_ACCUMULATION = "max"
-DEFAULT_MEMORY_ENERGY = 0.97
+#: the memory keeps (all but 1e-5 of) the forgotten instances' own input directions at every layer:
+#: later rounds then cannot move them back (relapse 0) and may hold their examples at the original
+#: model's outputs (mnist_notes.md, session 7)
+DEFAULT_MEMORY_ENERGY = 0.99999
 #: affine copies per instance that, with the instances, define what a committed round protects
-MEMORY_COPIES = 16
+#: (0: the instances alone; 16 with energy 0.97 was the session-5 memory)
+DEFAULT_MEMORY_COPIES = 0
 _STATE_VERSION = 2          # 1: no subspace memory (restored with an empty one)
+# what states saved before a setting was recorded ran with, so they continue as they would have
+_V1_MEMORY_ENERGY = 0.97
+_V2_MEMORY_COPIES = 16
+
+
+#: what :meth:`UnlearningSession.snapshot` returns: live weights, rounds applied, importance, memory, reference
+Snapshot = tuple[dict[str, torch.Tensor], int, "dict[str, torch.Tensor] | None", SubspaceMemory,
+                 "dict[str, torch.Tensor] | None"]
 
 
 class UnlearningSession:
@@ -47,14 +59,18 @@ class UnlearningSession:
         decay: the factor of ``decayed`` accumulation.
         seed: base seed; round r draws from ``seed * 1_000_003 + r``.
         memory_energy: the subspace memory's threshold (0: no memory; ``daemon.engine.subspace``).
+        memory_copies: affine copies of each instance the memory protects beside the instance.
     """
 
     def __init__(self, model: nn.Module, *, num_classes: int, accumulation: str = DEFAULT_ACCUMULATION,
-                 decay: float = 0.5, seed: int = 0, memory_energy: float = DEFAULT_MEMORY_ENERGY) -> None:
+                 decay: float = 0.5, seed: int = 0, memory_energy: float = DEFAULT_MEMORY_ENERGY,
+                 memory_copies: int = DEFAULT_MEMORY_COPIES) -> None:
         if accumulation not in ACCUMULATIONS:
             raise ValueError(f"unknown accumulation {accumulation!r}; known: {', '.join(ACCUMULATIONS)}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if memory_copies < 0:
+            raise ValueError(f"memory_copies must be >= 0, got {memory_copies}")
         self.model = model
         self.num_classes = num_classes
         self.accumulation = accumulation
@@ -62,8 +78,13 @@ class UnlearningSession:
         self.seed = seed
         self.rounds_applied = 0
         self.original = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        # what held examples are kept at (config.hold_at "original"): the original weights until a class
+        # round commits; a class round changes the model everywhere by design, so it becomes the reference
+        # (else later rounds would hold examples of the forgotten class at the original outputs: relearning)
+        self.reference: dict[str, torch.Tensor] | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.memory = SubspaceMemory(memory_energy)
+        self.memory_copies = memory_copies
         # the memory a successful, not yet committed round would leave (never raw inputs)
         self._pending: tuple[RoundResult, SubspaceMemory] | None = None
 
@@ -99,8 +120,10 @@ class UnlearningSession:
             current = anchor_weights(mas_importance(self.model, request.x))
             combined = accumulate(self.importance, current, self.accumulation, self.decay)
         self._pending = None
+        reference = self.reference_model() if config.hold_at == "original" else None
         result = run_round(self.model, request, m, config, generator=gen, num_classes=self.num_classes,
-                           importance_weights=combined, memory=self.memory, sentinel=sentinel, track=track,
+                           importance_weights=combined, memory=self.memory, reference=reference,
+                           sentinel=sentinel, track=track,
                            track_every=track_every, progress=progress, should_abort=should_abort)
         if result.succeeded and self.memory.enabled and request.kind != "forget_class":
             t0 = time.perf_counter()
@@ -111,11 +134,24 @@ class UnlearningSession:
             self.commit(result, combined)
         return result, combined
 
+    def reference_model(self) -> nn.Module:
+        """The model whose outputs the held examples keep: the original weights, or those of the last
+        committed class round (buffers as live: a round trains no BatchNorm statistics unless
+        ``bn_train``), in eval mode."""
+        weights = self.original if self.reference is None else self.reference
+        model = copy.deepcopy(self.model).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name].to(p.device))
+        return model
+
     def _remember(self, request: ForgetRequest, result: RoundResult, generator: torch.Generator) -> SubspaceMemory:
-        """The memory extended by what the unlearned model computes on the instances and their copies."""
+        """The memory extended by what the unlearned model computes on the instances (and their copies)."""
         after = copy.deepcopy(self.model)
         after.load_state_dict(result.state)
-        x = torch.cat([request.x, deformations(request.x, MEMORY_COPIES, generator)])
+        x = request.x
+        if self.memory_copies:
+            x = torch.cat([x, deformations(request.x, self.memory_copies, generator)])
         return self.memory.extended(after, x)
 
     def commit(self, result: RoundResult, importance: Mapping[str, torch.Tensor] | None) -> None:
@@ -123,6 +159,8 @@ class UnlearningSession:
         if not result.succeeded:
             raise ValueError(f"refusing to commit a round that ended {result.outcome}")
         self.model.load_state_dict(result.state)
+        if result.kind == "forget_class":
+            self.reference = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
         if importance is not None:
             self.importance = {n: t.detach().cpu().clone() for n, t in importance.items()}
         if self._pending is not None and self._pending[0] is result:
@@ -130,14 +168,13 @@ class UnlearningSession:
         self._pending = None
         self.rounds_applied += 1
 
-    def snapshot(self) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor] | None, SubspaceMemory]:
+    def snapshot(self) -> Snapshot:
         """What :meth:`commit` changes, for a caller that must undo it (a publish that failed)."""
         weights = {n: t.detach().clone() for n, t in self.model.state_dict().items()}
-        return weights, self.rounds_applied, self.importance, self.memory
+        return weights, self.rounds_applied, self.importance, self.memory, self.reference
 
-    def undo(self, snapshot: tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor] | None, SubspaceMemory]
-             ) -> None:
-        weights, self.rounds_applied, self.importance, self.memory = snapshot
+    def undo(self, snapshot: Snapshot) -> None:
+        weights, self.rounds_applied, self.importance, self.memory, self.reference = snapshot
         self.model.load_state_dict(weights)
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -146,6 +183,8 @@ class UnlearningSession:
         tensors = {f"original/{n}": t for n, t in self.original.items()}
         if self.importance is not None:
             tensors.update({f"importance/{n}": t for n, t in self.importance.items()})
+        if self.reference is not None:
+            tensors.update({f"reference/{n}": t for n, t in self.reference.items()})
         tensors.update({f"subspace/{n}": t for n, t in self.memory.tensors().items()})
         meta = {
             "state_version": _STATE_VERSION,
@@ -156,6 +195,7 @@ class UnlearningSession:
             "rounds_applied": self.rounds_applied,
             "has_importance": self.importance is not None,
             "memory_energy": self.memory.energy,
+            "memory_copies": self.memory_copies,
         }
         return {k: v.contiguous() for k, v in tensors.items()}, meta
 
@@ -168,7 +208,8 @@ class UnlearningSession:
             raise ValueError(f"unsupported session state version {version!r}")
         session = cls(model, num_classes=int(meta["num_classes"]), accumulation=str(meta["accumulation"]),
                       decay=float(meta["decay"]), seed=int(meta["seed"]),
-                      memory_energy=float(meta.get("memory_energy", DEFAULT_MEMORY_ENERGY)))
+                      memory_energy=float(meta.get("memory_energy", _V1_MEMORY_ENERGY)),
+                      memory_copies=int(meta.get("memory_copies", _V2_MEMORY_COPIES)))
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         original = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("original/")}
         _check_matches("original weights", original, shapes, exact=True)
@@ -179,6 +220,10 @@ class UnlearningSession:
             trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
             _check_matches("importance", imp, trainable, exact=True)
             session.importance = imp
+        reference = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("reference/")}
+        if reference:
+            _check_matches("reference weights", reference, shapes, exact=True)
+            session.reference = {n: t.clone() for n, t in reference.items()}
         bases = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("subspace/")}
         if bases:
             session.memory = SubspaceMemory(session.memory.energy, bases)

@@ -113,8 +113,10 @@ class RoundsSection:
     preset: str = _opt("default", "engine preset", choices=("default", "paper"))
     accumulation: str = _opt("max", "how weight importance accumulates across rounds",
                              choices=("none", "sum", "max", "decayed"))
-    memory_energy: float = _opt(0.97, "subspace memory across rounds: share of each round's input energy "
-                                      "later rounds leave untouched (0: off)", "ratio", minimum=0, below=1)
+    memory_energy: float = _opt(0.99999, "subspace memory across rounds: share of each round's input energy "
+                                         "(per layer, on its instances) later rounds leave untouched; near 1 "
+                                         "keeps forgotten instances forgotten (0: off)", "ratio", minimum=0, below=1)
+    memory_copies: int = _opt(0, "affine copies of each instance the subspace memory also protects", minimum=0)
     device: str = _opt("cpu", "torch device of the engine (cpu, cuda, cuda:N)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)", minimum=0)
     cpu_policy: str = _opt("normal", "CPU scheduling of the rounds and publishes (their thread and torch's "

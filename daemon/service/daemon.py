@@ -103,7 +103,8 @@ class Daemon:
         self.limits = Limits(max_instances=config.limits.max_instances,
                              max_message_bytes=config.limits.max_message_bytes)
         self.method = {"name": config.rounds.method, "preset": config.rounds.preset,
-                       "accumulation": config.rounds.accumulation, "memory_energy": config.rounds.memory_energy}
+                       "accumulation": config.rounds.accumulation, "memory_energy": config.rounds.memory_energy,
+                       "memory_copies": config.rounds.memory_copies}
         self.runtimes: dict[str, ModelRuntime] = {}
         self.specs: dict[str, ModelSpec] = {}
         self.pending: dict[str, list[PendingRequest]] = defaultdict(list)

@@ -116,6 +116,7 @@ class ModelRuntime:
                                 f"{self.section.dataset} has {tuple(self.splits.train_x.shape[1:])}")
         live.session.accumulation = self.rounds.accumulation
         live.session.memory.energy = self.rounds.memory_energy
+        live.session.memory_copies = self.rounds.memory_copies
         self.live = live
         self.forgotten_classes = set((live.info.manifest.get("metrics") or {}).get("forgotten_classes", []))
         self.intake_model = copy.deepcopy(live.model).cpu().eval()

@@ -272,6 +272,9 @@ def test_run_round_validates_the_request_before_any_work():
     (dict(stop_level=-0.1), r"stop_level must lie in \[0, 1\)"),
     (dict(collapse_share=0.0), r"collapse_share must lie in \(0, 1\]"),
     (dict(collapse_share=1.5), r"collapse_share must lie in \(0, 1\]"),
+    (dict(hold_original_share=0.0), r"hold_original_share must lie in \(0, 1\]"),
+    (dict(hold_original_share=1.5), r"hold_original_share must lie in \(0, 1\]"),
+    (dict(hold_at="previous"), "hold_at must be one of original, current"),
 ])
 def test_config_rejects_bad_values_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

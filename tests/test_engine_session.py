@@ -231,16 +231,38 @@ def test_held_targets_are_the_references_where_the_decision_is_unchanged():
     work = tiny_model()
     x = synthetic(8, seed=7)[0]
     ref = _logits(reference, x)
-    with torch.no_grad():                       # raise one class's logit by its median gap: some decisions change
-        gap = (ref.max(1).values - ref[:, 2]).median()
-        next(m for m in reversed(list(work.modules())) if isinstance(m, nn.Linear)).bias[2] += float(gap) + 1e-3
+    head = next(m for m in reversed(list(work.modules())) if isinstance(m, nn.Linear))
+    with torch.no_grad():      # raise class 2's logit by its median gap (some decisions change), lower class 0's
+        head.bias[2] += float((ref.max(1).values - ref[:, 2]).median()) + 1e-3
+        head.bias[0] -= 1.0
     cur = _logits(work, x)
     agree = ref.argmax(1) == cur.argmax(1)
     assert agree.any() and (~agree).any()
-    held = _held_targets(work, reference, x)
-    torch.testing.assert_close(held[agree], ref[agree], rtol=0, atol=0)
-    torch.testing.assert_close(held[~agree], cur[~agree], rtol=0, atol=0)
-    torch.testing.assert_close(_held_targets(work, None, x), cur, rtol=0, atol=0)
+    labels = torch.zeros(x.shape[0], dtype=torch.long)          # every example made from a class-0 instance
+    held = _held_targets(work, reference, x, labels)
+    # unchanged decisions: the reference's logits, except that label 0 gets no more than the model gives it
+    torch.testing.assert_close(held[agree][:, 1:], ref[agree][:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(held[agree][:, 0], cur[agree][:, 0], rtol=0, atol=0)
+    assert bool((cur[agree][:, 0] < ref[agree][:, 0]).all())
+    torch.testing.assert_close(held[~agree], cur[~agree], rtol=0, atol=0)           # changed ones: the model's
+    other = _held_targets(work, reference, x, torch.full_like(labels, 2))          # label 2 gained: reference's
+    torch.testing.assert_close(other[agree][:, 2], ref[agree][:, 2], rtol=0, atol=0)
+    torch.testing.assert_close(_held_targets(work, None, x, labels), cur, rtol=0, atol=0)
+
+
+def test_a_round_that_is_not_done_by_its_share_of_the_budget_holds_its_own_outputs():
+    """Rounds 2 and later of near-duplicate instances (the synthetic classes are prototypes plus noise)
+    fight the original outputs; past ``hold_original_share`` of the budget they fall back."""
+    session = _session()
+    outcomes = []
+    for r in range(4):
+        result, _ = _run(session, r, config=CONFIG.with_overrides(hold_original_share=0.5))
+        outcomes.append(result)
+    assert all(r.succeeded for r in outcomes)
+    assert outcomes[0].held_fallback_step is None                     # round 1: reference = the model itself
+    late = [r for r in outcomes[1:] if r.steps > 50]
+    assert late and all(r.held_fallback_step == 50 for r in late)
+    assert all(r.held_fallback_step is None for r in outcomes[1:] if r.steps <= 50)
 
 
 def test_hold_at_original_changes_nothing_in_a_first_round_and_something_later():

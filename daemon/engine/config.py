@@ -63,6 +63,7 @@ class UnlearnConfig:
     # eroded around them; safe because the subspace memory keeps earlier instances where they are) or the
     # "current" one (without a session both are the model the round starts from)
     hold_at: str = "original"
+    hold_original_share: float = 0.5   # share of max_steps after which a round not yet done holds its own outputs
     adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
     held_balance: float = 1.0          # held gradient >= this x the forget gradient's norm (0: fixed adv_weight)
     adv_batch: int = 256
@@ -102,6 +103,8 @@ class UnlearnConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.adv_weight is not None and self.adv_weight < 0:
             raise ValueError(f"adv_weight must be >= 0 or None, got {self.adv_weight}")
+        if not 0.0 < self.hold_original_share <= 1.0:
+            raise ValueError(f"hold_original_share must lie in (0, 1], got {self.hold_original_share}")
         if not 0.0 <= self.stop_level < 1.0:
             raise ValueError(f"stop_level must lie in [0, 1), got {self.stop_level}")
         if not 0.0 < self.collapse_share <= 1.0:

@@ -68,6 +68,9 @@ class RoundResult:
     trajectory: list[TrajectoryPoint] = field(default_factory=list)
     #: the request's kind (``forget``, ``relabel``, ``forget_class``)
     kind: str = "forget"
+    #: the step after which the held examples kept the model's own outputs instead of the reference's
+    #: (``config.hold_original_share``); None when they never switched
+    held_fallback_step: int | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -157,21 +160,27 @@ def _forget_set_collapsed(model: nn.Module, request: ForgetRequest, share: float
     return float(torch.bincount(pred).max()) / pred.numel() >= share
 
 
-def _held_targets(work: nn.Module, reference: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def _held_targets(work: nn.Module, reference: nn.Module | None, x: torch.Tensor, labels: torch.Tensor
+                  ) -> torch.Tensor:
     """The logits the held examples keep: ``reference``'s (the session's original model) wherever the
-    model still predicts what the reference predicts, else the model's own.
+    model still predicts what the reference predicts, else the model's own; ``labels`` (the label of
+    the instance each example was made from) never gets more than the model gives it now.
 
     Holding at the original outputs repairs the margins earlier rounds eroded around this round's
-    instances instead of freezing the erosion in (MNIST 10 × 32, seed 0: 5.2 -> 4.3 pp); where an
-    earlier round deliberately changed the decision (near an instance it forgot), the original outputs
-    would ask to undo it, against the subspace memory that keeps it, and the round would stall.
+    instances instead of freezing the erosion in (MNIST 10 × 32; mnist_notes.md, session 7). Where an
+    earlier round deliberately changed the decision, the original outputs would ask to undo it, against
+    the subspace memory that keeps it; and near an instance an earlier round forgot (a near-duplicate of
+    this round's), the original margin of the label is what that round took away, so asking for it back
+    would fight this round's own forgetting.
     """
     current = logits(work, x)
     if reference is None:
         return current
     original = logits(reference, x)
+    col = labels.to(original.device).unsqueeze(1)
+    target = original.scatter(1, col, torch.minimum(original.gather(1, col), current.gather(1, col)))
     agree = (original.argmax(1) == current.argmax(1)).unsqueeze(1)
-    return torch.where(agree, original, current)
+    return torch.where(agree, target, current)
 
 
 def _finite(model: nn.Module) -> bool:
@@ -281,18 +290,29 @@ def run_round(
             # move out of the class would pin the class's own region in place. Keep those that left.
             keep = res.reached
         adv_x, adv_y = res.x[keep].to(device), res.targets[keep].to(device)
-        adv_logits = _held_targets(work, reference, adv_x).to(device)   # what the adversarial term holds
+        made_from = request.labels.repeat_interleave(config.adv_per_instance)[keep.cpu()]
+        adv_logits = _held_targets(work, reference, adv_x, made_from).to(device)   # what the adversarial term holds
         adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
     n_adv = 0 if adv_x is None else int(adv_x.shape[0])
     if method.uses_adversarial and not attack_aborted and config.anchor_deform and request.kind != "forget_class":
         # forget_class is left out: copies of a class's examples are the class, and must go with it
         anchors = deformations(request.x, config.anchor_deform, generator).to(device)
-        anchor_logits = _held_targets(work, None, anchors).to(device)
+        anchor_logits = _held_targets(work, reference, anchors,
+                                      request.labels.repeat_interleave(config.anchor_deform)).to(device)
         held = [] if adv_x is None else [(adv_x, adv_y, adv_logits)]
         held.append((anchors, anchor_logits.argmax(1), anchor_logits))
         adv_x, adv_y, adv_logits = (torch.cat(parts) for parts in zip(*held))
         adv_soft = F.softmax(adv_logits, 1)
+    # Where the reference's outputs are held, the round falls back to the model's own after its share of
+    # the budget: near an instance an earlier round forgot (a near-duplicate), the original outputs ask
+    # for the margin that round took away, and the memory keeps that round's instance where it is.
+    own_logits, relax_at = None, None
+    if reference is not None and adv_x is not None:
+        own_logits = logits(work, adv_x).to(device)
+        if not torch.equal(own_logits, adv_logits):
+            relax_at = max(1, int(config.max_steps * config.hold_original_share))
+    relaxed_at = None
     n_req = x.shape[0]
     if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted:
         # forgetting a class must generalise to the class: its examples' copies are forgotten with them
@@ -382,6 +402,8 @@ def run_round(
             outcome, reason = "aborted", "the round was aborted"
             break
         steps += 1
+        if relax_at is not None and steps > relax_at and relaxed_at is None:
+            adv_logits, adv_soft, relaxed_at = own_logits, F.softmax(own_logits, 1), steps - 1
         if config.mask_forgotten:
             with torch.no_grad():
                 active = _still_active(logits_f, labels, towards_d, request.kind, config)
@@ -453,6 +475,7 @@ def run_round(
     work.eval()
     return RoundResult(
         outcome=outcome, reason=reason, method=method.name, config=config, steps=steps, kind=request.kind,
+        held_fallback_step=relaxed_at,
         attack_s=attack_s, optimise_s=optimise_s, wall_s=time.perf_counter() - wall0 - tracking_s,
         tracking_s=tracking_s,
         acc_forget=acc_final, predictions_before=pred_before, predictions_after=pred_after,

@@ -16,6 +16,8 @@ $U bench "${common[@]}" --methods neggrad,adv,adv_imp,random_label,boundary_shri
 # 2. continual: 10 rounds x 32, every accumulation rule for adv_imp, neggrad as reference
 $U bench "${common[@]}" --methods adv_imp,neggrad --k 32 --seeds 0 --kind forget --presets default \
     --continual 10x32 --accumulations none,sum,max,decayed --resume
+#    for reference: the same 320 instances (seed 0's first 320) forgotten in one round
+$U bench "${common[@]}" --methods adv_imp --k 320 --seeds 0 --kind forget --presets default --resume
 # 3. class forgetting, and relabelling
 $U bench "${common[@]}" --methods neggrad,adv_imp,random_label,boundary_shrink --k 32 --seeds 0 \
     --kind forget_class --forget-classes 0,3,8 --presets default --resume

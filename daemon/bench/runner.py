@@ -27,7 +27,7 @@ from daemon.engine.evaluate import accuracy, predict
 from daemon.engine.methods import get_method
 from daemon.engine.models import build_model
 from daemon.engine.requests import ForgetRequest
-from daemon.engine.session import DEFAULT_ACCUMULATION, UnlearningSession
+from daemon.engine.session import DEFAULT_ACCUMULATION, DEFAULT_MEMORY_COPIES, DEFAULT_MEMORY_ENERGY, UnlearningSession
 from daemon.engine.training import TrainConfig, train_classifier
 from daemon.registry import atomic_write_bytes
 
@@ -227,6 +227,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
         "seeds": list(plan.seeds), "kinds": list(plan.kinds), "presets": {p: PRESETS[p].to_dict() for p in plan.presets},
         "overrides": plan.overrides, "continual": list(plan.continual) if plan.continual else None,
         "accumulations": list(plan.accumulations), "default_accumulation": DEFAULT_ACCUMULATION,
+        "memory": {"energy": DEFAULT_MEMORY_ENERGY, "copies": DEFAULT_MEMORY_COPIES},
         "pretrain": plan.train.__dict__, "acc_test_original": acc_original,
         "track": {"set": f"last {plan.track_size} test images", "every_steps": plan.track_every},
         "forget_classes": list(plan.forget_classes), "forget_class_examples": plan.forget_class_examples,
@@ -266,6 +267,8 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             extra["reason"] = result.reason
             extra["tracking_s"] = result.tracking_s   # trajectory evaluations, excluded from wall_s
             extra["memory_s"] = result.memory_s       # subspace memory extension, included in wall_s
+            extra["memory_dims"] = session.memory.dims()
+            extra["held_fallback_step"] = result.held_fallback_step
             extra["attack"] = {"example_iterations": result.attack_example_iterations,
                                "full_iterations": result.attack_full_iterations,
                                "success": result.attack_success, "examples": result.adversarial_examples,

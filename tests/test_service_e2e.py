@@ -139,6 +139,9 @@ def test_all_kinds_are_applied_and_the_published_versions_forget(tmp_path, broke
         assert after[("unlearnd_rounds_total", (("outcome", "applied"),))] == 3
         assert after[("unlearnd_model_version", (("model", "mnist-cnn"),))] == 4
         assert after[("unlearnd_param_drift_l2", (("reference", "original"),))] > 0
+        fill = {dict(lab)["layer"]: v for (n, lab), v in after.items() if n == "unlearnd_memory_fill_ratio"}
+        assert fill and all(0 < v <= 1 for v in fill.values())                     # the instance rounds' memory
+        assert not any(n == "unlearnd_memory_fill_ratio" for n, _ in before)      # nothing protected at start
         assert after[("unlearnd_time_to_forget_seconds_count", ())] == 3
         assert after[("unlearnd_pending_requests", ())] == 0
         assert before[("unlearnd_rounds_total", (("outcome", "applied"),))] == 0

@@ -107,6 +107,12 @@ class SubspaceMemory:
         """Protected directions per layer (reported per round)."""
         return {n: int(b.shape[1]) for n, b in self.bases.items()}
 
+    def fill(self) -> dict[str, float]:
+        """Per layer, the share of its input directions that are protected. A layer at 1 can no longer
+        change for instance rounds; once every layer an instance passes through is full, forgetting
+        new instances exhausts its budget (the memory's capacity: ~1,500 instances for mnist_cnn)."""
+        return {n: int(b.shape[1]) / int(b.shape[0]) for n, b in self.bases.items()}
+
     def extended(self, model: nn.Module, x: torch.Tensor) -> SubspaceMemory:
         """A new memory that also protects what ``model`` computes on ``x`` (this one is unchanged)."""
         out = SubspaceMemory(self.energy, self.bases)

@@ -143,6 +143,7 @@ class Daemon:
             self.metrics.model_version.labels(model=name).set(rt.version)
             self.metrics.probe_accuracy.labels(reference="original").set(rt.probe_accuracy("original"))
             self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy("current"))
+            self._export_memory_fill(name)
         if self.config.metrics.port:
             self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         k = self.config.kafka
@@ -672,6 +673,11 @@ class Daemon:
         g.flip_ratio.labels(reference="original").set(m["prediction_flip_ratio_original"])
         g.flip_ratio.labels(reference="previous").set(m["prediction_flip_ratio_previous"])
         g.importance_density.set(m["importance_density_ratio"])
+        self._export_memory_fill(model)
+
+    def _export_memory_fill(self, model: str) -> None:
+        for layer, share in self.runtimes[model].live.session.memory.fill().items():
+            self.metrics.memory_fill.labels(model=model, layer=layer).set(share)
 
     def _notify(self, model: str) -> None:
         urls = [u.replace("{name}", model) for u in self.config.serving.notify_urls]

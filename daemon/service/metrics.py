@@ -41,6 +41,9 @@ class DaemonMetrics:
                                 "Share of probe predictions changed against a reference", ["reference"], registry=r)
         self.importance_density = Gauge("unlearnd_importance_density_ratio",
                                         "Share of parameters the accumulated importance holds fixed", registry=r)
+        self.memory_fill = Gauge("unlearnd_memory_fill_ratio",
+                                 "Share of a layer's input directions the continual memory protects (1: the layer "
+                                 "no longer changes in instance rounds)", ["model", "layer"], registry=r)
         self.model_version = Gauge("unlearnd_model_version", "The published version", ["model"], registry=r)
         self.consumer_lag = Gauge("unlearnd_consumer_lag_records", "Kafka consumer lag (records)", ["partition"],
                                   registry=r)

@@ -50,6 +50,7 @@ def test_every_row_has_exactly_the_issue_fields_and_a_known_outcome(tmp_path, sp
     assert len(retrain) == 1 and retrain[0]["wall_s"] > 0
     cont = [r for r in rows if r["protocol"] == "continual" and r["method"] == "adv_imp"]
     assert sorted((r["accumulation"], r["round"]) for r in cont) == [("max", 1), ("max", 2), ("none", 1), ("none", 2)]
+    assert {r["method"] for r in rows if r["protocol"] == "continual"} == {"adv_imp", "neggrad"}   # no retrain
     fc = [r for r in rows if r["kind"] == "forget_class"]
     assert all(r["acc_other_classes"] is not None for r in fc)
     assert all(r["acc_other_classes"] is None for r in rows if r["kind"] != "forget_class")
@@ -78,7 +79,7 @@ def test_resume_skips_a_complete_continual_sequence_and_reruns_an_incomplete_one
     path = tmp_path / "synthetic.json"
     doc = json.loads(path.read_text())
     continual = [r for r in doc["rows"] if r["protocol"] == "continual"]
-    assert {r["method"] for r in continual} == {"neggrad", "adv_imp"}      # adv_imp always runs continual
+    assert {r["method"] for r in continual} == {"neggrad"}      # --methods picks the continual methods too
     doc["rows"] = [r for r in doc["rows"]
                    if not (r["protocol"] == "continual" and r["method"] == "neggrad" and r["round"] == 2)]
     path.write_text(json.dumps(doc))
@@ -141,3 +142,25 @@ def test_the_report_reads_retrain_time_to_the_unlearned_accuracy_off_the_curve()
     assert secs == pytest.approx((4.0 + 40.0) / 2)     # seed 1's target is never reached: its whole time
     assert target == pytest.approx(0.992)
     assert _retrain_to_accuracy(retrain, unlearned, {}) is None
+
+
+def test_the_bars_count_the_issue_k_and_report_the_joint_round_beside_the_continual_one():
+    from daemon.bench.report import _bars
+
+    def row(method: str, k: int, outcome: str, protocol: str = "single", rnd: int = 1, acc: float = 0.99) -> dict:
+        return dict(method=method, preset="default", kind="forget", protocol=protocol, k=k, seed=0, round=rnd,
+                    accumulation="max" if protocol == "continual" else None, acc_test=acc, acc_test_original=0.994,
+                    acc_forget=0.0 if outcome == "forgotten" else 0.05, acc_forget_union=0.0, outcome=outcome,
+                    wall_s=1.0, steps=800 if outcome == "budget_exhausted" else 200)
+
+    rows = [row("adv_imp", 16, "forgotten"), row("adv_imp", 320, "budget_exhausted", acc=0.9285),
+            row("adv_imp", 32, "forgotten", "continual", 1), row("adv_imp", 32, "forgotten", "continual", 2, 0.98)]
+    text = "\n".join(_bars(rows, {}))
+    assert "| every method reaches forget accuracy 0 within its budget | 1/1 rounds forgotten | yes |" in text
+    assert ("| (for reference) the continual protocol's 64 instances in one round (seed 0) |" not in text
+            and "320 instances" not in text)                              # 2 × 32 = 64: no joint row of that size
+    rows.append(row("adv_imp", 64, "budget_exhausted", acc=0.95))
+    text = "\n".join(_bars(rows, {}))
+    assert ("| (for reference) the continual protocol's 64 instances in one round (seed 0) | 4.40 pp test loss, "
+            "budget_exhausted after 800 steps, forget accuracy 5.00% | – |") in text
+    assert "| every method reaches forget accuracy 0 within its budget | 1/2 rounds forgotten" in text   # k=64 counts

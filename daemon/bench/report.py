@@ -98,8 +98,11 @@ def _plots(rows: list[dict], extra: dict, out: Path, dataset: str) -> list[str]:
             relapse = [100 * (_mean([x["acc_forget_union"] for x in by_round[i]]) or 0) for i in rounds]
             a1.plot(rounds, loss, marker="o", label=f"{method} / {acc}")
             a2.plot(rounds, relapse, marker="o", label=f"{method} / {acc}")
+        # log scale: the baselines lose tens of points, adv_imp a few, and the bar is 3 pp
+        a1.set_yscale("symlog", linthresh=1.0)
+        a1.axhline(3.0, color="grey", linestyle="--", linewidth=1, label="bar: 3 pp after the last round")
         a1.set_xlabel("round")
-        a1.set_ylabel("cumulative test-accuracy loss (pp)")
+        a1.set_ylabel("cumulative test-accuracy loss (pp, log above 1)")
         a2.set_xlabel("round")
         a2.set_ylabel("accuracy on all instances forgotten so far (%)")
         a1.legend(fontsize=7)
@@ -122,7 +125,9 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
         out.append(f"| {bar} | {measured} | {'–' if ok is None else ('yes' if ok else '**no**')} |")
 
     single = [r for r in rows if r["protocol"] == "single" and r["kind"] == "forget" and r["preset"] == "default"]
-    unlearners = [r for r in single if r["method"] != "retrain"]
+    limits = {16: 0.005, 64: 0.010, 128: 0.020}
+    # the bars' k; other single rows (the continual protocol's instances in one round) are references
+    unlearners = [r for r in single if r["method"] != "retrain" and r["k"] in limits]
     if unlearners:
         bad = [r for r in unlearners if r["outcome"] != "forgotten"]
         add("every method reaches forget accuracy 0 within its budget",
@@ -132,7 +137,6 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
         collapsed = [r for r in unlearners if r["outcome"] == "forgotten" and (r["acc_test"] or 0) < 0.2]
         add("no published (forgotten) model is collapsed (test accuracy < 20%)",
             f"{len(collapsed)} collapsed among forgotten rounds", not collapsed)
-    limits = {16: 0.005, 64: 0.010, 128: 0.020}
     for k, limit in limits.items():
         rs = [r for r in single if r["k"] == k]
         if not rs:
@@ -162,6 +166,13 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
             add(f"continual {last}×{final[0]['k']} ({acc}): cumulative test loss ≤ 3.0 pp, relapse ≤ 5%",
                 f"{_pp(loss)} pp, relapse {_pp(relapse)}%, failed rounds {failed}",
                 loss is not None and relapse is not None and loss <= 0.03 and relapse <= 0.05 and not failed)
+        last = max(r["round"] for r in cont)
+        joint = [r for r in single if r["method"] == "adv_imp" and r["k"] == last * cont[0]["k"]
+                 and r["seed"] in {c["seed"] for c in cont}]
+        for r in joint:   # forget_indices(n, rounds * k, seed) draws the same instances in both protocols
+            add(f"(for reference) the continual protocol's {r['k']} instances in one round (seed {r['seed']})",
+                f"{_pp(r['acc_test_original'] - r['acc_test'])} pp test loss, {r['outcome']} after {r['steps']} "
+                f"steps, forget accuracy {_pp(r['acc_forget'])}%", None)
     fc = [r for r in rows if r["kind"] == "forget_class" and r["method"] == "adv_imp"]
     for r in fc:
         add(f"forget_class {r['k']} (seed {r['seed']}): class 0%, other classes ≥ 99.15%",

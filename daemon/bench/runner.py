@@ -51,7 +51,6 @@ class BenchPlan:
     presets: Sequence[str] = ("default", "paper")
     continual: tuple[int, int] | None = None
     accumulations: Sequence[str] = ("none", "sum", "max", "decayed")
-    continual_methods: Sequence[str] = ("adv_imp", "neggrad")
     forget_class_examples: int = 64
     forget_classes: Sequence[int] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -329,7 +328,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
         rounds, k = plan.continual
         for seed in plan.seeds:
             order = forget_indices(splits.train_y.shape[0], rounds * k, seed)
-            for method in plan.continual_methods:
+            for method in [m for m in plan.methods if not get_method(m).oracle]:   # retrain has no rounds
                 accs = plan.accumulations if get_method(method).uses_importance else (DEFAULT_ACCUMULATION,)
                 for acc_mode in accs:
                     # a sequence needs every earlier round's session, so only a complete one is skipped

@@ -1,10 +1,11 @@
 """Continual unlearning: the state carried from round to round, and its exact save/restore.
 
-A session owns the live model, the original weights (for drift and relapse reports), the
-*accumulated* importance penalty weights and the subspace memory of earlier rounds
-(``daemon.engine.subspace``). The paper's continual protocol is not public; the accumulation rule is
-a setting (``daemon.engine.importance.ACCUMULATIONS``) chosen by benchmark, and so is the memory's
-energy threshold.
+A session owns the live model, the original weights (for drift and relapse reports, and as the
+outputs later rounds' held examples keep: ``UnlearnConfig.hold_at``), the *accumulated* importance
+penalty weights and the subspace memory of earlier rounds (``daemon.engine.subspace``). The paper's
+continual protocol is not public; the accumulation rule is a setting
+(``daemon.engine.importance.ACCUMULATIONS``) chosen by benchmark, and so are the memory's energy
+threshold and what the held examples keep.
 Every round draws its randomness from ``(seed, round index)``, so a session restored from its saved
 state continues bit-identically to one that never stopped.
 """

@@ -126,7 +126,6 @@ class RoundsSection:
                                            "below the original model's", "ratio", minimum=0)
     grace_period_s: float = _opt(30.0, "on SIGTERM, how long a running round may take to finish before "
                                        "it is aborted", "s", minimum=0)
-    max_attempts: int = _opt(1, "rounds a request may take part in before it fails for good", minimum=1)
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,6 @@ class DaemonSection:
     """Process-wide behaviour."""
 
     outbox_interval_s: float = _opt(0.5, "how often unacknowledged receipts are retried", "s", minimum=0.01)
-    idle_sleep_s: float = _opt(0.05, "pause of the main loop when there is nothing to do", "s", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -239,15 +239,17 @@ def test_held_targets_are_the_references_where_the_decision_is_unchanged():
     agree = ref.argmax(1) == cur.argmax(1)
     assert agree.any() and (~agree).any()
     labels = torch.zeros(x.shape[0], dtype=torch.long)          # every example made from a class-0 instance
-    held = _held_targets(work, reference, x, labels)
+    held, own = _held_targets(work, reference, x, labels)
+    torch.testing.assert_close(own, cur, rtol=0, atol=0)
     # unchanged decisions: the reference's logits, except that label 0 gets no more than the model gives it
     torch.testing.assert_close(held[agree][:, 1:], ref[agree][:, 1:], rtol=0, atol=0)
     torch.testing.assert_close(held[agree][:, 0], cur[agree][:, 0], rtol=0, atol=0)
     assert bool((cur[agree][:, 0] < ref[agree][:, 0]).all())
     torch.testing.assert_close(held[~agree], cur[~agree], rtol=0, atol=0)           # changed ones: the model's
-    other = _held_targets(work, reference, x, torch.full_like(labels, 2))          # label 2 gained: reference's
+    other, _ = _held_targets(work, reference, x, torch.full_like(labels, 2))          # label 2 gained: reference's
     torch.testing.assert_close(other[agree][:, 2], ref[agree][:, 2], rtol=0, atol=0)
-    torch.testing.assert_close(_held_targets(work, None, x, labels), cur, rtol=0, atol=0)
+    for t in _held_targets(work, None, x, labels):
+        torch.testing.assert_close(t, cur, rtol=0, atol=0)
 
 
 def test_a_round_that_is_not_done_by_its_share_of_the_budget_holds_its_own_outputs():

@@ -161,8 +161,10 @@ def _forget_set_collapsed(model: nn.Module, request: ForgetRequest, share: float
 
 
 def _held_targets(work: nn.Module, reference: nn.Module | None, x: torch.Tensor, labels: torch.Tensor
-                  ) -> torch.Tensor:
-    """The logits the held examples keep: ``reference``'s (the session's original model) wherever the
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits the held examples keep, and the model's own (the fallback, ``hold_original_share``).
+
+    The held ones are ``reference``'s (the session's original model) wherever the
     model still predicts what the reference predicts, else the model's own; ``labels`` (the label of
     the instance each example was made from) never gets more than the model gives it now.
 
@@ -175,12 +177,12 @@ def _held_targets(work: nn.Module, reference: nn.Module | None, x: torch.Tensor,
     """
     current = logits(work, x)
     if reference is None:
-        return current
+        return current, current
     original = logits(reference, x)
     col = labels.to(original.device).unsqueeze(1)
     target = original.scatter(1, col, torch.minimum(original.gather(1, col), current.gather(1, col)))
     agree = (original.argmax(1) == current.argmax(1)).unsqueeze(1)
-    return torch.where(agree, target, current)
+    return torch.where(agree, target, current), current
 
 
 def _finite(model: nn.Module) -> bool:
@@ -272,7 +274,7 @@ def run_round(
     # --- prepare: targets, adversarial set, importance anchor --------------------------------------
     towards = method.towards(work, request, config, generator)
     towards_d = towards.to(device) if towards is not None else None
-    adv_x = adv_y = adv_soft = adv_logits = None
+    adv_x = adv_y = adv_soft = adv_logits = own_logits = None
     attack_stats = (0, 0, float("nan"))
     t_attack = time.perf_counter()
     res, attack_aborted = None, False
@@ -291,27 +293,25 @@ def run_round(
             keep = res.reached
         adv_x, adv_y = res.x[keep].to(device), res.targets[keep].to(device)
         made_from = request.labels.repeat_interleave(config.adv_per_instance)[keep.cpu()]
-        adv_logits = _held_targets(work, reference, adv_x, made_from).to(device)   # what the adversarial term holds
+        adv_logits, own_logits = (t.to(device) for t in _held_targets(work, reference, adv_x, made_from))
         adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
     n_adv = 0 if adv_x is None else int(adv_x.shape[0])
     if method.uses_adversarial and not attack_aborted and config.anchor_deform and request.kind != "forget_class":
         # forget_class is left out: copies of a class's examples are the class, and must go with it
         anchors = deformations(request.x, config.anchor_deform, generator).to(device)
-        anchor_logits = _held_targets(work, reference, anchors,
-                                      request.labels.repeat_interleave(config.anchor_deform)).to(device)
-        held = [] if adv_x is None else [(adv_x, adv_y, adv_logits)]
-        held.append((anchors, anchor_logits.argmax(1), anchor_logits))
-        adv_x, adv_y, adv_logits = (torch.cat(parts) for parts in zip(*held))
+        anchor_logits, anchor_own = (t.to(device) for t in _held_targets(
+            work, reference, anchors, request.labels.repeat_interleave(config.anchor_deform)))
+        held = [] if adv_x is None else [(adv_x, adv_y, adv_logits, own_logits)]
+        held.append((anchors, anchor_logits.argmax(1), anchor_logits, anchor_own))
+        adv_x, adv_y, adv_logits, own_logits = (torch.cat(parts) for parts in zip(*held))
         adv_soft = F.softmax(adv_logits, 1)
     # Where the reference's outputs are held, the round falls back to the model's own after its share of
     # the budget: near an instance an earlier round forgot (a near-duplicate), the original outputs ask
     # for the margin that round took away, and the memory keeps that round's instance where it is.
-    own_logits, relax_at = None, None
-    if reference is not None and adv_x is not None:
-        own_logits = logits(work, adv_x).to(device)
-        if not torch.equal(own_logits, adv_logits):
-            relax_at = max(1, int(config.max_steps * config.hold_original_share))
+    relax_at = None
+    if own_logits is not None and not torch.equal(own_logits, adv_logits):
+        relax_at = max(1, int(config.max_steps * config.hold_original_share))
     relaxed_at = None
     n_req = x.shape[0]
     if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted:

@@ -124,6 +124,9 @@ class RoundsSection:
                                      "a daemon that shares its host with servers", choices=POLICIES)
     retention_max_drop: float = _opt(0.02, "the retention gate: largest allowed fall of probe accuracy "
                                            "below the original model's", "ratio", minimum=0)
+    split_failed: bool = _opt(True, "retry a failed round of several requests as two rounds of half its requests "
+                                    "(again while one fails), so a request that cannot be unlearned fails alone "
+                                    "and the others are applied")
     grace_period_s: float = _opt(30.0, "on SIGTERM, how long a running round may take to finish before "
                                        "it is aborted", "s", minimum=0)
 

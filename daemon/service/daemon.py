@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,8 @@ class Daemon:
         self.runtimes: dict[str, ModelRuntime] = {}
         self.specs: dict[str, ModelSpec] = {}
         self.pending: dict[str, list[PendingRequest]] = defaultdict(list)
+        # the halves of failed rounds (``rounds.split_failed``), each run as a round of its own, before new work
+        self.split: dict[str, list[list[PendingRequest]]] = defaultdict(list)
         self.first_pending_at: dict[str, float] = {}
         self.inflight: dict[TopicPartition, set[int]] = defaultdict(set)
         self.next_offset: dict[TopicPartition, int] = {}
@@ -356,8 +358,7 @@ class Daemon:
         if seen is not None and seen.fingerprint == fp:
             if seen.effect != "accepted" or seen.request_status != "accepted":
                 return "", "", ""                  # already decided before a restart: nothing to redo
-            if any(p.request_id == seen.request_id for ps in self.pending.values() for p in ps) or \
-                    any(p.request_id == seen.request_id for p in self._round_batch):
+            if any(p.request_id == seen.request_id for p in self._waiting()):
                 return "", "", ""
         if isinstance(checked, Rejection):
             return self._reject(batch, rec, fp, checked, now)
@@ -475,6 +476,9 @@ class Daemon:
             self._commit_offsets()
         except Exception as exc:  # noqa: BLE001 - the group may already be gone (broker restart)
             log.warning("offset_commit_failed", error=f"{type(exc).__name__}: {exc}")
+        for model, halves in list(self.split.items()):
+            kept = [[p for p in half if TopicPartition(p.topic, p.partition) not in revoked] for half in halves]
+            self.split[model] = [half for half in kept if half]
         for model, items in list(self.pending.items()):
             keep = [p for p in items if TopicPartition(p.topic, p.partition) not in revoked]
             self.pending[model] = keep
@@ -486,9 +490,19 @@ class Daemon:
             self.committed.pop(tp, None)
 
     # -- rounds -------------------------------------------------------------------------------------
+    def _waiting(self) -> Iterator[PendingRequest]:
+        """Every accepted request without its outcome yet: pending, split off a failed round, or running."""
+        yield from (p for ps in self.pending.values() for p in ps)
+        yield from (p for halves in self.split.values() for half in halves for p in half)
+        yield from self._round_batch
+
     def _start_round_if_due(self) -> None:
         if self._round is not None:
             return
+        for model, halves in self.split.items():
+            if halves:      # the rest of a failed round goes first: its requests are the oldest
+                self._launch(model, halves.pop(0))
+                return
         now = time.monotonic()
         for model, items in self.pending.items():
             if not items:
@@ -540,6 +554,12 @@ class Daemon:
             bound.warning("round_aborted")
             return "aborted", candidate
         method = {**self.method, "params": candidate.result.config.to_dict()}
+        if not candidate.passed and self.config.rounds.split_failed and len(batch) > 1:
+            with self.ledger.transaction() as db:
+                Ledger.end_round(db, round_id, "split", reason=f"{candidate.reason}; its {len(batch)} requests "
+                                                               "are retried in two rounds of half as many")
+            bound.warning("round_split", reason=candidate.reason, requests=len(batch))
+            return "split", candidate
         if not candidate.passed:
             self._fail_round(rt, candidate, round_id, method)
             bound.warning("round_failed", reason=candidate.reason)
@@ -643,6 +663,15 @@ class Daemon:
                     self.pending[model] = batch + self.pending[model]
                     self.first_pending_at.setdefault(model, time.monotonic())
             return
+        if outcome == "split":
+            # nothing decided: the requests stay in flight (their offsets uncommitted) and run again in halves,
+            # so one request that cannot be unlearned fails alone instead of taking its batch with it
+            half = (len(batch) + 1) // 2
+            self.split[batch[0].decoded.model][:0] = [batch[:half], batch[half:]]
+            self.metrics.rounds.labels(outcome="failed").inc()
+            self.metrics.round_duration.observe(duration)
+            self.metrics.forget_accuracy.set(payload.result.acc_forget)
+            return
         for p in batch:
             self.inflight[TopicPartition(p.topic, p.partition)].discard(p.offset)
         self.metrics.rounds.labels(outcome=outcome).inc()
@@ -690,7 +719,7 @@ class Daemon:
 
     # -- gauges -------------------------------------------------------------------------------------
     def _update_gauges(self) -> None:
-        waiting = [p for ps in self.pending.values() for p in ps] + self._round_batch
+        waiting = list(self._waiting())
         self.metrics.pending.set(len(waiting))
         now = time.time()
         self.metrics.oldest_pending_age.set(max((now - p.received_at for p in waiting), default=0.0))

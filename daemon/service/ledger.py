@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     round_id   TEXT PRIMARY KEY,
     model      TEXT NOT NULL,
     owner      TEXT NOT NULL,               -- the daemon instance running it (recovery touches only its own)
-    state      TEXT NOT NULL,               -- running | committing | committed | failed | aborted | abandoned
+    state      TEXT NOT NULL,               -- running | committing | committed | failed | split | aborted
+                                            -- | abandoned (split: failed, its requests retried in halves)
     parent     INTEGER,
     version    INTEGER,
     request_ids TEXT NOT NULL,              -- JSON list

@@ -49,7 +49,8 @@ def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_
     produce_requests(broker.bootstrap, bodies + replays)
 
     rng = random.Random(7)
-    kill_points: list[tuple[str, float]] = [(p, 0.0) for p in POINTS]
+    # every round here succeeds: the split point has a test of its own (test_service_lifecycle)
+    kill_points: list[tuple[str, float]] = [(p, 0.0) for p in POINTS if p != "after_round_split"]
     kill_points += [("random", rng.uniform(1.0, 8.0)) for _ in range(4)]
     log = tmp_path / "daemon.log"
     for n, (point, delay) in enumerate(kill_points):

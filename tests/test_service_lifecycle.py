@@ -60,18 +60,25 @@ def test_a_failed_round_is_retried_in_halves_so_only_the_request_that_cannot_be_
     # instance each outside the probe (~3 points on the fragile test model). Batched together, the round fails.
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                        state_dir=tmp_path / "state", probe="mnist-train:0-99", retention_max_drop=0.06)
-    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     ids = ("hard", "easy-1", "easy-2")
+    log = tmp_path / "daemon.log"
+    # the first daemon dies (kill -9) right after the first split is durable; the next one starts over
+    first = DaemonProcess(cfg, log, env={"UNLEARND_FAILPOINTS": "after_round_split"}).start()
     try:
-        d.wait_assigned()
+        first.wait_assigned()
         produce_requests(broker.bootstrap, [request("hard", "forget", [f"mnist-train:{i}" for i in range(10)]),
                                             request("easy-1", "forget", ["mnist-train:1000"]),
                                             request("easy-2", "forget", ["mnist-train:1001"])])
-        recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=180,
-                          until=lambda rs: all(i in outcome_receipts(rs) for i in ids))
-        assert d.terminate() == 0
+        assert first.wait(timeout=120) == -9
+        d = DaemonProcess(cfg, log).start()
+        try:
+            recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=180,
+                              until=lambda rs: all(i in outcome_receipts(rs) for i in ids))
+            assert d.terminate() == 0
+        finally:
+            d.kill()
     finally:
-        d.kill()
+        first.kill()
         broker.stop()
     got = outcome_receipts(recs)
     assert all(len(got[i]) == 1 for i in ids), got
@@ -83,11 +90,12 @@ def test_a_failed_round_is_retried_in_halves_so_only_the_request_that_cannot_be_
     db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
     rounds = [(json.loads(r[0]), r[1]) for r in db.execute("SELECT request_ids, state FROM rounds ORDER BY round_id")]
     db.close()
-    # all three, then the half holding "hard", which splits again; the other halves run after it
-    assert rounds == [(list(ids), "split"), (["hard", "easy-1"], "split"), (["hard"], "failed"),
+    # all three (before and after the kill: nothing was decided), then the half holding "hard", which splits
+    # again; the other halves run after it
+    assert rounds == [(list(ids), "split"), (list(ids), "split"), (["hard", "easy-1"], "split"), (["hard"], "failed"),
                       (["easy-1"], "committed"), (["easy-2"], "committed")], rounds
     splits = [e for e in d.events() if e.get("event") == "round_split"]
-    assert [e["requests"] for e in splits] == [3, 2] and splits[0]["reason"].startswith("retention gate")
+    assert [e["requests"] for e in splits] == [3, 3, 2] and splits[0]["reason"].startswith("retention gate")
 
 
 def test_refuses_to_start_when_the_registry_holds_a_round_the_ledger_never_recorded(tmp_path, mnist_registry):

@@ -559,6 +559,7 @@ class Daemon:
                 Ledger.end_round(db, round_id, "split", reason=f"{candidate.reason}; its {len(batch)} requests "
                                                                "are retried in two rounds of half as many")
             bound.warning("round_split", reason=candidate.reason, requests=len(batch))
+            failpoint("after_round_split")
             return "split", candidate
         if not candidate.passed:
             self._fail_round(rt, candidate, round_id, method)

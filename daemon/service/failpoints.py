@@ -12,7 +12,8 @@ import signal
 
 __all__ = ["POINTS", "failpoint"]
 
-POINTS = ("after_begin_commit", "after_registry_write", "after_ledger_commit", "after_reject_batch")
+POINTS = ("after_begin_commit", "after_registry_write", "after_ledger_commit", "after_reject_batch",
+          "after_round_split")
 _ACTIVE = frozenset(p for p in os.environ.get("UNLEARND_FAILPOINTS", "").split(",") if p)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from daemon.engine.anchors import deformations
@@ -83,3 +84,22 @@ def test_negative_copy_counts_are_refused_by_name():
     for name in ("anchor_deform", "class_copies"):
         with pytest.raises(ValueError, match=name):
             UnlearnConfig(**{name: -1})
+
+
+def test_class_impressions_join_the_held_examples_of_instance_rounds_only():
+    x, y = forget_set(4, 8)
+    plain = _run(ForgetRequest("forget", x, y), "adv", anchor_deform=3)
+    res = _run(ForgetRequest("forget", x, y), "adv", anchor_deform=3, held_impressions=10)
+    assert res.succeeded and res.anchor_examples == 12 + 10 and res.adversarial_examples == 8
+    # they are in the held term: the round ends elsewhere
+    assert any(not torch.equal(res.state[k], plain.state[k]) for k in res.state)
+    assert _run(ForgetRequest("forget", x, y), "neggrad", held_impressions=10).anchor_examples == 0
+    tx, ty = train_data()
+    xs = tx[ty == 1][:4]     # a class round changes the model everywhere by design: nothing to hold there
+    assert _run(ForgetRequest("forget_class", xs, torch.full((4,), 1), forget_class=1), "adv",
+                held_impressions=10).anchor_examples == 0
+
+
+def test_held_impressions_must_not_be_negative():
+    with pytest.raises(ValueError, match="held_impressions"):
+        fast_config(held_impressions=-1)

@@ -42,6 +42,11 @@ class UnlearnConfig:
     # data-free anchors: small random affine copies of every instance (daemon.engine.anchors), held at
     # the model's own logits beside the adversarial examples (forget and relabel; not forget_class)
     anchor_deform: int = 16
+    # data-free anchors spread over every class: class impressions of the model (targeted PGD from noise,
+    # ``rounds.class_impressions``) held at its own logits; per round, whatever its size. A round of a few
+    # instances has few held examples of its own (k = 1: 24), and nothing stops it changing the model far
+    # from them (MNIST k = 1, five instances: 357 -> 81 test digits lost with 64; mnist_notes.md, session 8)
+    held_impressions: int = 0
     class_copies: int = 0              # forget_class: affine copies per example, forgotten with them (see mnist_notes.md)
     # forget_class: which weights move. "head_row": only the class's row (weights and bias) of the output
     # layer, so no other class's logit changes; "all": every weight, as for instances (mnist_notes.md)
@@ -89,7 +94,7 @@ class UnlearnConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("anchor_deform", "class_copies"):
+        for name in ("anchor_deform", "class_copies", "held_impressions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.adv_per_instance < 0:

@@ -306,6 +306,17 @@ def run_round(
         held.append((anchors, anchor_logits.argmax(1), anchor_logits, anchor_own))
         adv_x, adv_y, adv_logits, own_logits = (torch.cat(parts) for parts in zip(*held))
         adv_soft = F.softmax(adv_logits, 1)
+    if method.uses_adversarial and not attack_aborted and config.held_impressions and request.kind != "forget_class":
+        # held at the model's own logits (not the reference's): off the data, the original outputs are no
+        # repair, and pulling the live model back to them there moved it elsewhere (MNIST continual, session 8)
+        per_class = -(-config.held_impressions // num_classes)
+        impressions = class_impressions(work, num_classes, request.x.shape[1:], config, generator,
+                                        per_class=per_class)[:config.held_impressions].to(device)
+        imp_logits = logits(work, impressions)
+        held = [] if adv_x is None else [(adv_x, adv_y, adv_logits, own_logits)]
+        held.append((impressions, imp_logits.argmax(1), imp_logits, imp_logits))
+        adv_x, adv_y, adv_logits, own_logits = (torch.cat(parts) for parts in zip(*held))
+        adv_soft = F.softmax(adv_logits, 1)
     # Where the reference's outputs are held, the round falls back to the model's own after its share of
     # the budget: near an instance an earlier round forgot (a near-duplicate), the original outputs ask
     # for the margin that round took away, and the memory keeps that round's instance where it is.

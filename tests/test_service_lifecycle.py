@@ -35,7 +35,8 @@ def test_retention_gate_fails_the_round_and_leaves_the_model_as_it_was(tmp_path,
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     # the probe holds the very instances to forget: forgetting them must cost it more than 2 points
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
-                       state_dir=tmp_path / "state", probe="mnist-train:0-99", retention_max_drop=0.02)
+                       state_dir=tmp_path / "state", probe="mnist-train:0-99", retention_max_drop=0.02,
+                       rounds="held_impressions = 32")
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         d.wait_assigned()
@@ -49,6 +50,7 @@ def test_retention_gate_fails_the_round_and_leaves_the_model_as_it_was(tmp_path,
     (r,) = outcome_receipts(recs)["gate-1"]
     assert r["status"] == "failed" and r["reason"].startswith("retention gate"), r
     assert r["model_version"] == 1 and r["model_sha256"] is None
+    assert r["method"]["params"]["held_impressions"] == 32      # the daemon's setting reached the round
     assert registry.list_versions(reg, "mnist-cnn") == [1]
 
 

@@ -117,6 +117,9 @@ class RoundsSection:
                                          "(per layer, on its instances) later rounds leave untouched; near 1 "
                                          "keeps forgotten instances forgotten (0: off)", "ratio", minimum=0, below=1)
     memory_copies: int = _opt(0, "affine copies of each instance the subspace memory also protects", minimum=0)
+    held_impressions: int = _opt(0, "class impressions of the model held beside each round's own examples "
+                                    "(data-free anchors over every class; for rounds of one or a few "
+                                    "instances; 0: the preset's)", minimum=0)
     device: str = _opt("cpu", "torch device of the engine (cpu, cuda, cuda:N)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)", minimum=0)
     cpu_policy: str = _opt("normal", "CPU scheduling of the rounds and publishes (their thread and torch's "

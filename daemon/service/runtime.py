@@ -178,6 +178,8 @@ class ModelRuntime:
         assert self.live is not None
         request = self.build_request(batch)
         config = preset(self.rounds.preset)
+        if self.rounds.held_impressions:
+            config = config.with_overrides(held_impressions=self.rounds.held_impressions)
         result, importance = self.live.session.run_round(request, method=self.rounds.method, config=config,
                                                          sentinel=self.probe_x, should_abort=should_abort,
                                                          commit=False)

@@ -164,3 +164,19 @@ def test_the_bars_count_the_issue_k_and_report_the_joint_round_beside_the_contin
     assert ("| (for reference) the continual protocol's 64 instances in one round (seed 0) | 4.40 pp test loss, "
             "budget_exhausted after 800 steps, forget accuracy 5.00% | – |") in text
     assert "| every method reaches forget accuracy 0 within its budget | 1/2 rounds forgotten" in text   # k=64 counts
+
+
+def test_only_the_issue_continual_protocol_is_held_to_its_bar():
+    from daemon.bench.report import _bars
+
+    def cont(k: int, rnd: int, acc: float) -> dict:
+        return dict(method="adv_imp", preset="default", kind="forget", protocol="continual", k=k, seed=0, round=rnd,
+                    accumulation="max", acc_test=acc, acc_test_original=0.994, acc_forget=0.0,
+                    acc_forget_union=0.0, outcome="forgotten", wall_s=1.0, steps=50)
+
+    small = "\n".join(_bars([cont(1, r, 0.993) for r in range(1, 13)], {}))
+    assert "| (no bar) continual 12×1 (max): cumulative test loss, relapse | 0.10 pp, relapse 0.00%" in small
+    assert "≤ 3.0 pp" not in small
+    issue = "\n".join(_bars([cont(32, r, 0.994 - 0.004 * r) for r in range(1, 11)], {}))
+    assert ("| continual 10×32 (max): cumulative test loss ≤ 3.0 pp, relapse ≤ 5% | 4.00 pp, relapse 0.00%, "
+            "failed rounds 0 | **no** |") in issue

@@ -8,7 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report"]
+__all__ = ["CONTINUAL_BAR_PROTOCOL", "write_report"]
+
+#: (rounds, k) of the continual protocol the issue sets its bar for; other shapes are reported without one
+CONTINUAL_BAR_PROTOCOL = (10, 32)
 
 
 def _mean(vals: list[float | None]) -> float | None:
@@ -163,8 +166,11 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
             relapse = _mean([r["acc_forget_union"] * last / (last - 1) for r in final
                              if r["acc_forget_union"] is not None and last > 1])
             failed = sum(1 for r in rs if r["outcome"] != "forgotten")
-            add(f"continual {last}×{final[0]['k']} ({acc}): cumulative test loss ≤ 3.0 pp, relapse ≤ 5%",
-                f"{_pp(loss)} pp, relapse {_pp(relapse)}%, failed rounds {failed}",
+            measured = f"{_pp(loss)} pp, relapse {_pp(relapse)}%, failed rounds {failed}"
+            if (last, final[0]["k"]) != CONTINUAL_BAR_PROTOCOL:    # the bar is the issue's, for 10 × 32 only
+                add(f"(no bar) continual {last}×{final[0]['k']} ({acc}): cumulative test loss, relapse", measured, None)
+                continue
+            add(f"continual {last}×{final[0]['k']} ({acc}): cumulative test loss ≤ 3.0 pp, relapse ≤ 5%", measured,
                 loss is not None and relapse is not None and loss <= 0.03 and relapse <= 0.05 and not failed)
         last = max(r["round"] for r in cont)
         joint = [r for r in single if r["method"] == "adv_imp" and r["k"] == last * cont[0]["k"]
@@ -265,8 +271,10 @@ def write_report(out: Path, dataset: str) -> Path:
     cont = [r for r in rows if r["protocol"] == "continual"]
     if cont:
         lines += ["## Continual rounds (final round, mean over seeds)", "",
-                  "| method | accumulation | rounds | failed rounds | cumulative test loss pp | accuracy on all forgotten % | mean wall s/round |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Besides the final round, the mean test loss of every published version (each served in turn).", "",
+                  "| method | accumulation | rounds | failed rounds | cumulative test loss pp | mean test loss over the "
+                  "rounds pp | accuracy on all forgotten % | mean wall s/round |",
+                  "|---|---|---|---|---|---|---|---|"]
         groups2: dict[tuple, list[dict]] = defaultdict(list)
         for r in cont:
             groups2[(r["method"], r["accumulation"])].append(r)
@@ -276,6 +284,7 @@ def write_report(out: Path, dataset: str) -> Path:
             failed = sum(1 for r in rs if r["outcome"] not in ("forgotten", "relabelled"))
             lines.append(f"| {method} | {acc} | {last} | {failed} "
                          f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in final]))} "
+                         f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in rs]))} "
                          f"| {_pp(_mean([r['acc_forget_union'] for r in final]))} "
                          f"| {_fmt(_mean([r['wall_s'] for r in rs]))} |")
         lines.append("")

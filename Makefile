@@ -49,6 +49,12 @@ bench: install
 clean:
 	rm -rf $(VENV) var build *.egg-info
 
+# rounds of one instance, with and without held class impressions; ~25 min; writes
+# benchmarks/results/small_rounds/
+.PHONY: bench-small-rounds
+bench-small-rounds: install
+	UNLEARND=$(UNLEARND) benchmarks/run_small_rounds.sh
+
 # the daemon benchmark (issue 5): Tansu broker + daemon on a real MNIST model; ~7 min; writes
 # benchmarks/results/daemon.json, daemon.md and daemon_rss.png
 .PHONY: bench-daemon

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,27 @@ def test_only_the_issue_continual_protocol_is_held_to_its_bar():
     issue = "\n".join(_bars([cont(32, r, 0.994 - 0.004 * r) for r in range(1, 11)], {}))
     assert ("| continual 10×32 (max): cumulative test loss ≤ 3.0 pp, relapse ≤ 5% | 4.00 pp, relapse 0.00%, "
             "failed rounds 0 | **no** |") in issue
+
+
+def test_the_small_rounds_comparison_puts_both_settings_side_by_side(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_small_rounds",
+                                                  Path(__file__).parents[1] / "benchmarks" / "compare_small_rounds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(protocol: str, rnd: int, acc: float, seed: int) -> dict:
+        return dict(protocol=protocol, round=rnd, seed=seed, acc_test=acc, acc_test_original=0.994, steps=40,
+                    wall_s=2.0, outcome="forgotten")
+
+    for name, drop in (("default", 0.004), ("held_impressions_64", 0.002)):
+        rows = [row("single", 1, 0.994 - drop, s) for s in (0, 1)]
+        rows += [row("continual", r, 0.994 - drop * r, s) for s in (0, 1) for r in (1, 2)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mnist.json").write_text(json.dumps({"rows": rows}))
+    mod.main(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| default preset | 0 | 0.40 | 0.60 | 0.80 | 40 | 2.0 | 0 |" in text
+    assert "| **held_impressions = 64** | **mean** | 0.20 | 0.30 | 0.40 | 40 | 2.0 | 0 |" in text
+    assert (tmp_path / "small_rounds.png").stat().st_size > 0

@@ -15,7 +15,10 @@ SETTINGS = {"default": "default preset", "held_impressions_64": "held_impression
 
 
 def _rows(folder: Path) -> list[dict]:
-    return json.loads((folder / "mnist.json").read_text())["rows"]
+    path = folder / "mnist.json"
+    if not path.is_file():
+        sys.exit(f"{path}: no benchmark rows; run benchmarks/run_small_rounds.sh (make bench-small-rounds) first")
+    return json.loads(path.read_text())["rows"]
 
 
 def _loss(r: dict) -> float:

@@ -43,9 +43,9 @@ class UnlearnConfig:
     # the model's own logits beside the adversarial examples (forget and relabel; not forget_class)
     anchor_deform: int = 16
     # data-free anchors spread over every class: class impressions of the model (targeted PGD from noise,
-    # ``rounds.class_impressions``) held at its own logits; per round, whatever its size. A round of a few
-    # instances has few held examples of its own (k = 1: 24), and nothing stops it changing the model far
-    # from them (MNIST k = 1, five instances: 357 -> 81 test digits lost with 64; mnist_notes.md, session 8)
+    # ``daemon.engine.rounds.class_impressions``) held at its own logits; per round, whatever its size. A round
+    # of a few instances has few held examples of its own (k = 1: 24), and nothing stops it changing the model
+    # far from them (MNIST k = 1, eight instances: 469 -> 135 net test digits lost with 64; mnist_notes.md)
     held_impressions: int = 0
     class_copies: int = 0              # forget_class: affine copies per example, forgotten with them (see mnist_notes.md)
     # forget_class: which weights move. "head_row": only the class's row (weights and bias) of the output

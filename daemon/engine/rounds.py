@@ -185,6 +185,13 @@ def _held_targets(work: nn.Module, reference: nn.Module | None, x: torch.Tensor,
     return torch.where(agree, target, current), current
 
 
+def _with_held(held: tuple[torch.Tensor, ...] | None, x: torch.Tensor, targets: torch.Tensor, own: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+    """The held set (inputs, their predicted classes, the logits they keep, the model's own) with ``x`` added."""
+    part = (x, targets.argmax(1), targets, own)
+    return part if held is None else tuple(torch.cat(pair) for pair in zip(held, part))
+
+
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -302,9 +309,8 @@ def run_round(
         anchors = deformations(request.x, config.anchor_deform, generator).to(device)
         anchor_logits, anchor_own = (t.to(device) for t in _held_targets(
             work, reference, anchors, request.labels.repeat_interleave(config.anchor_deform)))
-        held = [] if adv_x is None else [(adv_x, adv_y, adv_logits, own_logits)]
-        held.append((anchors, anchor_logits.argmax(1), anchor_logits, anchor_own))
-        adv_x, adv_y, adv_logits, own_logits = (torch.cat(parts) for parts in zip(*held))
+        adv_x, adv_y, adv_logits, own_logits = _with_held(
+            None if adv_x is None else (adv_x, adv_y, adv_logits, own_logits), anchors, anchor_logits, anchor_own)
         adv_soft = F.softmax(adv_logits, 1)
     if method.uses_adversarial and not attack_aborted and config.held_impressions and request.kind != "forget_class":
         # held at the model's own logits (not the reference's): off the data, the original outputs are no
@@ -313,9 +319,8 @@ def run_round(
         impressions = class_impressions(work, num_classes, request.x.shape[1:], config, generator,
                                         per_class=per_class)[:config.held_impressions].to(device)
         imp_logits = logits(work, impressions)
-        held = [] if adv_x is None else [(adv_x, adv_y, adv_logits, own_logits)]
-        held.append((impressions, imp_logits.argmax(1), imp_logits, imp_logits))
-        adv_x, adv_y, adv_logits, own_logits = (torch.cat(parts) for parts in zip(*held))
+        adv_x, adv_y, adv_logits, own_logits = _with_held(
+            None if adv_x is None else (adv_x, adv_y, adv_logits, own_logits), impressions, imp_logits, imp_logits)
         adv_soft = F.softmax(adv_logits, 1)
     # Where the reference's outputs are held, the round falls back to the model's own after its share of
     # the budget: near an instance an earlier round forgot (a near-duplicate), the original outputs ask

@@ -53,6 +53,31 @@ def test_conv_layers_are_remembered_per_patch_and_protected():
     torch.testing.assert_close(conv(x), before, atol=1e-4, rtol=0)
 
 
+def test_a_layer_with_almost_no_free_energy_for_the_round_stays_fixed():
+    """Adam moves every weight by about lr whatever its gradient: a layer whose free directions the
+    round's instances barely reach is frozen instead of drifting where other inputs live."""
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 4)
+    remembered = _low_rank_inputs(rank=3, seed=1)
+    memory = SubspaceMemory(0.999999).extended(layer, remembered)
+    inside = torch.rand(8, 64) @ remembered / 8 + 1e-3 * torch.randn(8, 10)         # nearly in the span
+    outside = torch.randn(8, 10)
+    share_in, share_out = memory.free_share(layer, inside)[""], memory.free_share(layer, outside)[""]
+    assert share_in < 1e-4 and share_out > 0.3
+    for x, frozen in ((inside, True), (outside, False)):
+        projector = memory.projector(layer, x, freeze_below=0.01)
+        assert projector.frozen == ({""} if frozen else set())
+        w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+        projector.before()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(torch.randn_like(p))
+        projector.after()
+        assert torch.equal(layer.weight, w0) == frozen and torch.equal(layer.bias, b0) == frozen
+    # without the round's inputs (or with the rule off) nothing is frozen
+    assert memory.projector(layer).frozen == set() == memory.projector(layer, inside, 0.0).frozen
+
+
 def test_the_energy_threshold_sets_how_much_is_kept():
     x = torch.cat([_low_rank_inputs(rank=2, seed=1) * 10, _low_rank_inputs(rank=6, seed=2) * 0.1])
     layer = nn.Linear(10, 4, bias=False)

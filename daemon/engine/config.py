@@ -71,6 +71,9 @@ class UnlearnConfig:
     hold_original_share: float = 0.5   # share of max_steps after which a round not yet done holds its own outputs
     adv_weight: float | None = 10.0    # None: L2UL's batch-size shares w_f, w_a
     held_balance: float = 1.0          # held gradient >= this x the forget gradient's norm (0: fixed adv_weight)
+    # continual rounds: a layer whose directions left free by the subspace memory carry less than this share of
+    # the round's instances' input energy stays fixed for the round (daemon.engine.subspace; 0: never)
+    memory_min_free: float = 0.01
     adv_batch: int = 256
     lam: float = 1.0                   # importance penalty strength (L2UL's reg_lamb, its value)
     bn_train: bool = False             # BatchNorm in train mode while unlearning (L2UL does)
@@ -108,6 +111,8 @@ class UnlearnConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.adv_weight is not None and self.adv_weight < 0:
             raise ValueError(f"adv_weight must be >= 0 or None, got {self.adv_weight}")
+        if not 0.0 <= self.memory_min_free < 1.0:
+            raise ValueError(f"memory_min_free must lie in [0, 1), got {self.memory_min_free}")
         if not 0.0 < self.hold_original_share <= 1.0:
             raise ValueError(f"hold_original_share must lie in (0, 1], got {self.hold_original_share}")
         if not 0.0 <= self.stop_level < 1.0:

@@ -71,6 +71,8 @@ class RoundResult:
     #: the step after which the held examples kept the model's own outputs instead of the reference's
     #: (``config.hold_original_share``); None when they never switched
     held_fallback_step: int | None = None
+    #: layers the subspace memory kept fixed for the whole round (``config.memory_min_free``)
+    frozen_layers: tuple[str, ...] = ()
 
     @property
     def succeeded(self) -> bool:
@@ -356,7 +358,8 @@ def run_round(
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    projector = memory.projector(work) if memory is not None and request.kind != "forget_class" else None
+    projector = (memory.projector(work, x, config.memory_min_free)
+                 if memory is not None and request.kind != "forget_class" else None)
     trajectory: list[TrajectoryPoint] = []
 
     tracking_s = 0.0   # the benchmark's trajectory evaluations: instrumentation, not the round's work
@@ -492,6 +495,7 @@ def run_round(
     return RoundResult(
         outcome=outcome, reason=reason, method=method.name, config=config, steps=steps, kind=request.kind,
         held_fallback_step=relaxed_at,
+        frozen_layers=tuple(sorted(projector.frozen)) if projector is not None else (),
         attack_s=attack_s, optimise_s=optimise_s, wall_s=time.perf_counter() - wall0 - tracking_s,
         tracking_s=tracking_s,
         acc_forget=acc_final, predictions_before=pred_before, predictions_after=pred_after,

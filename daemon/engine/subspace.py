@@ -142,12 +142,38 @@ class SubspaceMemory:
                                  f"the layer takes {width}-wide input rows")
         return layers
 
-    def projector(self, model: nn.Module) -> _UpdateProjector | None:
-        """Call ``before()`` ahead of ``optimizer.step()`` and ``after()`` right after it."""
+    def free_share(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """Per protected layer, the share of ``x``'s input energy that lies off the protected directions:
+        how much of what the layer sees of ``x`` a projected update can still act on."""
+        out: dict[str, float] = {}
+        for name, cov in layer_input_covariances(model, x).items():
+            basis = self.bases.get(name)
+            if basis is None:
+                continue
+            total = float(torch.trace(cov))
+            b = basis.double()
+            kept = float(torch.trace(b.T @ cov @ b))
+            out[name] = max(total - kept, 0.0) / total if total > 0 else 0.0
+        return out
+
+    def projector(self, model: nn.Module, x: torch.Tensor | None = None,
+                  freeze_below: float = 0.0) -> _UpdateProjector | None:
+        """Call ``before()`` ahead of ``optimizer.step()`` and ``after()`` right after it.
+
+        With the round's instances ``x``, a layer whose free directions carry less than ``freeze_below``
+        of their input energy does not move at all in the round (``frozen``): Adam scales every weight's
+        step to about ``lr`` whatever its gradient, so a nearly full layer would otherwise keep moving at
+        full speed in directions the instances barely use, but other inputs do. Measured (MNIST 10 x 32,
+        a label-smoothed model whose output layer filled to 105 of 129 directions with 3e-4 of the
+        instances' energy left free): 5.58 -> 3.42 pp test loss after ten rounds, relapse 26% -> 0
+        (mnist_notes.md, session 9)."""
         if not self.enabled or not self.bases:
             return None
         layers = self.check(model)
-        return _UpdateProjector({n: (layers[n], b) for n, b in self.bases.items()})
+        frozen: set[str] = set()
+        if x is not None and freeze_below > 0:
+            frozen = {n for n, share in self.free_share(model, x).items() if share < freeze_below}
+        return _UpdateProjector({n: (layers[n], b) for n, b in self.bases.items()}, frozen)
 
     # -- persistence (tensors for safetensors) ------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -184,7 +210,10 @@ class _UpdateProjector:
     """Projects each optimiser update of [W | b] off the protected input directions (exactly, after
     Adam's per-weight scaling, which a gradient projection would not survive)."""
 
-    def __init__(self, layers: Mapping[str, tuple[nn.Module, torch.Tensor]]) -> None:
+    def __init__(self, layers: Mapping[str, tuple[nn.Module, torch.Tensor]],
+                 frozen: set[str] | frozenset[str] = frozenset()) -> None:
+        #: layers that keep their weights for the whole round (``SubspaceMemory.projector``)
+        self.frozen = frozenset(frozen)
         self.layers = {}
         for name, (module, basis) in layers.items():
             device = module.weight.device
@@ -200,6 +229,11 @@ class _UpdateProjector:
     def after(self) -> None:
         for name, (module, basis) in self.layers.items():
             w0, b0 = self._before[name]
+            if name in self.frozen:
+                module.weight.copy_(w0)
+                if b0 is not None:
+                    module.bias.copy_(b0)
+                continue
             delta = (module.weight - w0).reshape(w0.shape[0], -1)
             if b0 is not None:
                 delta = torch.cat([delta, (module.bias - b0).unsqueeze(1)], 1)

@@ -83,7 +83,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     splits = _load_splits(args)
     arch = args.arch or DEFAULT_ARCH[splits.name]
     try:
-        config = TrainConfig(epochs=args.epochs, seed=args.seed)
+        config = TrainConfig(epochs=args.epochs, seed=args.seed, label_smoothing=args.label_smoothing)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     device = _device(args.device)
@@ -257,7 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             presets=parse_list(args.presets, str),
             continual=parse_continual(args.continual) if args.continual else None,
             accumulations=parse_list(args.accumulations, str),
-            forget_classes=parse_list(args.forget_classes), train=TrainConfig(epochs=args.epochs),
+            forget_classes=parse_list(args.forget_classes),
+            train=TrainConfig(epochs=args.epochs, label_smoothing=args.label_smoothing),
             overrides=_overrides(args.set),
         )
     except ValueError as exc:
@@ -269,7 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    weights = cache / f"{args.dataset}-{plan.arch}-e{plan.train.epochs}.safetensors"
+    smoothing = f"-ls{plan.train.label_smoothing:g}" if plan.train.label_smoothing else ""
+    weights = cache / f"{args.dataset}-{plan.arch}-e{plan.train.epochs}{smoothing}.safetensors"
     from safetensors.torch import load_file
 
     if weights.exists():
@@ -325,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--arch", help="mnist_cnn (default for mnist) or cifar_resnet18")
     sp.add_argument("--epochs", type=int, default=6)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="pre-training label smoothing (0 to <1)")
     sp.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser("unlearn", help="one round from the latest version, published as the next")
@@ -355,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--accumulations", default="none,sum,max,decayed")
     sp.add_argument("--forget-classes", default="", help="classes for --kind forget_class")
     sp.add_argument("--epochs", type=int, default=6, help="pre-training (and retrain oracle) epochs")
+    sp.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="pre-training (and retrain oracle) label smoothing")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a default-preset setting")
     sp.add_argument("--out", default="benchmarks/results")
     sp.add_argument("--cache", default="var/bench-cache")

@@ -114,3 +114,14 @@ def test_bench_rejects_a_bad_plan_with_exit_2(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "--continual", "ten", "--out", str(tmp_path)]) == 2
     assert "ROUNDSxK" in capsys.readouterr().err
+
+
+def test_a_label_smoothing_outside_zero_to_one_exits_2_before_any_work(tmp_path, capsys):
+    for value in ("1.0", "-0.1"):
+        rc = main(["pretrain", "--dataset", "mnist", "--registry", str(tmp_path), "--model", "m",
+                   "--label-smoothing", value])
+        assert rc == 2
+        assert "label_smoothing must lie in [0, 1)" in capsys.readouterr().err
+        assert main(["bench", "--label-smoothing", value, "--out", str(tmp_path)]) == 2
+        assert "label_smoothing must lie in [0, 1)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

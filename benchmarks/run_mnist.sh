@@ -16,6 +16,9 @@ $U bench "${common[@]}" --methods neggrad,adv,adv_imp,random_label,boundary_shri
 # 2. continual: 10 rounds x 32, every accumulation rule for adv_imp, neggrad as reference
 $U bench "${common[@]}" --methods adv_imp,neggrad --k 32 --seeds 0 --kind forget --presets default \
     --continual 10x32 --accumulations none,sum,max,decayed --resume
+#    the default accumulation at two more seeds (the bar is the mean of three)
+$U bench "${common[@]}" --methods adv_imp,neggrad --k 32 --seeds 1,2 --kind forget --presets default \
+    --continual 10x32 --accumulations max --resume
 #    for reference: the same 320 instances (seed 0's first 320) forgotten in one round
 $U bench "${common[@]}" --methods adv_imp --k 320 --seeds 0 --kind forget --presets default --resume
 # 3. class forgetting, and relabelling
@@ -24,7 +27,7 @@ $U bench "${common[@]}" --methods neggrad,adv_imp,random_label,boundary_shrink -
 $U bench "${common[@]}" --methods neggrad,adv_imp,random_label,boundary_shrink --k 16,64 --seeds 0 \
     --kind relabel --presets default --resume
 # 4. attack efficiency (early exit vs the full iteration count, same examples)
-${PYTHON:-.venv/bin/python} -m daemon.bench.attack --out "$OUT" --weights "$CACHE/mnist-mnist_cnn-e6.safetensors"
+${PYTHON:-.venv/bin/python} -m daemon.bench.attack --out "$OUT" --weights "$CACHE/mnist-mnist_cnn-e6-ls0.2.safetensors"
 # 5. L2UL's exact settings (paper preset) beside them: all seeds at k = 16, seed 0 at k = 64 and 128
 #    (each paper round runs up to 1000 steps of 256 adversarial examples: ~3 min here)
 $U bench "${common[@]}" --methods neggrad,adv,adv_imp --k 16 --seeds 0,1,2 --kind forget --presets paper --resume

@@ -33,6 +33,11 @@ def _ints(text: str | None, what: str) -> list[int]:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from exc
 
 
+def _smoothing(args: argparse.Namespace) -> dict[str, float]:
+    """``--label-smoothing`` when given; otherwise the recipe's own default stands."""
+    return {} if args.label_smoothing is None else {"label_smoothing": args.label_smoothing}
+
+
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``--set key=value`` pairs, values parsed as JSON when they parse (numbers, true, null)."""
     out: dict[str, Any] = {}
@@ -83,7 +88,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     splits = _load_splits(args)
     arch = args.arch or DEFAULT_ARCH[splits.name]
     try:
-        config = TrainConfig(epochs=args.epochs, seed=args.seed, label_smoothing=args.label_smoothing)
+        config = TrainConfig(epochs=args.epochs, seed=args.seed, **_smoothing(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     device = _device(args.device)
@@ -258,7 +263,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             continual=parse_continual(args.continual) if args.continual else None,
             accumulations=parse_list(args.accumulations, str),
             forget_classes=parse_list(args.forget_classes),
-            train=TrainConfig(epochs=args.epochs, label_smoothing=args.label_smoothing),
+            train=TrainConfig(epochs=args.epochs, **_smoothing(args)),
             overrides=_overrides(args.set),
         )
     except ValueError as exc:
@@ -327,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--arch", help="mnist_cnn (default for mnist) or cifar_resnet18")
     sp.add_argument("--epochs", type=int, default=6)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--label-smoothing", type=float, default=0.0,
-                    help="pre-training label smoothing (0 to <1)")
+    sp.add_argument("--label-smoothing", type=float, default=None,
+                    help="pre-training label smoothing (0 to <1; default: the recipe's, 0.2)")
     sp.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser("unlearn", help="one round from the latest version, published as the next")
@@ -359,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--accumulations", default="none,sum,max,decayed")
     sp.add_argument("--forget-classes", default="", help="classes for --kind forget_class")
     sp.add_argument("--epochs", type=int, default=6, help="pre-training (and retrain oracle) epochs")
-    sp.add_argument("--label-smoothing", type=float, default=0.0,
-                    help="pre-training (and retrain oracle) label smoothing")
+    sp.add_argument("--label-smoothing", type=float, default=None,
+                    help="pre-training (and retrain oracle) label smoothing (default: the recipe's, 0.2)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a default-preset setting")
     sp.add_argument("--out", default="benchmarks/results")
     sp.add_argument("--cache", default="var/bench-cache")

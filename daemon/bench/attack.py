@@ -38,7 +38,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, per_instan
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--weights", default="var/bench-cache/mnist-mnist_cnn-e6.safetensors")
+    p.add_argument("--weights", default="var/bench-cache/mnist-mnist_cnn-e6-ls0.2.safetensors")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--seeds", default="0,1,2")

@@ -353,13 +353,13 @@ def run_round(
     share_before = _top_share(work, sentinel)
 
     # --- optimise -----------------------------------------------------------------------------------
+    projector = (memory.projector(work, x, config.memory_min_free)
+                 if memory is not None and request.kind != "forget_class" else None)
     params = _trainable(work, request, config, num_classes)
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    projector = (memory.projector(work, x, config.memory_min_free)
-                 if memory is not None and request.kind != "forget_class" else None)
     trajectory: list[TrajectoryPoint] = []
 
     tracking_s = 0.0   # the benchmark's trajectory evaluations: instrumentation, not the round's work

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from daemon.bench.evaluation import ROW_FIELDS
 from daemon.bench.report import write_report
-from daemon.bench.runner import BenchPlan, parse_continual, run_benchmark
+from daemon.bench.runner import BenchPlan, parse_continual, pretrain, run_benchmark
 from daemon.data.synthetic import synthetic_splits
 from daemon.engine.training import TrainConfig, train_classifier
 from daemon.engine.models import build_model
@@ -205,3 +206,15 @@ def test_the_small_rounds_comparison_puts_both_settings_side_by_side(tmp_path):
     assert "| default preset | 0 | 0.40 | 0.60 | 0.80 | 40 | 2.0 | 0 |" in text
     assert "| **held_impressions = 64** | **mean** | 0.20 | 0.30 | 0.40 | 40 | 2.0 | 0 |" in text
     assert (tmp_path / "small_rounds.png").stat().st_size > 0
+
+
+def test_pretraining_gives_one_model_per_seed_whatever_the_process_drew_before():
+    splits = synthetic_splits(n_train=64, n_test=16, num_classes=4, shape=(1, 8, 8), seed=0)
+    config = TrainConfig(epochs=1, batch_size=32, shift=0, seed=3)
+    first, _ = pretrain("mnist_cnn", splits, config, "cpu")
+    torch.rand(1000)                                   # anything else the process does in between
+    again, _ = pretrain("mnist_cnn", splits, config, "cpu")
+    other, _ = pretrain("mnist_cnn", splits, TrainConfig(epochs=1, batch_size=32, shift=0, seed=4), "cpu")
+    a, b, c = first.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

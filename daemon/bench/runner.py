@@ -164,6 +164,10 @@ def pretrain(arch: str, splits: DatasetSplits, config: TrainConfig, device: str,
     counted in the seconds.
     """
     mean, std = splits.mean_std()
+    # the initial weights are part of the recipe: seeded here, one seed gives one model whatever the process
+    # drew before (unseeded, the bench and a script got different models from the same recipe, and ten
+    # continual rounds cost them 2.2 vs 6 pp: mnist_notes.md, session 9)
+    torch.manual_seed(config.seed)
     model = build_model(arch, num_classes=len(splits.classes), input_shape=tuple(splits.train_x.shape[1:]),
                         mean=mean, std=std).to(device)
     x, y = splits.train_x, splits.train_y

@@ -184,10 +184,12 @@ class Daemon:
         arch = "mnist_cnn" if splits.name == "mnist" else "cifar_resnet18"
         log.info("pretraining", model=rt.name, arch=arch, epochs=rt.section.pretrain_epochs)
         mean, std = splits.mean_std()
+        train = TrainConfig(epochs=rt.section.pretrain_epochs)
+        torch.manual_seed(train.seed)           # the initial weights are part of the recipe
         model = build_model(arch, num_classes=splits.num_classes, input_shape=splits.input_shape, mean=mean,
                             std=std)
         model.to(self.config.rounds.device)
-        train_classifier(model, splits.train_x, splits.train_y, TrainConfig(epochs=rt.section.pretrain_epochs))
+        train_classifier(model, splits.train_x, splits.train_y, train)
         model.cpu().eval()
         session = UnlearningSession(model, num_classes=splits.num_classes)
         model_store.publish(self.registry_dir, rt.name, model, session, arch=arch, input_shape=splits.input_shape,

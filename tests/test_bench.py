@@ -58,6 +58,10 @@ def test_every_row_has_exactly_the_issue_fields_and_a_known_outcome(tmp_path, sp
     assert all(r["acc_other_classes"] is None for r in rows if r["kind"] != "forget_class")
     traj = json.loads((tmp_path / "synthetic_trajectories.json").read_text())
     assert any(v.get("trajectory") for v in traj.values())
+    # which layers the memory kept fixed: none in a single round (empty memory), names otherwise
+    frozen = {key: v["frozen_layers"] for key, v in traj.items() if "frozen_layers" in v}
+    assert frozen and all(isinstance(f, list) for f in frozen.values())
+    assert all(f == [] for key, f in frozen.items() if "|single|" in key)
 
 
 def test_resume_keeps_measured_rows_and_skips_them(tmp_path, splits_and_state):

@@ -272,6 +272,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
             extra["memory_s"] = result.memory_s       # subspace memory extension, included in wall_s
             extra["memory_dims"] = session.memory.dims()
             extra["held_fallback_step"] = result.held_fallback_step
+            extra["frozen_layers"] = list(result.frozen_layers)   # layers the memory kept fixed (memory_min_free)
             extra["attack"] = {"example_iterations": result.attack_example_iterations,
                                "full_iterations": result.attack_full_iterations,
                                "success": result.attack_success, "examples": result.adversarial_examples,

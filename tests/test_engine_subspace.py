@@ -204,3 +204,26 @@ def test_a_version_1_state_restores_with_an_empty_memory():
     meta = {k: v for k, v in meta.items() if k != "memory_energy"} | {"state_version": 1}
     restored = UnlearningSession.restore(tiny_model(), tensors, meta)
     assert restored.memory.bases == {} and restored.memory.enabled
+
+
+def test_layers_the_memory_freezes_leave_the_optimiser_and_a_full_memory_exhausts_at_once():
+    session = UnlearningSession(tiny_model(), num_classes=NUM_CLASSES, seed=3, memory_energy=0.999999)
+    config = fast_config(lr=1e-3)
+    sentinel = synthetic(16, seed=1)[0]
+    first, _ = session.run_round(_request(0), method="adv", config=config, sentinel=sentinel)
+    assert first.succeeded
+    live = {k: v.clone() for k, v in session.model.state_dict().items()}
+    # the first convolution is full after one round (every patch direction): it stays as it is
+    second, _ = session.run_round(_request(1), method="adv", config=config.with_overrides(max_steps=5),
+                                  sentinel=sentinel, commit=False)
+    frozen = set(second.frozen_layers)
+    assert "1.features.0" in frozen and second.steps > 0
+    for name in frozen:
+        for suffix in (".weight", ".bias"):
+            assert torch.equal(second.state[name + suffix], live[name + suffix])
+    assert any(not torch.equal(second.state[k], live[k]) for k in live)
+    # with the threshold above every layer's free share, nothing may move: the round stops before a step
+    full, _ = session.run_round(_request(1), method="adv", config=config.with_overrides(memory_min_free=0.999),
+                                sentinel=sentinel, commit=False)
+    assert full.outcome == "budget_exhausted" and full.steps == 0 and "memory" in full.reason
+    assert state_equal(full.state, live)

@@ -356,7 +356,19 @@ def run_round(
     projector = (memory.projector(work, x, config.memory_min_free)
                  if memory is not None and request.kind != "forget_class" else None)
     params = _trainable(work, request, config, num_classes)
-    if config.optimizer == "sgd":
+    if projector is not None and projector.frozen:
+        # A layer the memory keeps fixed for the round leaves the optimiser and the backward pass: its
+        # gradient would be thrown away after every step, yet it would count in the held/forget balance
+        # (and in a continual round the convolutions are the frozen ones: the backward stops above them).
+        fixed = projector.frozen_parameters()
+        for p in fixed:
+            p.requires_grad_(False)
+        params = [p for p in params if all(p is not q for q in fixed)]
+    opt = None
+    if not params:
+        outcome = "budget_exhausted"
+        reason = "the subspace memory leaves no layer free to move: the memory is full for these instances"
+    elif config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -376,7 +388,9 @@ def run_round(
     if track is not None and track_every > 0:
         record(0, acc0)
     acc = acc0
-    outcome, reason, steps = None, None, 0
+    if opt is not None:
+        outcome, reason = None, None
+    steps = 0
     # Per-instance dual variables: an instance that resists gets a growing share of the push, so
     # easy instances flip with a gentle step and only the hard ones pay for more (forget_boost = 1:
     # a plain sum, as in L2UL).
@@ -384,7 +398,7 @@ def run_round(
     adv_pos = 0
     t_opt, tracked_before_opt = time.perf_counter(), tracking_s
     if _stop_reached(acc, request, config):
-        outcome = _success_outcome(request.kind)
+        outcome, reason = _success_outcome(request.kind), None
     # Unless BatchNorm trains (bn_train), the training forward runs in eval mode: a step's forward
     # on the instances is the eval forward of the weights the previous step left, so it serves that
     # step's stopping check and saves a forward per step (bit-identical to a separate eval pass).

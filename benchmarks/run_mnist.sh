@@ -16,9 +16,11 @@ $U bench "${common[@]}" --methods neggrad,adv,adv_imp,random_label,boundary_shri
 # 2. continual: 10 rounds x 32, every accumulation rule for adv_imp, neggrad as reference
 $U bench "${common[@]}" --methods adv_imp,neggrad --k 32 --seeds 0 --kind forget --presets default \
     --continual 10x32 --accumulations none,sum,max,decayed --resume
-#    the default accumulation at two more seeds (the bar is the mean of three)
+#    the default accumulation at two more seeds (the bar is the mean of three), and the two rules closest to it
 $U bench "${common[@]}" --methods adv_imp,neggrad --k 32 --seeds 1,2 --kind forget --presets default \
     --continual 10x32 --accumulations max --resume
+$U bench "${common[@]}" --methods adv_imp --k 32 --seeds 1,2 --kind forget --presets default \
+    --continual 10x32 --accumulations sum,decayed --resume
 #    for reference: the same 320 instances (seed 0's first 320) forgotten in one round
 $U bench "${common[@]}" --methods adv_imp --k 320 --seeds 0 --kind forget --presets default --resume
 # 3. class forgetting, and relabelling

@@ -166,7 +166,9 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
             relapse = _mean([r["acc_forget_union"] * last / (last - 1) for r in final
                              if r["acc_forget_union"] is not None and last > 1])
             failed = sum(1 for r in rs if r["outcome"] != "forgotten")
-            measured = f"{_pp(loss)} pp, relapse {_pp(relapse)}%, failed rounds {failed}"
+            seeds = len({r["seed"] for r in final})
+            measured = (f"{_pp(loss)} pp, relapse {_pp(relapse)}%, failed rounds {failed} "
+                        f"({seeds} seed{'s' if seeds != 1 else ''})")
             if (last, final[0]["k"]) != CONTINUAL_BAR_PROTOCOL:    # the bar is the issue's, for 10 × 32 only
                 add(f"(no bar) continual {last}×{final[0]['k']} ({acc}): cumulative test loss, relapse", measured, None)
                 continue
@@ -272,9 +274,9 @@ def write_report(out: Path, dataset: str) -> Path:
     if cont:
         lines += ["## Continual rounds (final round, mean over seeds)", "",
                   "Besides the final round, the mean test loss of every published version (each served in turn).", "",
-                  "| method | accumulation | rounds | failed rounds | cumulative test loss pp | mean test loss over the "
-                  "rounds pp | accuracy on all forgotten % | mean wall s/round |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | accumulation | seeds | rounds | failed rounds | cumulative test loss pp | mean test loss over "
+                  "the rounds pp | accuracy on all forgotten % | mean wall s/round |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         groups2: dict[tuple, list[dict]] = defaultdict(list)
         for r in cont:
             groups2[(r["method"], r["accumulation"])].append(r)
@@ -282,7 +284,7 @@ def write_report(out: Path, dataset: str) -> Path:
             last = max(r["round"] for r in rs)
             final = [r for r in rs if r["round"] == last]
             failed = sum(1 for r in rs if r["outcome"] not in ("forgotten", "relabelled"))
-            lines.append(f"| {method} | {acc} | {last} | {failed} "
+            lines.append(f"| {method} | {acc} | {len({r['seed'] for r in final})} | {last} | {failed} "
                          f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in final]))} "
                          f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in rs]))} "
                          f"| {_pp(_mean([r['acc_forget_union'] for r in final]))} "

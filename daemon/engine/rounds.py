@@ -360,11 +360,11 @@ def run_round(
         # A layer the memory keeps fixed for the round leaves the optimiser and the backward pass: its
         # gradient would be thrown away after every step, yet it would count in the held/forget balance
         # (and in a continual round the convolutions are the frozen ones: the backward stops above them).
-        fixed = projector.frozen_parameters()
-        for p in fixed:
+        fixed = {id(p): p for p in projector.frozen_parameters()}
+        for p in fixed.values():
             p.requires_grad_(False)
-        params = [p for p in params if all(p is not q for q in fixed)]
-    opt = None
+        params = [p for p in params if id(p) not in fixed]
+    opt, outcome, reason = None, None, None
     if not params:
         outcome = "budget_exhausted"
         reason = "the subspace memory leaves no layer free to move: the memory is full for these instances"
@@ -388,8 +388,6 @@ def run_round(
     if track is not None and track_every > 0:
         record(0, acc0)
     acc = acc0
-    if opt is not None:
-        outcome, reason = None, None
     steps = 0
     # Per-instance dual variables: an instance that resists gets a growing share of the push, so
     # easy instances flip with a gentle step and only the hard ones pay for more (forget_boost = 1:

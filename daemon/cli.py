@@ -161,7 +161,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     try:
         method = get_method(args.method)
-        config = preset(args.preset).with_overrides(**_overrides(args.set))
+        config = preset(args.preset, method.name, args.kind).with_overrides(**_overrides(args.set))
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     if method.oracle:

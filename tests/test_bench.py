@@ -43,6 +43,10 @@ def test_every_row_has_exactly_the_issue_fields_and_a_known_outcome(tmp_path, sp
     doc = json.loads(path.read_text())
     assert {"machine", "settings", "rows"} <= set(doc)
     assert doc["settings"]["default_accumulation"]
+    # the baselines' own step sizes are part of the record, and the report says them
+    own = {m["method"]: m for m in doc["settings"]["method_settings"]["default"]}
+    assert own["neggrad"]["overrides"] == {"lr": 1e-5} and own["neggrad"]["kinds"] == ["forget", "relabel"]
+    assert "- `neggrad` (forget, relabel): lr = 1e-05 — " in write_report(tmp_path, "synthetic").read_text()
     rows = doc["rows"]
     assert all(list(r) == list(ROW_FIELDS) for r in rows)
     assert all(r["outcome"] in OUTCOMES for r in rows)

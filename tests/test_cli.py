@@ -47,6 +47,14 @@ def test_a_round_publishes_a_version_whose_torchscript_alone_misclassifies_the_i
     assert row["acc_test"] > 0.5, "the published model must not have collapsed"
 
 
+def test_a_baseline_round_runs_at_its_own_step_size_unless_the_operator_sets_one(reg):
+    assert _unlearn(reg, "--forget-indices", "0,1,2,3", "--method", "neggrad") == 0
+    params = registry.verify_version(reg, E2E_MODEL, 2).manifest["method"]["params"]
+    assert params["lr"] == 1e-5
+    assert _unlearn(reg, "--forget-indices", "4,5,6,7", "--method", "neggrad", "--set", "lr=2e-4") == 0
+    assert registry.verify_version(reg, E2E_MODEL, 3).manifest["method"]["params"]["lr"] == 2e-4
+
+
 def test_a_relabel_round_moves_each_instance_to_its_target(reg):
     m = load_mnist()
     labels = m.train_y[10:13].tolist()

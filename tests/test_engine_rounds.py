@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from daemon.engine.config import PRESETS, UnlearnConfig, preset
+from daemon.engine.config import METHOD_SETTINGS, PRESETS, UnlearnConfig, preset
 from daemon.engine.evaluate import predict
 from daemon.engine.importance import anchor_weights, mas_importance
 from daemon.engine.methods import METHODS, get_method
@@ -303,6 +303,25 @@ def test_the_paper_and_default_presets_exist_and_unknown_presets_are_rejected():
     assert not paper.mask_forgotten and paper.bn_train and paper.grad_clip is None
     with pytest.raises(ValueError, match="unknown preset 'fast'; known: default, paper"):
         preset("fast")
+
+
+def test_a_preset_gives_a_baseline_its_own_step_size_in_instance_rounds_only():
+    base = preset("default")
+    for kind in ("forget", "relabel"):
+        assert preset("default", "neggrad", kind) == base.with_overrides(lr=1e-5)
+        assert preset("default", "random_label", kind).lr == 3e-5
+        assert preset("default", "boundary_shrink", kind).lr == 3e-5
+        assert preset("default", "adv_imp", kind) == base          # the paper's method keeps the shared step
+        assert preset("default", "adv", kind) == base
+    for method in ("neggrad", "random_label", "boundary_shrink"):
+        assert preset("default", method, "forget_class") == base   # class rounds move one row at the shared step
+        assert preset("paper", method, "forget") is PRESETS["paper"]
+    for settings in METHOD_SETTINGS.values():
+        for s in settings:
+            get_method(s.method)
+            assert set(s.kinds) <= {"forget", "relabel", "forget_class"}
+            assert set(s.overrides) == {"lr"}, "only the step size may differ between methods"
+            assert s.why
 
 
 def test_get_method_rejects_an_unknown_name():

@@ -222,6 +222,17 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
     return out
 
 
+def _method_settings_lines(settings: list[dict]) -> list[str]:
+    """The default preset's per-method settings: every row of those methods ran with them."""
+    if not settings:
+        return []
+    lines = ["Per-method settings of the default preset (every other setting is shared):", ""]
+    for m in settings:
+        knobs = ", ".join(f"{k} = {v}" for k, v in m["overrides"].items())
+        lines.append(f"- `{m['method']}` ({', '.join(m['kinds'])}): {knobs} — {m['why']}")
+    return lines + [""]
+
+
 def write_report(out: Path, dataset: str) -> Path:
     """Rebuild ``<dataset>.md`` and its plots from ``<dataset>.json``; returns the report's path."""
     path = out / f"{dataset}.json"
@@ -236,6 +247,7 @@ def write_report(out: Path, dataset: str) -> Path:
               f"torch {m.get('torch')}, device {m.get('device')}.",
               f"Original test accuracy: {100 * s['acc_test_original']:.2f}%. "
               f"Default accumulation: `{s.get('default_accumulation')}`. Rows: {len(rows)}.", ""]
+    lines += _method_settings_lines(s.get("method_settings", {}).get("default", []))
     attack_path = out / f"{dataset}_attack.json"
     lines += _bars(rows, extra, json.loads(attack_path.read_text()) if attack_path.exists() else None)
     notes = out / f"{dataset}_notes.md"

@@ -22,7 +22,8 @@ import torch
 
 from daemon.bench.evaluation import ROW_FIELDS, EvalContext, drift_report, evaluate_model
 from daemon.data.splits import DatasetSplits
-from daemon.engine.config import PRESETS, UnlearnConfig
+from daemon.engine.config import PRESETS, UnlearnConfig, method_settings
+from daemon.engine.config import preset as preset_config   # the run loop's own `preset` names a preset
 from daemon.engine.evaluate import accuracy, predict
 from daemon.engine.methods import get_method
 from daemon.engine.models import build_model
@@ -228,6 +229,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
     settings = {
         "dataset": plan.dataset, "arch": plan.arch, "methods": list(plan.methods), "k": list(plan.ks),
         "seeds": list(plan.seeds), "kinds": list(plan.kinds), "presets": {p: PRESETS[p].to_dict() for p in plan.presets},
+        "method_settings": {p: method_settings(p) for p in plan.presets},
         "overrides": plan.overrides, "continual": list(plan.continual) if plan.continual else None,
         "accumulations": list(plan.accumulations), "default_accumulation": DEFAULT_ACCUMULATION,
         "memory": {"energy": DEFAULT_MEMORY_ENERGY, "copies": DEFAULT_MEMORY_COPIES},
@@ -239,9 +241,9 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
     results = _Results(out, plan.dataset, machine_info(device), settings, resume)
     results.flush()
 
-    def config_for(preset: str) -> UnlearnConfig:
-        cfg = PRESETS[preset]
-        return cfg.with_overrides(**plan.overrides) if preset == "default" and plan.overrides else cfg
+    def config_for(preset_name: str, method: str, kind: str) -> UnlearnConfig:
+        cfg = preset_config(preset_name, method, kind)
+        return cfg.with_overrides(**plan.overrides) if preset_name == "default" and plan.overrides else cfg
 
     def one(method: str, preset: str, kind: str, protocol: str, k: int, seed: int, rnd: int, accumulation: str | None,
             session: UnlearningSession | None, request: ForgetRequest, idx: torch.Tensor, union: torch.Tensor,
@@ -258,7 +260,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
         else:
             assert session is not None
             before = {n: p.detach().cpu().clone() for n, p in session.model.named_parameters()}
-            result, _ = session.run_round(request, method=method, config=config_for(preset), track=track,
+            result, _ = session.run_round(request, method=method, config=config_for(preset, method, kind), track=track,
                                           track_every=plan.track_every, sentinel=splits.test_x[:2000])
             model = session.model
             if not result.succeeded:   # evaluate what the round produced, though it was not committed

@@ -2,9 +2,10 @@
 
 A method decides three things: what the forget instances are pushed towards (its forget term),
 whether adversarial examples hold the decision boundary (the ``adv`` term), and whether MAS
-importance anchors the weights (the ``imp`` term). Everything else — optimiser, stopping rule,
-divergence checks — is the round's (``daemon.engine.rounds``), identical for every method, so their
-numbers compare.
+importance anchors the weights (the ``imp`` term). Everything else — optimiser, stopping rule, step
+budget, divergence checks — is the round's (``daemon.engine.rounds``), identical for every method, so
+their numbers compare; only the step size is a method's own where a preset says so
+(``daemon.engine.config.METHOD_SETTINGS``: the baselines at the shared step collapse the model).
 """
 
 from __future__ import annotations

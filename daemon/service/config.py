@@ -108,7 +108,8 @@ class RoundsSection:
 
     max_instances: int = _opt(64, "close a round once it holds this many instances", minimum=1)
     max_wait_s: float = _opt(2.0, "close a round this long after its first request arrived", "s", minimum=0)
-    method: str = _opt("adv_imp", "unlearning method",
+    method: str = _opt("adv_imp", "unlearning method (the baselines neggrad, random_label and boundary_shrink run at "
+                       "their own step size in the default preset)",
                        choices=("adv_imp", "adv", "neggrad", "random_label", "boundary_shrink"))
     preset: str = _opt("default", "engine preset", choices=("default", "paper"))
     accumulation: str = _opt("max", "how weight importance accumulates across rounds",

@@ -177,7 +177,7 @@ class ModelRuntime:
     def run_round(self, batch: Sequence[PendingRequest], should_abort: Callable[[], bool]) -> Candidate:
         assert self.live is not None
         request = self.build_request(batch)
-        config = preset(self.rounds.preset)
+        config = preset(self.rounds.preset, self.rounds.method, request.kind)
         if self.rounds.held_impressions:
             config = config.with_overrides(held_impressions=self.rounds.held_impressions)
         result, importance = self.live.session.run_round(request, method=self.rounds.method, config=config,

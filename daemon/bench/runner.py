@@ -22,8 +22,8 @@ import torch
 
 from daemon.bench.evaluation import ROW_FIELDS, EvalContext, drift_report, evaluate_model
 from daemon.data.splits import DatasetSplits
-from daemon.engine.config import PRESETS, UnlearnConfig, method_settings
-from daemon.engine.config import preset as preset_config   # the run loop's own `preset` names a preset
+# `preset` is also the run loop's name for a preset's name, hence the alias
+from daemon.engine.config import PRESETS, UnlearnConfig, method_settings, preset as preset_config
 from daemon.engine.evaluate import accuracy, predict
 from daemon.engine.methods import get_method
 from daemon.engine.models import build_model

@@ -114,6 +114,33 @@ def test_an_already_satisfied_request_succeeds_without_a_step():
     assert state_equal(res.state, model.state_dict())
 
 
+@pytest.mark.parametrize("method", ["adv_imp", "boundary_shrink"])
+def test_a_request_the_model_already_satisfies_makes_no_adversarial_examples(method):
+    model = tiny_model()
+    x, _ = forget_set(8, 0)
+    wrong = (predict(model, x) + 1) % NUM_CLASSES          # every instance already misclassified
+    res = _round(model, ForgetRequest("forget", x, wrong), method, fast_config(lr=1e-3), sentinel=None)
+    assert res.outcome == "forgotten" and res.steps == 0
+    assert res.adversarial_examples == res.anchor_examples == res.attack_example_iterations == 0
+    assert state_equal(res.state, model.state_dict())
+    # the same instances at their own labels: the round attacks them as before
+    busy = _round(model, ForgetRequest("forget", x, predict(model, x)), method, fast_config(lr=1e-3))
+    assert busy.steps > 0 and (busy.adversarial_examples > 0) == (method == "adv_imp")
+
+
+def test_a_round_that_takes_no_step_is_never_called_collapsed():
+    """The untouched model may already put mixed-label instances into one class; the round did not do that."""
+    model = tiny_model()
+    x, _ = train_data()
+    pred = predict(model, x)
+    top = int(torch.bincount(pred).argmax())
+    pick = (pred == top).nonzero().squeeze(1)[:8]
+    assert pick.numel() == 8
+    labels = (top + 1 + torch.arange(8) % (NUM_CLASSES - 1)) % NUM_CLASSES   # mixed, never the predicted class
+    res = _round(model, ForgetRequest("forget", x[pick], labels), "neggrad", sentinel=None)
+    assert res.outcome == "forgotten" and res.steps == 0
+
+
 def test_a_one_step_budget_ends_budget_exhausted_never_forgotten():
     res = _round(tiny_model(), _forget(), "neggrad", fast_config(lr=1e-6, max_steps=1))
     assert res.outcome == "budget_exhausted" and not res.succeeded

@@ -279,15 +279,18 @@ def run_round(
     x = request.x.to(device)
     labels = request.labels.to(device)
     acc0, pred_before = _forget_accuracy(work, request)
+    # A request the model already satisfies (every instance misclassified, or on its target) takes no step:
+    # nothing below that only the steps use is made for it (attack, copies, impressions, a noise sentinel).
+    satisfied = _stop_reached(acc0, request, config)
 
     # --- prepare: targets, adversarial set, importance anchor --------------------------------------
-    towards = method.towards(work, request, config, generator)
+    towards = None if satisfied else method.towards(work, request, config, generator)
     towards_d = towards.to(device) if towards is not None else None
     adv_x = adv_y = adv_soft = adv_logits = own_logits = None
     attack_stats = (0, 0, float("nan"))
     t_attack = time.perf_counter()
     res, attack_aborted = None, False
-    if method.uses_adversarial and config.adv_per_instance > 0:
+    if method.uses_adversarial and config.adv_per_instance > 0 and not satisfied:
         attack = make_attack(work, config)
         targets = other_class_targets(request.labels, num_classes, config.adv_per_instance, generator)
         try:
@@ -306,7 +309,8 @@ def run_round(
         adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
     n_adv = 0 if adv_x is None else int(adv_x.shape[0])
-    if method.uses_adversarial and not attack_aborted and config.anchor_deform and request.kind != "forget_class":
+    if (method.uses_adversarial and not attack_aborted and not satisfied and config.anchor_deform
+            and request.kind != "forget_class"):
         # forget_class is left out: copies of a class's examples are the class, and must go with it
         anchors = deformations(request.x, config.anchor_deform, generator).to(device)
         anchor_logits, anchor_own = (t.to(device) for t in _held_targets(
@@ -314,7 +318,8 @@ def run_round(
         adv_x, adv_y, adv_logits, own_logits = _with_held(
             None if adv_x is None else (adv_x, adv_y, adv_logits, own_logits), anchors, anchor_logits, anchor_own)
         adv_soft = F.softmax(adv_logits, 1)
-    if method.uses_adversarial and not attack_aborted and config.held_impressions and request.kind != "forget_class":
+    if (method.uses_adversarial and not attack_aborted and not satisfied and config.held_impressions
+            and request.kind != "forget_class"):
         # held at the model's own logits (not the reference's): off the data, the original outputs are no
         # repair, and pulling the live model back to them there moved it elsewhere (MNIST continual, session 8)
         per_class = -(-config.held_impressions // num_classes)
@@ -332,7 +337,7 @@ def run_round(
         relax_at = max(1, int(config.max_steps * config.hold_original_share))
     relaxed_at = None
     n_req = x.shape[0]
-    if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted:
+    if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted and not satisfied:
         # forgetting a class must generalise to the class: its examples' copies are forgotten with them
         x = torch.cat([x, deformations(request.x, config.class_copies, generator).to(device)])
         labels = torch.cat([labels, labels.repeat_interleave(config.class_copies)])
@@ -343,7 +348,7 @@ def run_round(
     if method.uses_importance:
         anchor = {n: p.detach().clone() for n, p in work.named_parameters()}
         regulariser = ImportanceRegulariser(importance_weights, anchor, config.lam)
-    if sentinel is None and attack_aborted:
+    if sentinel is None and (attack_aborted or satisfied):
         sentinel = request.x          # never used: the loop below stops at once
     if sentinel is None:   # callers with real inputs (the daemon's probe set, a test split) pass them
         sentinel = adv_x.cpu() if adv_x is not None else class_impressions(work, num_classes, request.x.shape[1:],
@@ -395,7 +400,7 @@ def run_round(
     inst_w = torch.ones(x.shape[0], device=device)
     adv_pos = 0
     t_opt, tracked_before_opt = time.perf_counter(), tracking_s
-    if _stop_reached(acc, request, config):
+    if satisfied:
         outcome, reason = _success_outcome(request.kind), None
     # Unless BatchNorm trains (bn_train), the training forward runs in eval mode: a step's forward
     # on the instances is the eval forward of the weights the previous step left, so it serves that
@@ -497,7 +502,8 @@ def run_round(
         outcome, reason = "diverged", "non-finite weights"
     if outcome in ("forgotten", "relabelled") and _collapsed(work, sentinel, config.collapse_share, share_before):
         outcome, reason = "collapsed", f"one class takes >= {config.collapse_share:.0%} of the sentinel predictions"
-    elif outcome == "forgotten" and _forget_set_collapsed(work, request, config.collapse_share):
+    # A round that took no step left the model as it found it: whatever that model predicts, the round did not do it.
+    elif outcome == "forgotten" and steps > 0 and _forget_set_collapsed(work, request, config.collapse_share):
         outcome, reason = "collapsed", (f"one class takes >= {config.collapse_share:.0%} of the forget-set "
                                         "predictions though their labels are mixed")
     if track is not None and track_every > 0 and (not trajectory or trajectory[-1].step != steps):

@@ -36,3 +36,8 @@ $U bench "${common[@]}" --methods neggrad,adv,adv_imp --k 16 --seeds 0,1,2 --kin
 $U bench "${common[@]}" --methods neggrad,adv,adv_imp --k 64,128 --seeds 0 --kind forget --presets paper --resume
 # 6. the report and plots
 $U bench --dataset mnist --out "$OUT" --report-only
+# 7. the calibrated stopping rule beside the zero rule: adv_imp stops once forget accuracy is at most the model's
+#    test accuracy (the instances classified as well as unseen data); its own folder, since rows are keyed
+#    without their settings (~5 min)
+$U bench --dataset mnist --out "$OUT/calibrated" --cache "$CACHE" --methods adv_imp --k 16,64,128 --seeds 0,1,2 \
+    --kind forget --presets default --set stop=calibrated $resume

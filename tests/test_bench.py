@@ -230,3 +230,36 @@ def test_pretraining_gives_one_model_per_seed_whatever_the_process_drew_before()
     a, b, c = first.state_dict(), again.state_dict(), other.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def test_the_calibrated_rule_stops_at_the_models_test_accuracy_and_its_report_reads_no_bar(tmp_path, splits_and_state):
+    splits, state = splits_and_state
+    fast = {"max_steps": 60, "adv_per_instance": 2}
+    zero = json.loads(run_benchmark(_plan(methods=["adv_imp", "retrain"], ks=[8]), splits, state, out=tmp_path,
+                                    log=lambda s: None).read_text())
+    path = run_benchmark(_plan(methods=["adv_imp"], ks=[8], overrides=fast | {"stop": "calibrated"}), splits, state,
+                         out=tmp_path / "calibrated", log=lambda s: None)
+    doc = json.loads(path.read_text())
+    level = doc["settings"]["overrides"]["stop_level"]
+    assert level == doc["settings"]["acc_test_original"] < 1.0
+    (row,) = doc["rows"]
+    (zero_row,) = [r for r in zero["rows"] if r["method"] == "adv_imp"]
+    assert row["outcome"] == "forgotten" and row["acc_forget"] <= level
+    assert row["steps"] <= zero_row["steps"] and zero_row["acc_forget"] == 0.0
+    text = write_report(tmp_path / "calibrated", "synthetic").read_text()
+    assert "## Stopping rule" in text and f"{100 * level:.2f}%" in text and "## The bars" not in text
+    # the main report sets the two rules and the oracle side by side
+    main = write_report(tmp_path, "synthetic").read_text()
+    assert "## The bars" in main
+    table = main.split("## Stopping rules: zero, calibrated, and retraining")[1].split("\n\n")[1].splitlines()
+    assert [line.split(" | ")[1] for line in table[2:]] == ["zero (forget accuracy 0)", "calibrated (calibrated/)",
+                                                            "retrain (oracle)"]
+    assert f"| {_pct(zero_row['acc_forget'])} |" in table[2] and f"| {_pct(row['acc_forget'])} |" in table[3]
+    # an explicit level is kept as given
+    explicit = run_benchmark(_plan(methods=["adv_imp"], ks=[8], overrides=fast | {"stop": "calibrated", "stop_level": 0.25}),
+                             splits, state, out=tmp_path / "explicit", log=lambda s: None)
+    assert json.loads(explicit.read_text())["settings"]["overrides"]["stop_level"] == 0.25

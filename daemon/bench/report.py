@@ -233,6 +233,50 @@ def _method_settings_lines(settings: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _calibrated_runs(settings: dict) -> list[str]:
+    """The note that replaces the bars when rows stop at the calibrated rule: the bars read forget accuracy 0."""
+    levels = sorted({r["overrides"]["stop_level"] for r in settings.get("runs", [settings])
+                     if (r.get("overrides") or {}).get("stop") == "calibrated"})
+    if not levels:
+        return []
+    return ["## Stopping rule", "",
+            f"These rows stop at the calibrated rule: a round ends once forget accuracy is at most "
+            f"{', '.join(f'{100 * v:.2f}%' for v in levels)} (the `stop_level`; by default the model's test accuracy, "
+            "so the forgotten instances are classified as well as unseen data). The issue's bars read the zero rule "
+            "(forget accuracy 0), so they are not read from these rows.", ""]
+
+
+def _stopping_rules(rows: list[dict], calibrated: list[dict]) -> list[str]:
+    """The zero rule's and the calibrated rule's single adv_imp rounds beside the retrain oracle, per k.
+
+    Membership AUC 0.5 is what retraining gives; far below it, the forgotten instances have much *higher*
+    loss than unseen data, which identifies them as surely as a far lower loss would.
+    """
+    def pick(rs: list[dict], method: str) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = defaultdict(list)
+        for r in rs:
+            if (r["method"], r["preset"], r["kind"], r["protocol"]) == (method, "default", "forget", "single"):
+                out[r["k"]].append(r)
+        return out
+
+    series = [("zero (forget accuracy 0)", pick(rows, "adv_imp")), ("calibrated (calibrated/)", pick(calibrated, "adv_imp")),
+              ("retrain (oracle)", pick(rows, "retrain"))]
+    ks = sorted(series[1][1])      # the k the calibrated rule ran at
+    if not ks:
+        return []
+    lines = ["## Stopping rules: zero, calibrated, and retraining (adv_imp, single rounds, mean over seeds)", "",
+             "| k | rule | seeds | forget acc % | test loss pp | MIA AUC | steps | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for k in ks:
+        for name, by_k in series:
+            rs = by_k.get(k, [])
+            if rs:
+                lines.append(f"| {k} | {name} | {len(rs)} | {_pp(_mean([r['acc_forget'] for r in rs]))} "
+                             f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in rs]))} "
+                             f"| {_fmt(_mean([r['mia_auc'] for r in rs]), 3)} "
+                             f"| {_fmt(_mean([r['steps'] for r in rs]), 0)} | {_fmt(_mean([r['wall_s'] for r in rs]))} |")
+    return lines + [""]
+
+
 def write_report(out: Path, dataset: str) -> Path:
     """Rebuild ``<dataset>.md`` and its plots from ``<dataset>.json``; returns the report's path."""
     path = out / f"{dataset}.json"
@@ -248,8 +292,12 @@ def write_report(out: Path, dataset: str) -> Path:
               f"Original test accuracy: {100 * s['acc_test_original']:.2f}%. "
               f"Default accumulation: `{s.get('default_accumulation')}`. Rows: {len(rows)}.", ""]
     lines += _method_settings_lines(s.get("method_settings", {}).get("default", []))
-    attack_path = out / f"{dataset}_attack.json"
-    lines += _bars(rows, extra, json.loads(attack_path.read_text()) if attack_path.exists() else None)
+    calibrated = _calibrated_runs(s)
+    if calibrated:
+        lines += calibrated
+    else:
+        attack_path = out / f"{dataset}_attack.json"
+        lines += _bars(rows, extra, json.loads(attack_path.read_text()) if attack_path.exists() else None)
     notes = out / f"{dataset}_notes.md"
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
@@ -302,6 +350,9 @@ def write_report(out: Path, dataset: str) -> Path:
                          f"| {_pp(_mean([r['acc_forget_union'] for r in final]))} "
                          f"| {_fmt(_mean([r['wall_s'] for r in rs]))} |")
         lines.append("")
+    calibrated_path = out / "calibrated" / f"{dataset}.json"
+    if calibrated_path.exists():
+        lines += _stopping_rules(rows, json.loads(calibrated_path.read_text())["rows"])
     for name in _plots(rows, extra, out, dataset):
         lines += [f"![{name}]({name})", ""]
     report = out / f"{dataset}.md"

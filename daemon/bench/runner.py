@@ -226,11 +226,18 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
     ctx = EvalContext(splits.train_x, splits.train_y, splits.test_x, splits.test_y, acc_original)
     test_pred0 = predict(base, splits.test_x)
     track = (splits.test_x[-plan.track_size:], splits.test_y[-plan.track_size:])
+    overrides = dict(plan.overrides)
+    if overrides.get("stop") == "calibrated" and "stop_level" not in overrides:
+        # the calibration: forgotten instances classified as well as unseen data, no better and no worse
+        if acc_original >= 1.0:
+            raise ValueError("stop=calibrated: the model classifies every test example correctly, so the calibrated "
+                             "level (its test accuracy) would end every round before its first step; set stop_level")
+        overrides["stop_level"] = acc_original
     settings = {
         "dataset": plan.dataset, "arch": plan.arch, "methods": list(plan.methods), "k": list(plan.ks),
         "seeds": list(plan.seeds), "kinds": list(plan.kinds), "presets": {p: PRESETS[p].to_dict() for p in plan.presets},
         "method_settings": {p: method_settings(p) for p in plan.presets},
-        "overrides": plan.overrides, "continual": list(plan.continual) if plan.continual else None,
+        "overrides": overrides, "continual": list(plan.continual) if plan.continual else None,
         "accumulations": list(plan.accumulations), "default_accumulation": DEFAULT_ACCUMULATION,
         "memory": {"energy": DEFAULT_MEMORY_ENERGY, "copies": DEFAULT_MEMORY_COPIES},
         "pretrain": plan.train.__dict__, "acc_test_original": acc_original,
@@ -243,7 +250,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
 
     def config_for(preset_name: str, method: str, kind: str) -> UnlearnConfig:
         cfg = preset_config(preset_name, method, kind)
-        return cfg.with_overrides(**plan.overrides) if preset_name == "default" and plan.overrides else cfg
+        return cfg.with_overrides(**overrides) if preset_name == "default" and overrides else cfg
 
     def one(method: str, preset: str, kind: str, protocol: str, k: int, seed: int, rnd: int, accumulation: str | None,
             session: UnlearningSession | None, request: ForgetRequest, idx: torch.Tensor, union: torch.Tensor,

@@ -309,8 +309,8 @@ def run_round(
         adv_soft = F.softmax(adv_logits, 1)
         attack_stats = (res.example_iterations, res.x.shape[0] * res.max_iterations, res.success_rate)
     n_adv = 0 if adv_x is None else int(adv_x.shape[0])
-    if (method.uses_adversarial and not attack_aborted and not satisfied and config.anchor_deform
-            and request.kind != "forget_class"):
+    no_steps = attack_aborted or satisfied     # the loop below stops at once: nothing more to prepare for it
+    if method.uses_adversarial and not no_steps and config.anchor_deform and request.kind != "forget_class":
         # forget_class is left out: copies of a class's examples are the class, and must go with it
         anchors = deformations(request.x, config.anchor_deform, generator).to(device)
         anchor_logits, anchor_own = (t.to(device) for t in _held_targets(
@@ -318,8 +318,7 @@ def run_round(
         adv_x, adv_y, adv_logits, own_logits = _with_held(
             None if adv_x is None else (adv_x, adv_y, adv_logits, own_logits), anchors, anchor_logits, anchor_own)
         adv_soft = F.softmax(adv_logits, 1)
-    if (method.uses_adversarial and not attack_aborted and not satisfied and config.held_impressions
-            and request.kind != "forget_class"):
+    if method.uses_adversarial and not no_steps and config.held_impressions and request.kind != "forget_class":
         # held at the model's own logits (not the reference's): off the data, the original outputs are no
         # repair, and pulling the live model back to them there moved it elsewhere (MNIST continual, session 8)
         per_class = -(-config.held_impressions // num_classes)
@@ -337,7 +336,7 @@ def run_round(
         relax_at = max(1, int(config.max_steps * config.hold_original_share))
     relaxed_at = None
     n_req = x.shape[0]
-    if request.kind == "forget_class" and config.class_copies > 0 and not attack_aborted and not satisfied:
+    if request.kind == "forget_class" and config.class_copies > 0 and not no_steps:
         # forgetting a class must generalise to the class: its examples' copies are forgotten with them
         x = torch.cat([x, deformations(request.x, config.class_copies, generator).to(device)])
         labels = torch.cat([labels, labels.repeat_interleave(config.class_copies)])
@@ -348,7 +347,7 @@ def run_round(
     if method.uses_importance:
         anchor = {n: p.detach().clone() for n, p in work.named_parameters()}
         regulariser = ImportanceRegulariser(importance_weights, anchor, config.lam)
-    if sentinel is None and (attack_aborted or satisfied):
+    if sentinel is None and no_steps:
         sentinel = request.x          # never used: the loop below stops at once
     if sentinel is None:   # callers with real inputs (the daemon's probe set, a test split) pass them
         sentinel = adv_x.cpu() if adv_x is not None else class_impressions(work, num_classes, request.x.shape[1:],

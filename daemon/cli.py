@@ -248,6 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from daemon.bench.report import write_report
     from daemon.bench.runner import BenchPlan, parse_continual, parse_list, pretrain, run_benchmark
+    from daemon.engine.config import preset
     from daemon.engine.methods import get_method
     from daemon.engine.training import TrainConfig
     from daemon.registry import atomic_write_bytes
@@ -266,7 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             train=TrainConfig(epochs=args.epochs, **_smoothing(args)),
             overrides=_overrides(args.set),
         )
-    except ValueError as exc:
+        preset("default").with_overrides(**plan.overrides)    # a bad --set fails here, not rows into the run
+    except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     if args.report_only:
         print(write_report(Path(args.out), args.dataset))

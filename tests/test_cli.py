@@ -122,6 +122,12 @@ def test_bench_rejects_a_bad_plan_with_exit_2(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "--continual", "ten", "--out", str(tmp_path)]) == 2
     assert "ROUNDSxK" in capsys.readouterr().err
+    # a bad --set value is refused before any data is loaded or any row runs
+    assert main(["bench", "--set", "stop=bogus", "--out", str(tmp_path)]) == 2
+    assert "stop must be one of zero, calibrated, got 'bogus'" in capsys.readouterr().err
+    assert main(["bench", "--set", "lr=fast", "--out", str(tmp_path)]) == 2
+    assert "lr must be a number, got 'fast'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_label_smoothing_outside_zero_to_one_exits_2_before_any_work(tmp_path, capsys):

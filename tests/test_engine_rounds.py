@@ -302,6 +302,12 @@ def test_run_round_validates_the_request_before_any_work():
     (dict(hold_original_share=0.0), r"hold_original_share must lie in \(0, 1\]"),
     (dict(hold_original_share=1.5), r"hold_original_share must lie in \(0, 1\]"),
     (dict(hold_at="previous"), "hold_at must be one of original, current"),
+    (dict(lr="fast"), "lr must be a number, got 'fast'"),
+    (dict(pgd_eps=True), "pgd_eps must be a number, got True"),
+    (dict(max_steps=80.5), "max_steps must be an integer, got 80.5"),
+    (dict(mask_forgotten=1), "mask_forgotten must be true or false, got 1"),
+    (dict(grad_clip="x"), "grad_clip must be a number or None, got 'x'"),
+    (dict(stop=0), "stop must be a string, got 0"),
 ])
 def test_config_rejects_bad_values_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

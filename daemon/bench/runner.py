@@ -30,6 +30,7 @@ from daemon.engine.models import build_model
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.session import DEFAULT_ACCUMULATION, DEFAULT_MEMORY_COPIES, DEFAULT_MEMORY_ENERGY, UnlearningSession
 from daemon.engine.training import TrainConfig, train_classifier
+from daemon.errors import UsageError
 from daemon.registry import atomic_write_bytes
 
 __all__ = ["BenchPlan", "machine_info", "run_benchmark"]
@@ -230,7 +231,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
     if overrides.get("stop") == "calibrated" and "stop_level" not in overrides:
         # the calibration: forgotten instances classified as well as unseen data, no better and no worse
         if acc_original >= 1.0:
-            raise ValueError("stop=calibrated: the model classifies every test example correctly, so the calibrated "
+            raise UsageError("stop=calibrated: the model classifies every test example correctly, so the calibrated "
                              "level (its test accuracy) would end every round before its first step; set stop_level")
         overrides["stop_level"] = acc_original
     settings = {

@@ -29,6 +29,13 @@ _CHOICES = {
 }
 
 
+#: what a field's annotation accepts, and how an error names it (float accepts ints; a bool is never a number)
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "float": ((int, float), "a number"), "int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
 @dataclass(frozen=True)
 class UnlearnConfig:
     """Every knob of a round. Field names are the receipt's ``method.params`` keys."""
@@ -87,6 +94,14 @@ class UnlearnConfig:
     check_every: int = 25
 
     def __post_init__(self) -> None:
+        for f in fields(self):     # a value of the wrong kind (``--set lr=fast``) is named, not compared
+            kind, _, optional = str(f.type).partition(" | ")
+            value = getattr(self, f.name)
+            if value is None and optional == "None":
+                continue
+            accepted, described = _TYPES.get(kind, ((object,), ""))
+            if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {described}{' or None' if optional else ''}, got {value!r}")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -114,16 +114,24 @@ def test_an_already_satisfied_request_succeeds_without_a_step():
     assert state_equal(res.state, model.state_dict())
 
 
-@pytest.mark.parametrize("method", ["adv_imp", "boundary_shrink"])
-def test_a_request_the_model_already_satisfies_makes_no_adversarial_examples(method):
+@pytest.mark.parametrize("method", ["adv_imp", "random_label", "neggrad"])
+def test_a_request_the_model_already_satisfies_prepares_nothing_for_steps_it_will_not_take(method):
+    """No attack (adv_imp), no random targets (random_label), no noise sentinel (neggrad without one): the
+    round draws nothing from its generator and makes no held examples."""
     model = tiny_model()
     x, _ = forget_set(8, 0)
     wrong = (predict(model, x) + 1) % NUM_CLASSES          # every instance already misclassified
-    res = _round(model, ForgetRequest("forget", x, wrong), method, fast_config(lr=1e-3), sentinel=None)
+    m = get_method(method)
+    weights = anchor_weights(mas_importance(model, x)) if m.uses_importance else None
+    generator = torch.Generator().manual_seed(0)
+    drawn_before = generator.get_state().clone()
+    res = run_round(model, ForgetRequest("forget", x, wrong), m, fast_config(lr=1e-3), generator=generator,
+                    num_classes=NUM_CLASSES, importance_weights=weights)
     assert res.outcome == "forgotten" and res.steps == 0
     assert res.adversarial_examples == res.anchor_examples == res.attack_example_iterations == 0
+    assert torch.equal(generator.get_state(), drawn_before)
     assert state_equal(res.state, model.state_dict())
-    # the same instances at their own labels: the round attacks them as before
+    # the same instances at their own labels: the round prepares and steps as before
     busy = _round(model, ForgetRequest("forget", x, predict(model, x)), method, fast_config(lr=1e-3))
     assert busy.steps > 0 and (busy.adversarial_examples > 0) == (method == "adv_imp")
 

@@ -259,9 +259,10 @@ def _stopping_rules(rows: list[dict], calibrated: list[dict]) -> list[str]:
                 out[r["k"]].append(r)
         return out
 
-    series = [("zero (forget accuracy 0)", pick(rows, "adv_imp")), ("calibrated (calibrated/)", pick(calibrated, "adv_imp")),
+    calibrated_by_k = pick(calibrated, "adv_imp")
+    series = [("zero (forget accuracy 0)", pick(rows, "adv_imp")), ("calibrated (calibrated/)", calibrated_by_k),
               ("retrain (oracle)", pick(rows, "retrain"))]
-    ks = sorted(series[1][1])      # the k the calibrated rule ran at
+    ks = sorted(calibrated_by_k)      # the k the calibrated rule ran at
     if not ks:
         return []
     lines = ["## Stopping rules: zero, calibrated, and retraining (adv_imp, single rounds, mean over seeds)", "",

@@ -174,7 +174,9 @@ class MethodSetting:
     (NegGrad, k = 64 and 128, seed 1: one class for most inputs). Each baseline takes, from one grid,
     the step that keeps the most training-set accuracy while still forgetting well within the step
     budget (the rule is beside ``METHOD_SETTINGS``; benchmarks/results/mnist_notes.md, session 11).
-    Class rounds move one output row and keep the shared step.
+    It does not make NegGrad safe: at k = 128, seed 1 it still collapses at any step tried, because one class
+    is the runner-up of many instances and the label of few. Class rounds move one output row and keep the
+    shared step.
     """
 
     method: str
@@ -215,6 +217,7 @@ def preset(name: str, method: str | None = None, kind: str = "forget") -> Unlear
 
 
 def method_settings(name: str) -> list[dict[str, Any]]:
-    """A preset's per-method settings as plain data, for benchmark records and receipts."""
+    """A preset's per-method settings as plain data, for the benchmark's record (a receipt carries the
+    resulting settings themselves, in ``method.params``)."""
     return [{"method": s.method, "kinds": list(s.kinds), "overrides": dict(s.overrides), "why": s.why}
             for s in METHOD_SETTINGS.get(name, ())]

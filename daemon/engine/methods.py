@@ -19,15 +19,10 @@ from torch import nn
 
 from daemon.engine.attacks import TargetedL2PGD
 from daemon.engine.config import UnlearnConfig
+from daemon.engine.kinds import label_margin
 from daemon.engine.requests import ForgetRequest
 
 __all__ = ["METHODS", "Method", "get_method", "forget_term", "held_logit_term", "label_margin"]
-
-
-def label_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """z_y − max_{j≠y} z_j per row: positive while ``labels`` wins, negative once it has lost."""
-    z_y = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-    return z_y - logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
 
 
 def _margin_away(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:

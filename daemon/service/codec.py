@@ -55,7 +55,7 @@ import torch
 
 from daemon.data.inline import INLINE_FORMATS, InlineDataError, decode_inline
 from daemon.data.sources import RefError, Source, parse_ref, resolve_refs
-from daemon.engine.requests import KINDS
+from daemon.engine.kinds import KINDS
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",

@@ -206,6 +206,13 @@ def test_rejection_carries_what_was_read_and_valid(models: dict[str, ModelSpec])
     assert (late.request_id, late.model, late.kind) == ("req-1", MODEL, "relabel")
 
 
+@pytest.mark.parametrize("kind", [["forget"], {"forget": 1}, 7])
+def test_a_kind_that_is_not_a_string_is_bad_kind(models: dict[str, ModelSpec], kind: Any) -> None:
+    exc = _reject(_msg(kind=kind), models)
+    assert (exc.reason, exc.kind) == ("bad_kind", None)
+    assert exc.detail.startswith("kind must be one of forget, relabel, forget_class, got ")
+
+
 def test_a_repeated_request_id_key_is_not_trusted(models: dict[str, ModelSpec]) -> None:
     value = _msg().replace(b'"request_id"', b'"request_id": "req-0", "request_id"', 1)
     exc = _reject(value, models)

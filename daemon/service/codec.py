@@ -42,7 +42,6 @@ data or an instance id in clear. Its ``request_id`` is set once it has been read
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -53,9 +52,21 @@ from typing import Any, NoReturn
 
 import torch
 
-from daemon.data.inline import INLINE_FORMATS, InlineDataError, decode_inline
+from daemon.data.inline import InlineDataError, decode_inline
 from daemon.data.sources import RefError, Source, parse_ref, resolve_refs
-from daemon.engine.kinds import KINDS
+from daemon.engine.kinds import KINDS, Kind
+from daemon.service.codec_checks import (
+    MAX_INSTANCE_ID_LENGTH,
+    CheckedInstance,
+    CheckFailed,
+    check_instance,
+    clip,
+    fail,
+    json_type,
+    kinds_where,
+    quote,
+    quote_bytes,
+)
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",
@@ -79,7 +90,6 @@ __all__ = [
 
 REQUEST_SCHEMA = "unlearn.request/v1"
 RECEIPT_SCHEMA = "unlearn.receipt/v1"
-MAX_INSTANCE_ID_LENGTH = 512
 MAX_SUBMITTED_AT_LENGTH = 64
 
 #: Every reason a :class:`Rejection` can carry, in check order (for metric labels and docs).
@@ -127,7 +137,6 @@ _KNOWN_KEYS = frozenset(
     {"schema", "request_id", "model", "kind", "class", "instances", "submitted_at"}
     | {"id", "ref", "data", "label", "target", "format", "b64"}
 )
-_DATA_KEYS = frozenset({"format", "b64"})
 _OBJECT_REPR = re.compile(r"<[^<>]{1,80} at 0x[0-9a-fA-F]+>")
 
 
@@ -233,17 +242,6 @@ class Rejection(Exception):
 
 
 @dataclass(frozen=True)
-class CheckedInstance:
-    """One instance after :func:`check_request`: validated, its input not decoded yet."""
-
-    id_sha256: str
-    label: int | None
-    target: int | None
-    ref: str | None
-    data: Mapping[str, Any] | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True)
 class CheckedRequest:
     """A request whose structure is valid; :func:`decode_inputs` turns it into a DecodedRequest."""
 
@@ -303,7 +301,7 @@ def check_request(
     ctx = _Context()
     try:
         return _check(value, key, models, limits, ctx)
-    except _Fail as fail:
+    except CheckFailed as fail:
         raise Rejection(
             fail.reason, fail.detail, request_id=ctx.request_id, model=ctx.model, kind=ctx.kind
         ) from fail.__cause__
@@ -325,17 +323,17 @@ def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
                     xs[i] = decode_inline(inst.data, spec.input_shape)
                 except InlineDataError as exc:
                     text = _OBJECT_REPR.sub("the data", str(exc))  # Pillow names its buffer
-                    raise _Fail(exc.reason, _clip(f"instances[{i}].data: {text}")) from exc
+                    raise CheckFailed(exc.reason, clip(f"instances[{i}].data: {text}")) from exc
         if by_ref:
             try:
                 gathered, _ = resolve_refs([ref for _, ref in by_ref], spec.sources)
             except RefError as exc:  # check_request has seen every ref: only if sources changed
                 at = next(i for i, ref in by_ref if ref == exc.ref) if exc.ref else by_ref[0][0]
-                raise _Fail(exc.reason, f"instances[{at}].ref: {exc.reason}") from exc
+                raise CheckFailed(exc.reason, f"instances[{at}].ref: {exc.reason}") from exc
             gathered = gathered.to(torch.float32)
             for row, (i, _) in enumerate(by_ref):
                 xs[i] = gathered[row]
-    except _Fail as fail:
+    except CheckFailed as fail:
         raise Rejection(
             fail.reason,
             fail.detail,
@@ -383,15 +381,6 @@ def encode_receipt(receipt: Mapping[str, Any]) -> bytes:
 # --- the checks -------------------------------------------------------------------------------
 
 
-class _Fail(Exception):
-    """Internal: a rejection before its context (request_id, model, kind) is attached."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
 class _Context:
     __slots__ = ("kind", "model", "request_id")
 
@@ -401,12 +390,8 @@ class _Context:
         self.kind: str | None = None
 
 
-def _fail(reason: str, detail: str) -> NoReturn:
-    raise _Fail(reason, detail)
-
-
 def _refuse_constant(name: str) -> NoReturn:
-    raise _Fail("not_json", f"the message is not JSON: {name} is not a JSON value")
+    raise CheckFailed("not_json", f"the message is not JSON: {name} is not a JSON value")
 
 
 _parsing = threading.local()  # the repeated keys of the document being parsed (one parse per thread at a time)
@@ -427,30 +412,24 @@ def _pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs_to_dict, parse_constant=_refuse_constant)
 
 
-def _check(
-    value: bytes | None,
-    key: bytes | None,
-    models: Mapping[str, ModelSpec],
-    limits: Limits,
-    ctx: _Context,
-) -> CheckedRequest:
-    # The raw bytes, before any parsing.
+def _parse(value: bytes | None, limits: Limits) -> tuple[dict[str, Any], list[str]]:
+    """The raw bytes, then the JSON: the document, and the keys it repeats within one object."""
     if value is not None:
         if isinstance(value, memoryview):
             value = value.tobytes()
         elif not isinstance(value, (bytes, bytearray)):
             raise TypeError(f"a message value is bytes or None, got {type(value).__name__}")
         if len(value) > limits.max_message_bytes:
-            _fail(
+            fail(
                 "too_large",
                 f"the message is {len(value)} bytes, the limit is {limits.max_message_bytes}",
             )
     if not value:
-        _fail("empty", "the message value is empty (a tombstone or an empty record)")
+        fail("empty", "the message value is empty (a tombstone or an empty record)")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        _fail("not_utf8", f"the message is not UTF-8: invalid byte at offset {exc.start}")
+        fail("not_utf8", f"the message is not UTF-8: invalid byte at offset {exc.start}")
 
     repeated: list[str] = []
     _parsing.repeated = repeated
@@ -460,73 +439,71 @@ def _check(
         doc = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
-        _fail("not_json", f"the message is not JSON: {exc.msg} ({where})")
+        fail("not_json", f"the message is not JSON: {exc.msg} ({where})")
     except RecursionError:
-        _fail("not_json", "the message is not JSON this reader accepts: nested too deeply")
+        fail("not_json", "the message is not JSON this reader accepts: nested too deeply")
     except ValueError:  # an integer literal past Python's digit limit (sys.get_int_max_str_digits)
-        _fail("not_json", "the message is not JSON this reader accepts: an integer is too long")
+        fail("not_json", "the message is not JSON this reader accepts: an integer is too long")
     if not isinstance(doc, dict):
-        _fail("not_object", f"the message must be a JSON object, got {_json_type(doc)}")
+        fail("not_object", f"the message must be a JSON object, got {json_type(doc)}")
+    return doc, repeated
+
+
+def _check(
+    value: bytes | None,
+    key: bytes | None,
+    models: Mapping[str, ModelSpec],
+    limits: Limits,
+    ctx: _Context,
+) -> CheckedRequest:
+    doc, repeated = _parse(value, limits)
 
     # request_id first, so that every later rejection can carry it.
     request_id = doc.get("request_id")
     if request_id is None:
-        _fail("bad_request_id", "request_id is missing")
+        fail("bad_request_id", "request_id is missing")
     if not isinstance(request_id, str):
-        _fail("bad_request_id", f"request_id must be a string, got {_json_type(request_id)}")
+        fail("bad_request_id", f"request_id must be a string, got {json_type(request_id)}")
     if not 1 <= len(request_id) <= limits.max_request_id_length:
-        _fail(
+        fail(
             "bad_request_id",
             f"request_id must be 1 to {limits.max_request_id_length} characters, "
             f"got {len(request_id)}",
         )
     if not request_id.isprintable():
-        _fail("bad_request_id", "request_id must be printable characters only")
+        fail("bad_request_id", "request_id must be printable characters only")
     if "request_id" not in repeated:
         ctx.request_id = request_id
     if repeated:
         names = sorted({k for k in repeated if k in _KNOWN_KEYS})
         which = f"key(s) {', '.join(names)}" if names else "a key"
-        _fail("duplicate_key", f"the message repeats {which} within one object")
+        fail("duplicate_key", f"the message repeats {which} within one object")
 
     schema = doc.get("schema")
     if schema != REQUEST_SCHEMA:
-        got = "it is missing" if schema is None else f"got {_quote(schema)}"
-        _fail("bad_schema", f"schema must be {REQUEST_SCHEMA!r}, {got}")
+        got = "it is missing" if schema is None else f"got {quote(schema)}"
+        fail("bad_schema", f"schema must be {REQUEST_SCHEMA!r}, {got}")
 
     model = doc.get("model")
     if model is None:
-        _fail("missing_field", "model is missing")
+        fail("missing_field", "model is missing")
     if not isinstance(model, str):
-        _fail("bad_type", f"model must be a string, got {_json_type(model)}")
+        fail("bad_type", f"model must be a string, got {json_type(model)}")
     spec = models.get(model)
     if spec is None:
         known = ", ".join(sorted(models)) or "none"
-        _fail("unknown_model", f"model {_quote(model)} is not served here (known: {known})")
+        fail("unknown_model", f"model {quote(model)} is not served here (known: {known})")
     ctx.model = model
     if key and bytes(key) != model.encode("utf-8"):
-        _fail("key_mismatch", f"the Kafka key {_quote_bytes(key)} differs from model {model!r}")
+        fail("key_mismatch", f"the Kafka key {quote_bytes(key)} differs from model {model!r}")
 
-    kind = doc.get("kind")
-    if kind not in KINDS:  # hashing a list or dict would raise: compare against the tuple
-        got = "it is missing" if kind is None else f"got {_quote(kind)}"
-        _fail("bad_kind", f"kind must be one of {', '.join(KINDS)}, {got}")
-    ctx.kind = kind
-    num_classes = spec.num_classes
-
-    forget_class = doc.get("class")
-    if kind == "forget_class":
-        if forget_class is None:
-            _fail("missing_field", "class is missing: forget_class needs the class to forget")
-        if type(forget_class) is not int:
-            _fail("bad_type", f"class must be an integer, got {_json_type(forget_class)}")
-        if not 0 <= forget_class < num_classes:
-            _fail(
-                "class_out_of_range",
-                f"class must lie in [0, {num_classes - 1}], got {forget_class}",
-            )
-    elif forget_class is not None:
-        _fail("unexpected_field", f"class is only for kind forget_class, not {kind}")
+    name = doc.get("kind")
+    kind = KINDS.get(name) if isinstance(name, str) else None  # a list or dict is unhashable
+    if kind is None:
+        got = "it is missing" if name is None else f"got {quote(name)}"
+        fail("bad_kind", f"kind must be one of {', '.join(KINDS)}, {got}")
+    ctx.kind = name
+    forget_class = _check_class(doc.get("class"), kind, spec.num_classes)
 
     submitted_at = doc.get("submitted_at")
     if submitted_at is not None and (
@@ -535,9 +512,9 @@ def _check(
         got = (
             f"{len(submitted_at)} characters"
             if isinstance(submitted_at, str)
-            else _json_type(submitted_at)
+            else json_type(submitted_at)
         )
-        _fail(
+        fail(
             "bad_type",
             f"submitted_at must be a string of at most {MAX_SUBMITTED_AT_LENGTH} characters "
             f"(an RFC 3339 time), got {got}",
@@ -545,26 +522,26 @@ def _check(
 
     items = doc.get("instances")
     if items is None:
-        _fail("missing_field", "instances is missing")
+        fail("missing_field", "instances is missing")
     if not isinstance(items, list):
-        _fail("bad_type", f"instances must be a list, got {_json_type(items)}")
+        fail("bad_type", f"instances must be a list, got {json_type(items)}")
     if not items:
-        _fail("no_instances", "instances is empty: a request names at least one instance")
+        fail("no_instances", "instances is empty: a request names at least one instance")
     if len(items) > limits.max_instances:
-        _fail(
+        fail(
             "too_many_instances",
             f"instances has {len(items)} entries, the limit is {limits.max_instances}",
         )
 
     first_index: dict[str, int] = {}
     checked = [
-        _check_instance(i, item, kind, forget_class, spec, first_index)
+        check_instance(i, item, kind, forget_class, spec, first_index)
         for i, item in enumerate(items)
     ]
     return CheckedRequest(
         request_id=request_id,
         model=model,
-        kind=kind,
+        kind=name,
         instances=tuple(checked),
         forget_class=forget_class,
         submitted_at=submitted_at,
@@ -572,159 +549,20 @@ def _check(
     )
 
 
-def _check_instance(
-    i: int,
-    item: object,
-    kind: str,
-    forget_class: int | None,
-    spec: ModelSpec,
-    first_index: dict[str, int],
-) -> CheckedInstance:
-    if not isinstance(item, dict):
-        _fail("bad_type", f"instances[{i}] must be an object, got {_json_type(item)}")
-
-    instance_id = item.get("id")
-    if instance_id is None:
-        _fail("missing_field", f"instances[{i}].id is missing")
-    if not isinstance(instance_id, str):
-        _fail("bad_type", f"instances[{i}].id must be a string, got {_json_type(instance_id)}")
-    if not 1 <= len(instance_id) <= MAX_INSTANCE_ID_LENGTH:
-        _fail(
-            "bad_instance_id",
-            f"instances[{i}].id must be 1 to {MAX_INSTANCE_ID_LENGTH} characters, "
-            f"got {len(instance_id)}",
-        )
-    try:
-        id_sha256 = hashlib.sha256(instance_id.encode("utf-8")).hexdigest()
-    except UnicodeEncodeError:  # a lone surrogate from a \ud8xx escape
-        _fail("bad_instance_id", f"instances[{i}].id is not valid Unicode (a lone surrogate)")
-    earlier = first_index.setdefault(instance_id, i)
-    if earlier != i:
-        _fail("duplicate_instance", f"instances[{i}].id repeats instances[{earlier}].id")
-
-    ref = item.get("ref")
-    data = item.get("data")
-    if ref is not None and data is not None:
-        _fail("both_ref_and_data", f"instances[{i}] has both ref and data: give exactly one")
-    if ref is None and data is None:
-        _fail("no_input", f"instances[{i}] has neither ref nor data: give exactly one")
-
-    num_classes = spec.num_classes
-    label = item.get("label")
-    if label is not None:
-        if type(label) is not int:
-            _fail("bad_type", f"instances[{i}].label must be an integer, got {_json_type(label)}")
-        if not 0 <= label < num_classes:
-            _fail(
-                "label_out_of_range",
-                f"instances[{i}].label must lie in [0, {num_classes - 1}], got {label}",
+def _check_class(forget_class: object, kind: Kind, num_classes: int) -> int | None:
+    """The request's ``class``: required of a kind that names one, unexpected on any other."""
+    if kind.names_class:
+        if forget_class is None:
+            fail("missing_field", f"class is missing: {kind.name} needs the class to forget")
+        if type(forget_class) is not int:
+            fail("bad_type", f"class must be an integer, got {json_type(forget_class)}")
+        if not 0 <= forget_class < num_classes:
+            fail(
+                "class_out_of_range",
+                f"class must lie in [0, {num_classes - 1}], got {forget_class}",
             )
-
-    target = item.get("target")
-    if kind == "relabel":
-        if target is None:
-            _fail("missing_target", f"instances[{i}].target is missing: relabel needs one")
-        if type(target) is not int:
-            _fail("bad_type", f"instances[{i}].target must be an integer, got {_json_type(target)}")
-        if not 0 <= target < num_classes:
-            _fail(
-                "target_out_of_range",
-                f"instances[{i}].target must lie in [0, {num_classes - 1}], got {target}",
-            )
-        if target == label:
-            _fail("target_equals_label", f"instances[{i}].target equals its label ({label})")
-    elif target is not None:
-        _fail("unexpected_field", f"instances[{i}].target is only for kind relabel, not {kind}")
-
-    if kind == "forget_class":
-        if label is None:
-            label = forget_class
-        elif label != forget_class:
-            _fail(
-                "label_not_class",
-                f"instances[{i}].label is {label}, but the request forgets class {forget_class}",
-            )
-
-    if ref is not None:
-        _check_ref(i, ref, spec)
-        return CheckedInstance(id_sha256, label, target, ref, None)
-    _check_data_object(i, data)
-    return CheckedInstance(id_sha256, label, target, None, data)
-
-
-def _check_ref(i: int, ref: object, spec: ModelSpec) -> None:
-    try:
-        source, index = parse_ref(ref)  # type: ignore[arg-type] # parse_ref reports non-strings
-    except RefError as exc:
-        if exc.reason == "ref_out_of_range":
-            _fail(exc.reason, f"instances[{i}].ref: the index must be a non-negative integer")
-        _fail(exc.reason, f"instances[{i}].ref must be '<source>:<index>', e.g. 'mnist-train:123'")
-    pair = spec.sources.get(source)
-    if pair is None:
-        known = ", ".join(sorted(spec.sources)) or "none"
-        _fail(
-            "unknown_ref_source",
-            f"instances[{i}].ref names source {_quote(source)}, "
-            f"not configured for model {spec.name!r} (known: {known})",
-        )
-    size = pair[0].shape[0]
-    if index >= size:
-        _fail(
-            "ref_out_of_range",
-            f"instances[{i}].ref: index {index} is past the end of {source!r} "
-            f"({size} items, 0..{size - 1})",
-        )
-
-
-def _check_data_object(i: int, data: object) -> None:
-    """The ``data`` object's shape, with decode_inline's reasons, before any pixel is decoded."""
-    if not isinstance(data, dict):
-        _fail("bad_format", f"instances[{i}].data must be an object, got {_json_type(data)}")
-    if data.keys() != _DATA_KEYS:
-        _fail("bad_format", f"instances[{i}].data must have exactly the keys format and b64")
-    if data["format"] not in INLINE_FORMATS:
-        _fail(
-            "bad_format",
-            f"instances[{i}].data.format must be one of {', '.join(INLINE_FORMATS)}, "
-            f"got {_quote(data['format'])}",
-        )
-    if not isinstance(data["b64"], str):
-        got = _json_type(data["b64"])
-        _fail("bad_base64", f"instances[{i}].data.b64 must be a string, got {got}")
-
-
-# --- details ----------------------------------------------------------------------------------
-
-_JSON_TYPES = {
-    dict: "an object",
-    list: "a list",
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
-
-
-def _json_type(value: object) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _quote(value: object, limit: int = 64) -> str:
-    """A short, printable quote of a sender's name-like string (never used for data or ids)."""
-    if not isinstance(value, str):
-        return _json_type(value)
-    if len(value) > limit or not value.isprintable():
-        return f"a {len(value)}-character string"
-    return repr(value)
-
-
-def _quote_bytes(value: bytes | bytearray, limit: int = 64) -> str:
-    try:
-        return _quote(bytes(value).decode("utf-8"), limit)
-    except UnicodeDecodeError:
-        return f"a {len(value)}-byte non-UTF-8 key"
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return forget_class
+    if forget_class is not None:
+        only = kinds_where(lambda k: k.names_class)
+        fail("unexpected_field", f"class is only for kind {only}, not {kind.name}")
+    return None

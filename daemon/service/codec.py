@@ -59,6 +59,7 @@ from daemon.service.codec_checks import (
     MAX_INSTANCE_ID_LENGTH,
     CheckedInstance,
     CheckFailed,
+    check_class_field,
     check_instance,
     clip,
     fail,
@@ -554,14 +555,7 @@ def _check_class(forget_class: object, kind: Kind, num_classes: int) -> int | No
     if kind.names_class:
         if forget_class is None:
             fail("missing_field", f"class is missing: {kind.name} needs the class to forget")
-        if type(forget_class) is not int:
-            fail("bad_type", f"class must be an integer, got {json_type(forget_class)}")
-        if not 0 <= forget_class < num_classes:
-            fail(
-                "class_out_of_range",
-                f"class must lie in [0, {num_classes - 1}], got {forget_class}",
-            )
-        return forget_class
+        return check_class_field(forget_class, "class", "class_out_of_range", num_classes)
     if forget_class is not None:
         only = kinds_where(lambda k: k.names_class)
         fail("unexpected_field", f"class is only for kind {only}, not {kind.name}")

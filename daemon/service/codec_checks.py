@@ -30,6 +30,7 @@ __all__ = [
     "MAX_INSTANCE_ID_LENGTH",
     "CheckFailed",
     "CheckedInstance",
+    "check_class_field",
     "check_instance",
     "clip",
     "fail",
@@ -59,7 +60,7 @@ def fail(reason: str, detail: str) -> NoReturn:
 
 @dataclass(frozen=True)
 class CheckedInstance:
-    """One instance after :func:`~daemon.service.codec.check_request`: valid, its input not decoded."""
+    """One instance after ``check_request``: validated, its input not decoded yet."""
 
     id_sha256: str
     label: int | None
@@ -83,7 +84,7 @@ def check_instance(
 ) -> CheckedInstance:
     """Check ``instances[i]`` of a request of ``kind``.
 
-    ``first_index`` maps every id seen so far to its index (a repeated id is ``duplicate_instance``).
+    ``first_index`` maps every id seen so far to its index (a repeat is ``duplicate_instance``).
     """
     if not isinstance(item, dict):
         fail("bad_type", f"instances[{i}] must be an object, got {json_type(item)}")
@@ -114,28 +115,15 @@ def check_instance(
     if ref is None and data is None:
         fail("no_input", f"instances[{i}] has neither ref nor data: give exactly one")
 
-    num_classes = spec.num_classes
     label = item.get("label")
     if label is not None:
-        if type(label) is not int:
-            fail("bad_type", f"instances[{i}].label must be an integer, got {json_type(label)}")
-        if not 0 <= label < num_classes:
-            fail(
-                "label_out_of_range",
-                f"instances[{i}].label must lie in [0, {num_classes - 1}], got {label}",
-            )
+        check_class_field(label, f"instances[{i}].label", "label_out_of_range", spec.num_classes)
 
     target = item.get("target")
     if kind.names_targets:
         if target is None:
             fail("missing_target", f"instances[{i}].target is missing: {kind.name} needs one")
-        if type(target) is not int:
-            fail("bad_type", f"instances[{i}].target must be an integer, got {json_type(target)}")
-        if not 0 <= target < num_classes:
-            fail(
-                "target_out_of_range",
-                f"instances[{i}].target must lie in [0, {num_classes - 1}], got {target}",
-            )
+        check_class_field(target, f"instances[{i}].target", "target_out_of_range", spec.num_classes)
         if target == label:
             fail("target_equals_label", f"instances[{i}].target equals its label ({label})")
     elif target is not None:
@@ -156,6 +144,16 @@ def check_instance(
         return CheckedInstance(id_sha256, label, target, ref, None)
     _check_data_object(i, data)
     return CheckedInstance(id_sha256, label, target, None, data)
+
+
+def check_class_field(value: object, where: str, out_of_range: str, num_classes: int) -> int:
+    """A field that holds a class (``where`` names it): an integer, else ``bad_type``, in
+    [0, num_classes), else the reason ``out_of_range``."""
+    if type(value) is not int:
+        fail("bad_type", f"{where} must be an integer, got {json_type(value)}")
+    if not 0 <= value < num_classes:
+        fail(out_of_range, f"{where} must lie in [0, {num_classes - 1}], got {value}")
+    return value
 
 
 def _check_ref(i: int, ref: object, spec: ModelSpec) -> None:

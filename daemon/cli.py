@@ -111,13 +111,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def _build_request(args: argparse.Namespace, splits, num_classes: int):  # noqa: ANN202
     import torch
 
+    from daemon.engine.kinds import KINDS, get_kind
     from daemon.engine.requests import ForgetRequest
 
+    kind = get_kind(args.kind)
     n = splits.train_y.shape[0]
     idx = _ints(args.forget_indices, "--forget-indices")
-    if args.kind == "forget_class":
+    if kind.names_class:
         if args.forget_class is None:
-            raise UsageError("--kind forget_class needs --class C")
+            raise UsageError(f"--kind {kind.name} needs --class C")
         if not 0 <= args.forget_class < num_classes:
             raise UsageError(f"--class must lie in [0, {num_classes - 1}], got {args.forget_class}")
         if not idx:
@@ -134,16 +136,18 @@ def _build_request(args: argparse.Namespace, splits, num_classes: int):  # noqa:
     t = torch.tensor(idx, dtype=torch.int64)
     x, y = splits.train_x[t], splits.train_y[t]
     targets = None
-    if args.kind == "relabel":
+    if kind.names_targets:
         targets_l = _ints(args.targets, "--targets")
         if len(targets_l) != len(idx):
-            raise UsageError(f"--kind relabel needs one --targets entry per instance ({len(idx)}), got {len(targets_l)}")
+            raise UsageError(f"--kind {kind.name} needs one --targets entry per instance ({len(idx)}), "
+                             f"got {len(targets_l)}")
         targets = torch.tensor(targets_l, dtype=torch.int64)
     elif args.targets:
-        raise UsageError("--targets is only for --kind relabel")
-    fc = args.forget_class if args.kind == "forget_class" else None
-    if args.kind == "forget_class" and bool((y != fc).any()):
-        raise UsageError(f"--forget-indices must all be examples of class {fc} for forget_class")
+        only = " or ".join(name for name, k in KINDS.items() if k.names_targets)
+        raise UsageError(f"--targets is only for --kind {only}")
+    fc = args.forget_class if kind.names_class else None
+    if kind.names_class and bool((y != fc).any()):
+        raise UsageError(f"--forget-indices must all be examples of class {fc} for {kind.name}")
     request = ForgetRequest(args.kind, x, y, targets=targets, forget_class=fc)
     try:
         request.validate(num_classes=num_classes, input_shape=tuple(x.shape[1:]))
@@ -319,6 +323,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from daemon.engine.kinds import KINDS, ForgetInstances
+
     p = argparse.ArgumentParser(prog="unlearnd", description="continual-unlearning daemon for PyTorch classifiers")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -345,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--forget-indices", help="training-set indices (mnist-train:<i> numbering), comma-separated")
     sp.add_argument("--method", default="adv_imp")
     sp.add_argument("--preset", default="default", help="default or paper")
-    sp.add_argument("--kind", default="forget", choices=("forget", "relabel", "forget_class"))
+    sp.add_argument("--kind", default=ForgetInstances.name, choices=tuple(KINDS))
     sp.add_argument("--targets", help="relabel targets, one per instance")
     sp.add_argument("--class", dest="forget_class", type=int, help="the class to forget (forget_class)")
     sp.add_argument("--class-examples", type=int, default=64, help="examples of the class when no indices given")
@@ -360,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="neggrad,adv,adv_imp,random_label,boundary_shrink,retrain")
     sp.add_argument("--k", default="16,64,128")
     sp.add_argument("--seeds", default="0,1,2")
-    sp.add_argument("--kind", default="forget", help="comma-separated: forget, relabel, forget_class")
+    sp.add_argument("--kind", default=ForgetInstances.name, help=f"comma-separated: {', '.join(KINDS)}")
     sp.add_argument("--presets", default="default,paper")
     sp.add_argument("--continual", help="ROUNDSxK, e.g. 10x32")
     sp.add_argument("--accumulations", default="none,sum,max,decayed")

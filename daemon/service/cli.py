@@ -96,6 +96,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 # -- publish ------------------------------------------------------------------------------------------
 def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]:
+    from daemon.engine.kinds import get_kind
+
     if args.file:
         path = Path(args.file)
         lines = sys.stdin if args.file == "-" else path.open(encoding="utf-8")
@@ -111,16 +113,17 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]
         return
     if not args.model or not args.ref:
         raise _usage("give --file, or --model with one or more --ref")
-    if args.kind == "relabel" and (not args.target or len(args.target) != len(args.ref)):
-        raise _usage("relabel needs one --target per --ref")
-    if args.kind == "forget_class" and args.forget_class is None:
-        raise _usage("forget_class needs --class")
+    kind = get_kind(args.kind)
+    if kind.names_targets and (not args.target or len(args.target) != len(args.ref)):
+        raise _usage(f"{kind.name} needs one --target per --ref")
+    if kind.names_class and args.forget_class is None:
+        raise _usage(f"{kind.name} needs --class")
     instances = []
     for i, ref in enumerate(args.ref):
         inst: dict[str, Any] = {"id": f"{args.id_prefix}{ref}", "ref": ref}
         if args.label:
             inst["label"] = args.label[i]
-        if args.kind == "relabel":
+        if kind.names_targets:
             inst["target"] = args.target[i]
         instances.append(inst)
     per_request = instances if args.one_per_request else [instances]
@@ -133,7 +136,7 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]
             "instances": group if isinstance(group, list) else [group],
             "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
-        if args.kind == "forget_class":
+        if kind.names_class:
             body["class"] = args.forget_class
         yield args.model, json.dumps(body).encode()
 
@@ -261,6 +264,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
+    from daemon.engine.kinds import KINDS, ForgetInstances
     from daemon.service.broker import DEFAULT_PORT
 
     bootstrap = f"127.0.0.1:{DEFAULT_PORT}"
@@ -283,7 +287,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--topic", default="unlearn.requests")
     sp.add_argument("--file", help="JSONL of request objects ('-' for standard input)")
     sp.add_argument("--model")
-    sp.add_argument("--kind", default="forget", choices=("forget", "relabel", "forget_class"))
+    sp.add_argument("--kind", default=ForgetInstances.name, choices=tuple(KINDS))
     sp.add_argument("--ref", action="append", help="an instance by ref, e.g. mnist-train:12 (repeat)")
     sp.add_argument("--label", action="append", type=int, help="label per --ref (default: model's prediction)")
     sp.add_argument("--target", action="append", type=int, help="relabel target per --ref")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from daemon.engine.evaluate import loss_auc, param_drift_l2, per_sample_loss, predict, prediction_flip_ratio
+from daemon.engine.kinds import get_kind
 from daemon.engine.requests import ForgetRequest
 
 __all__ = ["ROW_FIELDS", "EvalContext", "evaluate_model"]
@@ -52,32 +53,31 @@ def evaluate_model(
     """Accuracy on the forget set (its own criterion), all forgotten so far, the rest, and the test set.
 
     ``forgotten_union``: indices into the training set of every instance forgotten so far (this
-    round included) — excluded from ``acc_retain``. For ``relabel`` the forget accuracy is on the
-    targets; for ``forget_class`` ``acc_forget`` is the class's test accuracy and
-    ``acc_other_classes`` the test accuracy on every other class.
+    round included) — excluded from ``acc_retain``. The forget accuracy is on what the kind's stopping
+    rule reads (``Kind.wanted``: the targets for ``relabel``); for a kind that names a class
+    (``forget_class``) ``acc_forget`` is the class's test accuracy, ``acc_other_classes`` the test
+    accuracy on every other class, and the class's training examples are left out of ``acc_retain``.
     """
+    kind = get_kind(request.kind)
     test_pred = predict(model, ctx.test_x)
     acc_test = _acc(test_pred, ctx.test_y)
     keep = torch.ones(ctx.train_y.shape[0], dtype=torch.bool)
     keep[forgotten_union] = False
-    if request.kind == "forget_class":
+    if kind.names_class:
         c = int(request.forget_class)
         keep &= ctx.train_y != c
     train_pred = predict(model, ctx.train_x)
     acc_retain = _acc(train_pred[keep], ctx.train_y[keep])
     forget_pred = predict(model, request.x)
     acc_other = None
-    if request.kind == "relabel":
-        acc_forget = _acc(forget_pred, request.targets)
-        acc_union = _acc(train_pred[forgotten_union], ctx.train_y[forgotten_union])
-    elif request.kind == "forget_class":
+    if kind.names_class:
         c = int(request.forget_class)
         in_c = ctx.test_y == c
         acc_forget = _acc(test_pred[in_c], ctx.test_y[in_c])
         acc_other = _acc(test_pred[~in_c], ctx.test_y[~in_c])
         acc_union = _acc(forget_pred, request.labels)
     else:
-        acc_forget = _acc(forget_pred, request.labels)
+        acc_forget = _acc(forget_pred, kind.wanted(request))
         acc_union = _acc(train_pred[forgotten_union], ctx.train_y[forgotten_union])
     member = per_sample_loss(model, request.x, request.labels)
     hold = per_sample_loss(model, ctx.test_x[:ctx.mia_holdout], ctx.test_y[:ctx.mia_holdout])

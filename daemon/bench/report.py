@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from daemon.engine.kinds import ForgetClass, ForgetInstances, get_kind
+
 __all__ = ["CONTINUAL_BAR_PROTOCOL", "write_report"]
 
 #: (rounds, k) of the continual protocol the issue sets its bar for; other shapes are reported without one
@@ -17,6 +19,11 @@ CONTINUAL_BAR_PROTOCOL = (10, 32)
 def _mean(vals: list[float | None]) -> float | None:
     v = [x for x in vals if x is not None]
     return statistics.fmean(v) if v else None
+
+
+def _names_class(row: dict) -> bool:
+    """Whether the row's kind names a class (its ``k`` column then holds the class, not a count)."""
+    return get_kind(row["kind"]).names_class
 
 
 def _pp(x: float | None) -> str:
@@ -58,7 +65,8 @@ def _plots(rows: list[dict], extra: dict, out: Path, dataset: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    single = [r for r in rows if r["protocol"] == "single" and r["kind"] == "forget" and r["method"] != "retrain"]
+    single = [r for r in rows
+              if r["protocol"] == "single" and r["kind"] == ForgetInstances.name and r["method"] != "retrain"]
     ks = sorted({r["k"] for r in single})
     if ks:
         fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
@@ -127,7 +135,8 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
     def add(bar: str, measured: str, ok: bool | None) -> None:
         out.append(f"| {bar} | {measured} | {'–' if ok is None else ('yes' if ok else '**no**')} |")
 
-    single = [r for r in rows if r["protocol"] == "single" and r["kind"] == "forget" and r["preset"] == "default"]
+    single = [r for r in rows
+              if r["protocol"] == "single" and r["kind"] == ForgetInstances.name and r["preset"] == "default"]
     limits = {16: 0.005, 64: 0.010, 128: 0.020}
     # the bars' k; other single rows (the continual protocol's instances in one round) are references
     unlearners = [r for r in single if r["method"] != "retrain" and r["k"] in limits]
@@ -181,7 +190,7 @@ def _bars(rows: list[dict], extra: dict, attack: dict | None = None) -> list[str
             add(f"(for reference) the continual protocol's {r['k']} instances in one round (seed {r['seed']})",
                 f"{_pp(r['acc_test_original'] - r['acc_test'])} pp test loss, {r['outcome']} after {r['steps']} "
                 f"steps, forget accuracy {_pp(r['acc_forget'])}%", None)
-    fc = [r for r in rows if r["kind"] == "forget_class" and r["method"] == "adv_imp"]
+    fc = [r for r in rows if r["kind"] == ForgetClass.name and r["method"] == "adv_imp"]
     for r in fc:
         add(f"forget_class {r['k']} (seed {r['seed']}): class 0%, other classes ≥ 99.15%",
             f"class {_pp(r['acc_forget'])}%, others {_pp(r['acc_other_classes'])}%",
@@ -254,8 +263,9 @@ def _stopping_rules(rows: list[dict], calibrated: list[dict]) -> list[str]:
     """
     def pick(rs: list[dict], method: str) -> dict[int, list[dict]]:
         out: dict[int, list[dict]] = defaultdict(list)
+        wanted = (method, "default", ForgetInstances.name, "single")
         for r in rs:
-            if (r["method"], r["preset"], r["kind"], r["protocol"]) == (method, "default", "forget", "single"):
+            if (r["method"], r["preset"], r["kind"], r["protocol"]) == wanted:
                 out[r["k"]].append(r)
         return out
 
@@ -302,7 +312,7 @@ def write_report(out: Path, dataset: str) -> Path:
     notes = out / f"{dataset}_notes.md"
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
-    single = [r for r in rows if r["protocol"] == "single" and r["kind"] != "forget_class"]
+    single = [r for r in rows if r["protocol"] == "single" and not _names_class(r)]
     if single:
         lines += ["## Single rounds (mean over seeds)", "",
                   "| kind | k | method | preset | outcomes | forget acc % | test loss pp | retain acc % | MIA AUC | steps | attack s | optimise s | wall s |",
@@ -322,7 +332,7 @@ def write_report(out: Path, dataset: str) -> Path:
                 f"| {_fmt(_mean([r['steps'] for r in rs]), 0)} | {_fmt(_mean([r['attack_s'] for r in rs]))} "
                 f"| {_fmt(_mean([r['optimise_s'] for r in rs]))} | {_fmt(_mean([r['wall_s'] for r in rs]))} |")
         lines.append("")
-    fc = [r for r in rows if r["kind"] == "forget_class"]
+    fc = [r for r in rows if _names_class(r)]
     if fc:
         lines += ["## Class forgetting (k column = the class)", "",
                   "| class | method | seed | outcome | class test acc % | other classes acc % | steps | wall s |",

@@ -25,6 +25,7 @@ from daemon.data.splits import DatasetSplits
 # `preset` is also the run loop's name for a preset's name, hence the alias
 from daemon.engine.config import PRESETS, UnlearnConfig, method_settings, preset as preset_config
 from daemon.engine.evaluate import accuracy, predict
+from daemon.engine.kinds import ForgetInstances, get_kind
 from daemon.engine.methods import get_method
 from daemon.engine.models import build_model
 from daemon.engine.requests import ForgetRequest
@@ -42,14 +43,14 @@ RETRAIN_CURVE_EVERY = 50
 
 @dataclass
 class BenchPlan:
-    """What to run. ``continual`` is (rounds, k) or None; ``kinds`` any of forget, relabel, forget_class."""
+    """What to run. ``continual`` is (rounds, k) or None; ``kinds`` names from ``KINDS``."""
 
     dataset: str
     arch: str
     methods: Sequence[str]
     ks: Sequence[int]
     seeds: Sequence[int]
-    kinds: Sequence[str] = ("forget",)
+    kinds: Sequence[str] = (ForgetInstances.name,)
     presets: Sequence[str] = ("default", "paper")
     continual: tuple[int, int] | None = None
     accumulations: Sequence[str] = ("none", "sum", "max", "decayed")
@@ -201,14 +202,15 @@ def forget_indices(n_train: int, k: int, seed: int) -> torch.Tensor:
 
 def make_request(kind: str, splits: DatasetSplits, idx: torch.Tensor, seed: int,
                  forget_class: int | None = None) -> ForgetRequest:
+    """A request of ``kind`` for the training instances ``idx``: a kind that names targets gets a random other
+    class per instance (seeded by ``seed``), a kind that names a class gets ``forget_class``."""
     x, y = splits.train_x[idx], splits.train_y[idx]
-    if kind == "relabel":
+    spec = get_kind(kind)
+    targets = None
+    if spec.names_targets:
         gen = torch.Generator().manual_seed(10_007 + seed)
         targets = (y + torch.randint(1, len(splits.classes), y.shape, generator=gen)) % len(splits.classes)
-        return ForgetRequest("relabel", x, y, targets=targets)
-    if kind == "forget_class":
-        return ForgetRequest("forget_class", x, y, forget_class=forget_class)
-    return ForgetRequest("forget", x, y)
+    return ForgetRequest(kind, x, y, targets=targets, forget_class=forget_class if spec.names_class else None)
 
 
 def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, out: Path, device: str = "cpu",
@@ -301,7 +303,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
         return row
 
     # --- single rounds ------------------------------------------------------------------------------
-    for kind in [k for k in plan.kinds if k != "forget_class"]:
+    for kind in [k for k in plan.kinds if not get_kind(k).names_class]:
         for k in plan.ks:
             for seed in plan.seeds:
                 idx = forget_indices(splits.train_y.shape[0], k, seed)
@@ -312,7 +314,7 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
                         if results.has(method=method, preset=preset, kind=kind, protocol="single", k=k, seed=seed,
                                        round=1, accumulation=None):
                             continue
-                        if method == "retrain" and kind != "forget":
+                        if method == "retrain" and kind != ForgetInstances.name:   # the oracle only forgets
                             continue
                         session = None
                         if method != "retrain":
@@ -322,32 +324,33 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
                             test_pred0, acc_original)
 
     # --- class forgetting ---------------------------------------------------------------------------
-    if "forget_class" in plan.kinds:
+    for kind in [k for k in plan.kinds if get_kind(k).names_class]:   # the k column holds the class
         for c in plan.forget_classes:
             for seed in plan.seeds:
                 members = (splits.train_y == c).nonzero().squeeze(1)
                 pick = members[torch.randperm(members.numel(), generator=torch.Generator().manual_seed(seed))]
                 idx = pick[:plan.forget_class_examples]
-                request = make_request("forget_class", splits, idx, seed, forget_class=c)
+                request = make_request(kind, splits, idx, seed, forget_class=c)
                 for method in [m for m in plan.methods if m != "retrain"]:
-                    if results.has(method=method, preset="default", kind="forget_class", protocol="single",
+                    if results.has(method=method, preset="default", kind=kind, protocol="single",
                                    k=c, seed=seed, round=1, accumulation=None):
                         continue
                     session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
                                                 num_classes=len(splits.classes), seed=seed)
-                    one(method, "default", "forget_class", "single", c, seed, 1, None, session, request, idx, idx,
+                    one(method, "default", kind, "single", c, seed, 1, None, session, request, idx, idx,
                         test_pred0, acc_original)
 
     # --- continual ----------------------------------------------------------------------------------
     if plan.continual:
         rounds, k = plan.continual
+        forget = ForgetInstances.name   # the continual protocol forgets instances, round after round
         for seed in plan.seeds:
             order = forget_indices(splits.train_y.shape[0], rounds * k, seed)
             for method in [m for m in plan.methods if not get_method(m).oracle]:   # retrain has no rounds
                 accs = plan.accumulations if get_method(method).uses_importance else (DEFAULT_ACCUMULATION,)
                 for acc_mode in accs:
                     # a sequence needs every earlier round's session, so only a complete one is skipped
-                    if all(results.has(method=method, preset="default", kind="forget", protocol="continual", k=k,
+                    if all(results.has(method=method, preset="default", kind=forget, protocol="continual", k=k,
                                        seed=seed, round=r, accumulation=acc_mode) for r in range(1, rounds + 1)):
                         continue
                     session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
@@ -356,8 +359,8 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
                     for r in range(1, rounds + 1):
                         idx = order[(r - 1) * k:r * k]
                         union = order[:r * k]
-                        request = make_request("forget", splits, idx, seed)
-                        row = one(method, "default", "forget", "continual", k, seed, r, acc_mode, session, request,
+                        request = make_request(forget, splits, idx, seed)
+                        row = one(method, "default", forget, "continual", k, seed, r, acc_mode, session, request,
                                   idx, union, pred_before, acc_before)
                         acc_before = row["acc_test"]
                         pred_before = predict(session.model, splits.test_x)

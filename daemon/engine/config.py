@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from daemon.engine.kinds import KINDS, ForgetInstances
+
 __all__ = ["METHOD_SETTINGS", "PRESETS", "MethodSetting", "UnlearnConfig", "method_settings", "preset"]
 
 _CHOICES = {
@@ -188,10 +190,12 @@ class MethodSetting:
         return method == self.method and kind in self.kinds
 
 
+#: the kinds whose change stays around their instances (forget, relabel): the steps below were chosen on those
+_INSTANCE_KINDS = tuple(name for name, kind in KINDS.items() if kind.instance_scoped)
+
 # Selection (k = 64 and 128, seed 0, Adam lr in {3e-4, 1e-4, 3e-5, 1e-5, 3e-6}): among the steps that forget
 # every instance within three quarters of max_steps at both k (headroom for other seeds), the one with the
 # best mean accuracy on the remaining training data; within 0.5 pp, the larger step (mnist_notes.md, session 11).
-_INSTANCE_KINDS = ("forget", "relabel")
 METHOD_SETTINGS: dict[str, tuple[MethodSetting, ...]] = {
     "default": (
         MethodSetting("neggrad", _INSTANCE_KINDS, {"lr": 1e-5},
@@ -205,7 +209,7 @@ METHOD_SETTINGS: dict[str, tuple[MethodSetting, ...]] = {
 }
 
 
-def preset(name: str, method: str | None = None, kind: str = "forget") -> UnlearnConfig:
+def preset(name: str, method: str | None = None, kind: str = ForgetInstances.name) -> UnlearnConfig:
     """The named preset's settings for ``method`` on requests of ``kind`` (its ``METHOD_SETTINGS`` applied)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from daemon.engine.kinds import ForgetClass, ForgetInstances, get_kind
+from daemon.engine.kinds import KINDS, ForgetClass, ForgetInstances, get_kind
 
 __all__ = ["CONTINUAL_BAR_PROTOCOL", "write_report"]
 
@@ -348,13 +348,14 @@ def write_report(out: Path, dataset: str) -> Path:
                   "| method | accumulation | seeds | rounds | failed rounds | cumulative test loss pp | mean test loss over "
                   "the rounds pp | accuracy on all forgotten % | mean wall s/round |",
                   "|---|---|---|---|---|---|---|---|---|"]
+        succeeded = {kind.success for kind in KINDS.values()}   # what a round that reached its goal is called
         groups2: dict[tuple, list[dict]] = defaultdict(list)
         for r in cont:
             groups2[(r["method"], r["accumulation"])].append(r)
         for (method, acc), rs in sorted(groups2.items()):
             last = max(r["round"] for r in rs)
             final = [r for r in rs if r["round"] == last]
-            failed = sum(1 for r in rs if r["outcome"] not in ("forgotten", "relabelled"))
+            failed = sum(1 for r in rs if r["outcome"] not in succeeded)
             lines.append(f"| {method} | {acc} | {len({r['seed'] for r in final})} | {last} | {failed} "
                          f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in final]))} "
                          f"| {_pp(_mean([r['acc_test_original'] - r['acc_test'] for r in rs]))} "

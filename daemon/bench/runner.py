@@ -205,12 +205,12 @@ def make_request(kind: str, splits: DatasetSplits, idx: torch.Tensor, seed: int,
     """A request of ``kind`` for the training instances ``idx``: a kind that names targets gets a random other
     class per instance (seeded by ``seed``), a kind that names a class gets ``forget_class``."""
     x, y = splits.train_x[idx], splits.train_y[idx]
-    spec = get_kind(kind)
+    request_kind = get_kind(kind)
     targets = None
-    if spec.names_targets:
+    if request_kind.names_targets:
         gen = torch.Generator().manual_seed(10_007 + seed)
         targets = (y + torch.randint(1, len(splits.classes), y.shape, generator=gen)) % len(splits.classes)
-    return ForgetRequest(kind, x, y, targets=targets, forget_class=forget_class if spec.names_class else None)
+    return ForgetRequest(kind, x, y, targets=targets, forget_class=forget_class if request_kind.names_class else None)
 
 
 def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, out: Path, device: str = "cpu",

@@ -55,6 +55,7 @@ class CheckFailed(Exception):
 
 
 def fail(reason: str, detail: str) -> NoReturn:
+    """Raise :class:`CheckFailed`: a check's one-line way out."""
     raise CheckFailed(reason, detail)
 
 

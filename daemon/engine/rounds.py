@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from daemon.engine.methods import Method
 from daemon.engine.models import output_layer
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.subspace import SubspaceMemory
+
+if TYPE_CHECKING:
+    from daemon.engine.subspace import _UpdateProjector
 
 __all__ = ["OUTCOMES", "RoundResult", "TrajectoryPoint", "run_round"]
 
@@ -81,7 +85,7 @@ class RoundResult:
 
     @property
     def succeeded(self) -> bool:
-        return self.outcome in ("forgotten", "relabelled")
+        return self.outcome == get_kind(self.kind).success
 
 
 def _accuracy_of(pred: torch.Tensor, request: ForgetRequest, kind: Kind) -> float:
@@ -189,7 +193,8 @@ def _prepare(work: nn.Module, request: ForgetRequest, kind: Kind, method: Method
 
 
 def _optimiser(work: nn.Module, request: ForgetRequest, kind: Kind, config: UnlearnConfig, x: torch.Tensor,
-               memory: SubspaceMemory | None, num_classes: int):
+               memory: SubspaceMemory | None, num_classes: int
+               ) -> tuple[_UpdateProjector | None, list[nn.Parameter], torch.optim.Optimizer | None]:
     """The memory's projector (instance rounds), the weights that move, and their optimiser (None: none move)."""
     projector = memory.projector(work, x, config.memory_min_free) if memory is not None and kind.instance_scoped else None
     params = _trainable(work, request, config, num_classes)
@@ -213,7 +218,8 @@ class _Loop:
     """The optimisation loop of one round and its per-step checks (stopping rule, push growth, health)."""
 
     def __init__(self, work: nn.Module, request: ForgetRequest, kind: Kind, method: Method, config: UnlearnConfig,
-                 prep: _Prepared, params: list[nn.Parameter], opt: torch.optim.Optimizer | None, projector,
+                 prep: _Prepared, params: list[nn.Parameter], opt: torch.optim.Optimizer | None,
+                 projector: _UpdateProjector | None,
                  acc0: float, track: tuple[torch.Tensor, torch.Tensor] | None, track_every: int,
                  progress: Callable[[int, int, float], None] | None) -> None:
         self.work, self.request, self.kind, self.method, self.config = work, request, kind, method, config

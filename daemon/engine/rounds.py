@@ -161,8 +161,11 @@ def _prepare(work: nn.Module, request: ForgetRequest, kind: Kind, method: Method
              generator: torch.Generator, num_classes: int, importance: dict[str, torch.Tensor] | None,
              reference: nn.Module | None, sentinel: torch.Tensor | None, satisfied: bool,
              should_abort: Callable[[], bool] | None) -> _Prepared:
-    """Targets, the held set, a class round's copies, the importance anchor and the sentinel, drawn from
-    ``generator`` in that order. A request the model already satisfies (every instance misclassified, or on
+    """Targets, the held set, a class round's copies, the importance anchor and the sentinel.
+
+    They draw from ``generator`` in this order, which a bit-identical round keeps: the method's targets, the
+    attack's targets, the attack, the anchors, the impressions, the class copies, a noise sentinel (and,
+    after the round, the session's memory copies). A request the model already satisfies (every instance misclassified, or on
     its target) takes no step: nothing that only the steps use is made for it (attack, copies, impressions,
     a noise sentinel)."""
     device = next(work.parameters()).device
@@ -196,7 +199,9 @@ def _optimiser(work: nn.Module, request: ForgetRequest, kind: Kind, config: Unle
                memory: SubspaceMemory | None, num_classes: int
                ) -> tuple[_UpdateProjector | None, list[nn.Parameter], torch.optim.Optimizer | None]:
     """The memory's projector (instance rounds), the weights that move, and their optimiser (None: none move)."""
-    projector = memory.projector(work, x, config.memory_min_free) if memory is not None and kind.instance_scoped else None
+    projector = None
+    if memory is not None and kind.instance_scoped:
+        projector = memory.projector(work, x, config.memory_min_free)
     params = _trainable(work, request, config, num_classes)
     if projector is not None and projector.frozen:
         # A layer the memory keeps fixed for the round leaves the optimiser and the backward pass: its
@@ -374,11 +379,12 @@ def run_round(
 
     ``importance``: the (accumulated) importance of earlier rounds for ``adv_imp``, whose weights for this
     round (``RoundResult.importance``) anchor the model as it is now; the plugin itself is left as it was.
-    ``memory``: earlier rounds' protected subspaces; every update of an instance
-    round is projected off them (class rounds are global by design and are not). ``reference``: the
-    model whose logits the held examples keep (``config.hold_at``; None: the model as it is now). ``sentinel``: inputs whose predictions must not all fall into one class
-    (defaults to the adversarial set). ``track``: an (x, y) set whose accuracy is recorded along the
-    trajectory every ``track_every`` steps (benchmark plots). ``should_abort`` is polled every step.
+    ``memory``: earlier rounds' protected subspaces; every update of an instance round is projected off
+    them (class rounds are global by design and are not). ``reference``: the model whose logits the held
+    examples keep (``config.hold_at``; None: the model as it is now). ``sentinel``: inputs whose
+    predictions must not all fall into one class (defaults to the held set). ``track``: an (x, y) set
+    whose accuracy is recorded along the trajectory every ``track_every`` steps (benchmark plots).
+    ``should_abort`` is polled every step.
     """
     if method.oracle:
         raise ValueError(f"{method.name} is a benchmark oracle and needs the training data; it cannot run a round")

@@ -1,4 +1,4 @@
-"""The held gradient keeps at least ``held_balance`` times the forget gradient's norm (rounds._balanced_backward)."""
+"""The held gradient keeps at least ``held_balance`` times the forget gradient's norm (held.balanced_backward)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch import nn
 from daemon.engine.config import UnlearnConfig
 from daemon.engine.methods import get_method
 from daemon.engine.requests import ForgetRequest
-from daemon.engine.rounds import _balanced_backward, run_round
+from daemon.engine.held import balanced_backward
+from daemon.engine.rounds import run_round
 from tests.engine_fixtures import NUM_CLASSES, fast_config, forget_set, tiny_model
 
 
@@ -17,7 +18,7 @@ def _grads(floor: float, balance: float, forget_scale: float) -> tuple[torch.Ten
     w = nn.Parameter(torch.tensor([1.0, 2.0]))
     loss_f = forget_scale * (w * torch.tensor([3.0, 4.0])).sum()      # gradient forget_scale * (3, 4)
     loss_a = (w * torch.tensor([0.0, 1.0])).sum()                     # gradient (0, 1), norm 1
-    _balanced_backward(loss_f, loss_a, [w], floor, balance, penalty=None)
+    balanced_backward(loss_f, loss_a, [w], floor, balance, penalty=None)
     return w.grad, 5.0 * forget_scale
 
 
@@ -30,7 +31,7 @@ def test_the_held_gradient_keeps_pace_with_a_growing_forget_gradient(forget_scal
 
 def test_a_penalty_adds_its_own_gradient():
     w = nn.Parameter(torch.tensor([1.0, 2.0]))
-    _balanced_backward((w * 0).sum() + w[0], w[1] * 1.0, [w], 1.0, 1.0, penalty=(w ** 2).sum())
+    balanced_backward((w * 0).sum() + w[0], w[1] * 1.0, [w], 1.0, 1.0, penalty=(w ** 2).sum())
     assert torch.allclose(w.grad, torch.tensor([1.0 + 2.0, 1.0 + 4.0]))
 
 

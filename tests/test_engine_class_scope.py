@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from daemon.engine.config import UnlearnConfig
-from daemon.engine.importance import anchor_weights, mas_importance
-from daemon.engine.methods import get_method, held_logit_term
+from daemon.engine.held import held_logit_term
+from daemon.engine.importance_plugin import ImportancePlugin
+from daemon.engine.methods import get_method
 from daemon.engine.models import output_layer
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import run_round
@@ -37,10 +38,9 @@ def _class_round(scope: str, method: str = "adv_imp"):
     cls = 1
     xs = x[y == cls][:6]
     request = ForgetRequest("forget_class", xs, torch.full((6,), cls), forget_class=cls)
-    imp = anchor_weights(mas_importance(model, xs))
     res = run_round(model, request, get_method(method), fast_config(lr=1e-2, class_scope=scope),
                     generator=torch.Generator().manual_seed(0), num_classes=NUM_CLASSES,
-                    importance_weights=imp)
+                    importance=ImportancePlugin("none"))
     return model, res, cls, x
 
 

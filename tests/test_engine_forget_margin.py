@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from daemon.engine.evaluate import logits
+from daemon.engine.importance_plugin import ImportancePlugin
 from daemon.engine.methods import get_method, label_margin
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import run_round
@@ -25,15 +26,11 @@ def _label_margins(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Ten
 def test_every_instance_ends_past_the_margin(method: str):
     x, y = forget_set(4, 8)
     m = get_method(method)
-    weights = None
-    if m.uses_importance:
-        from daemon.engine.importance import anchor_weights, mas_importance
-        weights = anchor_weights(mas_importance(tiny_model(), x))
     results = {}
     for margin in (0.0, 2.0):
         res = run_round(tiny_model(), ForgetRequest("forget", x, y), m, fast_config(forget_margin=margin, lr=3e-3),
                         generator=torch.Generator().manual_seed(0), num_classes=NUM_CLASSES,
-                        importance_weights=weights)
+                        importance=ImportancePlugin("none"))
         assert res.outcome == "forgotten"
         results[margin] = (_label_margins(res.state, x, y), res.steps)
     at_zero, steps_zero = results[0.0]

@@ -9,7 +9,7 @@ import torch
 
 from daemon.engine.config import METHOD_SETTINGS, PRESETS, UnlearnConfig, preset
 from daemon.engine.evaluate import predict
-from daemon.engine.importance import anchor_weights, mas_importance
+from daemon.engine.importance_plugin import ImportancePlugin
 from daemon.engine.methods import METHODS, get_method
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import OUTCOMES, run_round
@@ -35,10 +35,9 @@ def _sentinel() -> torch.Tensor:
 
 def _round(model, request, method="neggrad", config=None, seed=0, **kw):
     m = get_method(method)
-    weights = anchor_weights(mas_importance(model, request.x)) if m.uses_importance else None
     kw.setdefault("sentinel", _sentinel())
     res = run_round(model, request, m, config or fast_config(lr=1e-3), generator=torch.Generator().manual_seed(seed),
-                    num_classes=NUM_CLASSES, importance_weights=weights, **kw)
+                    num_classes=NUM_CLASSES, importance=ImportancePlugin("none"), **kw)
     assert res.outcome in OUTCOMES and res.succeeded == (res.outcome in ("forgotten", "relabelled"))
     return res
 
@@ -122,11 +121,10 @@ def test_a_request_the_model_already_satisfies_prepares_nothing_for_steps_it_wil
     x, _ = forget_set(8, 0)
     wrong = (predict(model, x) + 1) % NUM_CLASSES          # every instance already misclassified
     m = get_method(method)
-    weights = anchor_weights(mas_importance(model, x)) if m.uses_importance else None
     generator = torch.Generator().manual_seed(0)
     drawn_before = generator.get_state().clone()
     res = run_round(model, ForgetRequest("forget", x, wrong), m, fast_config(lr=1e-3), generator=generator,
-                    num_classes=NUM_CLASSES, importance_weights=weights)
+                    num_classes=NUM_CLASSES, importance=ImportancePlugin("none"))
     assert res.outcome == "forgotten" and res.steps == 0
     assert res.adversarial_examples == res.anchor_examples == res.attack_example_iterations == 0
     assert torch.equal(generator.get_state(), drawn_before)

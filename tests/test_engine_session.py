@@ -225,7 +225,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_held_targets_are_the_references_where_the_decision_is_unchanged():
-    from daemon.engine.rounds import _held_targets
+    from daemon.engine.held import _held_targets
 
     reference = tiny_model()
     work = tiny_model()

@@ -8,14 +8,35 @@ examples of a round, and each example stops costing compute as soon as it reache
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttackAborted", "AttackResult", "TargetedL2PGD", "other_class_targets"]
+__all__ = ["AttackAborted", "AttackResult", "TargetedL2PGD", "frozen_eval", "other_class_targets"]
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, and no parameter tracking gradients, for the block; both restored afterwards.
+
+    An attack differentiates with respect to its inputs only: BatchNorm uses running statistics, and no
+    gradient is kept for weights the caller may be training.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class AttackAborted(Exception):
@@ -76,7 +97,7 @@ class TargetedL2PGD:
         x: N×C×H×W in [0, 1]; targets: N (int64). Returns images of the same shape in [0, 1].
 
     The model is switched to eval mode (BatchNorm uses running statistics) and its parameters stop
-    tracking gradients for the duration; both are restored afterwards.
+    tracking gradients for the duration; both are restored afterwards (:func:`frozen_eval`).
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 4.0, step: float = 0.1, iterations: int = 100,
@@ -111,19 +132,9 @@ class TargetedL2PGD:
             raise ValueError(f"need one target per image, got {tuple(targets.shape)} for {x.shape[0]} images")
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise ValueError("x must lie in [0, 1]")
-        model = self.model
-        was_training = model.training
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        with frozen_eval(self.model):
             outs = [self.forward(x[i:i + self.batch_size], targets[i:i + self.batch_size], generator, should_abort)
                     for i in range(0, x.shape[0], self.batch_size)]
-        finally:
-            model.train(was_training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
         if not outs:
             empty = torch.empty(0, dtype=torch.int64)
             return AttackResult(x.clone(), targets.clone(), empty.bool(), empty, self.iterations)

@@ -1,10 +1,12 @@
 """The unlearning methods, one interface, registered by name in one place.
 
-A method decides three things: what the forget instances are pushed towards (its forget term),
-whether adversarial examples hold the decision boundary (the ``adv`` term), and whether MAS
-importance anchors the weights (the ``imp`` term). Everything else — optimiser, stopping rule, step
-budget, divergence checks — is the round's (``daemon.engine.rounds``), identical for every method, so
-their numbers compare; only the step size is a method's own where a preset says so
+A method is a forget term plus plugins. The forget term decides what the forget instances are pushed
+towards (away from their labels, or towards chosen classes, with the margin loss or cross-entropy);
+the plugins add what is held beside it: the held set (adversarial examples, affine anchors and class
+impressions held at a model's logits: ``daemon.engine.held``) and MAS importance anchoring the weights
+(``daemon.engine.importance_plugin``). Everything else — optimiser, stopping rule, step budget,
+divergence checks — is the round's (``daemon.engine.rounds``), identical for every method, so their
+numbers compare; only the step size is a method's own where a preset says so
 (``daemon.engine.config.METHOD_SETTINGS``: the baselines at the shared step collapse the model).
 """
 
@@ -17,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daemon.engine.attacks import TargetedL2PGD
+from daemon.engine.attacks import frozen_eval
 from daemon.engine.config import UnlearnConfig
-from daemon.engine.kinds import label_margin
+from daemon.engine.evaluate import eval_mode
+from daemon.engine.held import HeldSet
+from daemon.engine.importance_plugin import ImportancePlugin
+from daemon.engine.kinds import get_kind, label_margin
 from daemon.engine.requests import ForgetRequest
 
-__all__ = ["METHODS", "Method", "get_method", "forget_term", "held_logit_term", "label_margin"]
+__all__ = ["METHODS", "Method", "get_method", "forget_term", "label_margin"]
 
 
 def _margin_away(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -64,39 +69,47 @@ def forget_term(logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tenso
     return (per * mask).sum() / n
 
 
-def held_logit_term(logits: torch.Tensor, held: torch.Tensor, forget_class: int | None = None) -> torch.Tensor:
-    """Squared distance of the held examples' logits from where the round found them (mean over examples).
-
-    In a class round the held examples lie around the class being forgotten, so they may *lose* its
-    logit but never gain it: pulling that logit back up where it fell would hold the class in place
-    (measured on MNIST: 23% of class 8 left with the two-sided term, 0.1% one-sided; mnist_notes.md).
-    """
-    diff = logits - held
-    if forget_class is not None:
-        keep = torch.ones_like(diff, dtype=torch.bool)
-        keep[:, forget_class] = diff[:, forget_class] > 0
-        diff = diff * keep
-    return diff.pow(2).sum(1).mean()
-
-
 @dataclass(frozen=True)
 class Method:
-    """A named unlearning method. Subclasses set the class flags and may pick forget targets."""
+    """A named unlearning method: a forget term plus plugins. Subclasses set the class attributes and may
+    pick forget targets."""
 
     name: ClassVar[str] = ""
-    uses_adversarial: ClassVar[bool] = False
-    uses_importance: ClassVar[bool] = False
+    #: what the round adds beside the forget term: :class:`HeldSet`, :class:`ImportancePlugin`
+    plugins: ClassVar[tuple[type, ...]] = ()
     #: The benchmark-only oracle needs the remaining training data and never runs in a round.
     oracle: ClassVar[bool] = False
     #: Fine-tune towards the chosen labels with cross-entropy (the relabelling baselines).
     towards_ce: ClassVar[bool] = False
 
+    @property
+    def uses_adversarial(self) -> bool:
+        """Whether the round holds adversarial examples (and anchors, impressions) beside the forget term."""
+        return HeldSet in self.plugins
+
+    @property
+    def uses_importance(self) -> bool:
+        """Whether MAS importance anchors the weights (the round needs an :class:`ImportancePlugin`)."""
+        return ImportancePlugin in self.plugins
+
     def towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
                 generator: torch.Generator) -> torch.Tensor | None:
-        """Labels the forget term pulls towards, or None to push away from the instance's label."""
-        if request.kind == "relabel":
-            return request.targets
+        """Labels the forget term pulls towards, or None to push away from the instance's label: the kind's own
+        (relabel's targets), else the method's choice."""
+        towards = get_kind(request.kind).towards(request)
+        return towards if towards is not None else self.choose_towards(model, request, config, generator)
+
+    def choose_towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
+                       generator: torch.Generator) -> torch.Tensor | None:
+        """Where the method pulls instances whose kind names no target (None: away from the label)."""
         return None
+
+    def forget_loss(self, logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None,
+                    active: torch.Tensor, config: UnlearnConfig, weights: torch.Tensor | None,
+                    margin: float) -> torch.Tensor:
+        """The method's forget term of a step (:func:`forget_term` with the method's own loss)."""
+        return forget_term(logits, labels, towards, active, config, weights, towards_ce=self.towards_ce,
+                           margin=margin)
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ class Adv(Method):
     """Gradient ascent plus targeted adversarial examples held at their labels (L2UL's "Case 2")."""
 
     name: ClassVar[str] = "adv"
-    uses_adversarial: ClassVar[bool] = True
+    plugins: ClassVar[tuple[type, ...]] = (HeldSet,)
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,7 @@ class AdvImp(Method):
     """L2UL's full method ("Case 3"): adversarial examples and inverted MAS importance."""
 
     name: ClassVar[str] = "adv_imp"
-    uses_adversarial: ClassVar[bool] = True
-    uses_importance: ClassVar[bool] = True
+    plugins: ClassVar[tuple[type, ...]] = (HeldSet, ImportancePlugin)
 
 
 @dataclass(frozen=True)
@@ -130,10 +142,8 @@ class RandomLabel(Method):
     name: ClassVar[str] = "random_label"
     towards_ce: ClassVar[bool] = True
 
-    def towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
-                generator: torch.Generator) -> torch.Tensor | None:
-        if request.kind == "relabel":
-            return request.targets
+    def choose_towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
+                       generator: torch.Generator) -> torch.Tensor | None:
         num_classes = _num_classes(model, request)
         offset = torch.randint(1, num_classes, request.labels.shape, generator=generator)
         return (request.labels.cpu() + offset) % num_classes
@@ -150,10 +160,8 @@ class BoundaryShrink(Method):
     name: ClassVar[str] = "boundary_shrink"
     towards_ce: ClassVar[bool] = True
 
-    def towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
-                generator: torch.Generator) -> torch.Tensor | None:
-        if request.kind == "relabel":
-            return request.targets
+    def choose_towards(self, model: nn.Module, request: ForgetRequest, config: UnlearnConfig,
+                       generator: torch.Generator) -> torch.Tensor | None:
         return nearest_other_class(model, request.x, request.labels, config)
 
 
@@ -168,14 +176,9 @@ class Retrain(Method):
 def nearest_other_class(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                         config: UnlearnConfig) -> torch.Tensor:
     """The class an untargeted L2 step walk away from each label reaches first (or the runner-up)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     xs, ys = x.to(device), labels.to(device)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
+    with frozen_eval(model):
         x_adv = xs.clone()
         for _ in range(config.pgd_iterations):
             xa = x_adv.clone().requires_grad_(True)
@@ -193,19 +196,11 @@ def nearest_other_class(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
             out = model(x_adv)
             out = out.scatter(1, ys.view(-1, 1), float("-inf"))   # never the label itself
             return out.argmax(1).cpu()
-    finally:
-        model.train(was_training)
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _num_classes(model: nn.Module, request: ForgetRequest) -> int:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        n = int(model(request.x[:1].to(next(model.parameters()).device)).shape[1])
-    model.train(was_training)
-    return n
+    with eval_mode(model):
+        return int(model(request.x[:1].to(next(model.parameters()).device)).shape[1])
 
 
 METHODS: dict[str, Method] = {m.name: m() for m in (NegGrad, Adv, AdvImp, RandomLabel, BoundaryShrink, Retrain)}
@@ -216,7 +211,3 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     return METHODS[name]
 
-
-def make_attack(model: nn.Module, config: UnlearnConfig) -> TargetedL2PGD:
-    return TargetedL2PGD(model, eps=config.pgd_eps, step=config.pgd_step, iterations=config.pgd_iterations,
-                         early_exit=config.pgd_early_exit, batch_size=config.attack_batch)

@@ -1,8 +1,9 @@
 """Continual unlearning: the state carried from round to round, and its exact save/restore.
 
 A session owns the live model, the original weights (for drift and relapse reports, and as the
-outputs later rounds' held examples keep: ``UnlearnConfig.hold_at``), the *accumulated* importance
-penalty weights and the subspace memory of earlier rounds (``daemon.engine.subspace``). The paper's
+outputs later rounds' held examples keep: ``UnlearnConfig.hold_at``), the importance plugin with the
+*accumulated* penalty weights (``daemon.engine.importance_plugin``) and the subspace memory of earlier
+rounds (``daemon.engine.subspace``). The paper's
 continual protocol is not public; the accumulation rule is a setting
 (``daemon.engine.importance.ACCUMULATIONS``) chosen by benchmark, and so are the memory's energy
 threshold and what the held examples keep.
@@ -22,7 +23,8 @@ from torch import nn
 
 from daemon.engine.anchors import deformations
 from daemon.engine.config import PRESETS, UnlearnConfig
-from daemon.engine.importance import ACCUMULATIONS, accumulate, anchor_weights, mas_importance
+from daemon.engine.importance_plugin import ImportancePlugin
+from daemon.engine.kinds import get_kind
 from daemon.engine.methods import get_method
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import RoundResult, run_round
@@ -66,16 +68,13 @@ class UnlearningSession:
     def __init__(self, model: nn.Module, *, num_classes: int, accumulation: str = DEFAULT_ACCUMULATION,
                  decay: float = 0.5, seed: int = 0, memory_energy: float = DEFAULT_MEMORY_ENERGY,
                  memory_copies: int = DEFAULT_MEMORY_COPIES) -> None:
-        if accumulation not in ACCUMULATIONS:
-            raise ValueError(f"unknown accumulation {accumulation!r}; known: {', '.join(ACCUMULATIONS)}")
+        self.importance_plugin = ImportancePlugin(accumulation, decay)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if memory_copies < 0:
             raise ValueError(f"memory_copies must be >= 0, got {memory_copies}")
         self.model = model
         self.num_classes = num_classes
-        self.accumulation = accumulation
-        self.decay = decay
         self.seed = seed
         self.rounds_applied = 0
         self.original = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
@@ -83,11 +82,27 @@ class UnlearningSession:
         # round commits; a class round changes the model everywhere by design, so it becomes the reference
         # (else later rounds would hold examples of the forgotten class at the original outputs: relearning)
         self.reference: dict[str, torch.Tensor] | None = None
-        self.importance: dict[str, torch.Tensor] | None = None
         self.memory = SubspaceMemory(memory_energy)
         self.memory_copies = memory_copies
         # the memory a successful, not yet committed round would leave (never raw inputs)
         self._pending: tuple[RoundResult, SubspaceMemory] | None = None
+
+    @property
+    def importance(self) -> dict[str, torch.Tensor] | None:
+        """The accumulated importance penalty weights of the committed rounds (None before the first)."""
+        return self.importance_plugin.weights
+
+    @property
+    def accumulation(self) -> str:
+        return self.importance_plugin.accumulation
+
+    @accumulation.setter
+    def accumulation(self, mode: str) -> None:
+        self.importance_plugin.accumulation = mode
+
+    @property
+    def decay(self) -> float:
+        return self.importance_plugin.decay
 
     # -- rounds -------------------------------------------------------------------------------------
     def generator(self) -> torch.Generator:
@@ -114,26 +129,22 @@ class UnlearningSession:
         """
         config = config or PRESETS["default"]
         m = get_method(method)
-        request.validate(num_classes=self.num_classes, input_shape=tuple(request.x.shape[1:]))
         gen = self.generator()
-        combined = None
-        if m.uses_importance:
-            current = anchor_weights(mas_importance(self.model, request.x))
-            combined = accumulate(self.importance, current, self.accumulation, self.decay)
-        self._pending = None
         reference = self.reference_model() if config.hold_at == "original" else None
+        # the round validates the request (before it estimates any importance) and leaves the plugin as it was
         result = run_round(self.model, request, m, config, generator=gen, num_classes=self.num_classes,
-                           importance_weights=combined, memory=self.memory, reference=reference,
+                           importance=self.importance_plugin, memory=self.memory, reference=reference,
                            sentinel=sentinel, track=track,
                            track_every=track_every, progress=progress, should_abort=should_abort)
-        if result.succeeded and self.memory.enabled and request.kind != "forget_class":
+        self._pending = None
+        if result.succeeded and self.memory.enabled and get_kind(request.kind).instance_scoped:
             t0 = time.perf_counter()
             self._pending = (result, self._remember(request, result, gen))
             result.memory_s = time.perf_counter() - t0
             result.wall_s += result.memory_s      # part of what the round costs the caller
         if commit and result.succeeded:
-            self.commit(result, combined)
-        return result, combined
+            self.commit(result, result.importance)
+        return result, result.importance
 
     def reference_model(self) -> nn.Module:
         """The model whose outputs the held examples keep: the original weights, or those of the last
@@ -160,10 +171,10 @@ class UnlearningSession:
         if not result.succeeded:
             raise ValueError(f"refusing to commit a round that ended {result.outcome}")
         self.model.load_state_dict(result.state)
-        if result.kind == "forget_class":
+        if not get_kind(result.kind).instance_scoped:
             self.reference = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
         if importance is not None:
-            self.importance = {n: t.detach().cpu().clone() for n, t in importance.items()}
+            self.importance_plugin.consolidate(importance)
         if self._pending is not None and self._pending[0] is result:
             self.memory = self._pending[1]
         self._pending = None
@@ -175,7 +186,7 @@ class UnlearningSession:
         return weights, self.rounds_applied, self.importance, self.memory, self.reference
 
     def undo(self, snapshot: Snapshot) -> None:
-        weights, self.rounds_applied, self.importance, self.memory, self.reference = snapshot
+        weights, self.rounds_applied, self.importance_plugin.weights, self.memory, self.reference = snapshot
         self.model.load_state_dict(weights)
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -220,7 +231,7 @@ class UnlearningSession:
             # importance covers exactly the trainable parameters (mas_importance skips frozen ones)
             trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
             _check_matches("importance", imp, trainable, exact=True)
-            session.importance = imp
+            session.importance_plugin.weights = imp
         reference = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("reference/")}
         if reference:
             _check_matches("reference weights", reference, shapes, exact=True)

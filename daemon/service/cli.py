@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
 # -- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.daemon import BrokerUnavailable, Daemon, StartupError
-    from daemon.service.logs import configure_logging
+    from daemon.logs import configure_logging
     from daemon.service.runtime import RuntimeError_
 
     config = _load(args)

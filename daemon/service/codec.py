@@ -56,6 +56,7 @@ import torch
 from daemon.data.inline import INLINE_FORMATS, InlineDataError, decode_inline
 from daemon.data.sources import RefError, Source, parse_ref, resolve_refs
 from daemon.engine.requests import KINDS
+from daemon.service.receipts import RECEIPT_SCHEMA
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",
@@ -78,7 +79,6 @@ __all__ = [
 ]
 
 REQUEST_SCHEMA = "unlearn.request/v1"
-RECEIPT_SCHEMA = "unlearn.receipt/v1"
 MAX_INSTANCE_ID_LENGTH = 512
 MAX_SUBMITTED_AT_LENGTH = 64
 

@@ -118,7 +118,7 @@ class RoundCommitter:
         return [AppliedReceipt(
             request_id=p.request_id, model=rt.name, kind=p.decoded.kind, round_id=round_id,
             previous_version=rt.version, method=method,
-            instances=instance_outcomes([i.id_sha256 for i in p.decoded.instances], p.labels, b, a, p.targets),
+            instances=instance_outcomes(p.id_hashes, p.labels, b, a, p.targets),
             forget_accuracy=metrics.forget_accuracy if metrics else None,
             probe_accuracy_before=metrics.probe_accuracy_before if metrics else None,
             probe_accuracy_after=metrics.probe_accuracy_after if metrics else None,
@@ -149,8 +149,7 @@ class RoundCommitter:
                 receipt = FailedReceipt(
                     request_id=p.request_id, model=rt.name, kind=p.decoded.kind, round_id=round_id, reason=reason,
                     current_version=rt.version, method=method,
-                    instances=instance_outcomes([i.id_sha256 for i in p.decoded.instances], p.labels, before,
-                                                None, None),
+                    instances=instance_outcomes(p.id_hashes, p.labels, before, None, None),
                     forget_accuracy=c.result.acc_forget, received_at=p.received_at, failed_at=now)
                 tx.finish(p.request_id, "failed", model=rt.name, kind=p.decoded.kind, reason=c.reason,
                           round_id=round_id, model_version=rt.version)

@@ -195,9 +195,6 @@ class Daemon:
                 time.sleep(2)
 
     # -- main loop ----------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def run(self) -> int:
         """Poll, decide, run rounds until a stop is asked; a running round gets ``rounds.grace_period_s``."""
         if self.consumer is None:

@@ -30,6 +30,10 @@ class PendingRequest:
         return self.decoded.model
 
     @property
+    def id_hashes(self) -> list[str]:
+        return [i.id_sha256 for i in self.decoded.instances]
+
+    @property
     def size(self) -> int:
         return len(self.decoded.instances)
 

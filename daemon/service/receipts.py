@@ -108,13 +108,19 @@ class RoundMetrics:
 
 
 @dataclass(frozen=True)
-class AppliedReceipt:
-    """An ``applied`` receipt; a *draft* (before the registry write) has no version, hash or ``applied_at``."""
+class _RoundReceipt:
+    """What every receipt of a round's outcome names: the request and the round that decided it."""
 
     request_id: str
     model: str
     kind: str
     round_id: str
+
+
+@dataclass(frozen=True)
+class AppliedReceipt(_RoundReceipt):
+    """An ``applied`` receipt; a *draft* (before the registry write) has no version, hash or ``applied_at``."""
+
     previous_version: int
     method: Mapping[str, Any]
     instances: tuple[InstanceOutcome, ...]
@@ -168,13 +174,9 @@ class AppliedReceipt:
 
 
 @dataclass(frozen=True)
-class FailedReceipt:
+class FailedReceipt(_RoundReceipt):
     """A ``failed`` receipt: the round ran and did not pass; the model stays at ``current_version``."""
 
-    request_id: str
-    model: str
-    kind: str
-    round_id: str
     reason: str
     current_version: int
     method: Mapping[str, Any]

@@ -74,11 +74,13 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: threading.Event | None = None
+def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: threading.Event | None = None,
+                 consumer_factory: Callable[[], Any] | None = None, producer_factory: Callable[[], Any] | None = None
                  ) -> Daemon:
     """Open the ledger and the models (training a first version where allowed), and wire the daemon's parts.
 
-    Raises :class:`~daemon.service.runtime.RuntimeError_` when a model cannot be loaded.
+    The Kafka clients are made later, by the factories (kafka-python's by default): nothing here reaches the
+    broker. Raises :class:`~daemon.service.runtime.RuntimeError_` when a model cannot be loaded.
     """
     if config.rounds.threads:
         torch.set_num_threads(config.rounds.threads)
@@ -104,9 +106,11 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
                                        "memory_energy": r.memory_energy, "memory_copies": r.memory_copies},
                                split_failed=r.split_failed, keep_versions=config.registry.keep_versions)
     outbox = OutboxPublisher(ledger, metrics, interval_s=config.daemon.outbox_interval_s,
-                             producer_factory=kafka_producer_factory(k), send_timeout_s=k.request_timeout_ms / 1000)
+                             producer_factory=producer_factory or kafka_producer_factory(k),
+                             send_timeout_s=k.request_timeout_ms / 1000)
     return Daemon(config, metrics=metrics, ledger=ledger, runtimes=runtimes, intake=intake, committer=committer,
-                  batcher=batcher, offsets=offsets, outbox=outbox, consumer_factory=lambda: make_consumer(k),
+                  batcher=batcher, offsets=offsets, outbox=outbox,
+                  consumer_factory=consumer_factory or (lambda: make_consumer(k)),
                   executor=round_executor(r.cpu_policy), stop=stop)
 
 

@@ -56,9 +56,10 @@ def fingerprint(record: Any) -> str:
 def fill_labels(decoded: DecodedRequest, predict: Predict) -> tuple[list[int], list[int] | None]:
     """The labels a round uses (the request's, else the published model's predictions) and relabel's targets.
 
-    The kind-specific rules are the branches below: ``forget_class`` labels every instance with its class;
-    ``relabel`` needs a target that differs from the label. Raises :class:`Rejection` when a target equals
-    the label that stands in for a missing one.
+    The kind-specific rules are the branches on ``decoded.kind`` below (the seam where each request kind's own
+    method takes over): ``forget_class`` labels every instance with its class; ``relabel`` needs a target that
+    differs from the label. Raises :class:`Rejection` when a target equals the label that stands in for a
+    missing one.
     """
     labels = [inst.label for inst in decoded.instances]
     missing = [i for i, lab in enumerate(labels) if lab is None]

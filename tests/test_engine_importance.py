@@ -12,6 +12,7 @@ from daemon.engine.importance import (
     ACCUMULATIONS,
     ImportanceRegulariser,
     accumulate,
+    importance_density,
     anchor_weights,
     mas_importance,
 )
@@ -209,8 +210,7 @@ def test_regulariser_rejects_negative_strength_and_a_short_anchor(weights, ancho
 
 def test_density_is_the_share_of_weights_at_or_above_the_threshold():
     weights = {"a": torch.tensor([0.0, 0.5, 1.0, 0.2]), "b": torch.tensor([[0.9, 0.1]])}
-    reg = ImportanceRegulariser(weights, weights, 1.0)
-    assert reg.density() == pytest.approx(3 / 6)
-    assert reg.density(threshold=0.0) == 1.0
-    assert reg.density(threshold=0.95) == pytest.approx(1 / 6)
-    assert math.isnan(ImportanceRegulariser({}, {}, 1.0).density())
+    assert importance_density(weights) == pytest.approx(3 / 6)
+    assert importance_density(weights, threshold=0.0) == 1.0
+    assert importance_density(weights, threshold=0.95) == pytest.approx(1 / 6)
+    assert math.isnan(importance_density({}))

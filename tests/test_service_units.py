@@ -8,9 +8,9 @@ import sqlite3
 
 import pytest
 
-from daemon.service import receipts
 from daemon.service.config import ConfigError, example_toml, load_config, parse_probe, reference_rows
-from daemon.service.ledger import GENESIS_HASH, IntakeBatch, Ledger, LedgerError, chain_hash
+from daemon.service.ledger import GENESIS_HASH, Ledger, LedgerError, chain_hash
+from daemon.service.receipts import AppliedReceipt, DuplicateReceipt, RejectedReceipt, instance_outcomes
 
 
 # -- configuration -------------------------------------------------------------------------------------
@@ -71,9 +71,10 @@ def test_rounds_run_on_a_thread_with_the_configured_cpu_policy_and_torch_workers
     import torch
 
     from daemon.cpu_policy import thread_policy
-    from daemon.service.daemon import Daemon
+    from daemon.service.daemon import round_executor
 
-    daemon = Daemon(load_config(None, env={"UNLEARND_ROUNDS_CPU_POLICY": policy, "UNLEARND_METRICS_PORT": "0"}))
+    config = load_config(None, env={"UNLEARND_ROUNDS_CPU_POLICY": policy, "UNLEARND_METRICS_PORT": "0"})
+    executor = round_executor(config.rounds.cpu_policy)
 
     def work() -> tuple[str | None, int]:
         x = torch.randn(256, 256)
@@ -82,9 +83,9 @@ def test_rounds_run_on_a_thread_with_the_configured_cpu_policy_and_torch_workers
         return thread_policy(), threading.get_native_id()
 
     try:
-        got, tid = daemon._executor.submit(work).result()
+        got, tid = executor.submit(work).result()
     finally:
-        daemon._executor.shutdown()
+        executor.shutdown()
     assert got == policy
     tasks = [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
     idle = [t for t in tasks if os.sched_getscheduler(t) == os.SCHED_IDLE]
@@ -100,14 +101,14 @@ def test_probe_spec():
 
 # -- ledger ----------------------------------------------------------------------------------------------
 def _receipt(rid: str, status: str = "rejected") -> dict:
-    return receipts.rejected(request_id=rid, model="m", kind="forget", reason="bad_type", detail="x",
-                             received_at=0.0) | {"status": status}
+    return RejectedReceipt(request_id=rid, model="m", kind="forget", reason="bad_type", detail="x",
+                           received_at=0.0).to_dict() | {"status": status}
 
 
 def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    with ledger.transaction() as db:
-        out = [Ledger.append_receipt(db, _receipt(f"r{i}"), "receipts") for i in range(5)]
+    with ledger.transaction() as tx:
+        out = [tx.append_receipt(_receipt(f"r{i}"), "receipts") for i in range(5)]
     assert out[0]["audit"]["prev_hash"] == GENESIS_HASH
     for a, b in zip(out, out[1:]):
         assert b["audit"]["prev_hash"] == a["audit"]["hash"] and b["audit"]["entry"] == a["audit"]["entry"] + 1
@@ -118,11 +119,11 @@ def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry
     assert chain_hash(out[2]["audit"]["prev_hash"], body) == out[2]["audit"]["hash"]
     # append-only: the database itself refuses changes
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        with ledger.transaction() as db:
-            db.execute("UPDATE audit SET status='applied' WHERE entry=3")
+        with ledger.transaction() as tx:
+            tx.db.execute("UPDATE audit SET status='applied' WHERE entry=3")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        with ledger.transaction() as db:
-            db.execute("DELETE FROM audit WHERE entry=3")
+        with ledger.transaction() as tx:
+            tx.db.execute("DELETE FROM audit WHERE entry=3")
     ledger.close()
     # someone with file access drops the guard and edits entry 3: verification names it
     raw = sqlite3.connect(tmp_path / "l.sqlite")
@@ -136,9 +137,9 @@ def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry
 
 def test_deleted_audit_entry_is_found(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    with ledger.transaction() as db:
+    with ledger.transaction() as tx:
         for i in range(4):
-            Ledger.append_receipt(db, _receipt(f"r{i}"), "receipts")
+            tx.append_receipt(_receipt(f"r{i}"), "receipts")
     ledger.close()
     raw = sqlite3.connect(tmp_path / "l.sqlite")
     raw.execute("DROP TRIGGER audit_no_delete")
@@ -151,12 +152,12 @@ def test_deleted_audit_entry_is_found(tmp_path):
 
 def test_outbox_rows_leave_only_when_acknowledged_and_a_failed_transaction_leaves_nothing(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    with ledger.transaction() as db:
-        Ledger.enqueue(db, "dlq", b"k", b"\xff raw", [("error.reason", b"not_json")])
-        Ledger.append_receipt(db, _receipt("a"), "receipts")
+    with ledger.transaction() as tx:
+        tx.enqueue("dlq", b"k", b"\xff raw", [("error.reason", b"not_json")])
+        tx.append_receipt(_receipt("a"), "receipts")
     with pytest.raises(RuntimeError):
-        with ledger.transaction() as db:
-            Ledger.append_receipt(db, _receipt("b"), "receipts")
+        with ledger.transaction() as tx:
+            tx.append_receipt(_receipt("b"), "receipts")
             raise RuntimeError("crash mid-decision")
     rows = ledger.outbox()
     assert [r.topic for r in rows] == ["dlq", "receipts"]
@@ -168,9 +169,9 @@ def test_outbox_rows_leave_only_when_acknowledged_and_a_failed_transaction_leave
 
 def test_deliveries_requests_and_rounds_survive_reopening(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    with ledger.transaction() as db:
-        Ledger.accept(db, "req-1", "m", "forget", 2, 100.0)
-        Ledger.record_delivery(db, "t", 0, 7, "fp", "req-1", "accepted")
+    with ledger.transaction() as tx:
+        tx.accept("req-1", "m", "forget", 2, 100.0)
+        tx.record_delivery("t", 0, 7, "fp", "req-1", "accepted")
     rid = ledger.allocate_round("m", "d1", ["req-1"])
     ledger.begin_commit(rid, 1, [{"request_id": "req-1"}])
     ledger.close()
@@ -179,9 +180,9 @@ def test_deliveries_requests_and_rounds_survive_reopening(tmp_path):
     assert seen.fingerprint == "fp" and seen.request_status == "accepted"
     assert ledger.rounds_in_state("committing", "d1")[0]["drafts"] == [{"request_id": "req-1"}]
     assert ledger.rounds_in_state("committing", "d2") == []       # recovery touches only its own rounds
-    with ledger.transaction() as db:
-        Ledger.end_round(db, rid, "committed", version=2)
-        Ledger.finish(db, "req-1", "applied", round_id=rid, model_version=2)
+    with ledger.transaction() as tx:
+        tx.end_round(rid, "committed", version=2)
+        tx.finish("req-1", "applied", round_id=rid, model_version=2)
     assert ledger.request("req-1")["status"] == "applied" and ledger.last_committed_version("m") == 2
     assert ledger.rounds_in_state("committing", "d1") == []
 
@@ -199,46 +200,44 @@ def _ledger_state(ledger: Ledger) -> dict:
 
 
 def test_an_intake_batch_leaves_the_ledger_as_the_same_statements_one_by_one_would(tmp_path):
-    """IntakeBatch buffers an intake poll's writes (executemany at flush) and answers its own reads from
-    memory: the ledger must end up byte for byte as with Ledger's per-message statements."""
+    """A LedgerTransaction buffers an intake poll's writes (executemany at flush) and answers its own reads from
+    memory: the ledger must end up byte for byte as with each statement issued at once and read back from the file."""
     def decide(ledger: Ledger, batched: bool) -> list:
-        with ledger.transaction() as db:     # history: an applied request, an earlier receipt
-            Ledger.finish(db, "old", "applied", model="m", kind="forget", round_id="r-000001", model_version=2,
-                          received_at=50.0)
-            Ledger.append_receipt(db, _receipt("old", "applied"), "receipts")
-            Ledger.record_delivery(db, "t", 0, 3, "fp-3", "old", "accepted")
+        with ledger.transaction() as tx:     # history: an applied request, an earlier receipt
+            tx.finish("old", "applied", model="m", kind="forget", round_id="r-000001", model_version=2,
+                      received_at=50.0)
+            tx.append_receipt(_receipt("old", "applied"), "receipts")
+            tx.record_delivery("t", 0, 3, "fp-3", "old", "accepted")
         seen = []
-        with ledger.transaction() as db:
-            b = IntakeBatch(db) if batched else None
-            if b is not None:
-                b.load([("t", 0, o) for o in range(3, 9)], ["old", "new", "bad"])
-            delivery = b.delivery if b else ledger.delivery
-            request = b.request if b else ledger.request
+        with ledger.transaction() as tx:
+            if batched:
+                tx.load([("t", 0, o) for o in range(3, 9)], ["old", "new", "bad"])
+            delivery = tx.delivery if batched else ledger.delivery
+            request = tx.request if batched else ledger.request
+
+            def write(verb: str, *a, **k) -> None:     # one by one: issued at once, read back from the file
+                getattr(tx, verb)(*a, **k)
+                if not batched:
+                    tx.flush()
+
             seen.append(delivery("t", 0, 3))
             seen.append(delivery("t", 0, 4))
             for off, rid in ((4, "old"), (5, "bad"), (6, "bad"), (7, "new"), (8, "new")):
                 existing = request(rid)
                 seen.append(existing and {k: existing[k] for k in ("status", "round_id", "model_version")})
                 if rid == "bad" and existing is None:     # a rejection the first time
-                    (b.enqueue if b else lambda *a: Ledger.enqueue(db, *a))("dlq", b"m", b"{", [("error.reason",
-                                                                                                b"bad_kind")])
-                    (b.finish if b else lambda *a, **k: Ledger.finish(db, *a, **k))(
-                        rid, "rejected", model="m", kind=None, reason="bad_kind", received_at=100.0)
+                    write("enqueue", "dlq", b"m", b"{", [("error.reason", b"bad_kind")])
+                    write("finish", rid, "rejected", model="m", kind=None, reason="bad_kind", received_at=100.0)
                     receipt, effect = _receipt(rid), "rejected"
                 elif rid == "new" and existing is None:   # accepted the first time
-                    (b.accept if b else lambda *a: Ledger.accept(db, *a))(rid, "m", "forget", 2, 100.0)
-                    (b.record_delivery if b else lambda *a: Ledger.record_delivery(db, *a))(
-                        "t", 0, off, f"fp-{off}", rid, "accepted")
+                    write("accept", rid, "m", "forget", 2, 100.0)
+                    write("record_delivery", "t", 0, off, f"fp-{off}", rid, "accepted")
                     continue
                 else:
-                    receipt, effect = receipts.duplicate(request_id=rid, model="m", kind="forget", original=existing,
-                                                         received_at=100.0), "duplicate"
-                (b.append_receipt if b else lambda *a: Ledger.append_receipt(db, *a))(
-                    {**receipt, "daemon": "d1"}, "receipts")
-                (b.record_delivery if b else lambda *a: Ledger.record_delivery(db, *a))(
-                    "t", 0, off, f"fp-{off}", rid, effect)
-            if b is not None:
-                b.flush()
+                    receipt, effect = DuplicateReceipt.of(request_id=rid, model="m", kind="forget", original=existing,
+                                                          received_at=100.0).to_dict(), "duplicate"
+                write("append_receipt", {**receipt, "daemon": "d1"}, "receipts")
+                write("record_delivery", "t", 0, off, f"fp-{off}", rid, effect)
         return seen
 
     one, many = Ledger(tmp_path / "one.sqlite"), Ledger(tmp_path / "many.sqlite")
@@ -268,12 +267,12 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
 
 # -- receipts --------------------------------------------------------------------------------------------
 def test_applied_receipt_completes_the_draft_and_holds_no_clear_id():
-    draft = receipts.applied_draft(
+    draft = AppliedReceipt(
         request_id="r", model="m", kind="forget", round_id="r-000001", previous_version=3,
-        method={"name": "adv_imp"}, id_hashes=["a" * 64], labels=[7], targets=None, before=[7], after=[2],
-        metrics={"forget_accuracy": 0.0, "probe_accuracy_before": 0.99, "probe_accuracy_after": float("nan")},
+        method={"name": "adv_imp"}, instances=instance_outcomes(["a" * 64], [7], [7], [2], None),
+        forget_accuracy=0.0, probe_accuracy_before=0.99, probe_accuracy_after=float("nan"),
         received_at=1000.0, forget_class=None)
-    full = receipts.complete_applied(draft, version=4, sha256="b" * 64, applied_at=1012.5)
+    full = draft.completed(version=4, sha256="b" * 64, applied_at=1012.5).to_dict()
     assert full["model_version"] == 4 and full["previous_version"] == 3 and full["model_sha256"] == "b" * 64
     assert full["timings"]["time_to_forget_s"] == 12.5 and "received_ts" not in full
     assert full["metrics"]["probe_accuracy_after"] is None            # NaN is not JSON

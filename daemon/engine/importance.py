@@ -20,6 +20,7 @@ __all__ = [
     "ImportanceRegulariser",
     "accumulate",
     "anchor_weights",
+    "importance_density",
     "mas_importance",
 ]
 
@@ -137,10 +138,11 @@ class ImportanceRegulariser:
             total = total + (w * (p - self.anchor[name]).pow(2)).sum()
         return 0.5 * self.strength * total
 
-    def density(self, threshold: float = 0.5) -> float:
-        """Share of parameters whose weight is at least ``threshold`` (held fixed by the penalty)."""
-        n = sum(w.numel() for w in self.weights.values())
-        if n == 0:
-            return float("nan")
-        held = sum(int((w >= threshold).sum()) for w in self.weights.values())
-        return held / n
+
+def importance_density(weights: Mapping[str, torch.Tensor], threshold: float = 0.5) -> float:
+    """Share of parameters whose weight is at least ``threshold`` (held fixed by the penalty); NaN for none."""
+    n = sum(w.numel() for w in weights.values())
+    if n == 0:
+        return float("nan")
+    held = sum(int((w >= threshold).sum()) for w in weights.values())
+    return held / n

@@ -25,7 +25,7 @@ from daemon.engine.evaluate import eval_mode, predict
 from daemon.engine.held import HeldSet, balanced_backward, class_impressions
 from daemon.engine.importance import ImportanceRegulariser
 from daemon.engine.importance_plugin import ImportancePlugin
-from daemon.engine.kinds import Kind, get_kind
+from daemon.engine.kinds import ForgetInstances, Kind, get_kind
 from daemon.engine.methods import Method
 from daemon.engine.models import output_layer
 from daemon.engine.requests import ForgetRequest
@@ -74,7 +74,7 @@ class RoundResult:
     memory_s: float = 0.0
     trajectory: list[TrajectoryPoint] = field(default_factory=list)
     #: the request's kind (``forget``, ``relabel``, ``forget_class``)
-    kind: str = "forget"
+    kind: str = ForgetInstances.name
     #: the step after which the held examples kept the model's own outputs instead of the reference's
     #: (``config.hold_original_share``); None when they never switched
     held_fallback_step: int | None = None

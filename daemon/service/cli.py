@@ -32,14 +32,20 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
 
 # -- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.service.daemon import BrokerUnavailable, Daemon, StartupError
-    from daemon.service.logs import configure_logging
+    import threading
+
+    from daemon.logs import configure_logging
+    from daemon.service.daemon import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
     from daemon.service.runtime import RuntimeError_
 
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
-    daemon = Daemon(config)
-    daemon.install_signal_handlers()
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        daemon = build_daemon(config, stop=stop)
+    except RuntimeError_ as exc:
+        raise _usage(f"refusing to start: {exc}") from exc
     try:
         daemon.start()
     except (StartupError, RuntimeError_) as exc:

@@ -68,6 +68,7 @@ from daemon.service.codec_checks import (
     quote,
     quote_bytes,
 )
+from daemon.service.receipts import RECEIPT_SCHEMA
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",
@@ -90,7 +91,6 @@ __all__ = [
 ]
 
 REQUEST_SCHEMA = "unlearn.request/v1"
-RECEIPT_SCHEMA = "unlearn.receipt/v1"
 MAX_SUBMITTED_AT_LENGTH = 64
 
 #: Every reason a :class:`Rejection` can carry, in check order (for metric labels and docs).

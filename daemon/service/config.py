@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.cpu_policy import POLICIES
+from daemon.data.sources import KNOWN_DATASETS
+from daemon.engine.config import PRESETS
+from daemon.engine.importance import ACCUMULATIONS
+from daemon.engine.methods import METHODS
 
 __all__ = [
     "Config",
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "UNLEARND"
+#: the choices come from the registries that define them: a method added to the engine is a setting at once
+_ROUND_METHODS = tuple(name for name, m in METHODS.items() if not m.oracle)   # an oracle never runs in a round
 
 
 class ConfigError(ValueError):
@@ -110,10 +116,9 @@ class RoundsSection:
     max_wait_s: float = _opt(2.0, "close a round this long after its first request arrived", "s", minimum=0)
     method: str = _opt("adv_imp", "unlearning method (the baselines neggrad, random_label and boundary_shrink run at "
                        "their own step size in the default preset)",
-                       choices=("adv_imp", "adv", "neggrad", "random_label", "boundary_shrink"))
-    preset: str = _opt("default", "engine preset", choices=("default", "paper"))
-    accumulation: str = _opt("max", "how weight importance accumulates across rounds",
-                             choices=("none", "sum", "max", "decayed"))
+                       choices=_ROUND_METHODS)
+    preset: str = _opt("default", "engine preset", choices=tuple(PRESETS))
+    accumulation: str = _opt("max", "how weight importance accumulates across rounds", choices=ACCUMULATIONS)
     memory_energy: float = _opt(0.99999, "subspace memory across rounds: share of each round's input energy "
                                          "(per layer, on its instances) later rounds leave untouched; near 1 "
                                          "keeps forgotten instances forgotten (0: off)", "ratio", minimum=0, below=1)
@@ -181,7 +186,7 @@ class ModelSection:
 
     name: str = _opt("mnist-cnn", "model name: the registry folder and the requests' key")
     dataset: str = _opt("mnist", "dataset whose built-in sources refs may name (mnist, cifar10)",
-                        choices=("mnist", "cifar10"))
+                        choices=KNOWN_DATASETS)
     data_root: str = _opt("", "folder holding cifar-10-batches-py (cifar10 only)")
     probe: str = _opt("mnist-test:0-1999", "the operator's probe set: <source>:<start>-<end> (inclusive)")
     pretrain_epochs: int = _opt(0, "train the model if the registry has none (0: refuse to start instead)",

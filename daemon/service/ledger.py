@@ -38,9 +38,9 @@ __all__ = [
     "GENESIS_HASH",
     "AuditProblem",
     "Delivery",
-    "IntakeBatch",
     "Ledger",
     "LedgerError",
+    "LedgerTransaction",
     "OutboxRow",
     "chain_hash",
     "verify_audit",
@@ -128,6 +128,8 @@ _SQL_FINISH = ("INSERT INTO requests (request_id, model, kind, status, reason, r
                "received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
                "status=excluded.status, reason=excluded.reason, round_id=excluded.round_id, "
                "model_version=excluded.model_version, finished_at=excluded.finished_at")
+_SQL_END_ROUND = "UPDATE rounds SET state=?, version=?, reason=?, finished_at=?, drafts=NULL WHERE round_id=?"
+_SQL_FORGOTTEN = "INSERT OR IGNORE INTO forgotten VALUES (?, ?, ?)"
 _SQL_LAST_AUDIT = "SELECT entry, hash FROM audit ORDER BY entry DESC LIMIT 1"
 _SQL_AUDIT = "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)"
 _SQL_OUTBOX = "INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -221,8 +223,7 @@ class Ledger:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All writes of one decision, or none of them."""
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -231,6 +232,14 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[LedgerTransaction]:
+        """All writes of one decision, or none of them: the writes are issued when the block ends, then committed."""
+        with self._immediate() as db:
+            tx = LedgerTransaction(db)
+            yield tx
+            tx.flush()
 
     # -- deliveries and requests --------------------------------------------------------------------
     def delivery(self, topic: str, partition: int, offset: int) -> Delivery | None:
@@ -247,41 +256,10 @@ class Ledger:
             row = cur.fetchone()
             return None if row is None else dict(zip([c[0] for c in cur.description], row, strict=True))
 
-    @staticmethod
-    def record_delivery(db: sqlite3.Connection, topic: str, partition: int, offset: int, fingerprint: str,
-                        request_id: str | None, effect: str) -> None:
-        db.execute(_SQL_DELIVERY, (topic, partition, offset, fingerprint, request_id, effect))
-
-    @staticmethod
-    def accept(db: sqlite3.Connection, request_id: str, model: str, kind: str, instances: int,
-               received_at: float) -> None:
-        """A valid request waits for its round (kept across a crash only as this row: Kafka holds its data)."""
-        db.execute(_SQL_ACCEPT, (request_id, model, kind, instances, received_at))
-
-    @staticmethod
-    def finish(db: sqlite3.Connection, request_id: str, status: str, *, model: str | None = None,
-               kind: str | None = None, reason: str | None = None, round_id: str | None = None,
-               model_version: int | None = None, received_at: float | None = None) -> None:
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"not a final status: {status}")
-        now = time.time()
-        db.execute(_SQL_FINISH, (request_id, model, kind, status, reason, round_id, model_version, received_at or now,
-                                 now))
-
-    def pending_requests(self) -> list[dict[str, Any]]:
-        with self._lock:
-            cur = self._db.execute("SELECT request_id, model, received_at FROM requests WHERE status='accepted'")
-            return [{"request_id": r[0], "model": r[1], "received_at": r[2]} for r in cur.fetchall()]
-
-    def status_counts(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            rows = self._db.execute("SELECT kind, status, COUNT(*) FROM requests GROUP BY kind, status").fetchall()
-        return {(k or "unknown", s): n for k, s, n in rows}
-
     # -- rounds -------------------------------------------------------------------------------------
     def allocate_round(self, model: str, owner: str, request_ids: Sequence[str]) -> str:
         """A new round id (``r-000042``), recorded as running before any work."""
-        with self.transaction() as db:
+        with self._immediate() as db:
             n = int(db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]) + 1
             round_id = f"r-{n:06d}"
             db.execute("INSERT INTO rounds (round_id, model, owner, state, request_ids, started_at) "
@@ -291,15 +269,9 @@ class Ledger:
 
     def begin_commit(self, round_id: str, parent: int, drafts: Sequence[Mapping[str, Any]]) -> None:
         """Record the intent before the registry write, so a crash in between can be resolved."""
-        with self.transaction() as db:
+        with self._immediate() as db:
             db.execute("UPDATE rounds SET state='committing', parent=?, drafts=? WHERE round_id=?",
                        (parent, json.dumps(list(drafts)), round_id))
-
-    @staticmethod
-    def end_round(db: sqlite3.Connection, round_id: str, state: str, *, version: int | None = None,
-                  reason: str | None = None) -> None:
-        db.execute("UPDATE rounds SET state=?, version=?, reason=?, finished_at=?, drafts=NULL WHERE round_id=?",
-                   (state, version, reason, time.time(), round_id))
 
     def rounds_in_state(self, state: str, owner: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -319,30 +291,7 @@ class Ledger:
                                    (model,)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    @staticmethod
-    def add_forgotten(db: sqlite3.Connection, model: str, id_hashes: Iterable[str], round_id: str) -> None:
-        db.executemany("INSERT OR IGNORE INTO forgotten VALUES (?, ?, ?)",
-                       [(model, h, round_id) for h in id_hashes])
-
-    # -- receipts: audit + outbox -------------------------------------------------------------------
-    @staticmethod
-    def append_receipt(db: sqlite3.Connection, receipt: dict[str, Any], topic: str) -> dict[str, Any]:
-        """Chain the receipt into the audit trail and queue it for publication; returns it with ``audit``."""
-        body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
-        last = db.execute(_SQL_LAST_AUDIT).fetchone()
-        entry, prev = (1, GENESIS_HASH) if last is None else (last[0] + 1, last[1])
-        digest = chain_hash(prev, body)
-        db.execute(_SQL_AUDIT, (entry, receipt.get("request_id"), receipt["status"], body, prev, digest, time.time()))
-        audit = {"entry": entry, "hash": digest, "prev_hash": prev}
-        key = receipt.get("request_id")
-        Ledger.enqueue(db, topic, key.encode() if isinstance(key, str) else None, _with_audit(receipt, body, audit))
-        return {**receipt, "audit": audit}
-
-    @staticmethod
-    def enqueue(db: sqlite3.Connection, topic: str, key: bytes | None, value: bytes,
-                headers: Sequence[tuple[str, bytes]] = ()) -> None:
-        db.execute(_SQL_OUTBOX, (topic, key, value, _headers_json(headers), time.time()))
-
+    # -- the outbox -------------------------------------------------------------------------------------
     def outbox(self, limit: int = 500) -> list[OutboxRow]:
         with self._lock:
             rows = self._db.execute("SELECT seq, topic, key, value, headers FROM outbox ORDER BY seq LIMIT ?",
@@ -357,8 +306,13 @@ class Ledger:
     def acknowledge(self, seqs: Iterable[int]) -> None:
         seqs = list(seqs)
         if seqs:
-            with self.transaction() as db:
+            with self._immediate() as db:
                 db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+
+    def replace_outbox_value(self, seq: int, value: bytes, headers: Sequence[tuple[str, bytes]]) -> None:
+        """Rewrite one waiting row (an oversized receipt published as its headers only)."""
+        with self._immediate() as db:
+            db.execute("UPDATE outbox SET value=?, headers=? WHERE seq=?", (value, _headers_json(headers), seq))
 
     def audit_entries(self) -> Iterator[tuple[int, str | None, str, bytes, str, str]]:
         with self._lock:
@@ -370,23 +324,24 @@ class Ledger:
         return verify_audit(self.audit_entries())
 
 
-class IntakeBatch:
-    """The writes of one intake poll, issued together inside the caller's transaction.
+class LedgerTransaction:
+    """The writes of one decision (an intake poll, a round's outcome), issued together inside its transaction.
 
+    The one write API of the ledger: :meth:`Ledger.transaction` yields it and flushes it before committing.
     Reads come first and in bulk (:meth:`load`: one range query per partition for the deliveries, ``IN``
     lookups for the request ids); every write is then buffered and answered from memory when the same
-    batch reads it back (a request id that appears twice in one poll is a duplicate the second time);
+    transaction reads it back (a request id that appears twice in one poll is a duplicate the second time);
     :meth:`flush` issues them with ``executemany`` in the order they were made, before the transaction
     commits. The audit chain is continued from the last entry read once, inside the transaction (which
-    holds SQLite's write lock, so no other writer can append in between). The effect is the same as the
-    per-message statements of :class:`Ledger`, in one transaction.
+    holds SQLite's write lock, so no other writer can append in between). An intake poll decides hundreds of
+    messages this way in one transaction, with a handful of statements.
     """
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._deliveries: dict[tuple[str, int, int], Delivery] = {}
         self._requests: dict[str, dict[str, Any] | None] = {}
-        self._request_ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._row_ops: list[tuple[str, tuple[Any, ...]]] = []      # requests, rounds, forgotten: in order
         self._delivery_rows: list[tuple[Any, ...]] = []
         self._audit_rows: list[tuple[Any, ...]] = []
         self._outbox_rows: list[tuple[Any, ...]] = []
@@ -419,11 +374,11 @@ class IntakeBatch:
                 self._requests[row[0]] = dict(zip(_REQUEST_COLUMNS, row, strict=True))
 
     def delivery(self, topic: str, partition: int, offset: int) -> Delivery | None:
-        """What :meth:`load` found (or this batch recorded) for that offset; None if nothing."""
+        """What :meth:`load` found (or this transaction recorded) for that offset; None if nothing."""
         return self._deliveries.get((topic, partition, offset))
 
     def request(self, request_id: str) -> dict[str, Any] | None:
-        """The request's row as this batch leaves it (read from the ledger if :meth:`load` did not)."""
+        """The request's row as this transaction leaves it (read from the ledger if :meth:`load` did not)."""
         if request_id not in self._requests:
             self.load((), [request_id])
         row = self._requests[request_id]
@@ -437,7 +392,8 @@ class IntakeBatch:
         self._deliveries[(topic, partition, offset)] = Delivery(fingerprint, request_id, effect, status)
 
     def accept(self, request_id: str, model: str, kind: str, instances: int, received_at: float) -> None:
-        self._request_ops.append((_SQL_ACCEPT, (request_id, model, kind, instances, received_at)))
+        """A valid request waits for its round (kept across a crash only as this row: Kafka holds its data)."""
+        self._row_ops.append((_SQL_ACCEPT, (request_id, model, kind, instances, received_at)))
         row = self.request(request_id)
         if row is None:
             row = dict.fromkeys(_REQUEST_COLUMNS)
@@ -453,8 +409,8 @@ class IntakeBatch:
         if status not in FINAL_STATUSES:
             raise ValueError(f"not a final status: {status}")
         now = time.time()
-        self._request_ops.append((_SQL_FINISH, (request_id, model, kind, status, reason, round_id, model_version,
-                                                received_at or now, now)))
+        self._row_ops.append((_SQL_FINISH, (request_id, model, kind, status, reason, round_id, model_version,
+                                            received_at or now, now)))
         row = self.request(request_id)
         if row is None:
             row = dict.fromkeys(_REQUEST_COLUMNS)
@@ -463,8 +419,15 @@ class IntakeBatch:
         row.update(status=status, reason=reason, round_id=round_id, model_version=model_version, finished_at=now)
         self._requests[request_id] = row
 
+    def end_round(self, round_id: str, state: str, *, version: int | None = None, reason: str | None = None
+                  ) -> None:
+        self._row_ops.append((_SQL_END_ROUND, (state, version, reason, time.time(), round_id)))
+
+    def add_forgotten(self, model: str, id_hashes: Iterable[str], round_id: str) -> None:
+        self._row_ops.extend((_SQL_FORGOTTEN, (model, h, round_id)) for h in id_hashes)
+
     def append_receipt(self, receipt: dict[str, Any], topic: str) -> dict[str, Any]:
-        """As :meth:`Ledger.append_receipt`: the next audit entry and its outbox row."""
+        """Chain the receipt into the audit trail and queue it for publication; returns it with ``audit``."""
         body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
         entry, prev = self._entry + 1, self._prev
         digest = chain_hash(prev, body)
@@ -482,7 +445,7 @@ class IntakeBatch:
     def flush(self) -> None:
         """Issue the buffered writes (call inside the transaction, before it commits)."""
         db = self.db
-        i, ops = 0, self._request_ops
+        i, ops = 0, self._row_ops
         while i < len(ops):       # consecutive statements of one kind go together, in order
             j = i
             while j < len(ops) and ops[j][0] == ops[i][0]:
@@ -495,7 +458,7 @@ class IntakeBatch:
             db.executemany(_SQL_AUDIT, self._audit_rows)
         if self._outbox_rows:
             db.executemany(_SQL_OUTBOX, self._outbox_rows)
-        self._request_ops, self._delivery_rows, self._audit_rows, self._outbox_rows = [], [], [], []
+        self._row_ops, self._delivery_rows, self._audit_rows, self._outbox_rows = [], [], [], []
 
 
 def verify_audit(entries: Iterable[tuple[int, str | None, str, bytes, str, str]]) -> tuple[int, AuditProblem | None]:

@@ -6,7 +6,11 @@ instance id, so cardinality stays bounded by kinds, statuses, reasons and partit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from daemon.service.receipts import RoundMetrics
 
 __all__ = ["DaemonMetrics"]
 
@@ -57,6 +61,22 @@ class DaemonMetrics:
             self.flip_ratio.labels(reference=ref)
         for outcome in ("applied", "failed", "aborted"):
             self.rounds.labels(outcome=outcome)
+
+    def export_round(self, model: str, version: int, m: RoundMetrics) -> None:
+        """The gauges of an applied round (its version is published)."""
+        self.model_version.labels(model=model).set(version)
+        self.forget_accuracy.set(m.forget_accuracy)
+        self.probe_accuracy.labels(reference="current").set(m.probe_accuracy_after)
+        self.probe_accuracy.labels(reference="original").set(m.probe_accuracy_original)
+        self.param_drift.labels(reference="original").set(m.param_drift_l2_original)
+        self.param_drift.labels(reference="previous").set(m.param_drift_l2_previous)
+        self.flip_ratio.labels(reference="original").set(m.prediction_flip_ratio_original)
+        self.flip_ratio.labels(reference="previous").set(m.prediction_flip_ratio_previous)
+        self.importance_density.set(m.importance_density_ratio)
+
+    def export_memory_fill(self, model: str, fill: Mapping[str, float]) -> None:
+        for layer, share in fill.items():
+            self.memory_fill.labels(model=model, layer=layer).set(share)
 
     def serve(self, host: str, port: int):  # noqa: ANN201 - (server, thread) of prometheus_client
         """Start /metrics on a background thread (prometheus-client's own WSGI server)."""

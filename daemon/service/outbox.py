@@ -8,37 +8,47 @@ by ``audit.entry``.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from daemon.service.config import KafkaSection
 from daemon.service.kafka_io import make_producer
-from daemon.service.ledger import Ledger
+from daemon.service.ledger import Ledger, OutboxRow
 from daemon.service.metrics import DaemonMetrics
 
-__all__ = ["OutboxPublisher"]
+__all__ = ["OutboxPublisher", "kafka_producer_factory"]
 
 log = structlog.get_logger("unlearnd.outbox")
 
 
+def kafka_producer_factory(kafka: KafkaSection, max_request_size: int = 16 << 20) -> Callable[[], Any]:
+    """The outbox's producer, made when the first row waits (and again after broker trouble)."""
+    # a page is sent, then flushed: lingering costs nothing (flush sends at once) and lets the page go
+    # out in a few large batches rather than one produce request per row
+    return lambda: make_producer(kafka, client="outbox", max_request_size=max_request_size, linger_ms=1000,
+                                 batch_size=256 << 10)
+
+
 class OutboxPublisher:
-    def __init__(self, ledger: Ledger, kafka: KafkaSection, metrics: DaemonMetrics, interval_s: float,
-                 max_request_size: int = 16 << 20, page: int = 500) -> None:
+    """A thread moving outbox rows to the broker; ``producer_factory`` makes a kafka-python-like producer."""
+
+    def __init__(self, ledger: Ledger, metrics: DaemonMetrics, *, interval_s: float,
+                 producer_factory: Callable[[], Any], send_timeout_s: float, page: int = 500) -> None:
         self.ledger = ledger
         self.page = page
-        self.max_request_size = max_request_size
-        self.kafka = kafka
         self.metrics = metrics
         self.interval_s = interval_s
+        self.send_timeout_s = send_timeout_s
+        self._producer_factory = producer_factory
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._producer = None
-        self.published = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -47,19 +57,21 @@ class OutboxPublisher:
         self._wake.set()
 
     def stop(self, flush_timeout_s: float = 5.0) -> None:
-        """Try to empty the outbox for a while, then stop; what remains waits for the next start."""
+        """Try to empty the outbox for a while, then stop; what remains waits for the next start. Idempotent."""
         deadline = time.monotonic() + flush_timeout_s
         while self.ledger.outbox_size() and time.monotonic() < deadline and self._thread.is_alive():
             self._wake.set()
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=flush_timeout_s + 5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=flush_timeout_s + 5)
         if self._producer is not None:
             try:
                 self._producer.close(timeout=2)
             except KafkaError:
                 pass
+            self._producer = None
 
     def _run(self) -> None:
         backlog = False
@@ -85,14 +97,12 @@ class OutboxPublisher:
                 pass
             self._producer = None
 
-    def _replace_oversized(self, row, exc: Exception) -> None:  # noqa: ANN001 - OutboxRow
+    def _replace_oversized(self, row: OutboxRow, exc: Exception) -> None:
         """Publish what can be published of an oversized row: its headers, and the size it had."""
         log.error("outbox_row_too_large", seq=row.seq, topic=row.topic, bytes=len(row.value), error=str(exc))
         headers = [*row.headers, ("error.original_bytes", str(len(row.value)).encode()),
                    ("error.truncated", b"value omitted: larger than the producer's max_request_size")]
-        with self.ledger.transaction() as db:
-            db.execute("UPDATE outbox SET value=?, headers=? WHERE seq=?",
-                       (b"", json.dumps([[n, v.decode("latin-1")] for n, v in headers]), row.seq))
+        self.ledger.replace_outbox_value(row.seq, b"", headers)
 
     def flush_once(self) -> int:
         rows = self.ledger.outbox(self.page)
@@ -100,10 +110,7 @@ class OutboxPublisher:
         if not rows:
             return 0
         if self._producer is None:
-            # a page is sent, then flushed: lingering costs nothing (flush sends at once) and lets the page go
-            # out in a few large batches rather than one produce request per row
-            self._producer = make_producer(self.kafka, client="outbox", max_request_size=self.max_request_size,
-                                           linger_ms=1000, batch_size=256 << 10)
+            self._producer = self._producer_factory()
         futures = []
         for row in rows:
             try:
@@ -113,7 +120,7 @@ class OutboxPublisher:
                 # Never retriable: a row the broker can never take must not block the rows behind it.
                 self._replace_oversized(row, exc)
                 break
-        self._producer.flush(timeout=self.kafka.request_timeout_ms / 1000)
+        self._producer.flush(timeout=self.send_timeout_s)
         done = []
         for seq, fut in futures:
             try:
@@ -123,7 +130,6 @@ class OutboxPublisher:
                 break       # keep order: rows after a failed one wait too
             done.append(seq)
         self.ledger.acknowledge(done)
-        self.published += len(done)
         self.metrics.broker_up.set(1 if len(done) == len(rows) else 0)
         self.metrics.outbox.set(self.ledger.outbox_size())
         if len(done) < len(rows):

@@ -1,16 +1,36 @@
-"""Receipt bodies (contract §3). Pure functions: the daemon chains them into the audit trail and outbox.
+"""Receipts (contract §3) and a round's metrics, as typed frozen records. Pure: no I/O.
 
-A receipt never holds raw input or a clear instance id: instances appear as ``id_sha256`` only.
+Each receipt record has one :meth:`to_dict`, the receipt's body exactly as the contract has it; the
+ledger chains that body into the audit trail and the outbox (:class:`ReceiptChain`), so the
+canonical JSON bytes follow from these records alone. A receipt never holds raw input or a clear
+instance id: instances appear as ``id_sha256`` only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-__all__ = ["RECEIPT_SCHEMA", "applied_draft", "complete_applied", "duplicate", "failed", "iso", "rejected"]
+if TYPE_CHECKING:       # the ledger imports the codec, which imports RECEIPT_SCHEMA from here
+    from daemon.service.ledger import LedgerTransaction
+
+__all__ = [
+    "RECEIPT_SCHEMA",
+    "AppliedReceipt",
+    "DuplicateReceipt",
+    "FailedReceipt",
+    "InstanceOutcome",
+    "Receipt",
+    "ReceiptChain",
+    "RejectedReceipt",
+    "RoundMetrics",
+    "instance_outcomes",
+    "iso",
+]
 
 RECEIPT_SCHEMA = "unlearn.receipt/v1"
 
@@ -31,77 +51,210 @@ def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
 
 
-def _instances(id_hashes: Sequence[str], labels: Sequence[int], before: Sequence[int],
-               after: Sequence[int] | None, targets: Sequence[int] | None) -> list[dict[str, Any]]:
-    out = []
-    for i, h in enumerate(id_hashes):
-        row: dict[str, Any] = {"id_sha256": h, "label": int(labels[i]), "prediction_before": int(before[i]),
-                               "prediction_after": None if after is None else int(after[i])}
-        if targets is not None:
-            row["target"] = int(targets[i])
-        out.append(row)
-    return out
+@dataclass(frozen=True)
+class InstanceOutcome:
+    """One instance of a decided request: its id's hash, the label used, the predictions around the round."""
+
+    id_sha256: str
+    label: int
+    prediction_before: int
+    prediction_after: int | None = None     # None: the round changed nothing (failed)
+    target: int | None = None               # relabel only
+
+    def to_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"id_sha256": self.id_sha256, "label": self.label,
+                               "prediction_before": self.prediction_before,
+                               "prediction_after": self.prediction_after}
+        if self.target is not None:
+            row["target"] = self.target
+        return row
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> InstanceOutcome:
+        return cls(row["id_sha256"], row["label"], row["prediction_before"], row["prediction_after"],
+                   row.get("target"))
 
 
-def applied_draft(*, request_id: str, model: str, kind: str, round_id: str, previous_version: int,
-                  method: Mapping[str, Any], id_hashes: Sequence[str], labels: Sequence[int],
-                  targets: Sequence[int] | None, before: Sequence[int], after: Sequence[int],
-                  metrics: Mapping[str, float], received_at: float, forget_class: int | None) -> dict[str, Any]:
-    """Everything an ``applied`` receipt says except what only the registry write decides."""
-    r = _base(request_id, model, "applied", None, kind)
-    r.update({"round_id": round_id, "model_version": None, "previous_version": previous_version,
-              "model_sha256": None, "method": dict(method),
-              "instances": _instances(id_hashes, labels, before, after, targets),
-              "metrics": _clean({"forget_accuracy": metrics.get("forget_accuracy"),
-                                 "probe_accuracy_before": metrics.get("probe_accuracy_before"),
-                                 "probe_accuracy_after": metrics.get("probe_accuracy_after")}),
-              "timings": {"received_at": iso(received_at), "applied_at": None, "time_to_forget_s": None},
-              "received_ts": received_at})
-    if forget_class is not None:
-        r["class"] = forget_class
-    return r
+def instance_outcomes(id_hashes: Sequence[str], labels: Sequence[int], before: Sequence[int],
+                      after: Sequence[int] | None, targets: Sequence[int] | None) -> tuple[InstanceOutcome, ...]:
+    return tuple(InstanceOutcome(h, int(labels[i]), int(before[i]), None if after is None else int(after[i]),
+                                 None if targets is None else int(targets[i]))
+                 for i, h in enumerate(id_hashes))
 
 
-def complete_applied(draft: Mapping[str, Any], *, version: int, sha256: str, applied_at: float) -> dict[str, Any]:
-    r = {k: v for k, v in draft.items() if k != "received_ts"}
-    r["model_version"] = version
-    r["model_sha256"] = sha256
-    r["timings"] = {**draft["timings"], "applied_at": iso(applied_at),
-                    "time_to_forget_s": round(applied_at - float(draft["received_ts"]), 3)}
-    return r
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What a round that ran to the end measured on the probe set and the weights (contract §6 gauges).
+
+    The applied receipt reports the first three; the manifest records all of them (:meth:`manifest_dict`).
+    """
+
+    forget_accuracy: float
+    probe_accuracy_before: float
+    probe_accuracy_after: float
+    probe_accuracy_original: float
+    param_drift_l2_original: float
+    param_drift_l2_previous: float
+    prediction_flip_ratio_original: float
+    prediction_flip_ratio_previous: float
+    importance_density_ratio: float
+
+    def manifest_dict(self, forgotten_classes: frozenset[int]) -> dict[str, Any]:
+        """The manifest's ``metrics``: every measured value (NaN is not JSON), and the forgotten classes if any."""
+        out: dict[str, Any] = {k: v for k, v in dataclasses.asdict(self).items() if v == v}
+        if forgotten_classes:
+            out["forgotten_classes"] = sorted(forgotten_classes)
+        return out
 
 
-def failed(*, request_id: str, model: str, kind: str, round_id: str, reason: str, current_version: int,
-           method: Mapping[str, Any], id_hashes: Sequence[str], labels: Sequence[int], before: Sequence[int],
-           forget_accuracy: float | None, received_at: float, finished_at: float) -> dict[str, Any]:
-    r = _base(request_id, model, "failed", reason, kind)
-    r.update({"round_id": round_id, "model_version": current_version, "previous_version": current_version,
-              "model_sha256": None, "method": dict(method),
-              "instances": _instances(id_hashes, labels, before, None, None),
-              "metrics": _clean({"forget_accuracy": forget_accuracy}),
-              "timings": {"received_at": iso(received_at), "failed_at": iso(finished_at)}})
-    return r
+@dataclass(frozen=True)
+class _RoundReceipt:
+    """What every receipt of a round's outcome names: the request and the round that decided it."""
+
+    request_id: str
+    model: str
+    kind: str
+    round_id: str
 
 
-def rejected(*, request_id: str | None, model: str | None, kind: str | None, reason: str, detail: str,
-             received_at: float) -> dict[str, Any]:
-    r = _base(request_id, model, "rejected", reason, kind)
-    r.update({"detail": detail, "timings": {"received_at": iso(received_at)}})
-    return r
+@dataclass(frozen=True)
+class AppliedReceipt(_RoundReceipt):
+    """An ``applied`` receipt; a *draft* (before the registry write) has no version, hash or ``applied_at``."""
+
+    previous_version: int
+    method: Mapping[str, Any]
+    instances: tuple[InstanceOutcome, ...]
+    forget_accuracy: float | None
+    probe_accuracy_before: float | None
+    probe_accuracy_after: float | None
+    received_at: float                      # wall clock (epoch seconds)
+    forget_class: int | None = None
+    model_version: int | None = None
+    model_sha256: str | None = None
+    applied_at: float | None = None
+
+    def completed(self, *, version: int, sha256: str, applied_at: float) -> AppliedReceipt:
+        """The receipt once the version is durable."""
+        return dataclasses.replace(self, model_version=version, model_sha256=sha256, applied_at=applied_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = _base(self.request_id, self.model, "applied", None, self.kind)
+        if self.applied_at is None:
+            timings = {"received_at": iso(self.received_at), "applied_at": None, "time_to_forget_s": None}
+        else:
+            timings = {"received_at": iso(self.received_at), "applied_at": iso(self.applied_at),
+                       "time_to_forget_s": round(self.applied_at - self.received_at, 3)}
+        r.update({"round_id": self.round_id, "model_version": self.model_version,
+                  "previous_version": self.previous_version, "model_sha256": self.model_sha256,
+                  "method": dict(self.method), "instances": [i.to_dict() for i in self.instances],
+                  "metrics": _clean({"forget_accuracy": self.forget_accuracy,
+                                     "probe_accuracy_before": self.probe_accuracy_before,
+                                     "probe_accuracy_after": self.probe_accuracy_after}),
+                  "timings": timings})
+        if self.forget_class is not None:
+            r["class"] = self.forget_class
+        return r
+
+    # The ledger keeps a committing round's drafts as JSON (``rounds.drafts``) until the commit: the body of the
+    # draft plus ``received_ts``, the precise receive time that ``time_to_forget_s`` is computed from. That form
+    # is durable state (a daemon may restart on drafts an older one wrote), so it stays as it was.
+    def draft_dict(self) -> dict[str, Any]:
+        return {**self.to_dict(), "received_ts": self.received_at}
+
+    @classmethod
+    def from_draft(cls, d: Mapping[str, Any]) -> AppliedReceipt:
+        metrics = d.get("metrics") or {}
+        return cls(request_id=d["request_id"], model=d["model"], kind=d["kind"], round_id=d["round_id"],
+                   previous_version=d["previous_version"], method=d["method"],
+                   instances=tuple(InstanceOutcome.from_dict(i) for i in d["instances"]),
+                   forget_accuracy=metrics.get("forget_accuracy"),
+                   probe_accuracy_before=metrics.get("probe_accuracy_before"),
+                   probe_accuracy_after=metrics.get("probe_accuracy_after"),
+                   received_at=float(d["received_ts"]), forget_class=d.get("class"))
 
 
-def duplicate(*, request_id: str, model: str | None, kind: str | None, original: Mapping[str, Any],
-              received_at: float) -> dict[str, Any]:
-    status = original.get("status")
-    where = ""
-    if original.get("round_id"):
-        where = f" in round {original['round_id']}"
-    if original.get("model_version") is not None:
-        where += f" (version {original['model_version']})"
-    r = _base(request_id, model, "duplicate",
-              f"request id seen before; original outcome: {'pending' if status == 'accepted' else status}{where}",
-              kind)
-    r.update({"original": {"status": "pending" if status == "accepted" else status,
-                           "round_id": original.get("round_id"), "model_version": original.get("model_version")},
-              "timings": {"received_at": iso(received_at)}})
-    return r
+@dataclass(frozen=True)
+class FailedReceipt(_RoundReceipt):
+    """A ``failed`` receipt: the round ran and did not pass; the model stays at ``current_version``."""
+
+    reason: str
+    current_version: int
+    method: Mapping[str, Any]
+    instances: tuple[InstanceOutcome, ...]
+    forget_accuracy: float | None
+    received_at: float
+    failed_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        r = _base(self.request_id, self.model, "failed", self.reason, self.kind)
+        r.update({"round_id": self.round_id, "model_version": self.current_version,
+                  "previous_version": self.current_version, "model_sha256": None, "method": dict(self.method),
+                  "instances": [i.to_dict() for i in self.instances],
+                  "metrics": _clean({"forget_accuracy": self.forget_accuracy}),
+                  "timings": {"received_at": iso(self.received_at), "failed_at": iso(self.failed_at)}})
+        return r
+
+
+@dataclass(frozen=True)
+class RejectedReceipt:
+    """A ``rejected`` receipt: the message named a request id but could not be accepted (``reason``: contract §5)."""
+
+    request_id: str | None
+    model: str | None
+    kind: str | None
+    reason: str
+    detail: str
+    received_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        r = _base(self.request_id, self.model, "rejected", self.reason, self.kind)
+        r.update({"detail": self.detail, "timings": {"received_at": iso(self.received_at)}})
+        return r
+
+
+@dataclass(frozen=True)
+class DuplicateReceipt:
+    """A ``duplicate`` receipt: the request id was seen before; it says what became of the original."""
+
+    request_id: str
+    model: str | None
+    kind: str | None
+    original_status: str | None          # the ledger's status: accepted (reported as pending), applied, ...
+    original_round_id: str | None
+    original_model_version: int | None
+    received_at: float
+
+    @classmethod
+    def of(cls, *, request_id: str, model: str | None, kind: str | None, original: Mapping[str, Any],
+           received_at: float) -> DuplicateReceipt:
+        """From the original request's ledger row."""
+        return cls(request_id, model, kind, original.get("status"), original.get("round_id"),
+                   original.get("model_version"), received_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        status = "pending" if self.original_status == "accepted" else self.original_status
+        where = ""
+        if self.original_round_id:
+            where = f" in round {self.original_round_id}"
+        if self.original_model_version is not None:
+            where += f" (version {self.original_model_version})"
+        r = _base(self.request_id, self.model, "duplicate",
+                  f"request id seen before; original outcome: {status}{where}", self.kind)
+        r.update({"original": {"status": status, "round_id": self.original_round_id,
+                               "model_version": self.original_model_version},
+                  "timings": {"received_at": iso(self.received_at)}})
+        return r
+
+
+Receipt = Union[AppliedReceipt, FailedReceipt, RejectedReceipt, DuplicateReceipt]
+
+
+@dataclass(frozen=True)
+class ReceiptChain:
+    """Where this daemon's receipts go: into the audit trail and the outbox for ``topic``, naming the daemon."""
+
+    daemon: str
+    topic: str
+
+    def append(self, tx: LedgerTransaction, receipt: Receipt) -> None:
+        tx.append_receipt({**receipt.to_dict(), "daemon": self.daemon}, self.topic)

@@ -1,14 +1,16 @@
 """One live model inside the daemon: its weights and session, its probe set, and how a round runs on it.
 
 No Kafka and no ledger here: this layer turns accepted requests into an engine round, gates it on
-retention, and writes the version to the registry; the daemon decides when and records the outcome.
+retention, and writes the version to the registry; the commit layer records the outcome. The classes a
+model has forgotten (``forget_class`` rounds) are its state: they leave the retention gate's probe
+and are kept in the version's manifest (``metrics.forgotten_classes``, where registries have them).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,19 @@ from torch import nn
 
 from daemon import model_store, registry
 from daemon.data.sources import Source, builtin_sources, load_dataset
+from daemon.data.splits import DatasetSplits
 from daemon.engine.config import preset
 from daemon.engine.evaluate import param_drift_l2, predict, prediction_flip_ratio
-from daemon.engine.importance import ImportanceRegulariser
+from daemon.engine.importance import importance_density
+from daemon.engine.kinds import get_kind
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import RoundResult
-from daemon.service.codec import DecodedRequest, ModelSpec
+from daemon.service.codec import ModelSpec
 from daemon.service.config import ModelSection, RoundsSection, parse_probe
+from daemon.service.pending import PendingRequest
+from daemon.service.receipts import RoundMetrics
 
-__all__ = ["Candidate", "ModelRuntime", "PendingRequest", "RuntimeError_"]
+__all__ = ["Candidate", "ModelRuntime", "RuntimeError_"]
 
 log = structlog.get_logger("unlearnd.runtime")
 
@@ -35,53 +41,42 @@ class RuntimeError_(RuntimeError):  # noqa: N801 - not the builtin
     """A model cannot be loaded or is inconsistent with its configuration."""
 
 
-@dataclass
-class PendingRequest:
-    """An accepted request waiting for its round (its data lives only here, in memory)."""
-
-    decoded: DecodedRequest
-    topic: str
-    partition: int
-    offset: int
-    received_at: float          # wall clock (epoch seconds)
-    labels: list[int]           # the request's labels, or the model's predictions at intake
-    targets: list[int] | None
-
-    @property
-    def request_id(self) -> str:
-        return self.decoded.request_id
-
-    @property
-    def size(self) -> int:
-        return len(self.decoded.instances)
-
-    def group(self) -> tuple[str, int | None]:
-        """Requests that can share a round: the same kind (and, for forget_class, the same class)."""
-        return self.decoded.kind, self.decoded.forget_class
-
-
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
     """A round's outcome before anything is durable."""
 
-    requests: list[PendingRequest]
+    requests: tuple[PendingRequest, ...]
     result: RoundResult
     importance: dict[str, torch.Tensor] | None
-    passed: bool
-    reason: str | None
-    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None                          # why it did not pass; None when it passed
+    metrics: RoundMetrics | None = None         # None when the engine did not finish the round
+    forgotten_classes: frozenset[int] = frozenset()     # the model's, once this candidate is adopted
     probe_pred: torch.Tensor | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.reason is None
+
+    def per_request(self, predictions: torch.Tensor) -> list[list[int]]:
+        """A batch-wide prediction tensor (the requests' instances, concatenated in order) cut per request."""
+        flat = predictions.tolist()
+        out, start = [], 0
+        for p in self.requests:
+            out.append(flat[start:start + p.size])
+            start += p.size
+        return out
 
 
 class ModelRuntime:
-    """Everything the daemon keeps about one model."""
+    """Everything the daemon keeps about one model; :meth:`open` reads its dataset, :meth:`ensure_model` its weights."""
 
-    def __init__(self, section: ModelSection, registry_dir: Path, rounds: RoundsSection) -> None:
+    def __init__(self, section: ModelSection, registry_dir: Path, rounds: RoundsSection, splits: DatasetSplits
+                 ) -> None:
         self.section = section
         self.name = section.name
         self.registry_dir = registry_dir
         self.rounds = rounds
-        self.splits = load_dataset(section.dataset, Path(section.data_root) if section.data_root else None)
+        self.splits = splits
         self.sources: dict[str, Source] = builtin_sources(self.splits)
         source, start, end = parse_probe(section.probe)
         if source not in self.sources:
@@ -96,16 +91,44 @@ class ModelRuntime:
         self.intake_model: nn.Module | None = None
         self.original_probe_pred: torch.Tensor | None = None
         self.current_probe_pred: torch.Tensor | None = None
-        self.forgotten_classes: set[int] = set()
+        self.forgotten_classes: frozenset[int] = frozenset()
+
+    @classmethod
+    def open(cls, section: ModelSection, registry_dir: Path, rounds: RoundsSection) -> ModelRuntime:
+        """The runtime of ``section``, its dataset read (its weights are not loaded yet: :meth:`ensure_model`)."""
+        splits = load_dataset(section.dataset, Path(section.data_root) if section.data_root else None)
+        return cls(section, registry_dir, rounds, splits)
 
     # -- loading ------------------------------------------------------------------------------------
-    def ensure_model(self, pretrain: Callable[[ModelRuntime], None]) -> None:
+    def ensure_model(self) -> None:
+        """Load LATEST; with none, train a first version when ``models.pretrain_epochs`` allows, else refuse."""
         if registry.latest_version(self.registry_dir, self.name) is None:
             if self.section.pretrain_epochs <= 0:
                 raise RuntimeError_(f"model {self.name!r} has no version in {self.registry_dir} and "
                                     f"models.pretrain_epochs is 0: publish one first (unlearnd pretrain)")
-            pretrain(self)
+            self._pretrain()
         self.reload()
+
+    def _pretrain(self) -> None:
+        from daemon.engine.models import build_model
+        from daemon.engine.session import UnlearningSession
+        from daemon.engine.training import TrainConfig, train_classifier
+
+        splits = self.splits
+        arch = "mnist_cnn" if splits.name == "mnist" else "cifar_resnet18"
+        log.info("pretraining", model=self.name, arch=arch, epochs=self.section.pretrain_epochs)
+        mean, std = splits.mean_std()
+        train = TrainConfig(epochs=self.section.pretrain_epochs)
+        torch.manual_seed(train.seed)           # the initial weights are part of the recipe
+        model = build_model(arch, num_classes=splits.num_classes, input_shape=splits.input_shape, mean=mean,
+                            std=std)
+        model.to(self.rounds.device)
+        train_classifier(model, splits.train_x, splits.train_y, train)
+        model.cpu().eval()
+        session = UnlearningSession(model, num_classes=splits.num_classes)
+        model_store.publish(self.registry_dir, self.name, model, session, arch=arch,
+                            input_shape=splits.input_shape, classes=splits.classes, parent=None,
+                            dataset=splits.name, method={"name": "pretrain", "epochs": self.section.pretrain_epochs})
 
     def reload(self) -> None:
         """Load LATEST (after a restart, a rollback, or a version another daemon published)."""
@@ -118,7 +141,7 @@ class ModelRuntime:
         live.session.memory.energy = self.rounds.memory_energy
         live.session.memory_copies = self.rounds.memory_copies
         self.live = live
-        self.forgotten_classes = set((live.info.manifest.get("metrics") or {}).get("forgotten_classes", []))
+        self.forgotten_classes = _forgotten_classes(live.info.manifest)
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         original = copy.deepcopy(live.model)
         with torch.no_grad():
@@ -130,20 +153,25 @@ class ModelRuntime:
     def is_current(self) -> bool:
         return self.live is not None and registry.latest_version(self.registry_dir, self.name) == self.live.version
 
+    def _loaded(self) -> model_store.LiveModel:
+        if self.live is None:
+            raise RuntimeError_(f"model {self.name!r} is not loaded yet (ensure_model)")
+        return self.live
+
     @property
     def spec(self) -> ModelSpec:
-        assert self.live is not None
-        return ModelSpec(name=self.name, input_shape=self.live.input_shape, num_classes=self.live.num_classes,
+        live = self._loaded()
+        return ModelSpec(name=self.name, input_shape=live.input_shape, num_classes=live.num_classes,
                          sources=self.sources)
 
     @property
     def version(self) -> int:
-        assert self.live is not None
-        return self.live.version
+        return self._loaded().version
 
     def predict_at_intake(self, x: torch.Tensor) -> list[int]:
         """The published model's predictions (never the weights a running round is changing)."""
-        assert self.intake_model is not None
+        if self.intake_model is None:
+            raise RuntimeError_(f"model {self.name!r} is not loaded yet (ensure_model)")
         return [int(v) for v in predict(self.intake_model, x)]
 
     def retained_mask(self, extra: int | None = None) -> torch.Tensor:
@@ -161,7 +189,8 @@ class ModelRuntime:
     def probe_accuracy(self, reference: str = "current") -> float:
         """Retention on the retained classes, for the live (``current``) or the ``original`` weights."""
         pred = self.current_probe_pred if reference == "current" else self.original_probe_pred
-        assert pred is not None
+        if pred is None:
+            raise RuntimeError_(f"model {self.name!r} is not loaded yet (ensure_model)")
         return self._accuracy(pred, self.retained_mask())
 
     # -- a round ------------------------------------------------------------------------------------
@@ -170,56 +199,55 @@ class ModelRuntime:
         x = torch.stack([inst.x for p in batch for inst in p.decoded.instances]).float()
         labels = torch.tensor([lab for p in batch for lab in p.labels], dtype=torch.int64)
         targets = None
-        if kind == "relabel":
+        if get_kind(kind).names_targets:
             targets = torch.tensor([t for p in batch for t in (p.targets or [])], dtype=torch.int64)
         return ForgetRequest(kind=kind, x=x, labels=labels, targets=targets, forget_class=forget_class)
 
     def run_round(self, batch: Sequence[PendingRequest], should_abort: Callable[[], bool]) -> Candidate:
-        assert self.live is not None
+        """Run the engine on a copy of the live state (nothing is adopted) and gate the result on retention."""
+        live = self._loaded()
         request = self.build_request(batch)
         config = preset(self.rounds.preset, self.rounds.method, request.kind)
         if self.rounds.held_impressions:
             config = config.with_overrides(held_impressions=self.rounds.held_impressions)
-        result, importance = self.live.session.run_round(request, method=self.rounds.method, config=config,
-                                                         sentinel=self.probe_x, should_abort=should_abort,
-                                                         commit=False)
+        result, importance = live.session.run_round(request, method=self.rounds.method, config=config,
+                                                    sentinel=self.probe_x, should_abort=should_abort, commit=False)
+        requests = tuple(batch)
         if not result.succeeded:
             reason = f"{result.outcome}" + (f": {result.reason}" if result.reason else "")
-            return Candidate(list(batch), result, importance, False, reason,
-                             {"forget_accuracy": result.acc_forget})
-        candidate_model = copy.deepcopy(self.live.model)
+            return Candidate(requests, result, importance, reason)
+        candidate_model = copy.deepcopy(live.model)
         candidate_model.load_state_dict(result.state)
         probe_pred = predict(candidate_model, self.probe_x).cpu()
         mask = self.retained_mask(request.forget_class)
         acc = self._accuracy(probe_pred, mask)
         original_acc = self._accuracy(self.original_probe_pred, mask)
-        metrics = {
-            "forget_accuracy": result.acc_forget,
-            "probe_accuracy_before": self._accuracy(self.current_probe_pred, mask),
-            "probe_accuracy_after": acc,
-            "probe_accuracy_original": original_acc,
-            "param_drift_l2_original": param_drift_l2(_params(candidate_model), self.live.session.original),
-            "param_drift_l2_previous": param_drift_l2(_params(candidate_model), _params(self.live.model)),
-            "prediction_flip_ratio_original": prediction_flip_ratio(self.original_probe_pred, probe_pred),
-            "prediction_flip_ratio_previous": prediction_flip_ratio(self.current_probe_pred, probe_pred),
-            "importance_density_ratio": (ImportanceRegulariser(importance, importance, 1.0).density()
-                                         if importance else 0.0),
-        }
+        metrics = RoundMetrics(
+            forget_accuracy=result.acc_forget,
+            probe_accuracy_before=self._accuracy(self.current_probe_pred, mask),
+            probe_accuracy_after=acc,
+            probe_accuracy_original=original_acc,
+            param_drift_l2_original=param_drift_l2(_params(candidate_model), live.session.original),
+            param_drift_l2_previous=param_drift_l2(_params(candidate_model), _params(live.model)),
+            prediction_flip_ratio_original=prediction_flip_ratio(self.original_probe_pred, probe_pred),
+            prediction_flip_ratio_previous=prediction_flip_ratio(self.current_probe_pred, probe_pred),
+            importance_density_ratio=importance_density(importance) if importance else 0.0,
+        )
         floor = original_acc - self.rounds.retention_max_drop
         if not acc >= floor:
-            return Candidate(list(batch), result, importance, False,
+            return Candidate(requests, result, importance,
                              f"retention gate: probe accuracy {acc:.4f} is below {floor:.4f} (original "
                              f"{original_acc:.4f} - {self.rounds.retention_max_drop})", metrics)
+        forgotten = self.forgotten_classes
         if request.forget_class is not None:
-            metrics["forgotten_classes"] = sorted(self.forgotten_classes | {request.forget_class})
-        elif self.forgotten_classes:
-            metrics["forgotten_classes"] = sorted(self.forgotten_classes)
-        return Candidate(list(batch), result, importance, True, None, metrics, probe_pred)
+            forgotten = forgotten | {request.forget_class}
+        return Candidate(requests, result, importance, None, metrics, forgotten, probe_pred)
 
-    def publish(self, candidate: Candidate, round_id: str, method: dict[str, Any]) -> registry.VersionInfo:
+    def publish(self, candidate: Candidate, round_id: str, method: Mapping[str, Any]) -> registry.VersionInfo:
         """Adopt the candidate and write it as the next version (atomic; LATEST moves last)."""
-        assert self.live is not None and candidate.passed
-        live = self.live
+        live = self._loaded()
+        if not candidate.passed or candidate.metrics is None:
+            raise ValueError(f"only a candidate that passed is published; this one: {candidate.reason}")
         previous = live.session.snapshot()
         live.session.commit(candidate.result, candidate.importance)
         try:
@@ -227,16 +255,21 @@ class ModelRuntime:
                 self.registry_dir, self.name, copy.deepcopy(live.model).cpu(), live.session, arch=live.arch,
                 input_shape=live.input_shape, classes=live.classes, parent=live.version,
                 dataset=self.section.dataset, round_id=round_id,
-                request_ids=[p.request_id for p in candidate.requests], method=method,
-                metrics={k: v for k, v in candidate.metrics.items() if v == v})   # NaN is not JSON
+                request_ids=[p.request_id for p in candidate.requests], method=dict(method),
+                metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes))
         except BaseException:
             live.session.undo(previous)          # the live model and session stay what LATEST says
             raise
         live.info = info
-        self.forgotten_classes = set(candidate.metrics.get("forgotten_classes", []))
+        self.forgotten_classes = candidate.forgotten_classes
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         self.current_probe_pred = candidate.probe_pred
         return info
+
+
+def _forgotten_classes(manifest: Mapping[str, Any]) -> frozenset[int]:
+    """The classes a version has forgotten, as its manifest records them (see :meth:`RoundMetrics.manifest_dict`)."""
+    return frozenset((manifest.get("metrics") or {}).get("forgotten_classes", []))
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:

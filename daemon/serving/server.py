@@ -8,13 +8,13 @@ behind a load balancer; each replica holds its own lease, so retention keeps eve
 from __future__ import annotations
 
 import gc
-import logging
 import sys
 
 import structlog
 import torch
 import uvicorn
 
+from daemon.logs import configure_logging
 from daemon.serving.app import build_app
 from daemon.serving.holder import ModelHolder
 from daemon.serving.metrics import ServeMetrics
@@ -22,28 +22,9 @@ from daemon.serving.sched import set_thread_slice, thread_slice_us
 from daemon.serving.settings import ServeSettings
 from daemon.serving.watcher import Watcher
 
-__all__ = ["configure_logging", "run"]
+__all__ = ["run"]
 
 _SWITCH_INTERVAL_S = 0.0005
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    """structlog on standard error, once per process: JSON lines (or console text for people)."""
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-    # uvicorn logs through the standard library: same stream, same level.
-    logging.basicConfig(stream=sys.stderr, level=_LEVELS[level], format="%(message)s")
 
 
 def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, metrics)

@@ -1,0 +1,218 @@
+"""A round from computation to durable outcome, and the recovery of rounds left unfinished.
+
+A round commits in this order, each step durable before the next:
+
+1. ledger: the round is ``committing``, with its draft receipts (hashes only);
+2. registry: the new version (atomic directory rename, then ``LATEST``);
+3. ledger: the round is ``committed``; receipts enter the audit chain and the outbox in one transaction;
+4. broker: receipts and the ``unlearn.models`` event leave the outbox; servers are notified;
+5. Kafka: the offsets move past the round's messages.
+
+A crash before 2 abandons the round (Kafka redelivers its messages); a crash after 2 is rolled
+forward at start-up from the drafts. Nothing is applied twice, because the ledger remembers every
+(topic, partition, offset) and every request id.
+
+Steps 1-3 are here (:meth:`RoundCommitter.run`, on the round thread); the outbox does 4 and the daemon 5.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon import registry
+from daemon.engine.rounds import RoundResult
+from daemon.service.codec import canonical_json
+from daemon.service.failpoints import failpoint
+from daemon.service.ledger import Ledger
+from daemon.service.pending import PendingRequest
+from daemon.service.receipts import (
+    AppliedReceipt,
+    FailedReceipt,
+    ReceiptChain,
+    RoundMetrics,
+    instance_outcomes,
+)
+from daemon.service.runtime import Candidate, ModelRuntime
+
+__all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError"]
+
+log = structlog.get_logger("unlearnd.daemon")
+
+MODEL_EVENT_SCHEMA = "unlearn.model/v1"
+
+
+class StartupError(RuntimeError):
+    """The daemon refuses to start: configuration or state is inconsistent (message says how)."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What became of a round: ``applied``, ``failed``, ``split`` (retried in halves) or ``aborted``."""
+
+    status: str
+    result: RoundResult
+    metrics: RoundMetrics | None = None
+    version: registry.VersionInfo | None = None
+
+
+class RoundCommitter:
+    """Runs a round on a model and records its outcome durably, in the order the module docstring gives."""
+
+    def __init__(self, ledger: Ledger, registry_dir: Path, receipts: ReceiptChain, *, models_topic: str,
+                 method: Mapping[str, Any], split_failed: bool, keep_versions: int) -> None:
+        self.ledger = ledger
+        self.registry_dir = registry_dir
+        self.receipts = receipts
+        self.models_topic = models_topic
+        self.method = dict(method)          # name, preset, accumulation, memory: the round adds its params
+        self.split_failed = split_failed
+        self.keep_versions = keep_versions
+
+    # -- a round ------------------------------------------------------------------------------------
+    def run(self, rt: ModelRuntime, batch: Sequence[PendingRequest], round_id: str,
+            should_abort: Callable[[], bool]) -> RoundOutcome:
+        """On the round thread: compute, gate, and commit durably (steps 1-3)."""
+        bound = log.bind(round_id=round_id, model=rt.name)
+        candidate = rt.run_round(batch, should_abort=should_abort)
+        result = candidate.result
+        if result.outcome == "aborted":
+            with self.ledger.transaction() as tx:
+                tx.end_round(round_id, "aborted", reason="stopped within the grace period")
+            bound.warning("round_aborted")
+            return RoundOutcome("aborted", result)
+        method = {**self.method, "params": result.config.to_dict()}
+        if not candidate.passed and self.split_failed and len(batch) > 1:
+            with self.ledger.transaction() as tx:
+                tx.end_round(round_id, "split", reason=f"{candidate.reason}; its {len(batch)} requests "
+                                                       "are retried in two rounds of half as many")
+            bound.warning("round_split", reason=candidate.reason, requests=len(batch))
+            failpoint("after_round_split")
+            return RoundOutcome("split", result)
+        if not candidate.passed:
+            self._fail(rt, candidate, round_id, method)
+            bound.warning("round_failed", reason=candidate.reason)
+            return RoundOutcome("failed", result)
+        drafts = self._drafts(rt, candidate, round_id, method)
+        self.ledger.begin_commit(round_id, rt.version, [d.draft_dict() for d in drafts])
+        failpoint("after_begin_commit")
+        info = rt.publish(candidate, round_id, method)
+        failpoint("after_registry_write")
+        self._commit(round_id, rt.name, info, drafts)
+        failpoint("after_ledger_commit")
+        self._prune(rt.name)
+        metrics = candidate.metrics
+        bound.info("round_committed", version=info.version, steps=result.steps, forget_accuracy=result.acc_forget,
+                   probe_accuracy=metrics.probe_accuracy_after if metrics else None)
+        return RoundOutcome("applied", result, metrics, info)
+
+    def _drafts(self, rt: ModelRuntime, c: Candidate, round_id: str, method: Mapping[str, Any]
+                ) -> list[AppliedReceipt]:
+        metrics = c.metrics
+        before, after = c.per_request(c.result.predictions_before), c.per_request(c.result.predictions_after)
+        return [AppliedReceipt(
+            request_id=p.request_id, model=rt.name, kind=p.decoded.kind, round_id=round_id,
+            previous_version=rt.version, method=method,
+            instances=instance_outcomes(p.id_hashes, p.labels, b, a, p.targets),
+            forget_accuracy=metrics.forget_accuracy if metrics else None,
+            probe_accuracy_before=metrics.probe_accuracy_before if metrics else None,
+            probe_accuracy_after=metrics.probe_accuracy_after if metrics else None,
+            received_at=p.received_at, forget_class=p.decoded.forget_class)
+            for p, b, a in zip(c.requests, before, after, strict=True)]
+
+    def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt]
+                ) -> None:
+        """Step 3: the round, its requests, its receipts and the model event, in one transaction."""
+        applied_at = time.time()
+        with self.ledger.transaction() as tx:
+            tx.end_round(round_id, "committed", version=info.version)
+            for d in drafts:
+                tx.finish(d.request_id, "applied", model=model, kind=d.kind, round_id=round_id,
+                          model_version=info.version)
+                tx.add_forgotten(model, [i.id_sha256 for i in d.instances], round_id)
+                self.receipts.append(tx, d.completed(version=info.version, sha256=info.sha256, applied_at=applied_at))
+            event = {"schema": MODEL_EVENT_SCHEMA, "model": model, "version": info.version, "sha256": info.sha256,
+                     "path": str(info.path), "round_id": round_id}
+            tx.enqueue(self.models_topic, model.encode(), canonical_json(event))
+
+    def _fail(self, rt: ModelRuntime, c: Candidate, round_id: str, method: Mapping[str, Any]) -> None:
+        now = time.time()
+        reason = c.reason or "failed"
+        with self.ledger.transaction() as tx:
+            tx.end_round(round_id, "failed", reason=c.reason)
+            for p, before in zip(c.requests, c.per_request(c.result.predictions_before), strict=True):
+                receipt = FailedReceipt(
+                    request_id=p.request_id, model=rt.name, kind=p.decoded.kind, round_id=round_id, reason=reason,
+                    current_version=rt.version, method=method,
+                    instances=instance_outcomes(p.id_hashes, p.labels, before, None, None),
+                    forget_accuracy=c.result.acc_forget, received_at=p.received_at, failed_at=now)
+                tx.finish(p.request_id, "failed", model=rt.name, kind=p.decoded.kind, reason=c.reason,
+                          round_id=round_id, model_version=rt.version)
+                self.receipts.append(tx, receipt)
+
+    def _prune(self, model: str) -> None:
+        """Retention: keep the newest N versions (never LATEST, never one a server's lease holds)."""
+        if not self.keep_versions:
+            return
+        from daemon.registry_ops import prune
+
+        try:
+            result = prune(self.registry_dir, model, keep=self.keep_versions)
+            if result.deleted:
+                log.info("versions_pruned", model=model, deleted=result.deleted, protected=result.protected)
+        except (OSError, ValueError, registry.RegistryError) as exc:
+            log.warning("prune_failed", model=model, error=str(exc))
+
+    # -- start-up -----------------------------------------------------------------------------------
+    def recover(self, owner: str, runtimes: Mapping[str, ModelRuntime]) -> None:
+        """Resolve the rounds ``owner`` (this instance) left unfinished when it last stopped (or died)."""
+        for state in ("running", "committing"):
+            for r in self.ledger.rounds_in_state(state, owner):
+                rt = runtimes.get(r["model"])
+                found = self._find_version(r["model"], r["round_id"]) if (rt and state == "committing") else None
+                if found is None:
+                    with self.ledger.transaction() as tx:
+                        tx.end_round(r["round_id"], "abandoned",
+                                     reason="the daemon stopped before the version was durable")
+                    log.warning("round_abandoned", round_id=r["round_id"], state=state)
+                    continue
+                log.warning("round_rolled_forward", round_id=r["round_id"], version=found.version)
+                if (registry.latest_version(self.registry_dir, r["model"]) or 0) < found.version:
+                    registry.set_latest(self.registry_dir, r["model"], found.version)
+                self._commit(r["round_id"], r["model"], found, [AppliedReceipt.from_draft(d) for d in r["drafts"]])
+                if rt is not None:
+                    rt.reload()
+
+    def _find_version(self, model: str, round_id: str) -> registry.VersionInfo | None:
+        for v in reversed(registry.list_versions(self.registry_dir, model)):
+            try:
+                manifest = registry.read_manifest(self.registry_dir, model, v)
+            except registry.RegistryError:
+                continue
+            if manifest.get("round_id") == round_id:
+                return registry.verify_version(self.registry_dir, model, v)
+        return None
+
+    def check_consistency(self, runtimes: Mapping[str, ModelRuntime]) -> None:
+        """Refuse to start when the registry and the ledger disagree (a wrong state.dir, a registry restored)."""
+        for name, rt in runtimes.items():
+            manifest = rt.live.info.manifest if rt.live else {}
+            round_id = manifest.get("round_id")
+            state = self.ledger.round_state(round_id) if round_id else None
+            if round_id and state not in ("committed", None):
+                raise StartupError(f"model {name!r}: LATEST (version {rt.version}) comes from round {round_id}, "
+                                   f"which the ledger records as {state}")
+            if round_id and state is None and round_id.startswith("r-"):
+                raise StartupError(f"model {name!r}: LATEST (version {rt.version}) comes from round {round_id}, "
+                                   f"unknown to the ledger at {self.ledger.path}: is state.dir the one this "
+                                   f"registry was written with?")
+            last = self.ledger.last_committed_version(name)
+            highest = max(registry.list_versions(self.registry_dir, name), default=0)
+            if last is not None and highest < last:
+                raise StartupError(f"model {name!r}: the ledger recorded version {last}, but the registry's "
+                                   f"highest is {highest}: the registry at {self.registry_dir} lost versions")

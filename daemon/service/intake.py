@@ -1,0 +1,189 @@
+"""Intake: one poll's messages decided in one ledger transaction (accepted, rejected, or duplicate).
+
+The checks that need no ledger (and no pixels) run first, in :func:`check_request`; the ledger is then
+read in bulk and every message's effect recorded with the receipts and DLQ copies it causes, all in
+one transaction. A replay is recognised before any image is decoded (cheap: the intake must keep up
+with floods); accepted requests get their labels (:func:`fill_labels`) and wait in the batcher, their
+offsets held until their round decides them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import structlog
+import torch
+from kafka import TopicPartition
+
+from daemon.engine.kinds import get_kind
+from daemon.service.batcher import Batcher
+from daemon.service.codec import (
+    CheckedRequest,
+    DecodedRequest,
+    Limits,
+    ModelSpec,
+    Rejection,
+    check_request,
+    decode_inputs,
+)
+from daemon.service.failpoints import failpoint
+from daemon.service.ledger import Ledger, LedgerTransaction
+from daemon.service.metrics import DaemonMetrics
+from daemon.service.offsets import OffsetBook
+from daemon.service.pending import PendingRequest
+from daemon.service.receipts import DuplicateReceipt, ReceiptChain, RejectedReceipt
+
+__all__ = ["Intake", "fill_labels", "fingerprint"]
+
+log = structlog.get_logger("unlearnd.daemon")
+
+Predict = Callable[[torch.Tensor], list[int]]
+_Effect = tuple[str, str, str]      # (kind, receipt status or '', dlq reason or '')
+_NOTHING: _Effect = ("", "", "")
+
+
+def fingerprint(record: Any) -> str:
+    """Tells a redelivery (same timestamp, key and value) from a new message at a reused offset."""
+    h = hashlib.sha256()
+    h.update(str(record.timestamp).encode())
+    h.update(b"\0" + (record.key or b"") + b"\0" + (record.value or b""))
+    return h.hexdigest()[:32]
+
+
+def fill_labels(decoded: DecodedRequest, predict: Predict) -> tuple[list[int], list[int] | None]:
+    """The labels a round uses (the request's, else what the kind puts in their place) and the targets.
+
+    The kind decides how a missing label is filled (``forget_class``: the class; the others: the published
+    model's prediction, asked only for the instances without one). Raises :class:`Rejection` when a target
+    equals the label that stands in for a missing one.
+    """
+    kind = get_kind(decoded.kind)
+    labels = kind.fill_labels([inst.label for inst in decoded.instances], decoded.forget_class,
+                              lambda missing: predict(torch.stack([decoded.instances[i].x for i in missing])))
+    targets = None
+    if kind.names_targets:
+        targets = [inst.target for inst in decoded.instances]
+        for i, (lab, tgt) in enumerate(zip(labels, targets, strict=True)):
+            if lab == tgt:
+                raise Rejection("target_equals_label",
+                                f"instances[{i}].target equals the model's current prediction, which stands "
+                                f"in for the missing label", decoded.request_id, decoded.model, decoded.kind)
+    return labels, targets
+
+
+class Intake:
+    """Decides the messages of each poll; accepted requests go to the batcher, their offsets held in the book."""
+
+    def __init__(self, ledger: Ledger, *, specs: Mapping[str, ModelSpec], predictors: Mapping[str, Predict],
+                 limits: Limits, batcher: Batcher, offsets: OffsetBook, receipts: ReceiptChain, dlq_topic: str,
+                 metrics: DaemonMetrics, log_each: bool = False) -> None:
+        self.ledger = ledger
+        self.specs = specs
+        self.predictors = predictors
+        self.limits = limits
+        self.batcher = batcher
+        self.offsets = offsets
+        self.receipts = receipts
+        self.dlq_topic = dlq_topic
+        self.metrics = metrics
+        # one log line per rejected or duplicate message only at debug: a flood must not be rendered line by line
+        self.log_each = log_each
+
+    def process(self, records: Sequence[Any]) -> bool:
+        """Decide one poll's records (kafka-python ``ConsumerRecord``-like); True when receipts were queued."""
+        self.metrics.intake.inc(len(records))
+        # byte-identical messages of one poll (a replay flood) are checked once: check_request is a pure function
+        # of the bytes
+        checks: dict[tuple[bytes | None, bytes | None], CheckedRequest | Rejection] = {}
+        outcomes = []
+        for rec in records:
+            k = (rec.key, rec.value)
+            got = checks.get(k)
+            if got is None:
+                try:
+                    got = check_request(rec.value, rec.key, self.specs, self.limits)
+                except Rejection as rej:
+                    got = rej
+                checks[k] = got
+            outcomes.append(got)
+        with self.ledger.transaction() as tx:
+            tx.load([(rec.topic, rec.partition, rec.offset) for rec in records],
+                    [c.request_id for c in checks.values() if c.request_id is not None])
+            now = time.time()
+            effects = Counter(self._handle(tx, rec, checked, now) for rec, checked in zip(records, outcomes,
+                                                                                          strict=True))
+        failpoint("after_reject_batch")
+        return self._count(effects, len(records))
+
+    def _count(self, effects: Counter[_Effect], messages: int) -> bool:
+        by_status: Counter[str] = Counter()
+        for (kind, status, reason), n in effects.items():
+            if status:
+                self.metrics.requests.labels(kind=kind, status=status).inc(n)
+                by_status[status] += n
+            if reason:
+                self.metrics.dlq.labels(reason=reason).inc(n)
+                by_status["dlq"] += n
+        if by_status:       # one line per poll, not per message (those are at debug)
+            log.info("intake_batch", messages=messages, **by_status)
+        return any(status for _, status, _ in effects)
+
+    def _handle(self, tx: LedgerTransaction, rec: Any, checked: CheckedRequest | Rejection, now: float) -> _Effect:
+        """Record one message's effect."""
+        tp = TopicPartition(rec.topic, rec.partition)
+        self.offsets.read(tp, rec.offset)
+        fp = fingerprint(rec)
+        seen = tx.delivery(rec.topic, rec.partition, rec.offset)
+        redelivered = seen is not None and seen.fingerprint == fp
+        if redelivered:
+            if seen.effect != "accepted" or seen.request_status != "accepted":
+                return _NOTHING                   # already decided before a restart: nothing to redo
+            if self.batcher.is_waiting(seen.request_id):
+                return _NOTHING
+        if isinstance(checked, Rejection):
+            return self._reject(tx, rec, fp, checked, now)
+        existing = tx.request(checked.request_id)
+        if existing is not None and not redelivered:
+            self.receipts.append(tx, DuplicateReceipt.of(request_id=checked.request_id, model=checked.model,
+                                                         kind=checked.kind, original=existing, received_at=now))
+            tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, checked.request_id, "duplicate")
+            if self.log_each:
+                log.debug("request_duplicate", request_id=checked.request_id, original_status=existing["status"])
+            return checked.kind, "duplicate", ""
+        try:
+            decoded = decode_inputs(checked)
+            labels, targets = fill_labels(decoded, self.predictors[decoded.model])
+        except Rejection as rej:
+            return self._reject(tx, rec, fp, rej, now)
+        received_at = float(existing["received_at"]) if existing is not None else now
+        tx.accept(decoded.request_id, decoded.model, decoded.kind, len(decoded.instances), now)
+        tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, decoded.request_id, "accepted")
+        self.batcher.add(PendingRequest(decoded=decoded, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                                        received_at=received_at, labels=labels, targets=targets), time.monotonic())
+        self.offsets.hold(tp, rec.offset)
+        log.info("request_accepted", request_id=decoded.request_id, model=decoded.model, kind=decoded.kind,
+                 instances=len(decoded.instances))
+        return _NOTHING
+
+    def _reject(self, tx: LedgerTransaction, rec: Any, fp: str, rej: Rejection, now: float) -> _Effect:
+        headers = [("error.reason", rej.reason.encode()), ("error.detail", rej.detail.encode()),
+                   ("source.topic", rec.topic.encode()), ("source.partition", str(rec.partition).encode()),
+                   ("source.offset", str(rec.offset).encode())]
+        tx.enqueue(self.dlq_topic, rec.key, rec.value if rec.value is not None else b"", headers)
+        status = ""
+        if rej.request_id is not None:
+            if tx.request(rej.request_id) is None:
+                tx.finish(rej.request_id, "rejected", model=rej.model, kind=rej.kind, reason=rej.reason,
+                          received_at=now)
+            self.receipts.append(tx, RejectedReceipt(request_id=rej.request_id, model=rej.model, kind=rej.kind,
+                                                     reason=rej.reason, detail=rej.detail, received_at=now))
+            status = "rejected"
+        tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, rej.request_id, "rejected")
+        if self.log_each:
+            log.debug("request_rejected", request_id=rej.request_id, reason=rej.reason, detail=rej.detail,
+                      partition=rec.partition, offset=rec.offset)
+        return rej.kind or "unknown", status, rej.reason

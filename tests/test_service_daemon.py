@@ -1,0 +1,110 @@
+"""The daemon's wiring and lifecycle with stand-in Kafka clients: a real ledger, model, registry and round."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import namedtuple
+
+from kafka import TopicPartition
+
+from daemon import registry
+from daemon.service.config import load_config
+from daemon.service.daemon import build_daemon
+from tests.service_harness import copy_registry, request
+
+Record = namedtuple("Record", "topic partition offset key value timestamp")
+TP = TopicPartition("unlearn.requests", 0)
+
+
+class _Consumer:
+    """Hands out its records in one poll, then nothing; records what the daemon commits, pauses and closes."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.queue, self.commits, self.paused_, self.closed = list(records), [], set(), False
+
+    def subscribe(self, topics, listener):  # noqa: ANN001, ANN201
+        self.topics = topics
+
+    def poll(self, timeout_ms: int) -> dict:
+        if self.queue:
+            records, self.queue = self.queue, []
+            return {TP: records}
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+    def assignment(self) -> set:
+        return {TP}
+
+    def pause(self, *tps) -> None:  # noqa: ANN002
+        self.paused_.update(tps)
+
+    def paused(self) -> set:
+        return set(self.paused_)
+
+    def resume(self, *tps) -> None:  # noqa: ANN002
+        self.paused_ -= set(tps)
+
+    def commit(self, offsets: dict) -> None:
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+    def highwater(self, tp) -> None:  # noqa: ANN001
+        return None
+
+    def close(self, autocommit: bool) -> None:
+        self.closed = True
+
+
+class _Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send(self, topic, key=None, value=None, headers=None):  # noqa: ANN001, ANN201
+        self.sent.append((topic, value))
+        return type("Acked", (), {"get": lambda self, timeout: None})()
+
+    def flush(self, timeout: float) -> None:
+        pass
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+def _until(predicate, timeout: float = 120.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_request_is_applied_its_replay_answered_and_offsets_committed_past_both_then_a_clean_stop(
+        tmp_path, mnist_registry):
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    config = load_config(None, env={"UNLEARND_REGISTRY_DIR": str(reg), "UNLEARND_STATE_DIR": str(tmp_path / "state"),
+                                    "UNLEARND_KAFKA_CREATE_TOPICS": "false", "UNLEARND_METRICS_PORT": "0",
+                                    "UNLEARND_ROUNDS_MAX_WAIT_S": "0", "UNLEARND_ROUNDS_THREADS": "1",
+                                    "UNLEARND_ROUNDS_RETENTION_MAX_DROP": "0.5",
+                                    "UNLEARND_MODELS_0_PROBE": "mnist-test:0-199"})
+    body = json.dumps(request("a", refs=["mnist-train:7"])).encode()
+    consumer = _Consumer([Record(TP.topic, 0, 0, b"mnist-cnn", body, 1), Record(TP.topic, 0, 1, b"mnist-cnn", body, 2)])
+    producer, stop = _Producer(), threading.Event()
+    daemon = build_daemon(config, stop=stop, consumer_factory=lambda: consumer, producer_factory=lambda: producer)
+    daemon.start()
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(daemon.run()))
+    loop.start()
+    try:
+        _until(lambda: sum(topic == "unlearn.receipts" for topic, _ in producer.sent) == 2
+               and any(topic == "unlearn.models" for topic, _ in producer.sent))
+        _until(lambda: consumer.commits and consumer.commits[-1] == {TP: 2})
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+    assert result == [0] and consumer.closed and not consumer.paused_
+    receipts = [json.loads(v) for topic, v in producer.sent if topic == "unlearn.receipts"]
+    assert [(r["request_id"], r["status"]) for r in receipts] == [("a", "duplicate"), ("a", "applied")]
+    assert receipts[1]["model_version"] == 2 == registry.latest_version(reg, "mnist-cnn")
+    assert daemon.metrics.registry.get_sample_value("unlearnd_rounds_total", {"outcome": "applied"}) == 1
+    assert daemon.metrics.registry.get_sample_value("unlearnd_model_version", {"model": "mnist-cnn"}) == 2
+    daemon.shutdown()                                        # idempotent: run() already shut it down

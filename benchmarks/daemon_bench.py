@@ -1,7 +1,7 @@
 """The daemon benchmark (issue 5): time to forget, intake of bad/duplicate floods, resident memory.
 
 Runs the real daemon (``python -m daemon.cli run``) against the embedded Tansu broker, through the
-test harness (tests/service_harness.py), on a real MNIST model (pretrained once, 6 epochs, cached under
+test harness (tests/pipeline_harness.py), on a real MNIST model (pretrained once, 6 epochs, cached under
 var/bench-cache/daemon-registry). Three phases:
 
 1. forget: 32 single-instance forget requests published at once to a daemon with the default
@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.service_harness import (  # noqa: E402
+from tests.pipeline_harness import (  # noqa: E402
     Broker,
     DaemonProcess,
     copy_registry,
@@ -630,7 +630,7 @@ def report(result: dict[str, Any]) -> str:
         f"(`unlearnd pretrain`, cached in `var/bench-cache/daemon-registry`), copied into a fresh registry per "
         f"phase.",
         "- Broker: the embedded Tansu broker (in-memory) on 127.0.0.1, a fresh one per phase group; daemon: "
-        "`python -m daemon.cli run --config ...` as a subprocess (tests/service_harness.py's DaemonProcess), "
+        "`python -m daemon.cli run --config ...` as a subprocess (tests/pipeline_harness.py's DaemonProcess), "
         "JSON logs to a file.",
         f"- Daemon configuration: the file sets only bootstrap, state dir, registry dir and metrics port "
         f"(plus the gate in the supplementary runs); the rest are the embedded defaults: [rounds] max_instances "
@@ -762,7 +762,7 @@ def main() -> int:
         plot(result, out / "daemon_rss.png")
         (out / "daemon.md").write_text(report(result))
         return 0
-    from daemon.service.config import Config
+    from daemon.pipeline.config import Config
 
     defaults = Config()
     threads_env = str(os.cpu_count() or 1)

@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The serving and daemon layers register their own commands (one module each, kept out of here).
     from daemon.serving import cli as serving_cli
-    from daemon.service import cli as service_cli
+    from daemon.pipeline import cli as service_cli
     serving_cli.add_commands(sub)
     service_cli.add_commands(sub)
     return p

@@ -27,7 +27,7 @@ def mnist_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def broker():
     """A real Kafka-protocol broker (Tansu, in memory) on a free port of 127.0.0.1, for one test."""
-    from tests.service_harness import Broker
+    from tests.pipeline_harness import Broker
 
     b = Broker().start()
     yield b

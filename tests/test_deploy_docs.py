@@ -15,7 +15,7 @@ if __name__ == "__main__":    # `python tests/test_deploy_docs.py`: make the pro
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import main
-from daemon.service.config import reference_rows
+from daemon.pipeline.config import reference_rows
 from tests.test_deploy_promql import ROOT
 
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -32,7 +32,7 @@ defaults, and `unlearnd config check --config FILE` validates one (exit 2 names 
   is the first model's `probe`.
 - Unknown sections and keys are refused at start-up, with the key named.
 
-The table is generated from the schema in `daemon/service/config.py` by `unlearnd config reference`, so it
+The table is generated from the schema in `daemon/pipeline/config.py` by `unlearnd config reference`, so it
 cannot drift from the code: `tests/test_deploy_docs.py` regenerates it and fails when this file differs.
 Regenerate it with `.venv/bin/python tests/test_deploy_docs.py`.
 

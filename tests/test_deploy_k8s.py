@@ -18,7 +18,7 @@ if __name__ == "__main__":    # `python tests/test_deploy_k8s.py`: make the proj
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import build_parser
-from daemon.service.config import load_config, reference_rows
+from daemon.pipeline.config import load_config, reference_rows
 from tests.test_deploy_promql import DEPLOY, RULES
 
 K8S = DEPLOY / "k8s"
@@ -189,7 +189,7 @@ def test_servers_have_health_probes_and_serve_a_model_the_daemon_owns(docs):
     assert svc["metadata"]["labels"]["unlearnd.io/model"] == args.model
 
 
-def test_service_monitors_find_the_services_under_the_job_names_the_rules_use(docs):
+def test_pipeline_monitors_find_the_services_under_the_job_names_the_rules_use(docs):
     services = [d for d in docs if d["kind"] == "Service"]
     rule_jobs = set(re.findall(r'job="([^"]+)"', RULES.read_text()))
     jobs = set()

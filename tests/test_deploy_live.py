@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.service_harness import (
+from tests.pipeline_harness import (
     Broker,
     DaemonProcess,
     copy_registry,

@@ -141,7 +141,7 @@ def rule_queries() -> list[tuple[str, str]]:
 
 def exported_metric_names() -> set[str]:
     """The sample names the daemon and the server export, read from their metric definitions."""
-    from daemon.service.metrics import DaemonMetrics
+    from daemon.pipeline.metrics import DaemonMetrics
     from daemon.serving.metrics import ServeMetrics
 
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count",

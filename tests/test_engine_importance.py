@@ -12,8 +12,8 @@ from daemon.engine.importance import (
     ACCUMULATIONS,
     ImportanceRegulariser,
     accumulate,
-    importance_density,
     anchor_weights,
+    importance_density,
     mas_importance,
 )
 from tests.engine_fixtures import forget_set, tiny_model

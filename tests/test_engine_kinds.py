@@ -22,7 +22,7 @@ from daemon.engine.kinds import KINDS, ForgetClass, Kind, get_kind
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import OUTCOMES
 from daemon.errors import UsageError
-from daemon.service.codec import CheckedRequest, ModelSpec, Rejection, check_request
+from daemon.pipeline.codec import CheckedRequest, ModelSpec, Rejection, check_request
 
 NAMES = list(KINDS)
 NUM_CLASSES = 4
@@ -260,7 +260,7 @@ def test_the_codec_wants_targets_exactly_from_a_kind_that_names_them(name: str) 
 
 def _publish(*argv: str) -> list[dict[str, Any]]:
     from daemon.cli import build_parser
-    from daemon.service.cli import _requests_from_args
+    from daemon.pipeline.cli import _requests_from_args
 
     args = build_parser().parse_args(["publish", "--model", "m", *argv])
     return [json.loads(value) for _, value in _requests_from_args(args)]

@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from daemon.service.config import KafkaSection
+from daemon.pipeline.config import KafkaSection
 
 __all__ = ["ensure_topics", "make_consumer", "make_producer"]
 

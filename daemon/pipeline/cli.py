@@ -22,7 +22,7 @@ def _usage(message: str) -> Exception:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
-    from daemon.service.config import ConfigError, load_config
+    from daemon.pipeline.config import ConfigError, load_config
 
     try:
         return load_config(args.config)
@@ -35,8 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import threading
 
     from daemon.logs import configure_logging
-    from daemon.service.daemon import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
-    from daemon.service.runtime import RuntimeError_
+    from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
+    from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     import signal
 
-    from daemon.service.broker import BrokerError, start_broker
+    from daemon.pipeline.broker import BrokerError, start_broker
 
     try:
         proc = start_broker(args.port, args.host)
@@ -84,7 +84,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 # -- config -------------------------------------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
-    from daemon.service.config import example_toml, reference_rows
+    from daemon.pipeline.config import example_toml, reference_rows
 
     if args.action == "example":
         sys.stdout.write(example_toml())
@@ -240,7 +240,7 @@ def _receipt_line(r: dict[str, Any]) -> str:
 
 # -- audit --------------------------------------------------------------------------------------------
 def cmd_audit(args: argparse.Namespace) -> int:
-    from daemon.service.ledger import Ledger, LedgerError
+    from daemon.pipeline.ledger import Ledger, LedgerError
 
     state = Path(args.state_dir) if args.state_dir else Path(_load(args).state.dir)
     path = state / "ledger.sqlite"
@@ -263,7 +263,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from daemon.service.quickstart import run_quickstart
+    from daemon.pipeline.quickstart import run_quickstart
 
     return run_quickstart(Path(args.dir), broker_port=args.broker_port, serve_port=args.serve_port)
 
@@ -271,7 +271,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
     from daemon.engine.kinds import KINDS, ForgetInstances
-    from daemon.service.broker import DEFAULT_PORT
+    from daemon.pipeline.broker import DEFAULT_PORT
 
     bootstrap = f"127.0.0.1:{DEFAULT_PORT}"
     sp = sub.add_parser("run", help="run the daemon (Kafka requests in, unlearned versions out)")

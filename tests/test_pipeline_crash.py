@@ -9,9 +9,9 @@ import time
 import pytest
 
 from daemon import registry
-from daemon.service.failpoints import POINTS
-from daemon.service.ledger import Ledger
-from tests.service_harness import (
+from daemon.pipeline.failpoints import POINTS
+from daemon.pipeline.ledger import Ledger
+from tests.pipeline_harness import (
     DaemonProcess,
     copy_registry,
     outcome_receipts,
@@ -49,7 +49,7 @@ def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_
     produce_requests(broker.bootstrap, bodies + replays)
 
     rng = random.Random(7)
-    # every round here succeeds: the split point has a test of its own (test_service_lifecycle)
+    # every round here succeeds: the split point has a test of its own (test_pipeline_lifecycle)
     kill_points: list[tuple[str, float]] = [(p, 0.0) for p in POINTS if p != "after_round_split"]
     kill_points += [("random", rng.uniform(1.0, 8.0)) for _ in range(4)]
     log = tmp_path / "daemon.log"

@@ -8,9 +8,9 @@ import sqlite3
 
 import pytest
 
-from daemon.service.config import ConfigError, example_toml, load_config, parse_probe, reference_rows
-from daemon.service.ledger import GENESIS_HASH, Ledger, LedgerError, chain_hash
-from daemon.service.receipts import AppliedReceipt, DuplicateReceipt, RejectedReceipt, instance_outcomes
+from daemon.pipeline.config import ConfigError, example_toml, load_config, parse_probe, reference_rows
+from daemon.pipeline.ledger import GENESIS_HASH, Ledger, LedgerError, chain_hash
+from daemon.pipeline.receipts import AppliedReceipt, DuplicateReceipt, RejectedReceipt, instance_outcomes
 
 
 # -- configuration -------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def test_rounds_run_on_a_thread_with_the_configured_cpu_policy_and_torch_workers
     import torch
 
     from daemon.cpu_policy import thread_policy
-    from daemon.service.daemon import round_executor
+    from daemon.pipeline.lifecycle import round_executor
 
     config = load_config(None, env={"UNLEARND_ROUNDS_CPU_POLICY": policy, "UNLEARND_METRICS_PORT": "0"})
     executor = round_executor(config.rounds.cpu_policy)
@@ -282,7 +282,7 @@ def test_applied_receipt_completes_the_draft_and_holds_no_clear_id():
 
 
 def test_the_quickstart_daemon_yields_the_cpu_to_the_server_beside_it(tmp_path):
-    from daemon.service.quickstart import _config
+    from daemon.pipeline.quickstart import _config
 
     config = load_config(_config(tmp_path, 19999, 8001), env={})
     assert config.rounds.cpu_policy == "idle"

@@ -10,9 +10,9 @@ from collections import namedtuple
 from kafka import TopicPartition
 
 from daemon import registry
-from daemon.service.config import load_config
-from daemon.service.daemon import build_daemon
-from tests.service_harness import copy_registry, request
+from daemon.pipeline.config import load_config
+from daemon.pipeline.lifecycle import build_daemon
+from tests.pipeline_harness import copy_registry, request
 
 Record = namedtuple("Record", "topic partition offset key value timestamp")
 TP = TopicPartition("unlearn.requests", 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daemon.service.codec import DecodedRequest
+from daemon.pipeline.codec import DecodedRequest
 
 __all__ = ["PendingRequest"]
 

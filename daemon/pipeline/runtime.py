@@ -27,10 +27,10 @@ from daemon.engine.importance import importance_density
 from daemon.engine.kinds import get_kind
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import RoundResult
-from daemon.service.codec import ModelSpec
-from daemon.service.config import ModelSection, RoundsSection, parse_probe
-from daemon.service.pending import PendingRequest
-from daemon.service.receipts import RoundMetrics
+from daemon.pipeline.codec import ModelSpec
+from daemon.pipeline.config import ModelSection, RoundsSection, parse_probe
+from daemon.pipeline.pending import PendingRequest
+from daemon.pipeline.receipts import RoundMetrics
 
 __all__ = ["Candidate", "ModelRuntime", "RuntimeError_"]
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from daemon import registry
-from daemon.service import commit as commit_module
-from daemon.service.codec import Limits, check_request, decode_inputs
-from daemon.service.commit import MODEL_EVENT_SCHEMA, RoundCommitter
-from daemon.service.config import ModelSection, RoundsSection
-from daemon.service.intake import fill_labels
-from daemon.service.ledger import Ledger
-from daemon.service.pending import PendingRequest
-from daemon.service.receipts import ReceiptChain, RoundMetrics
-from daemon.service.runtime import ModelRuntime
-from tests.service_harness import copy_registry, request
+from daemon.pipeline import commit as commit_module
+from daemon.pipeline.codec import Limits, check_request, decode_inputs
+from daemon.pipeline.commit import MODEL_EVENT_SCHEMA, RoundCommitter
+from daemon.pipeline.config import ModelSection, RoundsSection
+from daemon.pipeline.intake import fill_labels
+from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.pending import PendingRequest
+from daemon.pipeline.receipts import ReceiptChain, RoundMetrics
+from daemon.pipeline.runtime import ModelRuntime
+from tests.pipeline_harness import copy_registry, request
 
 MODEL = "mnist-cnn"
 

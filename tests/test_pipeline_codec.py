@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from daemon.data.inline import encode_npy, encode_png
-from daemon.service import codec
-from daemon.service.codec import (
+from daemon.pipeline import codec
+from daemon.pipeline.codec import (
     REASONS,
     Limits,
     ModelSpec,

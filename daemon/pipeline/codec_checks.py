@@ -1,13 +1,13 @@
 """The codec's per-instance checks, and how a rejection's detail quotes what it saw.
 
-:func:`daemon.service.codec.check_request` checks a message's envelope, then hands each instance to
+:func:`daemon.pipeline.codec.check_request` checks a message's envelope, then hands each instance to
 :func:`check_instance`, in order: object, ``id``, duplicate id, ``ref``/``data``, ``label``,
 ``target``, the class, the ref, the ``data`` object. What the request's kind requires of an instance
 (a ``target``, a label that is the request's class) is read from the kind
 (:class:`daemon.engine.kinds.Kind`), never from its name.
 
 A failed check raises :class:`CheckFailed` (``reason``, ``detail``); the codec turns it into a
-:class:`~daemon.service.codec.Rejection` with the request's context. A detail names the field path
+:class:`~daemon.pipeline.codec.Rejection` with the request's context. A detail names the field path
 (``instances[3].label``) and never holds raw input data or an instance id in clear: :func:`quote`
 quotes only short printable name-like strings, :func:`json_type` names a value by its JSON type.
 """
@@ -24,7 +24,7 @@ from daemon.data.sources import RefError, parse_ref
 from daemon.engine.kinds import KINDS, Kind
 
 if TYPE_CHECKING:
-    from daemon.service.codec import ModelSpec
+    from daemon.pipeline.codec import ModelSpec
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",

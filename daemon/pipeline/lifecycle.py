@@ -1,9 +1,9 @@
 """The daemon: Kafka requests in, crash-safe unlearning rounds, receipts and metrics out.
 
 One main thread owns the Kafka consumer (kafka-python's consumer is not thread-safe): it polls,
-decodes, records every message's effect in the ledger (:mod:`daemon.service.intake`), commits safe
-offsets (:mod:`daemon.service.offsets`), and starts rounds when the batcher says one is due
-(:mod:`daemon.service.batcher`). A round runs on a worker thread (:mod:`daemon.service.commit`, where
+decodes, records every message's effect in the ledger (:mod:`daemon.pipeline.intake`), commits safe
+offsets (:mod:`daemon.pipeline.offsets`), and starts rounds when the batcher says one is due
+(:mod:`daemon.pipeline.batcher`). A round runs on a worker thread (:mod:`daemon.pipeline.commit`, where
 the commit order is explained) while the main thread keeps polling with the partitions paused, so a
 long round never makes the daemon leave its group.
 
@@ -28,19 +28,19 @@ from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from daemon.cpu_policy import set_thread_policy
-from daemon.service.batcher import Batcher
-from daemon.service.codec import Limits
-from daemon.service.commit import RoundCommitter, RoundOutcome, StartupError
-from daemon.service.config import Config
-from daemon.service.intake import Intake
-from daemon.service.kafka_io import ensure_topics, make_consumer
-from daemon.service.ledger import Ledger
-from daemon.service.metrics import DaemonMetrics
-from daemon.service.offsets import OffsetBook
-from daemon.service.outbox import OutboxPublisher, kafka_producer_factory
-from daemon.service.pending import PendingRequest
-from daemon.service.receipts import ReceiptChain
-from daemon.service.runtime import ModelRuntime
+from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.codec import Limits
+from daemon.pipeline.commit import RoundCommitter, RoundOutcome, StartupError
+from daemon.pipeline.config import Config
+from daemon.pipeline.intake import Intake
+from daemon.pipeline.kafka_io import ensure_topics, make_consumer
+from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.metrics import DaemonMetrics
+from daemon.pipeline.offsets import OffsetBook
+from daemon.pipeline.outbox import OutboxPublisher, kafka_producer_factory
+from daemon.pipeline.pending import PendingRequest
+from daemon.pipeline.receipts import ReceiptChain
+from daemon.pipeline.runtime import ModelRuntime
 
 __all__ = ["BrokerUnavailable", "Daemon", "StartupError", "build_daemon", "install_signal_handlers",
            "round_executor"]
@@ -80,7 +80,7 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     """Open the ledger and the models (training a first version where allowed), and wire the daemon's parts.
 
     The Kafka clients are made later, by the factories (kafka-python's by default): nothing here reaches the
-    broker. Raises :class:`~daemon.service.runtime.RuntimeError_` when a model cannot be loaded.
+    broker. Raises :class:`~daemon.pipeline.runtime.RuntimeError_` when a model cannot be loaded.
     """
     if config.rounds.threads:
         torch.set_num_threads(config.rounds.threads)

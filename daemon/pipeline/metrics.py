@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from daemon.service.receipts import RoundMetrics
+from daemon.pipeline.receipts import RoundMetrics
 
 __all__ = ["DaemonMetrics"]
 

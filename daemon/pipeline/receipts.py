@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:       # the ledger imports the codec, which imports RECEIPT_SCHEMA from here
-    from daemon.service.ledger import LedgerTransaction
+    from daemon.pipeline.ledger import LedgerTransaction
 
 __all__ = [
     "RECEIPT_SCHEMA",

@@ -16,10 +16,10 @@ from typing import Any
 import structlog
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from daemon.service.config import KafkaSection
-from daemon.service.kafka_io import make_producer
-from daemon.service.ledger import Ledger, OutboxRow
-from daemon.service.metrics import DaemonMetrics
+from daemon.pipeline.config import KafkaSection
+from daemon.pipeline.kafka_io import make_producer
+from daemon.pipeline.ledger import Ledger, OutboxRow
+from daemon.pipeline.metrics import DaemonMetrics
 
 __all__ = ["OutboxPublisher", "kafka_producer_factory"]
 

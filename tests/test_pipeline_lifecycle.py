@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from daemon import model_store, registry
-from tests.service_harness import (
+from tests.pipeline_harness import (
     ROOT,
     Broker,
     DaemonProcess,

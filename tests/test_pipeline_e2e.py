@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon import registry
 from daemon.data.inline import encode_png
 from daemon.data.mnist import load_mnist
-from daemon.service.ledger import Ledger
-from tests.service_harness import (
+from daemon.pipeline.ledger import Ledger
+from tests.pipeline_harness import (
     DaemonProcess,
     copy_registry,
     free_port,

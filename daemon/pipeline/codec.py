@@ -55,7 +55,7 @@ import torch
 from daemon.data.inline import InlineDataError, decode_inline
 from daemon.data.sources import RefError, Source, parse_ref, resolve_refs
 from daemon.engine.kinds import KINDS, Kind
-from daemon.service.codec_checks import (
+from daemon.pipeline.codec_checks import (
     MAX_INSTANCE_ID_LENGTH,
     CheckedInstance,
     CheckFailed,
@@ -68,7 +68,7 @@ from daemon.service.codec_checks import (
     quote,
     quote_bytes,
 )
-from daemon.service.receipts import RECEIPT_SCHEMA
+from daemon.pipeline.receipts import RECEIPT_SCHEMA
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",

@@ -27,18 +27,18 @@ import structlog
 
 from daemon import registry
 from daemon.engine.rounds import RoundResult
-from daemon.service.codec import canonical_json
-from daemon.service.failpoints import failpoint
-from daemon.service.ledger import Ledger
-from daemon.service.pending import PendingRequest
-from daemon.service.receipts import (
+from daemon.pipeline.codec import canonical_json
+from daemon.pipeline.failpoints import failpoint
+from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.pending import PendingRequest
+from daemon.pipeline.receipts import (
     AppliedReceipt,
     FailedReceipt,
     ReceiptChain,
     RoundMetrics,
     instance_outcomes,
 )
-from daemon.service.runtime import Candidate, ModelRuntime
+from daemon.pipeline.runtime import Candidate, ModelRuntime
 
 __all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError"]
 

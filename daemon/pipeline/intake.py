@@ -20,8 +20,8 @@ import torch
 from kafka import TopicPartition
 
 from daemon.engine.kinds import get_kind
-from daemon.service.batcher import Batcher
-from daemon.service.codec import (
+from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.codec import (
     CheckedRequest,
     DecodedRequest,
     Limits,
@@ -30,12 +30,12 @@ from daemon.service.codec import (
     check_request,
     decode_inputs,
 )
-from daemon.service.failpoints import failpoint
-from daemon.service.ledger import Ledger, LedgerTransaction
-from daemon.service.metrics import DaemonMetrics
-from daemon.service.offsets import OffsetBook
-from daemon.service.pending import PendingRequest
-from daemon.service.receipts import DuplicateReceipt, ReceiptChain, RejectedReceipt
+from daemon.pipeline.failpoints import failpoint
+from daemon.pipeline.ledger import Ledger, LedgerTransaction
+from daemon.pipeline.metrics import DaemonMetrics
+from daemon.pipeline.offsets import OffsetBook
+from daemon.pipeline.pending import PendingRequest
+from daemon.pipeline.receipts import DuplicateReceipt, ReceiptChain, RejectedReceipt
 
 __all__ = ["Intake", "fill_labels", "fingerprint"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from daemon.service.broker import start_broker
+from daemon.pipeline.broker import start_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 

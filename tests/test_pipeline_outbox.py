@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from daemon.service.ledger import Ledger
-from daemon.service.metrics import DaemonMetrics
-from daemon.service.outbox import OutboxPublisher
+from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.metrics import DaemonMetrics
+from daemon.pipeline.outbox import OutboxPublisher
 
 
 class _Future:

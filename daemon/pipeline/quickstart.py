@@ -20,8 +20,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from daemon.service.broker import DEFAULT_PORT, wait_until_listening
-from daemon.service.config import example_toml
+from daemon.pipeline.broker import DEFAULT_PORT, wait_until_listening
+from daemon.pipeline.config import example_toml
 
 __all__ = ["run_quickstart"]
 

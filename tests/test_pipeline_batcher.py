@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 from kafka import TopicPartition
 
-from daemon.service.batcher import Batcher
-from daemon.service.offsets import OffsetBook
-from daemon.service.pending import PendingRequest
+from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.offsets import OffsetBook
+from daemon.pipeline.pending import PendingRequest
 
 
 def _pending(rid: str, size: int = 1, *, kind: str = "forget", forget_class: int | None = None, model: str = "m",

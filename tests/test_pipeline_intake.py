@@ -11,14 +11,14 @@ from kafka import TopicPartition
 
 from daemon.data.mnist import load_mnist
 from daemon.data.sources import builtin_sources
-from daemon.service.batcher import Batcher
-from daemon.service.codec import Limits, ModelSpec, Rejection
-from daemon.service.intake import Intake, fill_labels
-from daemon.service.ledger import Ledger
-from daemon.service.metrics import DaemonMetrics
-from daemon.service.offsets import OffsetBook
-from daemon.service.receipts import ReceiptChain
-from tests.service_harness import request
+from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.codec import Limits, ModelSpec, Rejection
+from daemon.pipeline.intake import Intake, fill_labels
+from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.metrics import DaemonMetrics
+from daemon.pipeline.offsets import OffsetBook
+from daemon.pipeline.receipts import ReceiptChain
+from tests.pipeline_harness import request
 
 Record = namedtuple("Record", "topic partition offset key value timestamp")
 TP = TopicPartition("requests", 0)
@@ -67,7 +67,7 @@ def test_one_poll_accepts_rejects_and_recognises_duplicates_in_one_transaction(t
 
 
 def test_labels_come_from_the_request_the_class_or_the_model_and_relabel_needs_a_new_label(spec):
-    from daemon.service.codec import check_request, decode_inputs
+    from daemon.pipeline.codec import check_request, decode_inputs
 
     def decoded(body: dict):
         return decode_inputs(check_request(json.dumps(body).encode(), b"mnist-cnn", {spec.name: spec}, Limits()))

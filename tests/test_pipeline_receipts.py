@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from daemon.service.codec import canonical_json
-from daemon.service.receipts import (
+from daemon.pipeline.codec import canonical_json
+from daemon.pipeline.receipts import (
     AppliedReceipt,
     DuplicateReceipt,
     FailedReceipt,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from kafka import TopicPartition
 
-from daemon.service.pending import PendingRequest
+from daemon.pipeline.pending import PendingRequest
 
 __all__ = ["Batcher"]
 

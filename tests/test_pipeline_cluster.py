@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.service_harness import (
+from tests.pipeline_harness import (
     Broker,
     DaemonProcess,
     copy_registry,

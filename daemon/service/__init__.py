@@ -1,1 +1,0 @@
-"""The daemon: Kafka intake, crash-safe rounds, the ledger, receipts, audit trail and metrics."""

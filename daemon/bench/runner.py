@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from daemon.bench.evaluation import ROW_FIELDS, EvalContext, drift_report, evaluate_model
 from daemon.data.splits import DatasetSplits
@@ -29,6 +30,7 @@ from daemon.engine.kinds import ForgetInstances, get_kind
 from daemon.engine.methods import get_method
 from daemon.engine.models import build_model
 from daemon.engine.requests import ForgetRequest
+from daemon.engine.rounds import RoundResult
 from daemon.engine.session import DEFAULT_ACCUMULATION, DEFAULT_MEMORY_COPIES, DEFAULT_MEMORY_ENERGY, UnlearningSession
 from daemon.engine.training import TrainConfig, train_classifier
 from daemon.errors import UsageError
@@ -216,133 +218,155 @@ def make_request(kind: str, splits: DatasetSplits, idx: torch.Tensor, seed: int,
 def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, out: Path, device: str = "cpu",
                   resume: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Run ``plan`` against the pre-trained ``base_state``; returns the results file."""
-    if log is None:
-        def log(line: str) -> None:
-            print(line, flush=True)
     for m in plan.methods:
         get_method(m)
     for p in plan.presets:
         if p not in PRESETS:
             raise ValueError(f"unknown preset {p!r}")
-    base = _fresh(plan.arch, splits, base_state, device)
-    acc_original = accuracy(base, splits.test_x, splits.test_y)
-    ctx = EvalContext(splits.train_x, splits.train_y, splits.test_x, splits.test_y, acc_original)
-    test_pred0 = predict(base, splits.test_x)
-    track = (splits.test_x[-plan.track_size:], splits.test_y[-plan.track_size:])
-    overrides = dict(plan.overrides)
-    if overrides.get("stop") == "calibrated" and "stop_level" not in overrides:
-        # the issue's calibration: forgotten instances classified as well as unseen data, no better and no worse
-        if acc_original >= 1.0:
-            raise UsageError("stop=calibrated: the model classifies every test example correctly, so the calibrated "
-                             "level (its test accuracy) would end every round before its first step; set stop_level")
-        overrides["stop_level"] = acc_original
-    settings = {
+    run = _Run(plan, splits, base_state, out=out, device=device, resume=resume, log=log or _print)
+    run.single_rounds()
+    run.class_rounds()
+    if plan.continual:
+        run.continual(*plan.continual)
+    return run.results.path
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _calibrated(overrides: dict[str, Any], acc_original: float) -> dict[str, Any]:
+    """``stop=calibrated`` without a level stops at the model's test accuracy (the issue's calibration:
+    forgotten instances classified as well as unseen data, no better and no worse)."""
+    if overrides.get("stop") != "calibrated" or "stop_level" in overrides:
+        return overrides
+    if acc_original >= 1.0:
+        raise UsageError("stop=calibrated: the model classifies every test example correctly, so the calibrated "
+                         "level (its test accuracy) would end every round before its first step; set stop_level")
+    return {**overrides, "stop_level": acc_original}
+
+
+def _settings(plan: BenchPlan, ctx: EvalContext, overrides: dict[str, Any]) -> dict[str, Any]:
+    """What the results file records about how its rows were made."""
+    return {
         "dataset": plan.dataset, "arch": plan.arch, "methods": list(plan.methods), "k": list(plan.ks),
         "seeds": list(plan.seeds), "kinds": list(plan.kinds), "presets": {p: PRESETS[p].to_dict() for p in plan.presets},
         "method_settings": {p: method_settings(p) for p in plan.presets},
         "overrides": overrides, "continual": list(plan.continual) if plan.continual else None,
         "accumulations": list(plan.accumulations), "default_accumulation": DEFAULT_ACCUMULATION,
         "memory": {"energy": DEFAULT_MEMORY_ENERGY, "copies": DEFAULT_MEMORY_COPIES},
-        "pretrain": plan.train.__dict__, "acc_test_original": acc_original,
+        "pretrain": plan.train.__dict__, "acc_test_original": ctx.acc_test_original,
         "track": {"set": f"last {plan.track_size} test images", "every_steps": plan.track_every},
         "forget_classes": list(plan.forget_classes), "forget_class_examples": plan.forget_class_examples,
         "mia": f"loss AUC of forget instances vs the first {ctx.mia_holdout} test images",
     }
-    results = _Results(out, plan.dataset, machine_info(device), settings, resume)
-    results.flush()
 
-    def config_for(preset_name: str, method: str, kind: str) -> UnlearnConfig:
+
+class _Run:
+    """One benchmark run: the plan's protocols against one pre-trained model, each row recorded as it ends."""
+
+    def __init__(self, plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, out: Path, device: str,
+                 resume: bool, log: Callable[[str], None]) -> None:
+        self.plan, self.splits, self.base_state, self.device, self.log = plan, splits, base_state, device, log
+        base = self.fresh()
+        acc_original = accuracy(base, splits.test_x, splits.test_y)
+        self.ctx = EvalContext(splits.train_x, splits.train_y, splits.test_x, splits.test_y, acc_original)
+        self.test_pred0 = predict(base, splits.test_x)
+        self.track = (splits.test_x[-plan.track_size:], splits.test_y[-plan.track_size:])
+        self.overrides = _calibrated(dict(plan.overrides), acc_original)
+        self.results = _Results(out, plan.dataset, machine_info(device), _settings(plan, self.ctx, self.overrides),
+                                resume)
+        self.results.flush()
+
+    def fresh(self) -> nn.Module:
+        return _fresh(self.plan.arch, self.splits, self.base_state, self.device)
+
+    def session(self, seed: int, accumulation: str = DEFAULT_ACCUMULATION) -> UnlearningSession:
+        return UnlearningSession(self.fresh(), num_classes=len(self.splits.classes), accumulation=accumulation,
+                                 seed=seed)
+
+    def config_for(self, preset_name: str, method: str, kind: str) -> UnlearnConfig:
         cfg = preset_config(preset_name, method, kind)
-        return cfg.with_overrides(**overrides) if preset_name == "default" and overrides else cfg
+        return cfg.with_overrides(**self.overrides) if preset_name == "default" and self.overrides else cfg
 
-    def one(method: str, preset: str, kind: str, protocol: str, k: int, seed: int, rnd: int, accumulation: str | None,
-            session: UnlearningSession | None, request: ForgetRequest, idx: torch.Tensor, union: torch.Tensor,
+    def one(self, method: str, preset: str, kind: str, protocol: str, k: int, seed: int, rnd: int,
+            accumulation: str | None, session: UnlearningSession | None, request: ForgetRequest, union: torch.Tensor,
             test_pred_before: torch.Tensor, acc_test_before: float) -> dict:
+        """One round (or the retrain oracle), evaluated and recorded as a row."""
+        plan, ctx = self.plan, self.ctx
         row = {"dataset": plan.dataset, "arch": plan.arch, "method": method, "preset": preset, "kind": kind,
                "protocol": protocol, "k": k, "seed": seed, "round": rnd, "accumulation": accumulation}
         extra: dict[str, Any] = {}
-        if method == "retrain":
+        if session is None:       # the retrain oracle
             curve: list[list[float]] = []
-            model, secs = pretrain(plan.arch, splits, plan.train, device, exclude=union, curve=curve)
+            model, secs = pretrain(plan.arch, self.splits, plan.train, self.device, exclude=union, curve=curve)
             ev = evaluate_model(model, ctx, request, forgotten_union=union, test_pred_before=test_pred_before)
             row.update(steps=None, attack_s=0.0, optimise_s=secs, wall_s=secs, outcome="retrained")
             extra["retrain_curve"] = curve       # [training s, step, test accuracy]: time to a given accuracy
         else:
-            assert session is not None
             before = {n: p.detach().cpu().clone() for n, p in session.model.named_parameters()}
-            result, _ = session.run_round(request, method=method, config=config_for(preset, method, kind), track=track,
-                                          track_every=plan.track_every, sentinel=splits.test_x[:2000])
+            result, _ = session.run_round(request, method=method, config=self.config_for(preset, method, kind),
+                                          track=self.track, track_every=plan.track_every,
+                                          sentinel=self.splits.test_x[:2000])
             model = session.model
             if not result.succeeded:   # evaluate what the round produced, though it was not committed
                 model = copy.deepcopy(session.model)
                 model.load_state_dict(result.state)
             ev = evaluate_model(model, ctx, request, forgotten_union=union, test_pred_before=test_pred_before)
             extra.update(drift_report(model, session.original, before))
-            extra["trajectory"] = [[p.step, p.acc_forget, p.acc_track] for p in result.trajectory]
-            extra["reason"] = result.reason
-            extra["tracking_s"] = result.tracking_s   # trajectory evaluations, excluded from wall_s
-            extra["memory_s"] = result.memory_s       # subspace memory extension, included in wall_s
-            extra["memory_dims"] = session.memory.dims()
-            extra["held_fallback_step"] = result.held_fallback_step
-            extra["frozen_layers"] = list(result.frozen_layers)   # layers the memory kept fixed (memory_min_free)
-            extra["attack"] = {"example_iterations": result.attack_example_iterations,
-                               "full_iterations": result.attack_full_iterations,
-                               "success": result.attack_success, "examples": result.adversarial_examples,
-                               "anchors": result.anchor_examples}
+            extra.update(_round_extra(result, session))
             row.update(steps=result.steps, attack_s=result.attack_s, optimise_s=result.optimise_s,
                        wall_s=result.wall_s, outcome=result.outcome)
         extra["test_flip_ratio"] = ev.pop("test_flip_ratio")
         row.update(ev)
         row["acc_test_before"] = acc_test_before
         row = {k2: _clean(v) for k2, v in row.items()}
-        extra = _clean(extra)
-        results.add(row, extra)
-        log(f"{protocol:9s} {kind:12s} {method:15s} {preset:7s} k={k:<4d} seed={seed} round={rnd} "
-            f"acc={accumulation or '-':7s} -> {row['outcome']:16s} forget={row['acc_forget']} "
-            f"test={row['acc_test']} steps={row['steps']} wall={row['wall_s']}s")
+        self.results.add(row, _clean(extra))
+        self.log(f"{protocol:9s} {kind:12s} {method:15s} {preset:7s} k={k:<4d} seed={seed} round={rnd} "
+                 f"acc={accumulation or '-':7s} -> {row['outcome']:16s} forget={row['acc_forget']} "
+                 f"test={row['acc_test']} steps={row['steps']} wall={row['wall_s']}s")
         return row
 
-    # --- single rounds ------------------------------------------------------------------------------
-    for kind in [k for k in plan.kinds if not get_kind(k).names_class]:
-        for k in plan.ks:
-            for seed in plan.seeds:
-                idx = forget_indices(splits.train_y.shape[0], k, seed)
-                request = make_request(kind, splits, idx, seed)
-                for method in plan.methods:
-                    presets = plan.presets if method in PAPER_METHODS else ("default",)
-                    for preset in presets:
-                        if results.has(method=method, preset=preset, kind=kind, protocol="single", k=k, seed=seed,
-                                       round=1, accumulation=None):
-                            continue
-                        if method == "retrain" and kind != ForgetInstances.name:   # the oracle only forgets
-                            continue
-                        session = None
-                        if method != "retrain":
-                            session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
-                                                        num_classes=len(splits.classes), seed=seed)
-                        one(method, preset, kind, "single", k, seed, 1, None, session, request, idx, idx,
-                            test_pred0, acc_original)
+    def single_rounds(self) -> None:
+        """Each instance kind, k and seed: one round per method and preset on a fresh model."""
+        plan, splits = self.plan, self.splits
+        for kind in [k for k in plan.kinds if not get_kind(k).names_class]:
+            for k in plan.ks:
+                for seed in plan.seeds:
+                    idx = forget_indices(splits.train_y.shape[0], k, seed)
+                    request = make_request(kind, splits, idx, seed)
+                    for method in plan.methods:
+                        presets = plan.presets if method in PAPER_METHODS else ("default",)
+                        for preset in presets:
+                            if self.results.has(method=method, preset=preset, kind=kind, protocol="single", k=k,
+                                                seed=seed, round=1, accumulation=None):
+                                continue
+                            if method == "retrain" and kind != ForgetInstances.name:   # the oracle only forgets
+                                continue
+                            session = None if method == "retrain" else self.session(seed)
+                            self.one(method, preset, kind, "single", k, seed, 1, None, session, request, idx,
+                                     self.test_pred0, self.ctx.acc_test_original)
 
-    # --- class forgetting ---------------------------------------------------------------------------
-    for kind in [k for k in plan.kinds if get_kind(k).names_class]:   # the k column holds the class
-        for c in plan.forget_classes:
-            for seed in plan.seeds:
-                members = (splits.train_y == c).nonzero().squeeze(1)
-                pick = members[torch.randperm(members.numel(), generator=torch.Generator().manual_seed(seed))]
-                idx = pick[:plan.forget_class_examples]
-                request = make_request(kind, splits, idx, seed, forget_class=c)
-                for method in [m for m in plan.methods if m != "retrain"]:
-                    if results.has(method=method, preset="default", kind=kind, protocol="single",
-                                   k=c, seed=seed, round=1, accumulation=None):
-                        continue
-                    session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
-                                                num_classes=len(splits.classes), seed=seed)
-                    one(method, "default", kind, "single", c, seed, 1, None, session, request, idx, idx,
-                        test_pred0, acc_original)
+    def class_rounds(self) -> None:
+        """Each class kind, class and seed: one round per method (the k column holds the class)."""
+        plan, splits = self.plan, self.splits
+        for kind in [k for k in plan.kinds if get_kind(k).names_class]:
+            for c in plan.forget_classes:
+                for seed in plan.seeds:
+                    members = (splits.train_y == c).nonzero().squeeze(1)
+                    pick = members[torch.randperm(members.numel(), generator=torch.Generator().manual_seed(seed))]
+                    idx = pick[:plan.forget_class_examples]
+                    request = make_request(kind, splits, idx, seed, forget_class=c)
+                    for method in [m for m in plan.methods if m != "retrain"]:
+                        if self.results.has(method=method, preset="default", kind=kind, protocol="single",
+                                            k=c, seed=seed, round=1, accumulation=None):
+                            continue
+                        self.one(method, "default", kind, "single", c, seed, 1, None, self.session(seed), request,
+                                 idx, self.test_pred0, self.ctx.acc_test_original)
 
-    # --- continual ----------------------------------------------------------------------------------
-    if plan.continual:
-        rounds, k = plan.continual
+    def continual(self, rounds: int, k: int) -> None:
+        """``rounds`` rounds of ``k`` instances on one session per method, accumulation and seed."""
+        plan, splits = self.plan, self.splits
         forget = ForgetInstances.name   # the continual protocol forgets instances, round after round
         for seed in plan.seeds:
             order = forget_indices(splits.train_y.shape[0], rounds * k, seed)
@@ -350,21 +374,35 @@ def run_benchmark(plan: BenchPlan, splits: DatasetSplits, base_state: dict, *, o
                 accs = plan.accumulations if get_method(method).uses_importance else (DEFAULT_ACCUMULATION,)
                 for acc_mode in accs:
                     # a sequence needs every earlier round's session, so only a complete one is skipped
-                    if all(results.has(method=method, preset="default", kind=forget, protocol="continual", k=k,
-                                       seed=seed, round=r, accumulation=acc_mode) for r in range(1, rounds + 1)):
+                    if all(self.results.has(method=method, preset="default", kind=forget, protocol="continual",
+                                            k=k, seed=seed, round=r, accumulation=acc_mode)
+                           for r in range(1, rounds + 1)):
                         continue
-                    session = UnlearningSession(_fresh(plan.arch, splits, base_state, device),
-                                                num_classes=len(splits.classes), accumulation=acc_mode, seed=seed)
-                    acc_before, pred_before = acc_original, test_pred0
+                    session = self.session(seed, acc_mode)
+                    acc_before, pred_before = self.ctx.acc_test_original, self.test_pred0
                     for r in range(1, rounds + 1):
-                        idx = order[(r - 1) * k:r * k]
-                        union = order[:r * k]
-                        request = make_request(forget, splits, idx, seed)
-                        row = one(method, "default", forget, "continual", k, seed, r, acc_mode, session, request,
-                                  idx, union, pred_before, acc_before)
+                        request = make_request(forget, splits, order[(r - 1) * k:r * k], seed)
+                        row = self.one(method, "default", forget, "continual", k, seed, r, acc_mode, session,
+                                       request, order[:r * k], pred_before, acc_before)
                         acc_before = row["acc_test"]
                         pred_before = predict(session.model, splits.test_x)
-    return results.path
+
+
+def _round_extra(result: RoundResult, session: UnlearningSession) -> dict[str, Any]:
+    """The side file's record of a round beyond its row."""
+    return {
+        "trajectory": [[p.step, p.acc_forget, p.acc_track] for p in result.trajectory],
+        "reason": result.reason,
+        "tracking_s": result.tracking_s,   # trajectory evaluations, excluded from wall_s
+        "memory_s": result.memory_s,       # subspace memory extension, included in wall_s
+        "memory_dims": session.memory.dims(),
+        "held_fallback_step": result.held_fallback_step,
+        "frozen_layers": list(result.frozen_layers),   # layers the memory kept fixed (memory_min_free)
+        "attack": {"example_iterations": result.attack_example_iterations,
+                   "full_iterations": result.attack_full_iterations,
+                   "success": result.attack_success, "examples": result.adversarial_examples,
+                   "anchors": result.anchor_examples},
+    }
 
 
 def parse_list(text: str, cast: Callable[[str], Any] = int) -> list[Any]:

@@ -175,10 +175,10 @@ class Daemon:
                  registry=str(self.registry_dir), state=str(self.state_dir))
 
     def _pretrain(self, rt: ModelRuntime) -> None:
-        from daemon import model_store
         from daemon.engine.models import build_model
         from daemon.engine.session import UnlearningSession
         from daemon.engine.training import TrainConfig, train_classifier
+        from daemon.registry import model_store
 
         splits = rt.splits
         arch = "mnist_cnn" if splits.name == "mnist" else "cifar_resnet18"
@@ -585,7 +585,7 @@ class Daemon:
         keep = self.config.registry.keep_versions
         if not keep:
             return
-        from daemon.registry_ops import prune
+        from daemon.registry.ops import prune
 
         try:
             result = prune(self.registry_dir, model, keep=keep)

@@ -48,7 +48,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
 
 def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, metrics)
     """The connected parts of a server, without starting anything (tests and the benchmark use it)."""
-    from daemon import registry_ops
+    from daemon.registry import ops as registry_ops
 
     from daemon.serving.verifier import Verifier
 

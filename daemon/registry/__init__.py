@@ -20,13 +20,14 @@ Why it is shaped this way:
 * Triton (poll mode) ignores non-numeric and dot-prefixed entries, so the temporaries never confuse it.
 * Weights are read only through safetensors (no pickle); TorchScript exists for serving.
 
+The registry assumes one writer per model (the daemon's model worker); readers may run at any time.
 
 The package, one job a module: ``layout`` (file names, safe names, version directories, errors),
 ``files`` (atomic, durable writes and hashing), ``manifest`` (building, serialising and reading
 manifests), ``read`` (``LATEST``, listing, verification, loading), ``write`` (new versions, ``LATEST``,
 clean-up), ``export`` (TorchScript with its cache, Triton's ``config.pbtxt``), ``archive`` (the layout of a
 TorchScript archive, for weight-only swaps). On top of them, not imported here: ``ops`` (leases, retention,
-rollback, whole-model verification) and ``live`` (the live model and its session state, glue to
+rollback, whole-model verification) and ``model_store`` (the live model and its session state, glue to
 ``daemon.engine``).
 """
 

@@ -29,6 +29,7 @@ _TRACE_RTOL = 1e-5
 _TRACE_ATOL = 1e-6
 
 
+# The export cache: tracing a module (~15 ms of CPU for a small CNN, much more for a deep net) and loading
 # its TorchScript back for the check (~8 ms) are most of a publish, and a continual-unlearning daemon
 # publishes the same architecture with new weights round after round. So the last few exports are kept,
 # keyed by the module's structure (``_structure_key``): the traced module, and the module loaded back from

@@ -80,7 +80,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-
 def _ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) durably: a new directory entry is fsynced in its parent."""
     if path.is_dir():

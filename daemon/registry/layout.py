@@ -123,4 +123,3 @@ def _numeric_entries(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir() if _VERSION_RE.fullmatch(p.name))
-

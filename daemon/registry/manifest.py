@@ -111,4 +111,3 @@ def _info(registry: Path | str, model_name: str, version: int, manifest: dict[st
         raise VerificationError(model_name, version, STATE_DICT_FILE, "not listed in the manifest")
     return VersionInfo(model=model_name, version=version, path=_version_dir(registry, model_name, version),
                        manifest=manifest, sha256=sha)
-

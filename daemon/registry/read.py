@@ -56,7 +56,6 @@ def list_versions(registry: Path | str, model_name: str) -> list[int]:
             if (model_dir / str(v)).is_dir() and (model_dir / str(v) / MANIFEST_FILE).is_file()]
 
 
-
 def verify_version(registry: Path | str, model_name: str, version: int) -> VersionInfo:
     """Recompute the sha256 of every file the manifest lists; raise ``VerificationError`` on any mismatch.
 
@@ -165,5 +164,3 @@ def read_extra_file(info: VersionInfo, name: str) -> bytes:
         raise VerificationError(info.model, info.version, name,
                                 f"sha256 mismatch: file {actual}, manifest {entry.get('sha256')}")
     return data
-
-

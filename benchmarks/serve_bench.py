@@ -226,7 +226,7 @@ def schedule(start_at: float, args: argparse.Namespace) -> list[Block]:
 def run(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
-    from daemon import registry_ops
+    from daemon.registry import ops as registry_ops
     from daemon.serving.notify import notify_reload, reload_url
 
     torch.set_num_threads(1)

@@ -79,11 +79,11 @@ def _device(name: str) -> str:
 
 # -- pretrain -----------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from daemon import model_store
     from daemon.bench.runner import pretrain
     from daemon.engine.evaluate import accuracy
     from daemon.engine.session import UnlearningSession
     from daemon.engine.training import TrainConfig
+    from daemon.registry import model_store
 
     splits = _load_splits(args)
     arch = args.arch or DEFAULT_ARCH[splits.name]
@@ -157,11 +157,12 @@ def _build_request(args: argparse.Namespace, splits, num_classes: int):  # noqa:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from daemon import model_store, registry
+    from daemon import registry
     from daemon.bench.evaluation import EvalContext, drift_report, evaluate_model
     from daemon.engine.config import preset
     from daemon.engine.evaluate import predict
     from daemon.engine.methods import get_method
+    from daemon.registry import model_store
 
     try:
         method = get_method(args.method)

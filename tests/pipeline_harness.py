@@ -65,7 +65,7 @@ def copy_registry(source: Path, dest: Path, names: Iterable[str] = ("mnist-cnn",
         if name == source_name:
             shutil.copytree(source / source_name, dest / name)
         else:   # a second model: same weights, its own name (manifest and Triton config)
-            from daemon import model_store
+            from daemon.registry import model_store
 
             live = model_store.load_live(source, source_name)
             model_store.publish(dest, name, live.model, live.session, arch=live.arch, input_shape=live.input_shape,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from daemon import model_store, registry
+from daemon import registry
+from daemon.registry import model_store
 from daemon.data.cifar import load_cifar10
 from daemon.engine.config import PRESETS
 from daemon.engine.models import build_model

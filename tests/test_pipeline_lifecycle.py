@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from daemon import model_store, registry
+from daemon import registry
+from daemon.registry import model_store
 from tests.pipeline_harness import (
     ROOT,
     Broker,

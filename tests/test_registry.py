@@ -236,7 +236,7 @@ def test_leftover_temporaries_are_invisible_and_cleaned(tmp_path: Path) -> None:
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception half-way through a write removes its temporary and leaves LATEST alone."""
     write(tmp_path, tiny_model())
-    real = reg._write_durable
+    real = reg.write._write_durable
     calls = []
 
     def failing(path: Path, data: bytes) -> None:
@@ -245,7 +245,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise OSError("disk full")
         real(path, data)
 
-    monkeypatch.setattr(reg, "_write_durable", failing)
+    monkeypatch.setattr(reg.write, "_write_durable", failing)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path, tiny_model(), parent=1)
     monkeypatch.undo()
@@ -444,7 +444,7 @@ def test_republished_architecture_reuses_the_trace_and_serves_exactly_the_new_we
 
     module = tiny_model(0).eval()
     infos = [write(tmp_path, module)]
-    entry = list(reg._export_cache.values())[-1]          # the entry the export just used
+    entry = list(reg.export._export_cache.values())[-1]          # the entry the export just used
     reloaded = entry.reloaded
     for step in range(3):
         with torch.no_grad():

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from daemon import registry, registry_ops
+from daemon import registry
+from daemon.registry import ops as registry_ops
 from daemon.cli import main
 
 SHAPE = (1, 8, 8)

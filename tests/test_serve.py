@@ -25,7 +25,8 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from daemon import registry, registry_ops
+from daemon import registry
+from daemon.registry import ops as registry_ops
 from daemon.cli import main
 from daemon.engine.models import build_model
 from daemon.serving.notify import notify_reload, reload_url

@@ -14,7 +14,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from daemon import registry, registry_ops
+from daemon import registry
+from daemon.registry import ops as registry_ops
 from daemon.serving.holder import LoadError, ModelHolder
 from daemon.serving.metrics import ServeMetrics
 from daemon.serving.notify import notify_reload, reload_url

@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from daemon import registry
+from daemon.registry.archive import read_layout
 from daemon.serving.holder import ModelHolder
 from daemon.serving.metrics import ServeMetrics
-from daemon.serving.weights import read_layout
 
 SHAPE = (1, 8, 8)
 NAME = "tiny"

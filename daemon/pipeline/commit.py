@@ -159,7 +159,7 @@ class RoundCommitter:
         """Retention: keep the newest N versions (never LATEST, never one a server's lease holds)."""
         if not self.keep_versions:
             return
-        from daemon.registry_ops import prune
+        from daemon.registry.ops import prune
 
         try:
             result = prune(self.registry_dir, model, keep=self.keep_versions)

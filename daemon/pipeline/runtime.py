@@ -18,7 +18,8 @@ import structlog
 import torch
 from torch import nn
 
-from daemon import model_store, registry
+from daemon import registry
+from daemon.registry import model_store
 from daemon.data.sources import Source, builtin_sources, load_dataset
 from daemon.data.splits import DatasetSplits
 from daemon.engine.config import preset

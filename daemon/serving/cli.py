@@ -35,7 +35,7 @@ def _model(args: argparse.Namespace, registry_dir: Path, *, must_exist: bool = T
     from daemon import registry
 
     try:
-        registry._check_model_name(args.model)   # noqa: SLF001 - the one definition of a safe name
+        registry.layout._check_model_name(args.model)   # noqa: SLF001 - the one definition of a safe name
     except ValueError as exc:
         raise _usage(f"--model: {exc}") from exc
     if must_exist and not (registry_dir / args.model).is_dir():
@@ -67,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- registry -----------------------------------------------------------------------------------------
 def _rows(registry_dir: Path, model: str) -> list[dict[str, Any]]:
-    from daemon import registry, registry_ops
+    from daemon import registry
+    from daemon.registry import ops as registry_ops
 
     latest = registry.latest_version(registry_dir, model)
     served: dict[int, list[str]] = {}
@@ -146,7 +147,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_verify(args: argparse.Namespace) -> int:
-    from daemon import registry_ops
+    from daemon.registry import ops as registry_ops
 
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir)
@@ -171,7 +172,8 @@ def _notify_urls(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
-    from daemon import registry, registry_ops
+    from daemon import registry
+    from daemon.registry import ops as registry_ops
     from daemon.serving.notify import notify_reload
 
     registry_dir = _registry_dir(args)
@@ -199,7 +201,7 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_prune(args: argparse.Namespace) -> int:
-    from daemon import registry_ops
+    from daemon.registry import ops as registry_ops
 
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir)
@@ -228,7 +230,7 @@ def _positive_int(text: str) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
-    from daemon import registry_ops
+    from daemon.registry import ops as registry_ops
 
     sp = sub.add_parser("serve", help="serve a registry model over the Open Inference Protocol (KServe v2)")
     sp.add_argument("--registry", help=f"registry root (default: ${REGISTRY_ENV})")

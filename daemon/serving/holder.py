@@ -9,7 +9,7 @@ process when the holder has a ``Verifier``: the hashing and the archive's layout
 the requests it serves, almost nothing; see ``daemon.serving.verifier``):
 
 * ``weights``: when its ``model.pt`` differs from the served one's only in the bytes of its tensors
-  (``daemon.serving.weights``: same classes, code, module tree, constants), those bytes are copied into the
+  (``daemon.registry.archive``: same classes, code, module tree, constants), those bytes are copied into the
   standby, a second module with the served one's compiled and optimised code, which then serves. Nothing
   is deserialised or optimised; two probe inferences check the result. Double buffering: the standby is the
   module the previous version served with, once no request holds that version (a weak reference tells), or
@@ -38,9 +38,9 @@ import structlog
 import torch
 
 from daemon import registry
+from daemon.registry.archive import ArchiveLayout, copy_storages
 from daemon.serving.metrics import ServeMetrics
 from daemon.serving.verifier import Verified, Verifier, VerifierUnavailable, verify_for_load
-from daemon.serving.weights import ArchiveLayout, copy_storages
 
 __all__ = ["LoadError", "ModelHolder", "ServedVersion", "SwapResult"]
 

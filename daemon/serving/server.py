@@ -29,7 +29,7 @@ _SWITCH_INTERVAL_S = 0.0005
 
 def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, metrics)
     """The connected parts of a server, without starting anything (tests and the benchmark use it)."""
-    from daemon import registry_ops
+    from daemon.registry import ops as registry_ops
 
     from daemon.serving.verifier import Verifier
 

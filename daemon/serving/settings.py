@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import registry, registry_ops
+from daemon import registry
+from daemon.registry import ops as registry_ops
 
 __all__ = ["ServeSettings"]
 
@@ -62,7 +63,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "registry", Path(self.registry))
-        registry._check_model_name(self.model)   # noqa: SLF001 - the one definition of a safe model name
+        registry.layout._check_model_name(self.model)   # noqa: SLF001 - the one definition of a safe model name
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
         if not self.host:

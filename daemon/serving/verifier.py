@@ -1,7 +1,7 @@
 """Verify a version in a helper process, so that a load costs the serving process almost no CPU or GIL time.
 
 Before a version is served, every file of its manifest is read and hashed, and its ``model.pt`` archive's
-layout is read (``daemon.serving.weights``: is it the served architecture with new weights?) with the CRC-32
+layout is read (``daemon.registry.archive``: is it the served architecture with new weights?) with the CRC-32
 of every tensor storage checked. In the serving process that is a few milliseconds of CPU, much of it
 Python holding the GIL (the manifest, the archive's directory and pickles), and requests queued behind it.
 Here it runs in a child process at a low CPU priority (``nice``): the serving thread only waits on a pipe
@@ -68,7 +68,7 @@ def verify_for_load(registry_dir: Path | str, model: str, version: int) -> Verif
     Raises ``registry.RegistryError`` / ``registry.VerificationError`` / ``OSError`` as ``read_verified``.
     """
     from daemon import registry
-    from daemon.serving.weights import read_layout
+    from daemon.registry.archive import read_layout
 
     info, contents = registry.read_verified(registry_dir, model, version, read=(registry.TORCHSCRIPT_FILE,))
     data = contents[registry.TORCHSCRIPT_FILE]
@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr                 # nothing else may write into the protocol
     import daemon.registry  # noqa: F401 - imported before saying ready, not during the first load
-    import daemon.serving.weights  # noqa: F401
 
     if args.idle:
         set_thread_policy("idle")
@@ -273,7 +272,7 @@ class Verifier:
     def verify(self, registry_dir: Path | str, model: str, version: int) -> Verified:
         """``verify_for_load`` in the helper. Raises what it raises, or ``VerifierUnavailable``."""
         from daemon import registry
-        from daemon.serving.weights import ArchiveLayout
+        from daemon.registry.archive import ArchiveLayout
 
         with self._lock:
             proc = self._ensure()

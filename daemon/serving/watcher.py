@@ -1,6 +1,6 @@
 """Follow ``LATEST``: poll it on a background thread, or check at once when a reload is requested.
 
-The watcher also keeps this server's lease in the registry (``daemon.registry_ops``): it names the version
+The watcher also keeps this server's lease in the registry (``daemon.registry.ops``): it names the version
 served and, while a load is in progress, the version being loaded, so retention deletes neither.
 
 A version that failed to load is not retried by polling (that would reload and log it every interval);
@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from daemon import registry, registry_ops
+from daemon import registry
+from daemon.registry import ops as registry_ops
 from daemon.serving.holder import LoadError, ModelHolder, ServedVersion, SwapResult
 
 __all__ = ["Watcher", "lower_thread_priority"]

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn

@@ -10,7 +10,6 @@ it for its term (:meth:`HeldSet.loss`), and a set with nothing to hold adds no t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -15,15 +15,40 @@ the kind's attributes and methods.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from daemon.engine.config import UnlearnConfig
-    from daemon.engine.requests import ForgetRequest
+__all__ = ["KINDS", "ForgetClass", "ForgetInstances", "Kind", "KindSettings", "Relabel", "RequestFields",
+           "check_class_range", "get_kind"]
 
-__all__ = ["KINDS", "ForgetClass", "ForgetInstances", "Kind", "Relabel", "get_kind"]
+
+class RequestFields(Protocol):
+    """What a kind reads of a request (``daemon.engine.requests.ForgetRequest`` is one): kinds sit below it."""
+
+    kind: str
+    labels: torch.Tensor
+    targets: torch.Tensor | None
+    forget_class: int | None
+
+
+class KindSettings(Protocol):
+    """The settings a kind reads (``daemon.engine.config.UnlearnConfig`` has them): kinds sit below the config."""
+
+    stop: str
+    stop_level: float
+    forget_margin: float
+    class_margin: float
+    class_scope: str
+    class_copies: int
+
+
+def check_class_range(what: str, t: torch.Tensor, num_classes: int) -> None:
+    """``t`` must hold integer classes in [0, num_classes); ``what`` names them in the error."""
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"{what}s must be integers, got {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(f"{what}s must lie in [0, {num_classes - 1}], got {int(t.min())}..{int(t.max())}")
 
 
 def label_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,29 +82,29 @@ class Kind:
     checks_forget_set_collapse: ClassVar[bool] = True
 
     # -- the goal (engine) ------------------------------------------------------------------------------
-    def wanted(self, request: ForgetRequest) -> torch.Tensor:
+    def wanted(self, request: RequestFields) -> torch.Tensor:
         """The classes whose accuracy the stopping rule reads: the labels (to be left) or the targets."""
         return request.labels
 
-    def towards(self, request: ForgetRequest) -> torch.Tensor | None:
+    def towards(self, request: RequestFields) -> torch.Tensor | None:
         """Where the forget term pulls each instance by the kind's own definition (None: away from its label)."""
         return None
 
-    def stop_reached(self, acc: float, config: UnlearnConfig) -> bool:
+    def stop_reached(self, acc: float, config: KindSettings) -> bool:
         """Whether the forget-set accuracy ``acc`` meets the goal under the configured stopping rule."""
         level = config.stop_level if config.stop == "calibrated" else 0.0
         return acc <= level + 1e-12
 
-    def forget_margin(self, config: UnlearnConfig) -> float:
+    def forget_margin(self, config: KindSettings) -> float:
         """How far past the boundary the forget term pushes an instance."""
         return config.forget_margin
 
-    def stops_on_margin(self, config: UnlearnConfig) -> bool:
+    def stops_on_margin(self, config: KindSettings) -> bool:
         """Whether the round ends only once every instance is past its margin, not merely misclassified."""
         return config.forget_margin > 0
 
     def still_active(self, logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None,
-                     config: UnlearnConfig) -> torch.Tensor:
+                     config: KindSettings) -> torch.Tensor:
         """Instances the forget term still works on (a bool per row of ``logits``).
 
         ``towards``: the method's per-instance targets (the relabelling baselines, and relabel), or None.
@@ -90,11 +115,11 @@ class Kind:
             return logits.argmax(1) != towards
         return logits.argmax(1) == labels
 
-    def class_row_only(self, config: UnlearnConfig) -> bool:
+    def class_row_only(self, config: KindSettings) -> bool:
         """Whether the round moves only the forgotten class's row of the output layer."""
         return False
 
-    def copies(self, config: UnlearnConfig) -> int:
+    def copies(self, config: KindSettings) -> int:
         """Affine copies per instance forgotten with it (a class must go as a class, not as its examples)."""
         return 0
 
@@ -103,7 +128,7 @@ class Kind:
         return True
 
     # -- the request (engine and command line) -----------------------------------------------------------
-    def validate(self, request: ForgetRequest, num_classes: int) -> None:
+    def validate(self, request: RequestFields, num_classes: int) -> None:
         """The kind's own rules on a request whose common fields are valid; ``ValueError`` names the first fault."""
         if request.targets is not None:
             raise ValueError(f"targets are only for relabel, not {self.name}")
@@ -140,23 +165,21 @@ class Relabel(Kind):
     names_targets: ClassVar[bool] = True
     checks_forget_set_collapse: ClassVar[bool] = False
 
-    def wanted(self, request: ForgetRequest) -> torch.Tensor:
+    def wanted(self, request: RequestFields) -> torch.Tensor:
         if request.targets is None:
             raise ValueError("relabel needs one target per instance")
         return request.targets
 
-    def towards(self, request: ForgetRequest) -> torch.Tensor | None:
+    def towards(self, request: RequestFields) -> torch.Tensor | None:
         return request.targets
 
-    def stop_reached(self, acc: float, config: UnlearnConfig) -> bool:
+    def stop_reached(self, acc: float, config: KindSettings) -> bool:
         return acc >= 1.0
 
-    def stops_on_margin(self, config: UnlearnConfig) -> bool:
+    def stops_on_margin(self, config: KindSettings) -> bool:
         return False
 
-    def validate(self, request: ForgetRequest, num_classes: int) -> None:
-        from daemon.engine.requests import check_class_range
-
+    def validate(self, request: RequestFields, num_classes: int) -> None:
         if request.targets is None or request.targets.shape != request.labels.shape:
             raise ValueError("relabel needs one target per instance")
         check_class_range("target", request.targets, num_classes)
@@ -180,29 +203,29 @@ class ForgetClass(Kind):
     instance_scoped: ClassVar[bool] = False
     checks_forget_set_collapse: ClassVar[bool] = False
 
-    def forget_margin(self, config: UnlearnConfig) -> float:
+    def forget_margin(self, config: KindSettings) -> float:
         return config.class_margin
 
-    def stops_on_margin(self, config: UnlearnConfig) -> bool:
+    def stops_on_margin(self, config: KindSettings) -> bool:
         return True
 
     def still_active(self, logits: torch.Tensor, labels: torch.Tensor, towards: torch.Tensor | None,
-                     config: UnlearnConfig) -> torch.Tensor:
+                     config: KindSettings) -> torch.Tensor:
         # a class round's goal is leaving the class, whichever way a method pushes (``towards``: the
         # relabelling baselines), so every method stops on the same rule here
         return label_margin(logits, labels) > -self.forget_margin(config)
 
-    def class_row_only(self, config: UnlearnConfig) -> bool:
+    def class_row_only(self, config: KindSettings) -> bool:
         return config.class_scope != "all"
 
-    def copies(self, config: UnlearnConfig) -> int:
+    def copies(self, config: KindSettings) -> int:
         return config.class_copies
 
     def keeps_unreached_adversarial(self) -> bool:
         # an example the attack could not move out of the class would pin the class's own region in place
         return False
 
-    def validate(self, request: ForgetRequest, num_classes: int) -> None:
+    def validate(self, request: RequestFields, num_classes: int) -> None:
         if request.targets is not None:
             raise ValueError(f"targets are only for relabel, not {self.name}")
         if request.forget_class is None or not 0 <= request.forget_class < num_classes:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from daemon.engine.kinds import get_kind
+from daemon.engine.kinds import check_class_range, get_kind
 
-__all__ = ["ForgetRequest", "check_class_range"]
+__all__ = ["ForgetRequest"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,3 @@ class ForgetRequest:
             raise ValueError(f"need one label per instance, got {tuple(self.labels.shape)} for {self.x.shape[0]}")
         check_class_range("label", self.labels, num_classes)
         kind.validate(self, num_classes)
-
-
-def check_class_range(what: str, t: torch.Tensor, num_classes: int) -> None:
-    """``t`` must hold integer classes in [0, num_classes); ``what`` names them in the error."""
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"{what}s must be integers, got {t.dtype}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        raise ValueError(f"{what}s must lie in [0, {num_classes - 1}], got {int(t.min())}..{int(t.max())}")

@@ -17,14 +17,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from daemon.data.inline import INLINE_FORMATS
 from daemon.data.sources import RefError, parse_ref
 from daemon.engine.kinds import KINDS, Kind
-
-if TYPE_CHECKING:
-    from daemon.pipeline.codec import ModelSpec
+from daemon.pipeline.model_spec import ModelSpec
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",

@@ -27,7 +27,7 @@ import structlog
 
 from daemon import registry
 from daemon.engine.rounds import RoundResult
-from daemon.pipeline.codec import canonical_json
+from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.failpoints import failpoint
 from daemon.pipeline.ledger import Ledger
 from daemon.pipeline.pending import PendingRequest

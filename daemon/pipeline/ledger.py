@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.pipeline.codec import canonical_json
+from daemon.pipeline.canonical import canonical_json
 
 __all__ = [
     "GENESIS_HASH",

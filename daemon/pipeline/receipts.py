@@ -13,10 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-if TYPE_CHECKING:       # the ledger imports the codec, which imports RECEIPT_SCHEMA from here
-    from daemon.pipeline.ledger import LedgerTransaction
+from daemon.pipeline.ledger import LedgerTransaction
 
 __all__ = [
     "RECEIPT_SCHEMA",

@@ -126,6 +126,8 @@ REASONS: tuple[str, ...] = (
     "malformed_ref",
     "unknown_ref_source",
     "ref_out_of_range",
+    "ref_outside_source",
+    "ref_not_found",
     # from daemon.data.inline.InlineDataError
     "bad_format",
     "bad_base64",
@@ -268,10 +270,10 @@ def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
                     raise CheckFailed(exc.reason, clip(f"instances[{i}].data: {text}")) from exc
         if by_ref:
             try:
-                gathered, _ = resolve_refs([ref for _, ref in by_ref], spec.sources)
-            except RefError as exc:  # check_request has seen every ref: only if sources changed
+                gathered, _ = resolve_refs([ref for _, ref in by_ref], spec.sources, spec.input_shape)
+            except RefError as exc:  # a file's pixels (bad_image, wrong_shape, bad_values), or a file gone
                 at = next(i for i, ref in by_ref if ref == exc.ref) if exc.ref else by_ref[0][0]
-                raise CheckFailed(exc.reason, f"instances[{at}].ref: {exc.reason}") from exc
+                raise CheckFailed(exc.reason, clip(f"instances[{at}].ref: {exc}")) from exc
             gathered = gathered.to(torch.float32)
             for row, (i, _) in enumerate(by_ref):
                 xs[i] = gathered[row]

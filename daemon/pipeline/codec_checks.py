@@ -156,27 +156,47 @@ def check_class_field(value: object, where: str, out_of_range: str, num_classes:
 
 
 def _check_ref(i: int, ref: object, spec: ModelSpec) -> None:
+    """A ref's form, source, range, and for a path its place in the source's listing (no pixels read)."""
     try:
-        source, index = parse_ref(ref)  # type: ignore[arg-type] # parse_ref reports non-strings
+        source, where = parse_ref(ref)  # type: ignore[arg-type] # parse_ref reports non-strings
     except RefError as exc:
         if exc.reason == "ref_out_of_range":
             fail(exc.reason, f"instances[{i}].ref: the index must be a non-negative integer")
-        fail(exc.reason, f"instances[{i}].ref must be '<source>:<index>', e.g. 'mnist-train:123'")
-    pair = spec.sources.get(source)
-    if pair is None:
+        if exc.reason == "ref_outside_source":
+            fail(exc.reason, f"instances[{i}].ref: a path is relative to the source's root, "
+                             "without empty, '.' or '..' parts")
+        fail(exc.reason, f"instances[{i}].ref must be '<source>:<index>' or '<source>:<dir>/<file>', "
+                         "e.g. 'mnist-train:123'")
+    found = spec.sources.get(source)
+    if found is None:
         known = ", ".join(sorted(spec.sources)) or "none"
         fail(
             "unknown_ref_source",
             f"instances[{i}].ref names source {quote(source)}, "
             f"not configured for model {spec.name!r} (known: {known})",
         )
-    size = pair[0].shape[0]
-    if index >= size:
+    if isinstance(where, str):
+        try:
+            found.index_of(where)
+        except RefError as exc:  # ref_not_found, ref_outside_source, or a source without paths
+            fail(exc.reason, f"instances[{i}].ref: {_PATH_FAULTS.get(exc.reason, exc.reason)} "
+                             f"(source {source!r})")
+        return
+    size = len(found)
+    if where >= size:
         fail(
             "ref_out_of_range",
-            f"instances[{i}].ref: index {index} is past the end of {source!r} "
+            f"instances[{i}].ref: index {where} is past the end of {source!r} "
             f"({size} items, 0..{size - 1})",
         )
+
+
+#: a path ref's fault in a detail (the path itself is the sender's and is not quoted)
+_PATH_FAULTS = {
+    "ref_not_found": "no such item: the path is not in the source's listing",
+    "ref_outside_source": "the path leads out of the source's root",
+    "malformed_ref": "this source has no paths: name its items by index",
+}
 
 
 def _check_data_object(i: int, data: object) -> None:

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import torch
 
-from daemon.data.sources import RefError, Source, parse_ref
+from daemon.data.sources import Source, TensorSource, check_source_name
 
 __all__ = ["ModelSpec"]
 
@@ -21,8 +21,10 @@ __all__ = ["ModelSpec"]
 class ModelSpec:
     """What intake knows about one live model: its input, its classes and its ref sources.
 
-    ``sources`` maps a source name (``"mnist-train"``) to ``(images N×C×H×W float in [0, 1],
-    labels N)``; it is copied into a read-only mapping. Every source must match ``input_shape``.
+    ``sources`` maps a source name (``"mnist-train"``, ``"photos"``) to a
+    :class:`~daemon.data.sources.Source` (or, for tests and built-ins, a pair ``(images N×C×H×W
+    float in [0, 1], labels N)``, wrapped in a :class:`~daemon.data.sources.TensorSource`); it is
+    copied into a read-only mapping. Every source must be able to feed ``input_shape``.
     """
 
     name: str
@@ -45,33 +47,32 @@ class ModelSpec:
                 f"got {self.num_classes!r}"
             )
         if not isinstance(self.sources, Mapping):
-            raise ValueError(
-                f"model {self.name!r}: sources must be a mapping of name to (images, labels)"
-            )
-        for source, pair in self.sources.items():
-            _check_source(self.name, source, pair, shape)
+            raise ValueError(f"model {self.name!r}: sources must be a mapping of name to Source")
+        sources = {name: _check_source(self.name, name, src, shape) for name, src in self.sources.items()}
         object.__setattr__(self, "input_shape", shape)
-        object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+        object.__setattr__(self, "sources", MappingProxyType(sources))
 
 
-def _check_source(model: str, source: object, pair: object, shape: tuple[int, ...]) -> None:
-    where = f"model {model!r}, source {source!r}"
-    try:
-        named = parse_ref(f"{source}:0")[0] if isinstance(source, str) else None
-    except RefError:
-        named = None
-    if named != source:
+def _check_source(model: str, name: object, source: object, shape: tuple[int, ...]) -> Source:
+    where = f"model {model!r}, source {name!r}"
+    if not check_source_name(name):
         raise ValueError(
             f"{where}: a source name is letters, digits, '.', '_' and '-' (refs could not name it)"
         )
-    if not isinstance(pair, tuple) or len(pair) != 2:
-        raise ValueError(f"{where}: a source is a pair (images, labels)")
-    x, y = pair
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{where}: images must be N×{'×'.join(map(str, shape))}, got {got}")
-    if not torch.is_floating_point(x):
-        raise ValueError(f"{where}: images must be floating point in [0, 1], got {x.dtype}")
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (x.shape[0],):
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"{where}: need one label per image ({x.shape[0]}), got {got}")
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise ValueError(f"{where}: a source is a Source or a pair (images, labels)")
+        x = source[0]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+            raise ValueError(f"{where}: images must be N×{'×'.join(map(str, shape))}, got {got}")
+        try:
+            source = TensorSource(*source)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    if not isinstance(source, Source):
+        raise ValueError(f"{where}: a source is a Source or a pair (images, labels), got {type(source).__name__}")
+    why = source.accepts(shape)  # type: ignore[arg-type]
+    if why is not None:
+        raise ValueError(f"{where} cannot feed the model: {why}")
+    return source

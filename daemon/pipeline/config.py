@@ -6,7 +6,8 @@ from it, so they cannot drift apart.
 
 Environment overrides are named ``UNLEARND_<SECTION>_<KEY>`` (``UNLEARND_KAFKA_BOOTSTRAP``,
 ``UNLEARND_STATE_DIR``, ``UNLEARND_REGISTRY_DIR``, ...); the models are a TOML array, overridden per
-index: ``UNLEARND_MODELS_0_PROBE``. An override is parsed as its setting's type (lists are
+index: ``UNLEARND_MODELS_0_PROBE``, and so are a model's sources (``[[models.sources]]``):
+``UNLEARND_MODELS_0_SOURCES_1_PATH``. An override is parsed as its setting's type (lists are
 comma-separated), and wins over the file.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.cpu_policy import POLICIES
-from daemon.data.sources import KNOWN_DATASETS
+from daemon.data.sources import KNOWN_DATASETS, check_source_name
 from daemon.engine.config import PRESETS
 from daemon.engine.importance import ACCUMULATIONS
 from daemon.engine.methods import METHODS
@@ -39,6 +40,7 @@ __all__ = [
     "RegistrySection",
     "RoundsSection",
     "ServingSection",
+    "SourceSection",
     "StateSection",
     "example_toml",
     "load_config",
@@ -180,17 +182,50 @@ class DaemonSection:
     outbox_interval_s: float = _opt(0.5, "how often unacknowledged receipts are retried", "s", minimum=0.01)
 
 
+SOURCE_KINDS = ("builtin", "folder", "array")
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    """One source the model's refs may name and its probe may come from ([[models.sources]] in the file)."""
+
+    kind: str = _opt("builtin", "builtin: a dataset's <dataset>-train and <dataset>-test; folder: class subfolders "
+                     "of images (as torchvision's ImageFolder), refs by index or by path (photos:cats/001.png); "
+                     "array: an .npz (uncompressed, np.savez) or .safetensors file holding images and labels",
+                     choices=SOURCE_KINDS)
+    name: str = _opt("", "the source's name in refs (folder and array; a builtin's names come from its dataset)")
+    path: str = _opt("", "the folder (folder) or the file (array)")
+    dataset: str = _opt("mnist", "the built-in dataset (builtin)", choices=KNOWN_DATASETS)
+    data_root: str = _opt("", "folder holding cifar-10-batches-py (builtin cifar10 only)")
+    resize: bool = _opt(False, "resize folder images to the model's H×W (bilinear); otherwise an image of "
+                               "another size is rejected per request (wrong_shape)")
+
+    def names(self) -> tuple[str, ...]:
+        """The ref source names this entry brings."""
+        return (f"{self.dataset}-train", f"{self.dataset}-test") if self.kind == "builtin" else (self.name,)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """One live model this daemon owns ([[models]] in the file)."""
 
     name: str = _opt("mnist-cnn", "model name: the registry folder and the requests' key")
-    dataset: str = _opt("mnist", "dataset whose built-in sources refs may name (mnist, cifar10)",
-                        choices=KNOWN_DATASETS)
+    dataset: str = _opt("mnist", "shorthand for one builtin source: the dataset whose <dataset>-train and "
+                                 "<dataset>-test refs may name (default mnist, none when [[models.sources]] is "
+                                 "given and dataset is not)", choices=KNOWN_DATASETS)
     data_root: str = _opt("", "folder holding cifar-10-batches-py (cifar10 only)")
-    probe: str = _opt("mnist-test:0-1999", "the operator's probe set: <source>:<start>-<end> (inclusive)")
-    pretrain_epochs: int = _opt(0, "train the model if the registry has none (0: refuse to start instead)",
-                                minimum=0)
+    probe: str = _opt("mnist-test:0-1999", "the operator's probe set: <source>:<start>-<end> (inclusive), "
+                                           "or <source>:all")
+    pretrain_epochs: int = _opt(0, "train the model if the registry has none (0: refuse to start instead; "
+                                   "built-in datasets only)", minimum=0)
+    sources: list[SourceSection] = field(default_factory=list, metadata={
+        "doc": "the sources refs may name, besides dataset's ([[models.sources]])", "unit": "",
+        "minimum": None, "below": None, "choices": None})
+
+    def source_sections(self) -> list[SourceSection]:
+        """Every source entry: the dataset shorthand (when set) first, then [[models.sources]]."""
+        shorthand = [SourceSection(kind="builtin", dataset=self.dataset, data_root=self.data_root)]
+        return (shorthand if self.dataset else []) + list(self.sources)
 
 
 @dataclass(frozen=True)
@@ -215,14 +250,19 @@ class Config:
 _SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__  # type: ignore[misc]
                               for f in dataclasses.fields(Config) if f.name != "models"}
 _PROBE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*):([0-9]+)-([0-9]+)$")
+_WHOLE_PROBE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*):all$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
-def parse_probe(spec: str) -> tuple[str, int, int]:
-    """``"mnist-test:0-1999"`` -> (source, start, end_exclusive)."""
+def parse_probe(spec: str) -> tuple[str, int, int | None]:
+    """``"mnist-test:0-1999"`` -> (source, start, end_exclusive); ``"photos:all"`` -> (source, 0, None)."""
+    whole = _WHOLE_PROBE.match(spec)
+    if whole:
+        return whole.group(1), 0, None
     m = _PROBE.match(spec)
     if not m or int(m.group(3)) < int(m.group(2)):
-        raise ValueError(f"probe must look like <source>:<start>-<end> with end >= start, got {spec!r}")
+        raise ValueError(f"probe must look like <source>:<start>-<end> with end >= start, or <source>:all, "
+                         f"got {spec!r}")
     return m.group(1), int(m.group(2)), int(m.group(3)) + 1
 
 
@@ -279,11 +319,28 @@ def _build(cls: type, prefix: str, table: Mapping[str, Any], env: Mapping[str, s
     for name, f in fields.items():
         setting = f"{prefix}.{name}"
         env_name = f"{env_prefix}_{name.upper()}"
-        if env_name in env:
+        if f.type == "list[SourceSection]":
+            values[name] = _build_sources(setting, table.get(name, []), env, env_name)
+        elif env_name in env:
             values[name] = _convert(f"{setting} (from {env_name})", f, env[env_name], True)
         elif name in table:
             values[name] = _convert(setting, f, table[name], False)
     return cls(**values)
+
+
+def _build_sources(setting: str, raw: Any, env: Mapping[str, str], env_prefix: str) -> list[SourceSection]:
+    if not isinstance(raw, list):
+        raise ConfigError(setting, "must be an array of tables ([[models.sources]])")
+    return [_build(SourceSection, f"{setting}[{j}]", t, env, f"{env_prefix}_{j}") for j, t in enumerate(raw)]
+
+
+def _build_model(i: int, table: Any, env: Mapping[str, str]) -> ModelSection:
+    """A [[models]] table; listing sources and no dataset means no built-in dataset."""
+    prefix = f"{ENV_PREFIX}_MODELS_{i}"
+    model = _build(ModelSection, f"models[{i}]", table, env, prefix)
+    if model.sources and "dataset" not in table and f"{prefix}_DATASET" not in env:
+        model = dataclasses.replace(model, dataset="")
+    return model
 
 
 def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -> Config:
@@ -305,8 +362,7 @@ def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -
     raw_models = data.get("models", [{}]) if path is None or "models" in data else []
     if not isinstance(raw_models, list):
         raise ConfigError("models", "must be an array of tables ([[models]])")
-    models = [_build(ModelSection, f"models[{i}]", t, env, f"{ENV_PREFIX}_MODELS_{i}")
-              for i, t in enumerate(raw_models)]
+    models = [_build_model(i, t, env) for i, t in enumerate(raw_models)]
     config = Config(**sections, models=models)
     _check(config)
     return config
@@ -328,12 +384,52 @@ def _check(config: Config) -> None:
         if m.name in seen:
             raise ConfigError(f"models[{i}].name", f"model {m.name!r} is listed twice")
         seen.add(m.name)
-        try:
-            parse_probe(m.probe)
-        except ValueError as exc:
-            raise ConfigError(f"models[{i}].probe", str(exc)) from None
-        if m.dataset == "cifar10" and not m.data_root:
-            raise ConfigError(f"models[{i}].data_root", "cifar10 needs the folder holding cifar-10-batches-py")
+        _check_model_sources(i, m)
+
+
+def _check_model_sources(i: int, m: ModelSection) -> None:
+    """Each source entry has what its kind needs, names are unique, the probe names one of them."""
+    names: dict[str, str] = {}
+    for j, src in enumerate(m.sources):
+        where = f"models[{i}].sources[{j}]"
+        if src.kind == "builtin":
+            if src.name or src.path:
+                raise ConfigError(f"{where}.{'name' if src.name else 'path'}",
+                                  f"a builtin source takes no {'name' if src.name else 'path'}: its sources "
+                                  f"are {' and '.join(src.names())}")
+        else:
+            if not check_source_name(src.name):
+                raise ConfigError(f"{where}.name", f"a {src.kind} source needs a name of letters, digits, "
+                                                   f". _ - (refs say <name>:<index>), got {src.name!r}")
+            if not src.path:
+                raise ConfigError(f"{where}.path", f"a {src.kind} source needs a path "
+                                                   f"({'the folder of class folders' if src.kind == 'folder' else 'the .npz or .safetensors file'})")
+        if src.resize and src.kind != "folder":
+            raise ConfigError(f"{where}.resize", "only a folder source resizes its images")
+    entries = [(f"models[{i}].dataset", f"models[{i}].data_root", src) for src in m.source_sections()[:1] if m.dataset]
+    entries += [(f"models[{i}].sources[{j}]", f"models[{i}].sources[{j}].data_root", src)
+                for j, src in enumerate(m.sources)]
+    for where, data_root, src in entries:
+        if src.kind == "builtin" and src.dataset == "cifar10" and not src.data_root:
+            raise ConfigError(data_root, "cifar10 needs the folder holding cifar-10-batches-py")
+        for name in src.names():
+            if name in names:
+                raise ConfigError(where, f"source {name!r} is already given by {names[name]}")
+            names[name] = where
+    if not names:
+        raise ConfigError(f"models[{i}].sources", "a model needs a source: set dataset or add [[models.sources]]")
+    try:
+        source = parse_probe(m.probe)[0]
+    except ValueError as exc:
+        raise ConfigError(f"models[{i}].probe", str(exc)) from None
+    if source not in names:
+        raise ConfigError(f"models[{i}].probe", f"names source {source!r}, not one of this model's "
+                                                f"({', '.join(names)})")
+    if m.pretrain_epochs and not any(s.kind == "builtin" for s in m.source_sections()):
+        raise ConfigError(f"models[{i}].pretrain_epochs", "pretraining needs a built-in dataset "
+                                                          "(set dataset); import or publish the model instead")
+
+
 # -- documentation generated from the schema ----------------------------------------------------------
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -367,11 +463,24 @@ def example_toml() -> str:
     for i, model in enumerate(default.models):
         out.append(f"[[models]]  # {ModelSection.__doc__}")
         for f in dataclasses.fields(ModelSection):
-            out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_{f.name.upper()})")
+            if f.name == "sources":
+                continue
+            comment = f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_{f.name.upper()})"
             value = getattr(model, f.name)
             if f.name == "pretrain_epochs":
                 value = 2   # the demo model is trained on first run, then cached in the registry
-            out.append(f"{f.name} = {_toml_value(value)}")
+            if f.name in ("dataset", "data_root"):   # the shorthand: this example lists its source instead
+                out += [comment, f"# {f.name} = {_toml_value(value)}"]
+                continue
+            out += [comment, f"{f.name} = {_toml_value(value)}"]
+        out += ["", f"[[models.sources]]  # {SourceSection.__doc__}"]
+        for f in dataclasses.fields(SourceSection):
+            out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_SOURCES_0_{f.name.upper()})")
+            out.append(f"{f.name} = {_toml_value(getattr(SourceSection(), f.name))}")
+        out += ["", "# Your own data, e.g.:", "# [[models.sources]]", '# kind = "folder"', '# name = "photos"',
+                '# path = "/data/photos"      # /data/photos/<class>/<file>.png; refs: photos:12, photos:cats/001.png',
+                "# [[models.sources]]", '# kind = "array"', '# name = "scans"',
+                '# path = "/data/scans.npz"   # images and labels; refs: scans:12']
     return "\n".join(out) + "\n"
 
 
@@ -382,8 +491,11 @@ def reference_rows() -> list[dict[str, str]]:
     groups: list[tuple[str, type, Any, str]] = [(n, c, getattr(default, n), f"{ENV_PREFIX}_{n.upper()}")
                                                 for n, c in _SECTIONS.items()]
     groups.append(("models[i]", ModelSection, ModelSection(), f"{ENV_PREFIX}_MODELS_<i>"))
+    groups.append(("models[i].sources[j]", SourceSection, SourceSection(), f"{ENV_PREFIX}_MODELS_<i>_SOURCES_<j>"))
     for name, cls, obj, env_prefix in groups:
         for f in dataclasses.fields(cls):
+            if f.name == "sources":   # a table of its own, listed next
+                continue
             rows.append({"key": f"{name}.{f.name}", "env": f"{env_prefix}_{f.name.upper()}",
                          "type": str(f.type), "default": _toml_value(getattr(obj, f.name)),
                          "unit": f.metadata.get("unit") or "", "meaning": _describe(f)})

@@ -1,4 +1,8 @@
-"""One live model inside the daemon: its weights and session, its probe set, and how a round runs on it.
+"""One live model inside the daemon: its weights and session, its sources and probe set, and how a round runs on it.
+
+Its sources come from the model's configuration (:func:`open_sources`: the built-in datasets, image folders and
+array files, opened lazily: a folder is listed, an array file mapped); the probe set is a slice of one of them,
+read once the model's input shape is known (:meth:`ModelRuntime.reload`). Pretraining needs a built-in dataset.
 
 No Kafka and no ledger here: this layer turns accepted requests into an engine round, gates it on
 retention, and writes the version to the registry; the commit layer records the outcome. The classes a
@@ -20,7 +24,9 @@ from torch import nn
 
 from daemon import registry
 from daemon.registry import model_store
-from daemon.data.sources import Source, builtin_sources, load_dataset
+from daemon.data.arrays import ArraySource
+from daemon.data.folder import ImageFolderSource
+from daemon.data.sources import RefError, Source, SourceConfigError, builtin_sources, load_dataset
 from daemon.data.splits import DatasetSplits
 from daemon.engine.config import preset
 from daemon.engine.evaluate import param_drift_l2, predict, prediction_flip_ratio
@@ -33,7 +39,7 @@ from daemon.pipeline.config import ModelSection, RoundsSection, parse_probe
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import RoundMetrics
 
-__all__ = ["Candidate", "ModelRuntime", "RuntimeError_"]
+__all__ = ["Candidate", "ModelRuntime", "RuntimeError_", "open_sources"]
 
 log = structlog.get_logger("unlearnd.runtime")
 
@@ -69,25 +75,31 @@ class Candidate:
 
 
 class ModelRuntime:
-    """Everything the daemon keeps about one model; :meth:`open` reads its dataset, :meth:`ensure_model` its weights."""
+    """Everything the daemon keeps about one model; :meth:`open` opens its sources, :meth:`ensure_model` its weights.
 
-    def __init__(self, section: ModelSection, registry_dir: Path, rounds: RoundsSection, splits: DatasetSplits
-                 ) -> None:
+    ``splits`` is the first built-in dataset among the sources (what pretraining trains on), or ``None``.
+    """
+
+    def __init__(self, section: ModelSection, registry_dir: Path, rounds: RoundsSection,
+                 sources: Mapping[str, Source], splits: DatasetSplits | None = None) -> None:
         self.section = section
         self.name = section.name
         self.registry_dir = registry_dir
         self.rounds = rounds
         self.splits = splits
-        self.sources: dict[str, Source] = builtin_sources(self.splits)
+        self.sources: dict[str, Source] = dict(sources)
         source, start, end = parse_probe(section.probe)
         if source not in self.sources:
             raise RuntimeError_(f"models.{self.name}.probe: unknown source {source!r} "
                                 f"(known: {', '.join(self.sources)})")
-        px, py = self.sources[source]
-        if end > len(px):
+        size = len(self.sources[source])
+        end = size if end is None else end
+        if end > size:
             raise RuntimeError_(f"models.{self.name}.probe: {section.probe} runs past the end of {source} "
-                                f"({len(px)} items)")
-        self.probe_x, self.probe_y = px[start:end].clone(), py[start:end].clone()
+                                f"({size} items)")
+        self._probe_at = (source, range(start, end))
+        self.probe_y = self.sources[source].labels[start:end].clone()
+        self.probe_x = torch.empty(0)            # read by reload(), once the model's input shape is known
         self.live: model_store.LiveModel | None = None
         self.intake_model: nn.Module | None = None
         self.original_probe_pred: torch.Tensor | None = None
@@ -96,9 +108,24 @@ class ModelRuntime:
 
     @classmethod
     def open(cls, section: ModelSection, registry_dir: Path, rounds: RoundsSection) -> ModelRuntime:
-        """The runtime of ``section``, its dataset read (its weights are not loaded yet: :meth:`ensure_model`)."""
-        splits = load_dataset(section.dataset, Path(section.data_root) if section.data_root else None)
-        return cls(section, registry_dir, rounds, splits)
+        """The runtime of ``section``, its sources opened (its weights are not loaded yet: :meth:`ensure_model`)."""
+        sources, splits = open_sources(section)
+        return cls(section, registry_dir, rounds, sources, splits)
+
+    def _check_sources(self, shape: tuple[int, int, int]) -> None:
+        """Every source can feed the model, and the probe reads (a start-up refusal naming the setting)."""
+        for j, entry in enumerate(self.section.source_sections()):
+            for name in entry.names():
+                why = self.sources[name].accepts(shape)
+                if why is not None:
+                    raise RuntimeError_(f"models.{self.name}: source {name!r} ({_setting(self.section, j)}) cannot "
+                                        f"feed the model: {why}")
+        if not self.probe_x.numel():
+            source, rows = self._probe_at
+            try:
+                self.probe_x = self.sources[source].items(list(rows), shape)
+            except RefError as exc:
+                raise RuntimeError_(f"models.{self.name}.probe: {self.section.probe} cannot be read: {exc}") from None
 
     # -- loading ------------------------------------------------------------------------------------
     def ensure_model(self) -> None:
@@ -116,6 +143,8 @@ class ModelRuntime:
         from daemon.engine.training import TrainConfig, train_classifier
 
         splits = self.splits
+        if splits is None:
+            raise RuntimeError_(f"models.{self.name}.pretrain_epochs: pretraining needs a built-in dataset")
         arch = "mnist_cnn" if splits.name == "mnist" else "cifar_resnet18"
         log.info("pretraining", model=self.name, arch=arch, epochs=self.section.pretrain_epochs)
         mean, std = splits.mean_std()
@@ -135,9 +164,7 @@ class ModelRuntime:
         """Load LATEST (after a restart, a rollback, or a version another daemon published)."""
         registry.clean_temporaries(self.registry_dir, self.name)
         live = model_store.load_live(self.registry_dir, self.name, device=self.rounds.device)
-        if live.input_shape != tuple(self.splits.train_x.shape[1:]):
-            raise RuntimeError_(f"model {self.name!r} takes inputs {live.input_shape}, but dataset "
-                                f"{self.section.dataset} has {tuple(self.splits.train_x.shape[1:])}")
+        self._check_sources(live.input_shape)
         live.session.accumulation = self.rounds.accumulation
         live.session.memory.energy = self.rounds.memory_energy
         live.session.memory_copies = self.rounds.memory_copies
@@ -255,7 +282,7 @@ class ModelRuntime:
             info = model_store.publish(
                 self.registry_dir, self.name, copy.deepcopy(live.model).cpu(), live.session, arch=live.arch,
                 input_shape=live.input_shape, classes=live.classes, parent=live.version,
-                dataset=self.section.dataset, round_id=round_id,
+                dataset=self.splits.name if self.splits else None, round_id=round_id,
                 request_ids=[p.request_id for p in candidate.requests], method=dict(method),
                 metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes))
         except BaseException:
@@ -266,6 +293,38 @@ class ModelRuntime:
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         self.current_probe_pred = candidate.probe_pred
         return info
+
+
+def open_sources(section: ModelSection) -> tuple[dict[str, Source], DatasetSplits | None]:
+    """The model's sources by name, and its first built-in dataset (for pretraining), or a refusal naming the setting.
+
+    Lazy: a folder is listed (no file opened), an array file mapped (its labels read); built-ins load as today.
+    """
+    sources: dict[str, Source] = {}
+    first: DatasetSplits | None = None
+    for j, entry in enumerate(section.source_sections()):
+        try:
+            if entry.kind == "builtin":
+                splits = load_dataset(entry.dataset, Path(entry.data_root) if entry.data_root else None)
+                first = first or splits
+                sources.update(builtin_sources(splits))
+            elif entry.kind == "folder":
+                sources[entry.name] = ImageFolderSource.open(entry.path, resize=entry.resize)
+            else:
+                sources[entry.name] = ArraySource.open(entry.path)
+        except (SourceConfigError, ValueError, OSError) as exc:
+            raise RuntimeError_(f"models.{section.name}: {_setting(section, j)}: {exc}") from None
+    return sources, first
+
+
+def _setting(section: ModelSection, j: int) -> str:
+    """The setting behind ``section.source_sections()[j]`` (``sources[1].path``, ``dataset``)."""
+    if section.dataset:
+        if j == 0:
+            return "dataset"
+        j -= 1
+    entry = section.sources[j]
+    return f"sources[{j}]" + (".path" if entry.kind != "builtin" else ".dataset")
 
 
 def _forgotten_classes(manifest: Mapping[str, Any]) -> frozenset[int]:

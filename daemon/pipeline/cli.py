@@ -124,6 +124,13 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]
         raise _usage(f"{kind.name} needs one --target per --ref")
     if kind.names_class and args.forget_class is None:
         raise _usage(f"{kind.name} needs --class")
+    from daemon.data.sources import RefError, parse_ref
+
+    for ref in args.ref:   # the form only: the source and the item are the daemon's to check
+        try:
+            parse_ref(ref)
+        except RefError as exc:
+            raise _usage(f"--ref {ref!r}: {exc} ({exc.reason}); e.g. mnist-train:12 or photos:cats/001.png") from None
     instances = []
     for i, ref in enumerate(args.ref):
         inst: dict[str, Any] = {"id": f"{args.id_prefix}{ref}", "ref": ref}
@@ -294,7 +301,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--file", help="JSONL of request objects ('-' for standard input)")
     sp.add_argument("--model")
     sp.add_argument("--kind", default=ForgetInstances.name, choices=tuple(KINDS))
-    sp.add_argument("--ref", action="append", help="an instance by ref, e.g. mnist-train:12 (repeat)")
+    sp.add_argument("--ref", action="append", help="an instance by ref: <source>:<index> (mnist-train:12) or, in a folder source, "
+                                                 "<source>:<path> (photos:cats/001.png) (repeat)")
     sp.add_argument("--label", action="append", type=int, help="label per --ref (default: model's prediction)")
     sp.add_argument("--target", action="append", type=int, help="relabel target per --ref")
     sp.add_argument("--class", dest="forget_class", type=int)

@@ -301,8 +301,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--file", help="JSONL of request objects ('-' for standard input)")
     sp.add_argument("--model")
     sp.add_argument("--kind", default=ForgetInstances.name, choices=tuple(KINDS))
-    sp.add_argument("--ref", action="append", help="an instance by ref: <source>:<index> (mnist-train:12) or, in a folder source, "
-                                                 "<source>:<path> (photos:cats/001.png) (repeat)")
+    sp.add_argument("--ref", action="append", help="an instance by ref: <source>:<index> (mnist-train:12) or, "
+                                                 "in a folder source, <source>:<path> (photos:cats/001.png) (repeat)")
     sp.add_argument("--label", action="append", type=int, help="label per --ref (default: model's prediction)")
     sp.add_argument("--target", action="append", type=int, help="relabel target per --ref")
     sp.add_argument("--class", dest="forget_class", type=int)

@@ -141,7 +141,8 @@ def _open_safetensors(path: Path) -> tuple[object, np.ndarray, object]:
     keys = set(handle.keys())
     missing = [n for n in ("images", "labels") if n not in keys]
     if missing:
-        raise SourceConfigError(f"{path}: no {' and no '.join(missing)} tensor (has: {', '.join(sorted(keys)) or 'none'})")
+        has = ", ".join(sorted(keys)) or "none"
+        raise SourceConfigError(f"{path}: no {' and no '.join(missing)} tensor (has: {has})")
     labels = handle.get_tensor("labels").numpy()
     return handle.get_slice("images"), labels, handle
 

@@ -402,8 +402,8 @@ def _check_model_sources(i: int, m: ModelSection) -> None:
                 raise ConfigError(f"{where}.name", f"a {src.kind} source needs a name of letters, digits, "
                                                    f". _ - (refs say <name>:<index>), got {src.name!r}")
             if not src.path:
-                raise ConfigError(f"{where}.path", f"a {src.kind} source needs a path "
-                                                   f"({'the folder of class folders' if src.kind == 'folder' else 'the .npz or .safetensors file'})")
+                what = "the folder of class folders" if src.kind == "folder" else "the .npz or .safetensors file"
+                raise ConfigError(f"{where}.path", f"a {src.kind} source needs a path ({what})")
         if src.resize and src.kind != "folder":
             raise ConfigError(f"{where}.resize", "only a folder source resizes its images")
     entries = [(f"models[{i}].dataset", f"models[{i}].data_root", src) for src in m.source_sections()[:1] if m.dataset]

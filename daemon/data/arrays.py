@@ -95,7 +95,8 @@ class ArraySource(Source):
             return x.to(torch.float32).div_(255.0)
         x = x.to(torch.float32)
         if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
-            raise RefError("bad_values", f"item {index} of {self.path.name} is not in [0, 1] (or not finite)")
+            fault = "is not in [0, 1] (or not finite)"
+            raise RefError("bad_values", f"item {index} of {self.path.name} {fault}", fault=f"the item {fault}")
         return x
 
 

@@ -118,13 +118,13 @@ class ImageFolderSource(Source):
                 self._check_inside(path)
                 return self._starts[label] + at
         self._check_inside(path)  # a symlinked class folder out of the root says so, not "not found"
-        raise RefError("ref_not_found", f"{path!r} is not an image of this folder source (listed at start-up)")
+        raise _fault("ref_not_found", path, "is not an image of this folder source (listed at start-up)")
 
     def _check_inside(self, path: str) -> Path:
         full = self.root / path
         real = os.path.realpath(full)
         if os.path.commonpath([real, self._real_root]) != self._real_root:
-            raise RefError("ref_outside_source", f"{path!r} leads out of the source's root (a symlink)")
+            raise _fault("ref_outside_source", path, "leads out of the source's root (a symlink)")
         return full
 
     def item(self, index: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -134,12 +134,17 @@ class ImageFolderSource(Source):
             with self.opener(full) as f:
                 raw = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
-            raise RefError("ref_not_found", f"{path!r} was listed at start-up but is gone") from None
+            raise _fault("ref_not_found", path, "was listed at start-up but is gone") from None
         except OSError as exc:
-            raise RefError("bad_image", f"{path!r} cannot be read: {exc.strerror}") from None
+            raise _fault("bad_image", path, f"cannot be read: {exc.strerror}") from None
         if len(raw) > MAX_FILE_BYTES:
-            raise RefError("bad_image", f"{path!r} is over {MAX_FILE_BYTES >> 20} MiB: not read")
+            raise _fault("bad_image", path, f"is over {MAX_FILE_BYTES >> 20} MiB: not read")
         return _decode(path, raw, shape, self.resize)
+
+
+def _fault(reason: str, path: str, fault: str) -> RefError:
+    """A :class:`RefError` about the file at ``path``; its ``fault`` does not name the file."""
+    return RefError(reason, f"{path!r} {fault}", fault=f"the file {fault}")
 
 
 def _images_under(folder: Path) -> list[str]:
@@ -159,10 +164,10 @@ def _decode(path: str, raw: bytes, shape: tuple[int, int, int], resize: bool) ->
         with Image.open(io.BytesIO(raw)) as image:
             if image.size != (width, height):
                 if not resize:
-                    raise RefError(
-                        "wrong_shape",
-                        f"{path!r} is {image.size[0]}×{image.size[1]} (W×H), the model takes "
-                        f"{width}×{height}: resize the images, or set resize = true on the source",
+                    raise _fault(
+                        "wrong_shape", path,
+                        f"is {image.size[0]}×{image.size[1]} (W×H), the model takes {width}×{height}: "
+                        "resize the images, or set resize = true on the source",
                     )
                 image.draft(_MODES[channels], (width, height))
             image = image.convert(_MODES[channels])
@@ -172,6 +177,6 @@ def _decode(path: str, raw: bytes, shape: tuple[int, int, int], resize: bool) ->
     except RefError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RefError("bad_image", f"{path!r} is not a readable image ({type(exc).__name__})") from None
+        raise _fault("bad_image", path, f"is not a readable image ({type(exc).__name__})") from None
     x = torch.from_numpy(pixels.copy()).to(torch.float32).div_(255.0)
     return x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1).contiguous()

@@ -74,10 +74,12 @@ class RefError(ValueError):
     from the model's input), ``bad_values`` (an array item outside [0, 1] or not finite).
     """
 
-    def __init__(self, reason: str, message: str, ref: str | None = None) -> None:
+    def __init__(self, reason: str, message: str, ref: str | None = None, fault: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.ref = ref
+        #: the message without the item's file name or path, for details that must not quote a sender's path
+        self.fault = fault
 
 
 class SourceConfigError(ValueError):

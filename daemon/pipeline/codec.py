@@ -273,7 +273,7 @@ def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
                 gathered, _ = resolve_refs([ref for _, ref in by_ref], spec.sources, spec.input_shape)
             except RefError as exc:  # a file's pixels (bad_image, wrong_shape, bad_values), or a file gone
                 at = next(i for i, ref in by_ref if ref == exc.ref) if exc.ref else by_ref[0][0]
-                raise CheckFailed(exc.reason, clip(f"instances[{at}].ref: {exc}")) from exc
+                raise CheckFailed(exc.reason, clip(f"instances[{at}].ref: {exc.fault or exc.reason}")) from exc
             gathered = gathered.to(torch.float32)
             for row, (i, _) in enumerate(by_ref):
                 xs[i] = gathered[row]

@@ -44,7 +44,8 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 def leave_out_reason(module: nn.Module, inside_attention: bool = False) -> str | None:
     """Why the memory cannot protect ``module``'s weight (None: it can); parameters of the module itself only."""
     if inside_attention:
-        return "attention projection: F.multi_head_attention_forward uses it without calling the module, no hook sees its inputs"
+        return ("attention projection: F.multi_head_attention_forward uses it without calling the module, "
+                "no hook sees its inputs")
     if isinstance(module, nn.MultiheadAttention):
         return "attention in_proj weights are not a Linear and no hook sees their inputs"
     if isinstance(module, _NORMS):

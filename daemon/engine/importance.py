@@ -28,17 +28,25 @@ ACCUMULATIONS = ("none", "sum", "max", "decayed")
 _RANGE_EPS = 1e-12
 
 
-def mas_importance(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def mas_importance(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *,
+                   train: bool = True) -> dict[str, torch.Tensor]:
     """Raw MAS importance on ``x``: |∂ mean_i ‖g(x_i)‖₂ / ∂θ| · b, summed over batches, divided by N.
 
     As in the official code: non-squared L2 norm of the logits, absolute value of the *batch* gradient,
     measured on a copy in train mode (BatchNorm uses batch statistics). Unlike it, gradients are reset
     between batches (the official code zeroes the wrong optimiser, method.md P9).
+
+    ``train=False`` measures in eval mode: a round passes its ``bn_train`` (False by default), so on a
+    model with BatchNorm the importance is measured with the running statistics the round keeps, a
+    single instance does not fail BatchNorm's "more than 1 value per channel" check, and Dropout (e.g.
+    MobileNetV3's classifier) draws nothing from the global RNG. For a model with neither (the MNIST
+    CNN) both modes compute the same numbers. The probe is a copy: the caller's running statistics
+    never change either way.
     """
     if x.dim() != 4 or x.shape[0] == 0:
         raise ValueError(f"need a non-empty N×C×H×W batch, got shape {tuple(x.shape)}")
     probe = copy.deepcopy(model)
-    probe.train()
+    probe.train(train)
     device = next(probe.parameters()).device
     params = {n: p for n, p in probe.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}

@@ -46,10 +46,10 @@ class ImportancePlugin:
             raise ValueError(f"unknown accumulation {mode!r}; known: {', '.join(ACCUMULATIONS)}")
         self._accumulation = mode
 
-    def round_weights(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The penalty weights of a round on ``x``: MAS on ``model``, inverted, accumulated with the committed
-        rounds' (this object is left as it was)."""
-        current = anchor_weights(mas_importance(model, x))
+    def round_weights(self, model: nn.Module, x: torch.Tensor, *, train: bool = True) -> dict[str, torch.Tensor]:
+        """The penalty weights of a round on ``x``: MAS on ``model`` (in train mode when ``train``, see
+        :func:`mas_importance`), inverted, accumulated with the committed rounds' (this object is left as it was)."""
+        current = anchor_weights(mas_importance(model, x, train=train))
         return accumulate(self.weights, current, self.accumulation, self.decay)
 
     @staticmethod

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from daemon.engine.heads import output_layer  # noqa: F401  (moved to heads.py; re-exported)
+
 __all__ = ["ARCHS", "MnistCNN", "Normalize", "build_model", "output_layer"]
 
 
@@ -83,15 +85,3 @@ def build_model(arch: str, *, num_classes: int, input_shape: tuple[int, int, int
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     return nn.Sequential(Normalize(mean, std), ARCHS[arch](num_classes, tuple(input_shape)))
-
-
-def output_layer(model: nn.Module, num_classes: int) -> nn.Linear:
-    """The classifier's last ``Linear`` with ``num_classes`` outputs: the row of each class lives there.
-
-    ``forget_class`` rounds scoped to one class's row update only this layer, so the rest of the
-    network (and every other class's decision) stays as it was.
-    """
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    if not heads:
-        raise ValueError(f"the model has no Linear layer with {num_classes} outputs to scope a class round to")
-    return heads[-1]

@@ -27,7 +27,7 @@ from daemon.engine.importance import ImportanceRegulariser
 from daemon.engine.importance_plugin import ImportancePlugin
 from daemon.engine.kinds import ForgetInstances, Kind, get_kind
 from daemon.engine.methods import Method
-from daemon.engine.models import output_layer
+from daemon.engine.heads import find_head
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.subspace import SubspaceMemory
 
@@ -127,19 +127,22 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _trainable(work: nn.Module, request: ForgetRequest, config: UnlearnConfig, num_classes: int) -> list[nn.Parameter]:
+def _trainable(work: nn.Module, request: ForgetRequest, config: UnlearnConfig, num_classes: int,
+               head_name: str | None = None) -> list[nn.Parameter]:
     """The weights a round may move. A class round scoped to ``head_row`` moves only that class's row
-    of the output layer: lowering one logit cannot make any other class's example look like the class,
+    of the output layer (``daemon.engine.heads``: declared by ``head_name`` or found; a conv head's
+    output channel): lowering one logit cannot make any other class's example look like the class,
     and leaves every other class's logit exactly as it was."""
     if not get_kind(request.kind).class_row_only(config):
         return [p for p in work.parameters() if p.requires_grad]
-    head = output_layer(work, num_classes)
-    row = torch.zeros(num_classes, 1, device=head.weight.device, dtype=head.weight.dtype)
+    head = find_head(work, num_classes, head=head_name, x=request.x).module
+    row = torch.zeros(num_classes, *([1] * (head.weight.dim() - 1)), device=head.weight.device,
+                      dtype=head.weight.dtype)
     row[request.forget_class] = 1.0
     head.weight.register_hook(lambda g: g * row)
     params = [head.weight]
     if head.bias is not None:
-        head.bias.register_hook(lambda g: g * row[:, 0])
+        head.bias.register_hook(lambda g: g * row.flatten())
         params.append(head.bias)
     return params
 
@@ -196,13 +199,13 @@ def _prepare(work: nn.Module, request: ForgetRequest, kind: Kind, method: Method
 
 
 def _optimiser(work: nn.Module, request: ForgetRequest, kind: Kind, config: UnlearnConfig, x: torch.Tensor,
-               memory: SubspaceMemory | None, num_classes: int
+               memory: SubspaceMemory | None, num_classes: int, head: str | None = None
                ) -> tuple[_UpdateProjector | None, list[nn.Parameter], torch.optim.Optimizer | None]:
     """The memory's projector (instance rounds), the weights that move, and their optimiser (None: none move)."""
     projector = None
     if memory is not None and kind.instance_scoped:
         projector = memory.projector(work, x, config.memory_min_free)
-    params = _trainable(work, request, config, num_classes)
+    params = _trainable(work, request, config, num_classes, head)
     if projector is not None and projector.frozen:
         # A layer the memory keeps fixed for the round leaves the optimiser and the backward pass: its
         # gradient would be thrown away after every step, yet it would count in the held/forget balance
@@ -374,6 +377,7 @@ def run_round(
     track_every: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
     should_abort: Callable[[], bool] | None = None,
+    head: str | None = None,
 ) -> RoundResult:
     """Unlearn ``request`` from a copy of ``model`` with ``method``; never touches ``model`` itself.
 
@@ -384,7 +388,14 @@ def run_round(
     examples keep (``config.hold_at``; None: the model as it is now). ``sentinel``: inputs whose
     predictions must not all fall into one class (defaults to the held set). ``track``: an (x, y) set
     whose accuracy is recorded along the trajectory every ``track_every`` steps (benchmark plots).
-    ``should_abort`` is polled every step.
+    ``should_abort`` is polled every step. ``head``: the classifier head's module name for class rounds
+    scoped to its row (None: found by output width, ``daemon.engine.heads``).
+
+    BatchNorm: every forward of the round runs on the copy, in eval mode unless ``config.bn_train`` (the
+    ``paper`` preset, as L2UL's code: its training forwards then update the copy's running statistics,
+    which the round's state carries). With the default (``bn_train`` False) no forward of a round runs a
+    normalisation layer in train mode (attack, anchors, impressions, MAS, loop, checks), so the running
+    statistics and ``num_batches_tracked`` leave the round bit-unchanged.
     """
     if method.oracle:
         raise ValueError(f"{method.name} is a benchmark oracle and needs the training data; it cannot run a round")
@@ -392,7 +403,7 @@ def run_round(
         raise ValueError(f"{method.name} needs importance weights")
     request.validate(num_classes=num_classes, input_shape=tuple(request.x.shape[1:]))
     kind = get_kind(request.kind)
-    weights = importance.round_weights(model, request.x) if method.uses_importance else None
+    weights = importance.round_weights(model, request.x, train=config.bn_train) if method.uses_importance else None
     wall0 = time.perf_counter()
     work = copy.deepcopy(model)
     acc0, pred_before = _forget_accuracy(work, request, kind)
@@ -403,7 +414,7 @@ def run_round(
     # A set whose predictions already sit in one class (a single instance's held examples mostly keep
     # its class) says nothing about collapse: only a round that *puts* them there has collapsed.
     share_before = _top_share(work, prep.sentinel)
-    projector, params, opt = _optimiser(work, request, kind, config, prep.x, memory, num_classes)
+    projector, params, opt = _optimiser(work, request, kind, config, prep.x, memory, num_classes, head)
     loop = _Loop(work, request, kind, method, config, prep, params, opt, projector, acc0, track, track_every, progress)
     if loop.tracking:
         loop.record(0, acc0)

@@ -14,6 +14,7 @@ state continues bit-identically to one that never stopped.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,9 +29,12 @@ from daemon.engine.kinds import get_kind
 from daemon.engine.methods import get_method
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import RoundResult, run_round
+from daemon.engine.protection import Protection, protection_report
 from daemon.engine.subspace import SubspaceMemory
 
 __all__ = ["DEFAULT_ACCUMULATION", "DEFAULT_MEMORY_COPIES", "DEFAULT_MEMORY_ENERGY", "UnlearningSession"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ACCUMULATION = "max"
 #: the memory keeps (all but 1e-5 of) the forgotten instances' own input directions at every layer:
@@ -63,11 +67,16 @@ class UnlearningSession:
         seed: base seed; round r draws from ``seed * 1_000_003 + r``.
         memory_energy: the subspace memory's threshold (0: no memory; ``daemon.engine.subspace``).
         memory_copies: affine copies of each instance the memory protects beside the instance.
+        head: the classifier head's module name for class rounds scoped to its row (None: found by
+            output width; ``daemon.engine.heads``). The operator's setting, never a request's.
+
+    The first round logs, once per session, which parameters the subspace memory protects and which it
+    leaves out, with the reason per layer type (:attr:`protection`).
     """
 
     def __init__(self, model: nn.Module, *, num_classes: int, accumulation: str = DEFAULT_ACCUMULATION,
                  decay: float = 0.5, seed: int = 0, memory_energy: float = DEFAULT_MEMORY_ENERGY,
-                 memory_copies: int = DEFAULT_MEMORY_COPIES) -> None:
+                 memory_copies: int = DEFAULT_MEMORY_COPIES, head: str | None = None) -> None:
         self.importance_plugin = ImportancePlugin(accumulation, decay)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -75,6 +84,8 @@ class UnlearningSession:
             raise ValueError(f"memory_copies must be >= 0, got {memory_copies}")
         self.model = model
         self.num_classes = num_classes
+        self.head = head
+        self._protection: Protection | None = None     # computed (and logged) by the first round
         self.seed = seed
         self.rounds_applied = 0
         self.original = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
@@ -91,6 +102,13 @@ class UnlearningSession:
     def importance(self) -> dict[str, torch.Tensor] | None:
         """The accumulated importance penalty weights of the committed rounds (None before the first)."""
         return self.importance_plugin.weights
+
+    @property
+    def protection(self) -> Protection:
+        """Which parameters the subspace memory protects and which it leaves out, and why."""
+        if self._protection is None:
+            self._protection = protection_report(self.model)
+        return self._protection
 
     @property
     def accumulation(self) -> str:
@@ -128,6 +146,8 @@ class UnlearningSession:
         after a retention gate.
         """
         config = config or PRESETS["default"]
+        if self._protection is None and self.memory.enabled:
+            log.info("%s", self.protection.describe())
         m = get_method(method)
         gen = self.generator()
         reference = self.reference_model() if config.hold_at == "original" else None
@@ -135,7 +155,8 @@ class UnlearningSession:
         result = run_round(self.model, request, m, config, generator=gen, num_classes=self.num_classes,
                            importance=self.importance_plugin, memory=self.memory, reference=reference,
                            sentinel=sentinel, track=track,
-                           track_every=track_every, progress=progress, should_abort=should_abort)
+                           track_every=track_every, progress=progress, should_abort=should_abort,
+                           head=self.head)
         self._pending = None
         if result.succeeded and self.memory.enabled and get_kind(request.kind).instance_scoped:
             t0 = time.perf_counter()
@@ -212,16 +233,17 @@ class UnlearningSession:
         return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     @classmethod
-    def restore(cls, model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
-                ) -> UnlearningSession:
-        """The session as :meth:`state` saved it; ``model`` must already hold the live weights."""
+    def restore(cls, model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *,
+                head: str | None = None) -> UnlearningSession:
+        """The session as :meth:`state` saved it; ``model`` must already hold the live weights. ``head``
+        is the operator's setting (not saved in the state), as for the constructor."""
         version = meta.get("state_version")
         if version not in (1, _STATE_VERSION):
             raise ValueError(f"unsupported session state version {version!r}")
         session = cls(model, num_classes=int(meta["num_classes"]), accumulation=str(meta["accumulation"]),
                       decay=float(meta["decay"]), seed=int(meta["seed"]),
                       memory_energy=float(meta.get("memory_energy", _V1_MEMORY_ENERGY)),
-                      memory_copies=int(meta.get("memory_copies", _V2_MEMORY_COPIES)))
+                      memory_copies=int(meta.get("memory_copies", _V2_MEMORY_COPIES)), head=head)
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         original = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("original/")}
         _check_matches("original weights", original, shapes, exact=True)

@@ -33,27 +33,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daemon.engine.protection import layer_reasons
+
 __all__ = ["SubspaceMemory", "layer_input_covariances", "protectable_layers"]
 
 
 def protectable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and (ungrouped, undilated) Conv2d layers with a trainable weight, by module name."""
-    out: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and m.weight.requires_grad:
-            out[name] = m
-        elif (isinstance(m, nn.Conv2d) and m.weight.requires_grad and m.groups == 1
-              and m.dilation == (1, 1) and isinstance(m.padding, tuple)):
-            out[name] = m
-    return out
+    """Linear and Conv2d layers (zero, numeric padding; any stride, dilation, groups) with a trainable
+    weight, by module name; Linear layers inside ``nn.MultiheadAttention`` are left out (no hook sees
+    their inputs). What is left out and why: ``daemon.engine.protection.protection_report``."""
+    reasons = layer_reasons(model)
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad and name in reasons
+            and reasons[name] is None}
 
 
 def _rows(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-    """The layer's input as one row per weight application (a conv: one per output position), with a
-    trailing 1 where the layer has a bias: the update of [W | b] acts on exactly these rows."""
+    """The layer's input as one row per weight application (a conv: one per output position and group),
+    with a trailing 1 where the layer has a bias: the update of [W | b] acts on exactly these rows. A
+    grouped conv's rows are each group's patches (``F.unfold`` orders channels outermost), all in the
+    one ``C_in / groups · kh · kw`` space its weight rows live in."""
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(inp, module.kernel_size, padding=module.padding, stride=module.stride)
-        inp = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        cols = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)
+        g = module.groups
+        if g == 1:
+            inp = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            n, width, positions = cols.shape
+            inp = cols.reshape(n, g, width // g, positions).permute(0, 1, 3, 2).reshape(-1, width // g)
     else:
         inp = inp.reshape(-1, inp.shape[-1])
     if module.bias is None:

@@ -207,7 +207,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and v == v}
         metrics["acc_test_original"] = ctx.acc_test_original
         info = model_store.publish(
-            Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch,
+            Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch, factory=live.factory,
             input_shape=live.input_shape, classes=live.classes, parent=live.version, dataset=splits.name,
             round_id=f"r-{int(time.time() * 1000):x}", method={"name": method.name, "preset": args.preset,
                                                                "params": config.to_dict()},

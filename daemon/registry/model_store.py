@@ -127,7 +127,7 @@ def publish(
         registry_dir, name, model, input_shape=tuple(input_shape), classes=list(classes), parent=parent,
         round_id=round_id, request_ids=list(request_ids), method=dict(method or {}), metrics=dict(metrics or {}),
         extra_files=_session_files(session),
-        extra_manifest={**spec, "dataset": dataset},
+        extra_manifest={**spec, "dataset": dataset}, label_file=True,
     )
 
 

@@ -252,9 +252,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         info = model_store.publish(
             Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch, factory=live.factory,
             input_shape=live.input_shape, classes=live.classes, parent=live.version, dataset=splits.name,
-            round_id=f"r-{int(time.time() * 1000):x}", method={"name": method.name, "preset": args.preset,
-                                                               "params": config.to_dict()},
-            metrics=metrics)
+            round_id=f"unlearn-{int(time.time() * 1000):x}",      # not a daemon's r-NNNNNN: see check_consistency
+            method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics)
         row["model_version"] = info.version
         print(f"published {args.model} v{info.version} (parent v{live.version})")
     if args.json:

@@ -3,18 +3,25 @@ refuses one that is ahead of its own ledger (real registry, real SQLite ledger, 
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from daemon.cli import main
 from daemon.engine.models import load_factory
+from daemon.pipeline.codec import Limits, check_request, decode_inputs
 from daemon.pipeline.commit import RoundCommitter, StartupError
 from daemon.pipeline.config import ModelSection, RoundsSection
+from daemon.pipeline.intake import fill_labels
 from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime
 from daemon.registry import model_store
+from tests.pipeline_harness import request
 
 MODEL = "mine"
 
@@ -70,3 +77,25 @@ def test_an_offline_round_on_top_of_what_the_ledger_committed_is_refused(reg, tm
     _offline_round(reg, "unlearn-18c5f3a2b10")
     with pytest.raises(StartupError, match="ahead of its ledger.*rollback"):
         _check(reg, ledger)
+
+
+def test_after_adoption_a_daemon_round_publishes_the_next_version_from_the_imported_factory(reg, tmp_path):
+    ledger = Ledger(tmp_path / "fresh.sqlite")
+    _check(reg, ledger)
+    rt = ModelRuntime.open(ModelSection(name=MODEL, probe="mnist-test:0-99"), reg,
+                           RoundsSection(retention_max_drop=1.0))
+    rt.ensure_model()
+    body = json.dumps(request("a", refs=["mnist-train:7"], model=MODEL)).encode()
+    decoded = decode_inputs(check_request(body, MODEL.encode(), {MODEL: rt.spec}, Limits()))
+    labels, targets = fill_labels(decoded, rt.predict_at_intake)
+    pending = PendingRequest(decoded=decoded, topic="t", partition=0, offset=0, received_at=time.time(),
+                             labels=labels, targets=targets)
+    committer = RoundCommitter(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models",
+                               method={"name": "adv_imp", "preset": "default"}, split_failed=False, keep_versions=0)
+    round_id = ledger.allocate_round(MODEL, "d1", ["a"])
+    outcome = committer.run(rt, [pending], round_id, should_abort=lambda: False)
+    assert outcome.status == "applied" and outcome.version.version == 2
+    manifest = outcome.version.manifest
+    assert manifest["factory"] == "tests.byo_factories:tiny_net" and manifest["round_id"] == round_id
+    assert ledger.last_committed_version(MODEL) == 2
+    assert isinstance(model_store.load_live(reg, MODEL).model[1], load_factory("tests.byo_factories:TinyNet"))

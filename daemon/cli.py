@@ -1,5 +1,10 @@
 """``unlearnd``: the command line.
 
+``pretrain`` trains a built-in architecture and ``import`` publishes an operator's own classifier
+(``--factory pkg.module:callable`` + ``--weights``; see :mod:`daemon.registry.importer`) as version 1;
+``unlearn`` runs one round on the latest version, rebuilt from its manifest's factory, and names its
+round ``unlearn-<hex ms>`` (never the daemon's ``r-NNNNNN``, so a daemon can adopt the registry).
+
 Exit codes (contract §7): 0 clean stop, 2 bad usage, input or configuration (with a message naming
 what was wrong), 1 anything else — including a round that failed its bar (the model is unchanged).
 """

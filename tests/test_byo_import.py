@@ -196,3 +196,20 @@ def test_importing_over_an_existing_model_is_refused(tmp_path, net, capsys):
     assert _import(reg, weights) == 2
     assert "already exists" in capsys.readouterr().err
     assert _snapshot(reg) == before
+
+
+def test_a_rollback_of_an_imported_model_is_rebuilt_from_the_same_factory(tmp_path, net):
+    from daemon.registry import ops
+
+    reg = tmp_path / "reg"
+    assert _import(reg, _save(tmp_path, net)) == 0
+    live = model_store.load_live(reg, "mine")
+    with torch.no_grad():
+        live.model[1].head.bias.add_(1.0)
+    model_store.publish(reg, "mine", live.model, live.session, input_shape=live.input_shape, classes=live.classes,
+                        parent=1, round_id="unlearn-1")
+    info = ops.rollback(reg, "mine", 1)
+    assert info.version == 3 and info.manifest["factory"] == NET and info.manifest["mean"] == [0.5]
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model_store.load_live(reg, "mine").model(x), net((x - 0.5) / 0.25))

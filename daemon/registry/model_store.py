@@ -3,6 +3,10 @@
 The architecture is the manifest's ``factory`` ("pkg.module:callable") and ``factory_kwargs``; the
 normalisation (``mean``/``std``) is recorded too, though the weights carry it as ``Normalize``'s
 buffers. A manifest written before factories names a built-in ``arch`` only and still loads.
+Rebuilding imports the factory's module, i.e. runs the operator's code: the factory is only ever
+named by the operator (``unlearnd import``, the manifest it wrote), never by a request, and whoever
+may write the registry is trusted as much as whoever may run the daemon. (``unlearnd serve`` needs
+no factory: it runs the version's TorchScript.)
 
 The engine's session is saved beside each version (``session.safetensors`` for tensors,
 ``session.json`` for the rest), so a restart — or an operator's rollback — continues exactly

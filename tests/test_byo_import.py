@@ -213,3 +213,22 @@ def test_a_rollback_of_an_imported_model_is_rebuilt_from_the_same_factory(tmp_pa
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model_store.load_live(reg, "mine").model(x), net((x - 0.5) / 0.25))
+
+
+def test_the_command_imports_a_torchvision_factory_in_a_fresh_process_and_exits_2_on_a_bad_one(tmp_path):
+    torch.manual_seed(3)
+    weights = _save(tmp_path, load_factory("tests.byo_factories:tiny_vit")())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(factory: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "daemon.cli", "import", "--registry", str(tmp_path / "reg"),
+                               "--model", "vit", "--factory", factory, "--weights", str(weights),
+                               "--input-shape", "1,28,28", "--classes", "10"],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+    bad = run("tests.byo_factories:tiny_net")
+    assert bad.returncode == 2 and "do not match the module of tests.byo_factories:tiny_net" in bad.stderr
+    assert not (tmp_path / "reg" / "vit").exists()
+    good = run("tests.byo_factories:tiny_vit")
+    assert good.returncode == 0, good.stderr
+    assert "vit v1" in good.stdout

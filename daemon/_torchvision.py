@@ -44,7 +44,7 @@ import torch
 if TYPE_CHECKING:  # for type checkers only; at run time these come from __getattr__ below
     from torchvision import models, transforms
 
-__all__ = ["import_torchvision", "models", "transforms"]
+__all__ = ["ensure_importable", "import_torchvision", "models", "transforms"]
 
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -108,6 +108,16 @@ def _ensure_ops() -> None:
                 if not _has_op(name):
                     raise
         _ready = True
+
+
+def ensure_importable() -> None:
+    """Make a later plain ``import torchvision`` work, without importing it.
+
+    For code that imports modules we do not own (an operator's model factory, a model zoo built on
+    torchvision): call this before ``importlib.import_module`` of such a module, whether or not it
+    turns out to use torchvision; it is cheap and idempotent.
+    """
+    _ensure_ops()
 
 
 def import_torchvision() -> ModuleType:

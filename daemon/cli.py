@@ -1,5 +1,10 @@
 """``unlearnd``: the command line.
 
+``pretrain`` trains a built-in architecture and ``import`` publishes an operator's own classifier
+(``--factory pkg.module:callable`` + ``--weights``; see :mod:`daemon.registry.importer`) as version 1;
+``unlearn`` runs one round on the latest version, rebuilt from its manifest's factory, and names its
+round ``unlearn-<hex ms>`` (never the daemon's ``r-NNNNNN``, so a daemon can adopt the registry).
+
 Exit codes (contract §7): 0 clean stop, 2 bad usage, input or configuration (with a message naming
 what was wrong), 1 anything else — including a round that failed its bar (the model is unchanged).
 """
@@ -107,6 +112,49 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- import -------------------------------------------------------------------------------------------
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from exc
+
+
+def _import_spec(args: argparse.Namespace):  # noqa: ANN202 - ImportSpec, imported lazily
+    from daemon.engine.models import ModelFactory
+    from daemon.registry.importer import ImportSpec, read_classes
+
+    shape = _ints(args.input_shape, "--input-shape")
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"--input-shape must be C,H,W (three positive integers), got {args.input_shape!r}")
+    try:
+        kwargs = json.loads(args.factory_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--factory-kwargs must be a JSON object, got {args.factory_kwargs!r} ({exc})") from exc
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--factory-kwargs must be a JSON object, got {args.factory_kwargs!r}")
+    mean = _floats(args.mean, "--mean") or [0.0] * shape[0]
+    std = _floats(args.std, "--std") or [1.0] * shape[0]
+    return ImportSpec(factory=ModelFactory(args.factory, kwargs), weights=Path(args.weights),
+                      input_shape=(shape[0], shape[1], shape[2]), classes=tuple(read_classes(args.classes)),
+                      mean=tuple(mean), std=tuple(std))
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Publish an operator's classifier (factory + weights) as version 1; nothing written on bad input."""
+    from daemon.registry.importer import ImportRejected, import_model
+
+    try:
+        info = import_model(Path(args.registry), args.model, _import_spec(args), seed=args.seed)
+    except ImportRejected as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"imported {args.factory} as {args.model} v{info.version} ({info.path}): input "
+          f"{','.join(map(str, info.manifest['input_shape']))}, {len(info.manifest['classes'])} classes")
+    return 0
+
+
 # -- unlearn ------------------------------------------------------------------------------------------
 def _build_request(args: argparse.Namespace, splits, num_classes: int):  # noqa: ANN202
     import torch
@@ -207,11 +255,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and v == v}
         metrics["acc_test_original"] = ctx.acc_test_original
         info = model_store.publish(
-            Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch,
+            Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch, factory=live.factory,
             input_shape=live.input_shape, classes=live.classes, parent=live.version, dataset=splits.name,
-            round_id=f"r-{int(time.time() * 1000):x}", method={"name": method.name, "preset": args.preset,
-                                                               "params": config.to_dict()},
-            metrics=metrics)
+            round_id=f"unlearn-{int(time.time() * 1000):x}",      # not a daemon's r-NNNNNN: see check_consistency
+            method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics)
         row["model_version"] = info.version
         print(f"published {args.model} v{info.version} (parent v{live.version})")
     if args.json:
@@ -344,6 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label-smoothing", type=float, default=None,
                     help="pre-training label smoothing (0 to <1; default: the recipe's, 0.2)")
     sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("import", help="publish your own classifier (factory + weights) as version 1")
+    sp.add_argument("--registry", required=True)
+    sp.add_argument("--model", required=True, help="the model's name in the registry")
+    sp.add_argument("--factory", required=True, help="pkg.module:callable returning the nn.Module")
+    sp.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    sp.add_argument("--weights", required=True,
+                    help="the module's state_dict: .safetensors, or torch.save'd (read with weights_only)")
+    sp.add_argument("--input-shape", required=True, help="C,H,W of one input (float32 in [0, 1])")
+    sp.add_argument("--mean", help="per-channel mean, comma-separated (default 0)")
+    sp.add_argument("--std", help="per-channel std, comma-separated (default 1)")
+    sp.add_argument("--classes", required=True, help="a file with one class name per line, or a count N")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the continual session")
+    sp.set_defaults(func=cmd_import)
 
     sp = sub.add_parser("unlearn", help="one round from the latest version, published as the next")
     data_args(sp)

@@ -17,6 +17,7 @@ Steps 1-3 are here (:meth:`RoundCommitter.run`, on the round thread); the outbox
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ from daemon.pipeline.runtime import Candidate, ModelRuntime
 __all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError"]
 
 log = structlog.get_logger("unlearnd.daemon")
+
+# The ledger's own round ids (Ledger.allocate_round: "r-000042"); others were written outside a daemon.
+_DAEMON_ROUND = re.compile(r"r-\d{6,9}")
 
 MODEL_EVENT_SCHEMA = "unlearn.model/v1"
 
@@ -198,8 +202,30 @@ class RoundCommitter:
                 return registry.verify_version(self.registry_dir, model, v)
         return None
 
+    def _adopt(self, name: str, version: int | None, round_id: str) -> None:
+        """LATEST comes from a round the ledger never recorded: adopt it, or say why not."""
+        if _DAEMON_ROUND.fullmatch(round_id):
+            raise StartupError(f"model {name!r}: LATEST (version {version}) comes from round {round_id}, "
+                               f"unknown to the ledger at {self.ledger.path}: is state.dir the one this "
+                               f"registry was written with?")
+        last = self.ledger.last_committed_version(name)
+        if last is not None:
+            raise StartupError(f"model {name!r}: LATEST (version {version}) comes from round {round_id}, written "
+                               f"outside the daemon after the ledger at {self.ledger.path} committed version "
+                               f"{last}: the registry is ahead of its ledger; roll back to version {last} "
+                               f"(unlearnd registry rollback) or start on a fresh state.dir to adopt it")
+        log.info("registry_adopted", model=name, version=version, round_id=round_id)
+
     def check_consistency(self, runtimes: Mapping[str, ModelRuntime]) -> None:
-        """Refuse to start when the registry and the ledger disagree (a wrong state.dir, a registry restored)."""
+        """Refuse to start when the registry and the ledger disagree (a wrong state.dir, a registry restored).
+
+        LATEST from a round this daemon's ledger does not know is adopted only when that round was written
+        outside any daemon (``unlearnd import`` has none, ``unlearnd unlearn`` names its rounds
+        ``unlearn-…``, or ``r-<hex>`` before) *and* the ledger has committed no version of this model: a
+        fresh state.dir on a registry the operator built by hand. A daemon round id (``r-000042``) the
+        ledger lacks, or an offline round on top of versions the ledger committed, is a registry ahead of
+        its ledger: refused.
+        """
         for name, rt in runtimes.items():
             manifest = rt.live.info.manifest if rt.live else {}
             round_id = manifest.get("round_id")
@@ -207,10 +233,8 @@ class RoundCommitter:
             if round_id and state not in ("committed", None):
                 raise StartupError(f"model {name!r}: LATEST (version {rt.version}) comes from round {round_id}, "
                                    f"which the ledger records as {state}")
-            if round_id and state is None and round_id.startswith("r-"):
-                raise StartupError(f"model {name!r}: LATEST (version {rt.version}) comes from round {round_id}, "
-                                   f"unknown to the ledger at {self.ledger.path}: is state.dir the one this "
-                                   f"registry was written with?")
+            if round_id and state is None:
+                self._adopt(name, rt.version, round_id)
             last = self.ledger.last_committed_version(name)
             highest = max(registry.list_versions(self.registry_dir, name), default=0)
             if last is not None and highest < last:

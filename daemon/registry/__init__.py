@@ -3,6 +3,8 @@
 Layout::
 
     <registry>/<model>/config.pbtxt                 Triton configuration (platform "pytorch_libtorch")
+    <registry>/<model>/labels.txt                   class names, one a line (Triton's label_filename; models
+                                                    published through model_store)
     <registry>/<model>/<version>/model.pt           TorchScript, CPU, float32 NCHW in [0, 1] -> logits
     <registry>/<model>/<version>/model.safetensors  the state dict
     <registry>/<model>/<version>/manifest.json      provenance and the sha256 of every other file
@@ -37,6 +39,7 @@ from daemon.registry.export import DEFAULT_MAX_BATCH_SIZE
 from daemon.registry.files import atomic_write_bytes
 from daemon.registry.layout import (
     CONFIG_FILE,
+    LABELS_FILE,
     LATEST_FILE,
     MANIFEST_FILE,
     STANDARD_FILES,
@@ -61,6 +64,7 @@ from daemon.registry.write import clean_temporaries, copy_version, set_latest, w
 __all__ = [
     "CONFIG_FILE",
     "DEFAULT_MAX_BATCH_SIZE",
+    "LABELS_FILE",
     "LATEST_FILE",
     "MANIFEST_FILE",
     "MANIFEST_SCHEMA",

@@ -10,6 +10,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 
 from daemon.registry.archive import copy_storages, read_layout
 from daemon.registry.files import _atomic_write_bytes
-from daemon.registry.layout import CONFIG_FILE
+from daemon.registry.layout import CONFIG_FILE, LABELS_FILE
 
 DEFAULT_MAX_BATCH_SIZE = 256
 # The traced module must reproduce the eager one; CPU TorchScript is normally bit-exact, the tolerance
@@ -216,9 +217,14 @@ def _export_torchscript(module: nn.Module, input_shape: tuple[int, int, int], nu
 
 
 def _triton_config(model_name: str, input_shape: tuple[int, int, int], num_classes: int,
-                   max_batch_size: int) -> bytes:
-    """Triton's model configuration; the default version policy serves the newest version."""
+                   max_batch_size: int, *, label_file: bool = False) -> bytes:
+    """Triton's model configuration; the default version policy serves the newest version.
+
+    With ``label_file`` the output names ``labels.txt`` (one class name per line, beside this file),
+    which Triton's classification extension reads to answer ``score:index:label``.
+    """
     dims = ", ".join(str(d) for d in input_shape)
+    labels = f'    label_filename: "{LABELS_FILE}"\n' if label_file else ""
     return (
         f'name: "{model_name}"\n'
         'platform: "pytorch_libtorch"\n'
@@ -235,13 +241,23 @@ def _triton_config(model_name: str, input_shape: tuple[int, int, int], num_class
         '    name: "OUTPUT__0"\n'
         "    data_type: TYPE_FP32\n"
         f"    dims: [ {num_classes} ]\n"
+        f"{labels}"
         "  }\n"
         "]\n"
     ).encode("ascii")
 
 
-def _write_config(model_dir: Path, content: bytes) -> None:
-    path = model_dir / CONFIG_FILE
+def _labels(classes: Sequence[str]) -> bytes:
+    """Triton's label file: one class name per line, in logit order."""
+    for name in classes:
+        if "\n" in name or "\r" in name:
+            raise ValueError(f"class name {name!r} holds a line break; a label file cannot carry it")
+    return "".join(f"{name}\n" for name in classes).encode("utf-8")
+
+
+def _write_config(model_dir: Path, content: bytes, name: str = CONFIG_FILE) -> None:
+    """Write a model-level file (``config.pbtxt``, ``labels.txt``) only when its content changed."""
+    path = model_dir / name
     try:
         if path.read_bytes() == content:
             return

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.pbtxt"
+LABELS_FILE = "labels.txt"                 # Triton label file beside config.pbtxt
 LATEST_FILE = "LATEST"
 TORCHSCRIPT_FILE = "model.pt"
 STATE_DICT_FILE = "model.safetensors"

@@ -17,9 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from daemon.registry.export import DEFAULT_MAX_BATCH_SIZE, _export, _triton_config, _write_config
+from daemon.registry.export import DEFAULT_MAX_BATCH_SIZE, _export, _labels, _triton_config, _write_config
 from daemon.registry.files import _atomic_write_bytes, _ensure_dir, _fsync_dir, _write_durable
 from daemon.registry.layout import (
+    LABELS_FILE,
     LATEST_FILE,
     MANIFEST_FILE,
     STATE_DICT_FILE,
@@ -71,6 +72,7 @@ def write_version(
     extra_manifest: Mapping[str, Any] | None = None,
     set_latest: bool = True,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    label_file: bool = False,
 ) -> VersionInfo:
     """Write ``module`` as the model's next version, crash-safely, and (by default) make it ``LATEST``.
 
@@ -89,6 +91,8 @@ def write_version(
         extra_manifest: more top-level manifest keys (may not override a standard key).
         set_latest: replace ``LATEST`` once the version is durable and verified.
         max_batch_size: Triton's ``max_batch_size`` in ``config.pbtxt``.
+        label_file: also write the class names as Triton's ``labels.txt`` beside ``config.pbtxt`` and
+            name it on the output (``label_filename``), for Triton's classification extension.
 
     Raises:
         ValueError: a bad argument (nothing written).
@@ -119,8 +123,12 @@ def write_version(
         raise ValueError(f"parent version {parent} of model {model_name!r} does not exist")
     ts_bytes, st_bytes = _export(module, shape, len(class_names))
 
+    labels = _labels(class_names) if label_file else None
     _ensure_dir(model_dir)
-    _write_config(model_dir, _triton_config(model_name, shape, len(class_names), max_batch_size))
+    if labels is not None:
+        _write_config(model_dir, labels, LABELS_FILE)     # before the config that names it
+    _write_config(model_dir, _triton_config(model_name, shape, len(class_names), max_batch_size,
+                                            label_file=label_file))
 
     files = {TORCHSCRIPT_FILE: ts_bytes, STATE_DICT_FILE: st_bytes, **extras}
     manifest["files"] = _file_table(files)

@@ -170,10 +170,11 @@ class ServeApp:
         try:
             served = self._served(version)       # one snapshot for the whole request
             request = parse_infer_request(body, header_length, input_shape=served.input_shape,
-                                          max_batch=self.settings.max_batch_size)
+                                          max_batch=self.settings.max_batch_size, classes=served.classes)
             logits = served.infer(request.batch)
             out, headers, media = encode_response(logits, model=served.model, version=served.version,
-                                                  request_id=request.request_id, binary=request.binary_output)
+                                                  request_id=request.request_id, binary=request.binary_output,
+                                                  classification=request.classification, classes=served.classes)
             status = 200
         except ProtocolError as exc:
             status, out, headers, media = exc.status, json.dumps({"error": exc.message}).encode(), {}, _JSON

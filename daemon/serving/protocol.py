@@ -6,6 +6,12 @@ input with ``parameters.binary_data_size`` takes that many raw little-endian byt
 Outputs come back as JSON unless the request asks for binary (``parameters.binary_data_output`` or an
 output's ``parameters.binary_data``), which is tritonclient's default.
 
+Triton's classification extension is answered too: an output requested with
+``parameters.classification = K`` comes back as a BYTES tensor ``[N, K]`` of ``"score:index:label"``
+strings, the K highest logits of each row (score formatted as C's ``%f``, as Triton does; binary
+BYTES elements are a 4-byte little-endian length and the UTF-8 bytes). The labels are the version's
+class names (its manifest's ``classes``, also Triton's ``labels.txt``).
+
 Every check raises ``ProtocolError`` with a status and a message that says what to fix.
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +50,7 @@ class InferRequest:
     batch: torch.Tensor
     request_id: str | None
     binary_output: bool
+    classification: int | None = None       # K of Triton's classification extension, or plain logits
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -117,9 +125,21 @@ def _tensor_from_binary(binary: bytes, offset: int, size: Any, count: int) -> np
     return np.frombuffer(binary, dtype="<f4", count=count, offset=offset).astype(np.float32, copy=True)
 
 
+def _classification(value: Any, classes: Sequence[str] | None) -> int:
+    """K of an output's ``classification`` parameter, at most the class count (Triton's clamp)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProtocolError(400, f"output {OUTPUT_NAME}: classification must be a positive integer K, got {value!r}")
+    if classes is None:
+        raise ProtocolError(400, "the classification extension needs the model's class names; read the logits")
+    return min(value, len(classes))
+
+
 def parse_infer_request(body: bytes, header_length: str | None, *, input_shape: tuple[int, int, int],
-                        max_batch: int) -> InferRequest:
-    """Validate an inference request against the served model; raise ``ProtocolError`` if it is not one."""
+                        max_batch: int, classes: Sequence[str] | None = None) -> InferRequest:
+    """Validate an inference request against the served model; raise ``ProtocolError`` if it is not one.
+
+    ``classes`` (the served version's class names) enables the classification extension.
+    """
     request, binary = _split_body(body, header_length)
     params = _params(request, "request")
     inputs = request.get("inputs")
@@ -154,6 +174,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, input_shape: 
         raise ProtocolError(400, f"input {INPUT_NAME}: values must be finite")
 
     binary_output = bool(params.get("binary_data_output", False))
+    classification = None
     outputs = request.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
@@ -164,7 +185,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, input_shape: 
                 raise ProtocolError(400, f"unknown output {got!r}; the model's output is {OUTPUT_NAME!r}")
             oparams = _params(out, f"output {OUTPUT_NAME}")
             if oparams.get("classification"):
-                raise ProtocolError(400, "the classification extension is not supported; read the logits")
+                classification = _classification(oparams["classification"], classes)
             if "shared_memory_region" in oparams:
                 raise ProtocolError(400, "shared-memory outputs are not supported")
             if "binary_data" in oparams:
@@ -173,22 +194,38 @@ def parse_infer_request(body: bytes, header_length: str | None, *, input_shape: 
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "'id' must be a string")
     batch = torch.from_numpy(flat).view(shape)
-    return InferRequest(batch=batch, request_id=request_id, binary_output=binary_output)
+    return InferRequest(batch=batch, request_id=request_id, binary_output=binary_output,
+                        classification=classification)
+
+
+def _classify(logits: torch.Tensor, k: int, classes: Sequence[str]) -> list[str]:
+    """Each row's K highest logits as Triton writes them, ``"score:index:label"``, row after row."""
+    scores, index = torch.topk(logits, k, dim=1)
+    return [f"{v:f}:{i}:{classes[i]}" for row_v, row_i in zip(scores.tolist(), index.tolist(), strict=True)
+            for v, i in zip(row_v, row_i, strict=True)]
 
 
 def encode_response(logits: torch.Tensor, *, model: str, version: int, request_id: str | None,
-                    binary: bool) -> tuple[bytes, dict[str, str], str]:
-    """(body, extra headers, media type) of an inference response holding ``logits`` as FP32."""
+                    binary: bool, classification: int | None = None,
+                    classes: Sequence[str] = ()) -> tuple[bytes, dict[str, str], str]:
+    """(body, extra headers, media type) of an inference response: ``logits`` as FP32, or with
+    ``classification`` = K their top K as Triton's BYTES ``"score:index:label"``."""
     out = logits.detach().to(torch.float32).contiguous()
     output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(out.shape)}
     response: dict[str, Any] = {"model_name": model, "model_version": str(version)}
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = [output]
+    labels = _classify(out, classification, classes) if classification else None
+    if labels is not None:
+        output.update(datatype="BYTES", shape=[out.shape[0], classification])
     if not binary:
-        output["data"] = out.reshape(-1).tolist()
+        output["data"] = labels if labels is not None else out.reshape(-1).tolist()
         return json.dumps(response, separators=(",", ":")).encode(), {}, _JSON_TYPE
-    raw = out.numpy().astype("<f4", copy=False).tobytes()
+    if labels is not None:
+        raw = b"".join(len(b).to_bytes(4, "little") + b for b in (label.encode() for label in labels))
+    else:
+        raw = out.numpy().astype("<f4", copy=False).tobytes()
     output["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps(response, separators=(",", ":")).encode()
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}, _BINARY_TYPE

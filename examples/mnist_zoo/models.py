@@ -56,11 +56,15 @@ def resnet18(num_classes: int = 10, in_channels: int = 1, stem_stride: int = 2, 
 
 
 def mobilenet_v3_small(num_classes: int = 10, in_channels: int = 1, width_mult: float = 1.0,
-                       stem_stride: int = 1) -> nn.Module:
+                       stem_stride: int = 1, bn_momentum: float = 0.1) -> nn.Module:
     """torchvision MobileNetV3-Small with its first conv replaced by an ``in_channels`` one.
 
     ``stem_stride=1`` keeps 28×28 at 2×2 at the end of ``features`` instead of 1×1 (the stock 2).
     ``width_mult`` scales every layer (torchvision rounds channels to multiples of 8).
+    ``bn_momentum``: torchvision builds MobileNetV3's BatchNorm with momentum 0.01, made for
+    ImageNet's long schedules; after a few hundred steps the running statistics are still near their
+    initial values and the model in eval mode is at chance (measured: 9.7% test accuracy after 234
+    steps with train loss 0.25). 0.1 (PyTorch's default) lets a short run's statistics catch up.
     """
     if stem_stride not in (1, 2):
         raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
@@ -68,6 +72,9 @@ def mobilenet_v3_small(num_classes: int = 10, in_channels: int = 1, width_mult: 
     stem = model.features[0][0]
     model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, kernel_size=3, stride=stem_stride,
                                      padding=1, bias=False)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.momentum = bn_momentum
     return model
 
 

@@ -24,6 +24,8 @@ from daemon.errors import UsageError
 __all__ = ["UsageError", "main"]
 
 DEFAULT_ARCH = {"mnist": "mnist_cnn", "cifar10": "cifar_resnet18"}
+HEAD_HELP = ("the classifier head, as your module's named_modules() names it (e.g. heads.head): the layer whose "
+             "output rows are the class logits (default: found by output width)")
 
 
 
@@ -139,19 +141,20 @@ def _import_spec(args: argparse.Namespace):  # noqa: ANN202 - ImportSpec, import
     std = _floats(args.std, "--std") or [1.0] * shape[0]
     return ImportSpec(factory=ModelFactory(args.factory, kwargs), weights=Path(args.weights),
                       input_shape=(shape[0], shape[1], shape[2]), classes=tuple(read_classes(args.classes)),
-                      mean=tuple(mean), std=tuple(std))
+                      mean=tuple(mean), std=tuple(std), head=args.head or None)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Publish an operator's classifier (factory + weights) as version 1; nothing written on bad input."""
-    from daemon.registry.importer import ImportRejected, import_model
+    from daemon.registry.importer import ImportRejected, describe_head, import_model
 
     try:
         info = import_model(Path(args.registry), args.model, _import_spec(args), seed=args.seed)
     except ImportRejected as exc:
         raise UsageError(str(exc)) from exc
     print(f"imported {args.factory} as {args.model} v{info.version} ({info.path}): input "
-          f"{','.join(map(str, info.manifest['input_shape']))}, {len(info.manifest['classes'])} classes")
+          f"{','.join(map(str, info.manifest['input_shape']))}, {len(info.manifest['classes'])} classes; "
+          f"{describe_head(info)}")
     return 0
 
 
@@ -221,7 +224,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         raise UsageError(f"--method {method.name} is a benchmark oracle; use unlearnd bench")
     splits = _load_splits(args)
     try:
-        live = model_store.load_live(Path(args.registry), args.model, device=_device(args.device))
+        live = model_store.load_live(Path(args.registry), args.model, device=_device(args.device),
+                                     head=args.head or None)
     except (registry.RegistryError, FileNotFoundError, ValueError) as exc:
         raise UsageError(f"cannot load {args.model} from {args.registry}: {exc}") from exc
     if tuple(splits.train_x.shape[1:]) != live.input_shape:
@@ -256,7 +260,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         metrics["acc_test_original"] = ctx.acc_test_original
         info = model_store.publish(
             Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch, factory=live.factory,
-            input_shape=live.input_shape, classes=live.classes, parent=live.version, dataset=splits.name,
+            head=live.head, input_shape=live.input_shape, classes=live.classes, parent=live.version, dataset=splits.name,
             round_id=f"unlearn-{int(time.time() * 1000):x}",      # not a daemon's r-NNNNNN: see check_consistency
             method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics)
         row["model_version"] = info.version
@@ -403,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mean", help="per-channel mean, comma-separated (default 0)")
     sp.add_argument("--std", help="per-channel std, comma-separated (default 1)")
     sp.add_argument("--classes", required=True, help="a file with one class name per line, or a count N")
+    sp.add_argument("--head", help=HEAD_HELP)
     sp.add_argument("--seed", type=int, default=0, help="seed of the continual session")
     sp.set_defaults(func=cmd_import)
 
@@ -420,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset setting")
     sp.add_argument("--json", help="write the round's evaluation as one benchmark row")
+    sp.add_argument("--head", help=HEAD_HELP + "; must agree with the one unlearnd import recorded, if any")
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("bench", help="the unlearning benchmark (benchmarks/results/<dataset>.json)")

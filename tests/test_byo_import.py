@@ -167,6 +167,8 @@ BAD = [
     ({"classes": "1"}, "ok", "at least 2 classes"),
     ({"classes": "no-such-file.txt"}, "ok", "neither an integer nor a readable"),
     ({"shape": "1,28"}, "ok", "C,H,W"),
+    ({"extra": ["--head", "no.such.layer"]}, "ok", "modules that fit: ['head']"),
+    ({"extra": ["--head", "body.0"]}, "ok", "the classifier head 'body.0' is not an nn.Linear with 10 outputs"),
 ]
 
 

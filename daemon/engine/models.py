@@ -23,7 +23,7 @@ from torch import nn
 from daemon.engine.heads import output_layer  # noqa: F401  (moved to heads.py; re-exported)
 
 __all__ = ["BUILTIN_FACTORIES", "FactoryError", "MnistCNN", "ModelFactory", "Normalize", "build_classifier",
-           "build_model", "cifar_resnet18", "load_factory", "mnist_cnn", "output_layer"]
+           "build_model", "cifar_resnet18", "classifier_module_name", "load_factory", "mnist_cnn", "output_layer"]
 
 
 class Normalize(nn.Module):
@@ -158,6 +158,15 @@ def load_factory(ref: str) -> Callable[..., Any]:
 def build_classifier(factory: ModelFactory, *, mean: Sequence[float], std: Sequence[float]) -> nn.Sequential:
     """The classifier as ``Sequential(normalize, backbone)``, input float32 NCHW in [0, 1], output logits."""
     return nn.Sequential(Normalize(mean, std), factory.build())
+
+
+def classifier_module_name(backbone_name: str) -> str:
+    """A module of the operator's backbone as the wrapped classifier names it (``"fc"`` → ``"1.fc"``).
+
+    Operators name their layers (the ``head`` setting) as their own module's ``named_modules()`` does; the
+    engine sees the ``Sequential(normalize, backbone)`` that :func:`build_classifier` returns.
+    """
+    return f"1.{backbone_name}"
 
 
 def build_model(arch: str, *, num_classes: int, input_shape: tuple[int, int, int],

@@ -218,6 +218,9 @@ class ModelSection:
                                            "or <source>:all")
     pretrain_epochs: int = _opt(0, "train the model if the registry has none (0: refuse to start instead; "
                                    "built-in datasets only)", minimum=0)
+    head: str = _opt("", "the classifier head, as the model's own named_modules() names it (e.g. heads.head); "
+                         "must agree with the one unlearnd import recorded (empty: that one, else found by "
+                         "output width)")
     sources: list[SourceSection] = field(default_factory=list, metadata={
         "doc": "the sources refs may name, besides dataset's ([[models.sources]])", "unit": "",
         "minimum": None, "below": None, "choices": None})

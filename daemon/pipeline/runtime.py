@@ -163,7 +163,11 @@ class ModelRuntime:
     def reload(self) -> None:
         """Load LATEST (after a restart, a rollback, or a version another daemon published)."""
         registry.clean_temporaries(self.registry_dir, self.name)
-        live = model_store.load_live(self.registry_dir, self.name, device=self.rounds.device)
+        try:
+            live = model_store.load_live(self.registry_dir, self.name, device=self.rounds.device,
+                                         head=self.section.head or None)
+        except model_store.HeadError as exc:
+            raise RuntimeError_(f"models.{self.name}.head: {exc}") from None
         self._check_sources(live.input_shape)
         live.session.accumulation = self.rounds.accumulation
         live.session.memory.energy = self.rounds.memory_energy
@@ -281,7 +285,7 @@ class ModelRuntime:
         try:
             info = model_store.publish(
                 self.registry_dir, self.name, copy.deepcopy(live.model).cpu(), live.session, arch=live.arch,
-                input_shape=live.input_shape, classes=live.classes, parent=live.version,
+                head=live.head, input_shape=live.input_shape, classes=live.classes, parent=live.version,
                 dataset=self.splits.name if self.splits else None, round_id=round_id,
                 request_ids=[p.request_id for p in candidate.requests], method=dict(method),
                 metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes))

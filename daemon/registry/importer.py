@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from daemon import registry
+from daemon.engine.heads import find_head
 from daemon.engine.models import FactoryError, ModelFactory, Normalize
 from daemon.engine.session import UnlearningSession
 from daemon.registry import model_store
 
-__all__ = ["ImportRejected", "ImportSpec", "import_model", "load_weights", "read_classes"]
+__all__ = ["ImportRejected", "ImportSpec", "describe_head", "import_model", "load_weights", "read_classes"]
 
 _SHOWN = 5          # keys named in a mismatch message
 
@@ -47,6 +48,7 @@ class ImportSpec:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    head: str | None = None     # the classifier head as the operator's module names it (None: found per round)
 
 
 def read_classes(value: str) -> list[str]:
@@ -163,11 +165,42 @@ def import_model(registry_dir: Path, name: str, spec: ImportSpec, *, seed: int =
         raise ImportRejected(f"model {name!r} already exists in {registry_dir}; import under a new --model name "
                              f"or into another --registry")
     model = build_checked(spec)
-    session = UnlearningSession(model, num_classes=len(spec.classes), seed=seed)
+    engine_head = None
+    if spec.head is not None:
+        try:
+            engine_head = model_store.check_head(model, len(spec.classes), spec.head, "--head")
+        except ValueError as exc:
+            raise ImportRejected(str(exc)) from None
+    session = UnlearningSession(model, num_classes=len(spec.classes), seed=seed, head=engine_head)
     try:
         return model_store.publish(
-            Path(registry_dir), name, model, session, factory=spec.factory, input_shape=spec.input_shape,
-            classes=spec.classes, parent=None,
-            method={"name": "import", "params": {"weights": spec.weights.name, **dict(provenance or {})}})
+            Path(registry_dir), name, model, session, factory=spec.factory, head=spec.head,
+            input_shape=spec.input_shape, classes=spec.classes, parent=None,
+            method={"name": "import", "params": {"weights": spec.weights.name, "head_found": _head_found(model, spec),
+                                                 **dict(provenance or {})}})
     except ValueError as exc:   # write_version checks everything (incl. the TorchScript export) before writing
         raise ImportRejected(f"cannot publish {name!r}: {exc}") from exc
+
+
+
+def _head_found(model: nn.Module, spec: ImportSpec) -> str | None:
+    """The head class rounds will scope to when none is declared (found by output width on an input of the
+    spec), as the operator's module names it; recorded so that the operator learns it before the first round."""
+    x = torch.rand((1, *spec.input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        name = find_head(model, len(spec.classes), x=x).name
+    except ValueError:
+        return None
+    return name[2:] if name.startswith("1.") else name
+
+
+def describe_head(info: registry.VersionInfo) -> str:
+    """The classifier head of an imported version, in words: declared, found (and which), or none."""
+    manifest = info.manifest
+    if manifest.get("head"):
+        return f"classifier head {manifest['head']!r} (declared)"
+    found = manifest.get("method", {}).get("params", {}).get("head_found")
+    if found is None:
+        return "no classifier head found: class rounds scoped to the head's row will be refused; declare --head"
+    return (f"classifier head {found!r} (found by output width; declare --head if the class logits come "
+            f"from another layer)")

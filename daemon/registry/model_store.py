@@ -1,6 +1,7 @@
 """The live model as the registry keeps it: weights, architecture, and the continual session state.
 
-The architecture is the manifest's ``factory`` ("pkg.module:callable") and ``factory_kwargs``; the
+The architecture is the manifest's ``factory`` ("pkg.module:callable") and ``factory_kwargs``; its
+``head`` (when the operator declared one) names the classifier head in the operator's module; the
 normalisation (``mean``/``std``) is recorded too, though the weights carry it as ``Normalize``'s
 buffers. A manifest written before factories names a built-in ``arch`` only and still loads.
 Rebuilding imports the factory's module, i.e. runs the operator's code: the factory is only ever
@@ -27,13 +28,18 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from daemon import registry
-from daemon.engine.models import BUILTIN_FACTORIES, ModelFactory, Normalize, build_classifier
+from daemon.engine.heads import find_head
+from daemon.engine.models import BUILTIN_FACTORIES, ModelFactory, Normalize, build_classifier, classifier_module_name
 from daemon.engine.session import UnlearningSession
 
-__all__ = ["LiveModel", "load_live", "manifest_factory", "publish"]
+__all__ = ["HeadError", "LiveModel", "check_head", "load_live", "manifest_factory", "manifest_head", "publish"]
 
 SESSION_TENSORS = "session.safetensors"
 SESSION_META = "session.json"
+
+
+class HeadError(registry.RegistryError):
+    """The declared classifier head is not one of the model's, or the setting and the manifest disagree."""
 
 
 @dataclass
@@ -46,6 +52,7 @@ class LiveModel:
     session: UnlearningSession
     info: registry.VersionInfo
     factory: ModelFactory
+    head: str | None = None     # the declared head, as the operator's module names it (None: found per round)
 
     @property
     def version(self) -> int:
@@ -86,16 +93,40 @@ def manifest_factory(manifest: Mapping[str, Any], where: str) -> ModelFactory:
         raise registry.RegistryError(f"{where}: {exc}") from exc
 
 
+def manifest_head(manifest: Mapping[str, Any], where: str) -> str | None:
+    """The classifier head a manifest declares (a module name of the operator's module), or None."""
+    head = manifest.get("head")
+    if head is not None and (not isinstance(head, str) or not head):
+        raise registry.RegistryError(f"{where}: the manifest's head must be a module name, got {head!r}")
+    return head
+
+
+def check_head(model: nn.Module, num_classes: int, head: str, where: str) -> str:
+    """``head`` (named in the operator's module) as the engine names it in ``model``; ValueError naming the fix."""
+    try:
+        return find_head(model, num_classes, head=classifier_module_name(head)).name
+    except ValueError:
+        backbone = model[1] if isinstance(model, nn.Sequential) and len(model) == 2 else model
+        fits = [n for n, m in backbone.named_modules()
+                if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+                or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+        raise ValueError(f"{where}: the classifier head {head!r} is not an nn.Linear with {num_classes} outputs "
+                         f"(nor an nn.Conv2d with {num_classes} output channels) of the model; name it as the "
+                         f"model's own named_modules() does (modules that fit: {fits or 'none'})") from None
+
+
 def _spec_manifest(registry_dir: Path, name: str, model: nn.Module, *, factory: ModelFactory | None,
                    arch: str | None, parent: int | None, input_shape: Sequence[int],
-                   classes: Sequence[str]) -> dict[str, Any]:
-    """The manifest keys that let any process rebuild ``model``: factory, kwargs, arch, mean and std.
+                   classes: Sequence[str], head: str | None) -> dict[str, Any]:
+    """The manifest keys that let any process rebuild ``model``: factory, kwargs, arch, head, mean and std.
 
-    The factory is the one given, else the parent version's (a round never changes the architecture),
-    else the built-in ``arch``'s.
+    The factory (and the head) are the ones given, else the parent version's (a round never changes the
+    architecture), else the built-in ``arch``'s.
     """
-    if factory is None and parent is not None:
-        factory = manifest_factory(registry.read_manifest(registry_dir, name, parent), f"{name} v{parent}")
+    if parent is not None and (factory is None or head is None):
+        parent_manifest = registry.read_manifest(registry_dir, name, parent)
+        factory = factory or manifest_factory(parent_manifest, f"{name} v{parent}")
+        head = head or manifest_head(parent_manifest, f"{name} v{parent}")
     if factory is None:
         if not arch:
             raise ValueError("publish needs a factory, a parent version, or a built-in arch")
@@ -104,7 +135,7 @@ def _spec_manifest(registry_dir: Path, name: str, model: nn.Module, *, factory: 
         arch = next((a for a, ref in BUILTIN_FACTORIES.items() if ref == factory.ref), factory.name)
     norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
     stats = {} if norm is None else {"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
-    return {"arch": arch, "factory": factory.ref, "factory_kwargs": dict(factory.kwargs), **stats}
+    return {"arch": arch, "factory": factory.ref, "factory_kwargs": dict(factory.kwargs), "head": head, **stats}
 
 
 def publish(
@@ -118,15 +149,17 @@ def publish(
     parent: int | None,
     arch: str | None = None,
     factory: ModelFactory | None = None,
+    head: str | None = None,
     dataset: str | None = None,
     round_id: str | None = None,
     request_ids: Sequence[str] = (),
     method: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
 ) -> registry.VersionInfo:
-    """Write the model and its session as the next version (atomic; ``LATEST`` moves last)."""
+    """Write the model and its session as the next version (atomic; ``LATEST`` moves last). ``head``: the
+    declared classifier head (the operator's module name), else the parent's."""
     spec = _spec_manifest(registry_dir, name, model, factory=factory, arch=arch, parent=parent,
-                          input_shape=input_shape, classes=classes)
+                          input_shape=input_shape, classes=classes, head=head)
     return registry.write_version(
         registry_dir, name, model, input_shape=tuple(input_shape), classes=list(classes), parent=parent,
         round_id=round_id, request_ids=list(request_ids), method=dict(method or {}), metrics=dict(metrics or {}),
@@ -135,21 +168,38 @@ def publish(
     )
 
 
-def load_live(registry_dir: Path, name: str, version: int | None = None, *, device: str = "cpu") -> LiveModel:
-    """Rebuild the eager model from its manifest's factory, its weights and its session from a verified version."""
+def load_live(registry_dir: Path, name: str, version: int | None = None, *, device: str = "cpu",
+              head: str | None = None) -> LiveModel:
+    """Rebuild the eager model from its manifest's factory, its weights and its session from a verified version.
+
+    ``head``: the operator's declared classifier head (config or command line); it must agree with the one
+    the manifest declares, if any — the head belongs to the model, and two answers mean a mistake.
+    """
     state, info = registry.load_state_dict(registry_dir, name, version)
     manifest = info.manifest
-    factory = manifest_factory(manifest, f"{name} v{info.version}")
+    where = f"{name} v{info.version}"
+    factory = manifest_factory(manifest, where)
+    declared = manifest_head(manifest, where)
+    if head is not None and declared is not None and head != declared:
+        raise HeadError(f"{where}: the head setting {head!r} differs from the head {declared!r} its "
+                                     f"manifest declares (unlearnd import --head); drop the setting or fix it")
+    head = head or declared
     classes = list(manifest["classes"])
     channels = manifest["input_shape"][0]
     model = build_classifier(factory, mean=[0.0] * channels, std=[1.0] * channels)
     model.load_state_dict(state, strict=True)   # normalisation statistics come with the buffers
     model.to(device).eval()
+    engine_head = None
+    if head is not None:
+        try:
+            engine_head = check_head(model, len(classes), head, where)
+        except ValueError as exc:
+            raise HeadError(str(exc)) from None
     if SESSION_TENSORS in manifest["files"]:
         tensors = st_load(registry.read_extra_file(info, SESSION_TENSORS))
         meta = json.loads(registry.read_extra_file(info, SESSION_META))
-        session = UnlearningSession.restore(model, tensors, meta)
+        session = UnlearningSession.restore(model, tensors, meta, head=engine_head)
     else:
-        session = UnlearningSession(model, num_classes=len(classes))
+        session = UnlearningSession(model, num_classes=len(classes), head=engine_head)
     arch = manifest.get("arch") or factory.name
-    return LiveModel(name=name, arch=arch, model=model, session=session, info=info, factory=factory)
+    return LiveModel(name=name, arch=arch, model=model, session=session, info=info, factory=factory, head=head)

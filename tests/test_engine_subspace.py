@@ -227,3 +227,29 @@ def test_layers_the_memory_freezes_leave_the_optimiser_and_a_full_memory_exhaust
                                 sentinel=sentinel, commit=False)
     assert full.outcome == "budget_exhausted" and full.steps == 0 and "memory" in full.reason
     assert state_equal(full.state, live)
+
+
+@pytest.mark.parametrize("with_basis", [False, True])
+def test_few_wide_rows_give_the_same_directions_as_their_covariance(with_basis: bool):
+    """A layer seen on fewer rows than its width keeps the rows (thin SVD) instead of AᵀA (full eigh):
+    the same eigenpairs, so the memory protects the same span and holds the same share of energy."""
+    from daemon.engine.subspace import LayerInputs, _grow
+
+    gen = torch.Generator().manual_seed(0)
+    rows = (torch.randn(12, 3, generator=gen, dtype=torch.double)
+            @ torch.randn(3, 40, generator=gen, dtype=torch.double)) + 0.01 * torch.randn(12, 40, generator=gen,
+                                                                                          dtype=torch.double)
+    few, many = LayerInputs(40), LayerInputs(40)
+    few.add(rows)
+    many.add(rows)
+    many.add(torch.zeros(30, 40, dtype=torch.double))   # past the width: kept as the covariance
+    assert few.rows is not None and many.cov is not None
+    assert few.total() == pytest.approx(many.total(), rel=1e-12)
+    basis = None
+    if with_basis:
+        basis, _ = torch.linalg.qr(torch.randn(40, 2, generator=gen, dtype=torch.double))
+        basis = basis.float()
+    for energy in (0.9, 0.999, 0.99999):
+        a, b = _grow(few, basis, energy), _grow(many, basis, energy)
+        assert a.shape == b.shape
+        torch.testing.assert_close(a @ a.T, b @ b.T, atol=1e-5, rtol=0)   # the same protected span

@@ -45,6 +45,7 @@ from daemon.bench.runner import _clean, forget_indices, machine_info, make_reque
 from daemon.data.mnist import load_mnist  # noqa: E402
 from daemon.engine.config import preset  # noqa: E402
 from daemon.engine.evaluate import accuracy, loss_auc, per_sample_loss, predict  # noqa: E402
+from daemon.engine.subspace import protectable_layers  # noqa: E402
 from daemon.registry import atomic_write_bytes, model_store  # noqa: E402
 
 ZOO = ("resnet18", "mobilenet_v3_small", "vit_tiny")
@@ -139,14 +140,17 @@ def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protoc
     acc0 = accuracy(live.model, m.test_x, m.test_y)
     order = forget_indices(m.train_y.shape[0], rounds * k, seed)
     acc_before = acc0
+    protected = {f"{name}.{p}" for name in protectable_layers(live.model) for p in ("weight", "bias")}
     for r in range(1, rounds + 1):
         idx = order[(r - 1) * k:r * k]
         request = make_request("forget", m, idx, seed)
+        before = {n: p.detach().clone() for n, p in live.model.named_parameters()}
         result, _ = live.session.run_round(request, method="adv_imp", config=config, sentinel=m.test_x[:2000])
         model = live.model
         if not result.succeeded:          # evaluate what the round produced; the session keeps its model
             model = copy.deepcopy(live.model)
             model.load_state_dict(result.state)
+        moved = {n: float(((p.detach() - before[n]) ** 2).sum()) for n, p in model.named_parameters()}
         union = order[:r * k]
         row = {
             "arch": arch, "factory": record["factory"], "params": record["params"], "protocol": protocol, "k": k,
@@ -157,6 +161,9 @@ def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protoc
             "outcome": result.outcome, "steps": result.steps, "wall_s": result.wall_s, "attack_s": result.attack_s,
             "optimise_s": result.optimise_s, "memory_s": result.memory_s,
             "reason": result.reason, "overrides": overrides,
+            # what leaving layers out of the subspace memory costs: their share of the round's squared update
+            "left_out_update_share": sum(v for n, v in moved.items() if n not in protected) / max(sum(moved.values()),
+                                                                                                   1e-30),
             "memory_fill": round(sum(live.session.memory.dims().values())
                                  / max(1, sum(b.shape[0] for b in live.session.memory.bases.values())), 4),
         }
@@ -199,7 +206,6 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
 
     from daemon import registry
     from tests.pipeline_harness import Broker, DaemonProcess, outcome_receipts, read_topic, write_config
-    from tests.test_serve import Server
 
     base = work / "e2e" / arch
     shutil.rmtree(base, ignore_errors=True)
@@ -256,9 +262,9 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
 
     # (c) unlearnd serve answers tritonclient: shapes, the latest version's logits, class names
     latest = registry.latest_version(reg, arch)
-    server = Server(reg, arch)
+    server, port = _serve(reg, arch, threads)
     try:
-        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
         meta = client.get_model_metadata(arch)
         batch = m.test_x[:3].numpy()
         inp = triton.InferInput("INPUT__0", list(batch.shape), "FP32")
@@ -276,7 +282,8 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
             "top1_labels": labels, "expected_labels": [classes[int(i)] for i in expected.argmax(1)],
         }
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=60)
     s = out["serve"]
     out["ok"] = bool(out["unlearn"]["version"] == 2 and out["daemon"]["status"] == "applied"
                      and out["daemon"].get("forgotten_misclassified") and s["logits_match"]
@@ -284,6 +291,29 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
                      and s["output_shape"] == [-1, len(classes)])
     log(f"{arch}: serve -> {s}; e2e ok: {out['ok']}")
     return out
+
+
+def _serve(reg: Path, arch: str, threads: int, timeout: float = 300.0) -> tuple[subprocess.Popen, int]:
+    """``unlearnd serve`` on a free port, once it answers ready (a loaded machine starts it slowly)."""
+    import urllib.request
+
+    from tests.pipeline_harness import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([*UNLEARND, "serve", "--registry", str(reg), "--model", arch, "--port", str(port)],
+                            cwd=ROOT, env=_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"unlearnd serve exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"unlearnd serve did not get ready in {timeout:.0f} s")
 
 
 # -- results, report, plots -------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ def summarise(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
             s["relapse"] = _mean([r["acc_forget_union"] * last / (last - 1) for r in final if last > 1])
             s["continual_failed"] = sum(1 for r in cont if r["outcome"] != "forgotten")
             s["continual_wall_s"] = _mean([r["wall_s"] for r in cont])
+        shares = [r.get("left_out_update_share") for r in rows]
+        s["left_out_single"] = _mean([r.get("left_out_update_share") for r in single]) if single else None
+        s["left_out_later"] = _mean([r.get("left_out_update_share") for r in cont if r["round"] > 1]) if cont else None
+        s["left_out_any"] = any(v for v in shares if v)
         e2e = doc.get("e2e", {}).get(arch)
         if e2e:
             s["e2e_ok"] = e2e.get("ok")
@@ -92,6 +96,15 @@ def _time_table(summary: dict[str, dict[str, Any]]) -> list[str]:
         share = [f"{100 * v / w:.0f}%" for v in (s["attack_s"], s["optimise_s"], s["memory_s"], other)]
         lines.append(f"| {arch} | {s['params']:,} | {w:.1f} | {_f(w / ref if ref else None, 1)} | "
                      f"{_f(s['steps'], 0)} | {' | '.join(share)} |")
+    return lines
+
+
+def _left_out_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| architecture | share of the k = 64 round's update in layers the memory leaves out | "
+             "same, continual rounds 2–10 |", "|---|---:|---:|"]
+    for arch, s in summary.items():
+        lines.append(f"| {arch} | {_f(100 * s['left_out_single'] if s.get('left_out_single') is not None else None)}% | "
+                     f"{_f(100 * s['left_out_later'] if s.get('left_out_later') is not None else None)}% |")
     return lines
 
 
@@ -164,6 +177,14 @@ def write_report(doc: dict[str, Any], out: Path) -> Path:
         *_time_table(summary),
         "",
         *[f"![{p}]({p})" for p in plots],
+        "",
+        "## What the subspace memory leaves out, and what it costs",
+        "",
+        "The memory protects Linear and Conv2d layers; it leaves out normalisation scale and shift, attention "
+        "projections, class and positional tokens (`daemon/engine/protection.py`). The share of each round's "
+        "squared weight update that lands in those parameters (relapse, above, is what it costs):",
+        "",
+        *_left_out_table(summary),
         "",
     ]
     notes = out / "byo_notes.md"

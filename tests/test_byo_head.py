@@ -117,3 +117,22 @@ def test_unlearn_takes_head_on_the_command_line_and_records_it(tmp_path, capsys)
                "--class", "3", "--head", "no_such"])
     assert rc == 2 and "modules that fit: ['head', 'calibrate']" in capsys.readouterr().err
     assert registry.latest_version(fresh, MODEL) == 1
+
+
+def test_a_model_s_own_engine_settings_apply_to_its_rounds_and_bad_ones_are_refused_at_start(tmp_path):
+    from daemon.pipeline.config import ConfigError, load_config
+
+    config = load_config(None, env={"UNLEARND_MODELS_0_SETTINGS": "lr=3e-5,anchor_deform=0"})
+    assert config.models[0].round_settings() == {"lr": 3e-5, "anchor_deform": 0}
+    for bad, reason in (("lr=fast", "lr must be a number"), ("nope=1", "unknown unlearning setting"),
+                        ("lr", "KEY=VALUE")):
+        with pytest.raises(ConfigError, match=reason) as err:
+            load_config(None, env={"UNLEARND_MODELS_0_SETTINGS": bad})
+        assert "models[0].settings" in str(err.value)
+    reg = _import(tmp_path)
+    rt = ModelRuntime.open(ModelSection(name=MODEL, probe="mnist-test:0-9", settings=["lr=1e-5", "max_steps=7"]),
+                           reg, RoundsSection(held_impressions=4))
+    forget = rt.round_config("forget")
+    assert (forget.lr, forget.max_steps, forget.held_impressions) == (1e-5, 7, 4)
+    plain = ModelRuntime.open(ModelSection(name=MODEL, probe="mnist-test:0-9"), reg, RoundsSection())
+    assert plain.round_config("forget") == preset("default", "adv_imp", "forget")

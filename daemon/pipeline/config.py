@@ -14,6 +14,7 @@ comma-separated), and wins over the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -218,12 +219,30 @@ class ModelSection:
                                            "or <source>:all")
     pretrain_epochs: int = _opt(0, "train the model if the registry has none (0: refuse to start instead; "
                                    "built-in datasets only)", minimum=0)
+    settings: list[str] = _opt([], "engine settings for this model's rounds, KEY=VALUE over the preset's (e.g. "
+                                   "lr=3e-5): a classifier unlike the one the preset was measured on may need its "
+                                   "own step size (benchmarks/results/byo.md)")
     head: str = _opt("", "the classifier head, as the model's own named_modules() names it (e.g. heads.head); "
                          "must agree with the one unlearnd import recorded (empty: that one, else found by "
                          "output width)")
     sources: list[SourceSection] = field(default_factory=list, metadata={
         "doc": "the sources refs may name, besides dataset's ([[models.sources]])", "unit": "",
         "minimum": None, "below": None, "choices": None})
+
+    def round_settings(self) -> dict[str, Any]:
+        """``settings`` as overrides of the engine preset (values parsed as JSON when they parse); ValueError
+        naming an unknown setting or a value of the wrong kind."""
+        out: dict[str, Any] = {}
+        for pair in self.settings:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"each entry is KEY=VALUE (e.g. lr=3e-5), got {pair!r}")
+            try:
+                out[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                out[key.strip()] = raw.strip()
+        PRESETS["default"].with_overrides(**out)      # unknown names and values of the wrong kind are refused here
+        return out
 
     def source_sections(self) -> list[SourceSection]:
         """Every source entry: the dataset shorthand (when set) first, then [[models.sources]]."""
@@ -388,6 +407,10 @@ def _check(config: Config) -> None:
             raise ConfigError(f"models[{i}].name", f"model {m.name!r} is listed twice")
         seen.add(m.name)
         _check_model_sources(i, m)
+        try:
+            m.round_settings()
+        except ValueError as exc:
+            raise ConfigError(f"models[{i}].settings", str(exc)) from None
 
 
 def _check_model_sources(i: int, m: ModelSection) -> None:

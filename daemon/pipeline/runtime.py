@@ -28,7 +28,7 @@ from daemon.data.arrays import ArraySource
 from daemon.data.folder import ImageFolderSource
 from daemon.data.sources import RefError, Source, SourceConfigError, builtin_sources, load_dataset
 from daemon.data.splits import DatasetSplits
-from daemon.engine.config import preset
+from daemon.engine.config import UnlearnConfig, preset
 from daemon.engine.evaluate import param_drift_l2, predict, prediction_flip_ratio
 from daemon.engine.importance import importance_density
 from daemon.engine.kinds import get_kind
@@ -235,13 +235,21 @@ class ModelRuntime:
             targets = torch.tensor([t for p in batch for t in (p.targets or [])], dtype=torch.int64)
         return ForgetRequest(kind=kind, x=x, labels=labels, targets=targets, forget_class=forget_class)
 
+    def round_config(self, kind: str) -> UnlearnConfig:
+        """The engine settings of this model's rounds of ``kind``: the preset's, then ``rounds.held_impressions``,
+        then the model's own ``settings``."""
+        config = preset(self.rounds.preset, self.rounds.method, kind)
+        if self.rounds.held_impressions:
+            config = config.with_overrides(held_impressions=self.rounds.held_impressions)
+        if self.section.settings:
+            config = config.with_overrides(**self.section.round_settings())
+        return config
+
     def run_round(self, batch: Sequence[PendingRequest], should_abort: Callable[[], bool]) -> Candidate:
         """Run the engine on a copy of the live state (nothing is adopted) and gate the result on retention."""
         live = self._loaded()
         request = self.build_request(batch)
-        config = preset(self.rounds.preset, self.rounds.method, request.kind)
-        if self.rounds.held_impressions:
-            config = config.with_overrides(held_impressions=self.rounds.held_impressions)
+        config = self.round_config(request.kind)
         result, importance = live.session.run_round(request, method=self.rounds.method, config=config,
                                                     sentinel=self.probe_x, should_abort=should_abort, commit=False)
         requests = tuple(batch)

@@ -57,6 +57,12 @@ bench-small-rounds: install
 
 # the daemon benchmark (issue 5): Tansu broker + daemon on a real MNIST model; ~7 min; writes
 # benchmarks/results/daemon.json, daemon.md and daemon_rss.png
+# issue 20: three torchvision classifiers trained outside the package, imported and unlearned, beside the MNIST CNN;
+# ~3 h on 2 cores; writes benchmarks/results/byo.json, byo.md and its plots
+.PHONY: bench-byo
+bench-byo: install
+	benchmarks/run_byo.sh
+
 .PHONY: bench-daemon
 bench-daemon: install
 	$(PY) benchmarks/daemon_bench.py

@@ -199,7 +199,8 @@ def digits_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 
-def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> dict[str, Any]:
+def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any,
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """import (done) → ``unlearnd unlearn`` → daemon applying a folder-path request from Kafka → ``unlearnd serve``."""
     import numpy as np
     import tritonclient.http as triton
@@ -219,8 +220,9 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
     pred = predict(live.model, m.train_x[:200])
     picked = [i for i in range(200) if int(pred[i]) == int(m.train_y[i])][:4]
     t = time.perf_counter()
+    settings = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]   # the model's own settings, if any
     _run([*UNLEARND, "unlearn", "--registry", str(reg), "--model", arch, "--dataset", "mnist",
-          "--forget-indices", ",".join(map(str, picked))], threads)
+          "--forget-indices", ",".join(map(str, picked)), *[a for kv in settings for a in ("--set", kv)]], threads)
     out["unlearn"] = {"indices": picked, "s": round(time.perf_counter() - t, 1),
                       "version": registry.latest_version(reg, arch)}
     log(f"{arch}: unlearnd unlearn -> v{out['unlearn']['version']} in {out['unlearn']['s']}s")
@@ -231,7 +233,7 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
     cfg = write_config(base / "unlearnd.toml", bootstrap=broker.bootstrap, registry_dir=reg, state_dir=base / "state",
                        models=(), retention_max_drop=0.02)
     with cfg.open("a") as f:
-        f.write(f'[[models]]\nname = "{arch}"\nprobe = "digits:all"\n'
+        f.write(f'[[models]]\nname = "{arch}"\nprobe = "digits:all"\nsettings = {json.dumps(settings)}\n'
                 f'[[models.sources]]\nkind = "folder"\nname = "digits"\npath = "{work / "digits"}"\n')
     daemon = DaemonProcess(cfg, base / "daemon.log", env=_env(threads)).start()
     try:
@@ -295,25 +297,18 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any) -> di
 
 def _serve(reg: Path, arch: str, threads: int, timeout: float = 300.0) -> tuple[subprocess.Popen, int]:
     """``unlearnd serve`` on a free port, once it answers ready (a loaded machine starts it slowly)."""
-    import urllib.request
-
+    from benchmarks.serve_bench import _wait_ready
     from tests.pipeline_harness import free_port
 
     port = free_port()
     proc = subprocess.Popen([*UNLEARND, "serve", "--registry", str(reg), "--model", arch, "--port", str(port)],
                             cwd=ROOT, env=_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"unlearnd serve exited {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"unlearnd serve did not get ready in {timeout:.0f} s")
+    try:
+        _wait_ready(port, proc, timeout)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, port
 
 
 # -- results, report, plots -------------------------------------------------------------------------------------------
@@ -365,17 +360,20 @@ def main(argv: list[str] | None = None) -> int:
         classes = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
         work.mkdir(parents=True, exist_ok=True)
         (work / "classes.txt").write_text("\n".join(classes) + "\n")      # the user's own class names
-        for arch in args.archs.split(","):
-            record = prepare(arch, work, ROOT / args.zoo, args.threads)
-            part = Part(work / "parts" / f"{arch}.json", args.resume)
-            for protocol in [x for x in args.protocols.split(",") if x in ("single", "continual")]:
-                for seed in [int(s) for s in args.seeds.split(",")]:
-                    run_rounds(arch, record, work, part, protocol, seed, overrides, _log)
-            if "e2e" in args.protocols.split(","):
-                record_path = work / "e2e" / f"{arch}.json"
-                if not (args.resume and record_path.exists()):
-                    result = e2e(arch, work, args.threads, classes, _log)
-                    atomic_write_bytes(record_path, json.dumps(result, indent=1).encode())
+        archs = args.archs.split(",")
+        records = {arch: prepare(arch, work, ROOT / args.zoo, args.threads) for arch in archs}
+        parts = {arch: Part(work / "parts" / f"{arch}.json", args.resume) for arch in archs}
+        for protocol in args.protocols.split(","):       # in the order given: every arch's single rounds first
+            for arch in archs:
+                if protocol == "e2e":
+                    record_path = work / "e2e" / f"{arch}.json"
+                    if not (args.resume and record_path.exists()):
+                        result = e2e(arch, work, args.threads, classes, _log, overrides)
+                        result["overrides"] = overrides
+                        atomic_write_bytes(record_path, json.dumps(result, indent=1).encode())
+                    continue
+                for seed in [int(x) for x in args.seeds.split(",")]:
+                    run_rounds(arch, records[arch], work, parts[arch], protocol, seed, overrides, _log)
     doc = merge(out, work, settings)
     from benchmarks.byo_report import write_report
 

@@ -198,6 +198,16 @@ def produce(bootstrap: str, messages: Iterable[tuple[bytes | None, bytes]], topi
         producer.close(timeout=5)
 
 
+def publish_refs(bootstrap: str, model: str, request_id: str, refs: Iterable[str], labels: Iterable[int]
+                 ) -> subprocess.CompletedProcess:
+    """``unlearnd publish`` of one request naming ``refs`` (as an operator sends it), in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "publish", "--bootstrap", bootstrap, "--model", model,
+         "--request-id", request_id, *[a for r in refs for a in ("--ref", r)],
+         *[a for lab in labels for a in ("--label", str(lab))]],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def produce_requests(bootstrap: str, bodies: Iterable[dict[str, Any]]) -> None:
     produce(bootstrap, [(b["model"].encode(), json.dumps(b).encode()) for b in bodies])
 

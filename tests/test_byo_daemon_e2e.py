@@ -4,8 +4,6 @@ and unlearned by a Kafka request naming items of the operator's image folder by 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from daemon import registry
 from daemon.cli import main
 from daemon.data.mnist import load_mnist
 from daemon.engine.models import load_factory
-from tests.pipeline_harness import ROOT, DaemonProcess, outcome_receipts, read_topic, write_config
+from tests.byo_training import train_operator_model
+from tests.pipeline_harness import DaemonProcess, outcome_receipts, publish_refs, read_topic, write_config
 
 pytestmark = pytest.mark.slow
 FACTORY = "tests.byo_factories:tiny_net"
@@ -26,21 +25,9 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 PER_CLASS = 10
 
 
-def _train(steps: int = 250) -> torch.nn.Module:
+def _train() -> torch.nn.Module:
     """The operator's own training loop: their module, their normalisation, their weights file."""
-    torch.manual_seed(0)
-    net = load_factory(FACTORY)(width=8)
-    m = load_mnist()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(0, m.train_x.shape[0], (128,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(net((m.train_x[idx] - 0.1307) / 0.3081), m.train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+    return train_operator_model(lambda: load_factory(FACTORY)(width=8), steps=250)
 
 
 def _folder(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +69,7 @@ def test_the_daemon_unlearns_an_imported_model_from_folder_refs(tmp_path, broker
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         d.wait_assigned()
-        published = subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "publish", "--bootstrap", broker.bootstrap, "--model", MODEL,
-             "--request-id", "byo-folder", *[a for r in refs for a in ("--ref", r)],
-             *[a for i in picked for a in ("--label", str(int(y[i])))]],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        published = publish_refs(broker.bootstrap, MODEL, "byo-folder", refs, [int(y[i]) for i in picked])
         assert published.returncode == 0, published.stderr
         recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=240,
                           until=lambda rs: bool(outcome_receipts(rs).get("byo-folder")))

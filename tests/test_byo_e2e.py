@@ -15,6 +15,7 @@ from daemon.cli import main
 from daemon.data.mnist import load_mnist
 from daemon.engine.models import load_factory
 from daemon.registry import model_store
+from tests.byo_training import train_operator_model
 from tests.test_serve import Server
 
 MODEL = "vit"
@@ -22,20 +23,9 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 FACTORY = "tests.byo_factories:tiny_vit"
 
 
-def _train_vit(steps: int = 300) -> torch.nn.Module:
+def _train_vit() -> torch.nn.Module:
     """The operator's own training, outside unlearnd: their module, their loop, their weights file."""
-    torch.manual_seed(0)
-    vit = load_factory(FACTORY)()
-    m = load_mnist()
-    opt = torch.optim.Adam(vit.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, m.train_x.shape[0], (128,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(vit((m.train_x[idx] - 0.1307) / 0.3081), m.train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return vit.eval()
+    return train_operator_model(load_factory(FACTORY), steps=300)
 
 
 @pytest.mark.slow

@@ -3,8 +3,6 @@ path (sent with ``unlearnd publish``) applied against a real broker, a ref out o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +11,11 @@ from PIL import Image
 
 from daemon.data.mnist import load_mnist
 from tests.pipeline_harness import (
-    ROOT,
     DaemonProcess,
     copy_registry,
     outcome_receipts,
     produce_requests,
+    publish_refs,
     read_topic,
     request,
     write_config,
@@ -57,10 +55,7 @@ def test_a_request_naming_folder_items_by_path_is_applied(tmp_path, broker, mnis
         d.wait_assigned()
         produce_requests(broker.bootstrap, [request("e2e-escape", refs=["digits:3/../../secret/x.png"])])
         refs = ["digits:3/00002.png", "digits:7/00005.png"]
-        published = subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "publish", "--bootstrap", broker.bootstrap, "--model", "mnist-cnn",
-             "--request-id", "e2e-folder", *[a for r in refs for a in ("--ref", r)], "--label", "3", "--label", "7"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        published = publish_refs(broker.bootstrap, "mnist-cnn", "e2e-folder", refs, [3, 7])
         assert published.returncode == 0, published.stderr
         recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=180,
                           until=lambda rs: len(outcome_receipts(rs)) >= 2)

@@ -68,7 +68,7 @@ class Server:
              "--port", str(self.port), "--poll-interval", "0.1", "--lease-ttl", "6",
              "--server-id", f"test-{self.port}", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
@@ -77,7 +77,7 @@ class Server:
                     return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("server did not start in 60 s")
+        raise RuntimeError("server did not start in 120 s")
 
     def stop(self) -> tuple[int, str]:
         if self.proc.poll() is None:

@@ -187,6 +187,20 @@ def write_report(doc: dict[str, Any], out: Path) -> Path:
         *_left_out_table(summary),
         "",
     ]
+    scale = out / "byo_sources.json"
+    if scale.exists():
+        import json
+
+        sc = json.loads(scale.read_text())
+        lines += [
+            "## A folder source of a million images (`benchmarks/sources_scale.py`)",
+            "",
+            f"{sc['files']:,} files ({sc['layout']}). Listing at start-up: {sc['list_s']} s, "
+            f"{sc['list_added_mb']} MB of resident memory ({sc['bytes_per_file']} bytes a file), "
+            f"{sc['files_opened_listing']} files opened. Resolving three refs ({', '.join(sc['refs'])}) and "
+            f"decoding them: {1000 * sc['resolve_s']:.1f} ms, {sc['files_opened_to_resolve']} files opened.",
+            "",
+        ]
     notes = out / "byo_notes.md"
     if notes.exists():
         lines += [notes.read_text()]

@@ -41,13 +41,22 @@ __all__ = ["Protection", "leave_out_reason", "protection_report", "unprotected_u
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-def leave_out_reason(module: nn.Module, inside_attention: bool = False) -> str | None:
-    """Why the memory cannot protect ``module``'s weight (None: it can); parameters of the module itself only."""
-    if inside_attention:
-        return ("attention projection: F.multi_head_attention_forward uses it without calling the module, "
-                "no hook sees its inputs")
+def attention_reason(module: nn.MultiheadAttention) -> str | None:
+    """Why an attention block's projections cannot be protected (None: they can, see the module docstring)."""
+    if not module._qkv_same_embed_dim:
+        return "attention with separate q/k/v projection weights (kdim or vdim differ from embed_dim)"
+    if module.bias_k is not None:
+        return "attention with add_bias_kv (learned key/value biases are free parameters)"
+    return None
+
+
+def leave_out_reason(module: nn.Module, inside_attention: nn.MultiheadAttention | None = None) -> str | None:
+    """Why the memory cannot protect ``module``'s weight (None: it can); parameters of the module itself only.
+    ``inside_attention``: the attention block ``module`` belongs to (its ``out_proj``)."""
+    if inside_attention is not None:
+        return attention_reason(inside_attention)
     if isinstance(module, nn.MultiheadAttention):
-        return "attention in_proj weights are not a Linear and no hook sees their inputs"
+        return attention_reason(module)
     if isinstance(module, _NORMS):
         return "normalisation affine parameters (per-channel scale and shift, not a map of input rows)"
     if isinstance(module, nn.Embedding):
@@ -66,11 +75,13 @@ def leave_out_reason(module: nn.Module, inside_attention: bool = False) -> str |
             "positional embedding: not a layer's map of input rows)")
 
 
-def _attention_children(model: nn.Module) -> set[str]:
-    inside: set[str] = set()
+def _attention_children(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    inside: dict[str, nn.MultiheadAttention] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
-            inside |= {f"{name}.{child}" if name else child for child, _ in m.named_modules() if child}
+            for child, _ in m.named_modules():
+                if child:
+                    inside[f"{name}.{child}" if name else child] = m
     return inside
 
 
@@ -80,7 +91,7 @@ def layer_reasons(model: nn.Module) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name, m in model.named_modules():
         if any(p.requires_grad for p in m.parameters(recurse=False)):
-            out[name] = leave_out_reason(m, name in inside)
+            out[name] = leave_out_reason(m, inside.get(name))
     return out
 
 

@@ -27,25 +27,89 @@ derived sets ``memory_energy = 0``.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from daemon.engine.protection import layer_reasons
 
-__all__ = ["SubspaceMemory", "layer_input_covariances", "protectable_layers"]
+__all__ = ["InProjection", "SubspaceMemory", "layer_input_covariances", "protectable_layers"]
 
 
-def protectable_layers(model: nn.Module) -> dict[str, nn.Module]:
+class InProjection:
+    """The packed q/k/v input projection of an ``nn.MultiheadAttention`` as a layer the memory can hold:
+    ``weight`` and ``bias`` are the block's ``in_proj_weight`` and ``in_proj_bias`` (a map of the query's
+    token rows, like a Linear's). Not a module: its inputs are seen by :class:`_AttentionInputs`."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        self.attention = attention
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.attention.in_proj_weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.attention.in_proj_bias
+
+
+def protectable_layers(model: nn.Module) -> dict[str, nn.Module | InProjection]:
     """Linear and Conv2d layers (zero, numeric padding; any stride, dilation, groups) with a trainable
-    weight, by module name; Linear layers inside ``nn.MultiheadAttention`` are left out (no hook sees
-    their inputs). What is left out and why: ``daemon.engine.protection.protection_report``."""
+    weight, and the projections of self-attention blocks (``nn.MultiheadAttention``: its packed input
+    projection as :class:`InProjection` under the block's name, its ``out_proj`` under its own), by name.
+    What is left out and why: ``daemon.engine.protection.protection_report``."""
     reasons = layer_reasons(model)
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad and name in reasons
-            and reasons[name] is None}
+    out: dict[str, nn.Module | InProjection] = {}
+    for name, m in model.named_modules():
+        if name not in reasons or reasons[name] is not None:
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            if m.in_proj_weight is not None and m.in_proj_weight.requires_grad:
+                out[name] = InProjection(m)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad:
+            out[name] = m
+    return out
+
+
+class _AttentionInputs(TorchFunctionMode):
+    """Sees what ``F.multi_head_attention_forward`` feeds its two projections, which no hook can: the query's
+    token rows (the packed input projection's input, in self-attention, where query, key and value are one
+    tensor) and the attention output before ``out_proj`` (the same call with an identity ``out_proj``: exact,
+    whatever ``out_proj``'s weights are). ``record(name, rows)`` gets them under the layers' names."""
+
+    def __init__(self, blocks: Mapping[int, tuple[str | None, str | None]], record) -> None:  # noqa: ANN001
+        super().__init__()
+        self.blocks = blocks            # id(in_proj_weight) -> (in-projection name, out_proj name)
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is not F.multi_head_attention_forward:
+            return func(*args, **kwargs)
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        a = bound.arguments
+        names = self.blocks.get(id(a["in_proj_weight"]))
+        if names is None:
+            return func(*args, **kwargs)
+        in_name, out_name = names
+        query = a["query"]
+        if in_name is not None and query is a["key"] and a["key"] is a["value"]:
+            self.record(in_name, query.reshape(-1, query.shape[-1]))
+        if out_name is not None:
+            width = a["out_proj_weight"].shape[1]
+            a["out_proj_weight"] = torch.eye(width, dtype=query.dtype, device=query.device)
+            a["out_proj_bias"] = None if a["out_proj_bias"] is None else torch.zeros_like(a["out_proj_bias"])
+            pre = func(*bound.args, **bound.kwargs)[0]
+            self.record(out_name, pre.reshape(-1, pre.shape[-1]))
+        return func(*args, **kwargs)
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
 def _rows(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
@@ -140,19 +204,28 @@ def layer_inputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> di
     layers = protectable_layers(model)
     seen: dict[str, LayerInputs] = {}
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            rows = _rows(module, args[0].detach()).double()
-            seen.setdefault(name, LayerInputs(rows.shape[1])).add(rows)
-        return record
+    def record(name: str, inp: torch.Tensor) -> None:
+        rows = _rows(layers[name], inp.detach()).double()
+        seen.setdefault(name, LayerInputs(rows.shape[1])).add(rows)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    def hook(name: str):
+        def on_forward(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            record(name, args[0])
+        return on_forward
+
+    blocks: dict[int, tuple[str | None, str | None]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out_name = f"{name}.out_proj" if name else "out_proj"
+            blocks[id(m.in_proj_weight)] = (name if name in layers else None, out_name if out_name in layers else None)
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items() if isinstance(m, nn.Module)]
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        for start in range(0, x.shape[0], batch_size):
-            model(x[start:start + batch_size].to(device))
+        with _AttentionInputs(blocks, record) if blocks else contextlib.nullcontext():
+            for start in range(0, x.shape[0], batch_size):
+                model(x[start:start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

@@ -45,6 +45,7 @@ from daemon.bench.runner import _clean, forget_indices, machine_info, make_reque
 from daemon.data.mnist import load_mnist  # noqa: E402
 from daemon.engine.config import preset  # noqa: E402
 from daemon.engine.evaluate import accuracy, loss_auc, per_sample_loss, predict  # noqa: E402
+from daemon.engine.protection import protection_report  # noqa: E402
 from daemon.engine.subspace import protectable_layers  # noqa: E402
 from daemon.registry import atomic_write_bytes, model_store  # noqa: E402
 
@@ -52,6 +53,8 @@ ZOO = ("resnet18", "mobilenet_v3_small", "vit_tiny")
 BUILTIN = "mnist_cnn"
 ARCHS = (*ZOO, BUILTIN)
 SINGLE_K, CONTINUAL = 64, (10, 32)
+# rows from before rows named their commit were made with this engine (self-attention left out of the memory)
+FIRST_RUN_COMMIT = "2e09778"
 ROW_FIELDS = ("arch", "factory", "params", "protocol", "k", "seed", "round", "acc_test_original", "acc_test_before",
               "acc_test", "acc_forget", "acc_forget_union", "mia_auc", "outcome", "steps", "wall_s", "attack_s",
               "optimise_s", "memory_s")
@@ -129,19 +132,27 @@ def _mia(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch
 
 
 def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protocol: str, seed: int,
-               overrides: dict[str, Any], log: Any) -> None:
+               overrides: dict[str, Any], log: Any, memory_energy: float | None = None,
+               freeze_left_out: bool = False) -> None:
     """``single`` (one k = 64 round) or ``continual`` (10 × 32) from version 1, one row a round."""
     rounds, k = (1, SINGLE_K) if protocol == "single" else CONTINUAL
     if part.has(protocol, seed, rounds):
         return
     m = load_mnist()
     live = model_store.load_live(work / "registry", arch, 1)
+    if memory_energy is not None:                     # rounds.memory_energy in the daemon's configuration
+        live.session.memory.energy = memory_energy
     config = preset("default", "adv_imp", "forget").with_overrides(**overrides)
     acc0 = accuracy(live.model, m.test_x, m.test_y)
     order = forget_indices(m.train_y.shape[0], rounds * k, seed)
     acc_before = acc0
     protected = {f"{name}.{p}" for name in protectable_layers(live.model) for p in ("weight", "bias")}
     for r in range(1, rounds + 1):
+        if freeze_left_out and r == 2:    # an experiment: what the memory cannot hold stops moving once it holds
+            left_out = set(protection_report(live.model).left_out)
+            for n, p in live.model.named_parameters():
+                if n in left_out:
+                    p.requires_grad_(False)
         idx = order[(r - 1) * k:r * k]
         request = make_request("forget", m, idx, seed)
         before = {n: p.detach().clone() for n, p in live.model.named_parameters()}
@@ -160,7 +171,8 @@ def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protoc
             "mia_auc": _mia(model, m.train_x[union], m.train_y[union], m.test_x, m.test_y),
             "outcome": result.outcome, "steps": result.steps, "wall_s": result.wall_s, "attack_s": result.attack_s,
             "optimise_s": result.optimise_s, "memory_s": result.memory_s,
-            "reason": result.reason, "overrides": overrides,
+            "reason": result.reason, "overrides": overrides, "memory_energy": live.session.memory.energy,
+            "commit": _commit(), "freeze_left_out": freeze_left_out,
             # what leaving layers out of the subspace memory costs: their share of the round's squared update
             "left_out_update_share": sum(v for n, v in moved.items() if n not in protected) / max(sum(moved.values()),
                                                                                                    1e-30),
@@ -320,6 +332,7 @@ def merge(out: Path, work: Path, settings: dict[str, Any]) -> dict[str, Any]:
     rows = {(r["arch"], r["protocol"], r["seed"], r["round"]): r for r in old.get("rows", [])}
     for part in sorted((work / "parts").glob("*.json")):
         for r in json.loads(part.read_text())["rows"]:
+            r.setdefault("commit", FIRST_RUN_COMMIT)
             rows[(r["arch"], r["protocol"], r["seed"], r["round"])] = r
     prepared = dict(old.get("prepared", {}))
     for p in sorted((work / "prepared").glob("*.json")):
@@ -346,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a default-preset setting for every round (recorded in each row)")
+    p.add_argument("--memory-energy", type=float, help="the subspace memory's energy (default: the session's)")
+    p.add_argument("--freeze-left-out", action="store_true",
+                   help="experiment: from round 2 on, parameters the memory leaves out do not move")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--report", action="store_true", help="only merge the parts and write byo.md and the plots")
     args = p.parse_args(argv)
@@ -374,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                         atomic_write_bytes(record_path, json.dumps(result, indent=1).encode())
                     continue
                 for seed in [int(x) for x in args.seeds.split(",")]:
-                    run_rounds(arch, records[arch], work, parts[arch], protocol, seed, overrides, _log)
+                    run_rounds(arch, records[arch], work, parts[arch], protocol, seed, overrides, _log,
+                               args.memory_energy, args.freeze_left_out)
     doc = merge(out, work, settings)
     from benchmarks.byo_report import write_report
 
@@ -391,6 +408,13 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
             raise SystemExit(f"--set {pair}: unknown setting")
         out[key] = type(base[key])(value) if base[key] is not None else float(value)
     return out
+
+
+def _commit() -> str:
+    """The checkout's commit (with ``+`` when the engine has uncommitted changes): which code made a row."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "daemon"], cwd=ROOT, capture_output=True, text=True).stdout
+    return head.strip() + ("+" if dirty.strip() else "")
 
 
 def _log(line: str) -> None:

@@ -9,23 +9,30 @@ earlier rounds' instances. That needs a layer whose weight is a map of rows a fo
   every group's patches (a row is one group's patch), so each group's update is projected off the
   union of all groups' directions: exact protection for every group, at the price of filling the
   layer faster than a per-group basis would (a depthwise 3×3 conv has only 10 directions).
+- Self-attention (``nn.MultiheadAttention`` with one packed ``in_proj_weight``): its input projection is
+  held on the query's token rows and its ``out_proj`` on the attention output before it. No hook sees
+  either (``F.multi_head_attention_forward`` reads the weights without calling a module), so the memory
+  captures them under a ``TorchFunctionMode`` (``daemon.engine.subspace._AttentionInputs``): the query as
+  it is passed, and the pre-``out_proj`` output by re-running the call with an identity ``out_proj``
+  (exact). Attention with separate q/k/v weights or ``add_bias_kv`` is left out, with that reason; in
+  cross-attention (query not the key) the input projection sees no rows, so nothing of it is held.
 - Left out, each with its reason (``protection_report``): normalisation affine parameters (BatchNorm,
-  LayerNorm, GroupNorm: a per-channel scale and shift, not a map of input rows); attention projections
-  of ``nn.MultiheadAttention`` (``in_proj_weight`` is not a Linear, and ``F.multi_head_attention_forward``
-  uses ``out_proj.weight`` without calling ``out_proj``, so no hook sees their inputs); free parameters a
+  LayerNorm, GroupNorm: a per-channel scale and shift, not a map of input rows); free parameters a
   module reads itself (class tokens, positional embeddings, ``nn.Embedding``); convs with another padding
   mode or string padding (``F.unfold`` pads with zeros, by numbers only), and other layer types.
 
 Left out means the layer may move freely in a round: what it computes on earlier rounds' instances is not
 held by the memory (the held examples and the importance penalty still act on it). Measured on a tiny,
 untrained torchvision ViT (1×28×28, patch 7, one layer, hidden 16, random head; two k = 4 ``adv_imp``
-rounds with the default preset, tests/test_engine_byo_layers.py): the left-out parameters (attention
-projections, LayerNorm, class token, positional embedding) are 29% of the trainable values and take
-12.4% of the first round's squared update (``unprotected_update_share``), but 54.4% of the second's,
-once the memory holds the first round: the projection pushes the update onto what it leaves out, so on
-attention models the memory's guarantee (an earlier instance computes what it did: relapse 0) does not
-hold, and relapse must be measured (issue 20's benchmark). MobileNetV3-Small leaves out only its
-BatchNorm affine parameters (0.8% of its values).
+rounds with the default preset, tests/test_engine_byo_layers.py): with attention left out, the left-out
+parameters were 29% of the trainable values and took 12.4% of the first round's squared update
+(``unprotected_update_share``) but 54.4% of the second's, once the memory held the first round (the
+projection pushes the update onto what it leaves out). On the trained 4-layer ViT of issue 20's benchmark
+that cost relapse: after ten rounds of 32, 84–90% of the earlier rounds' instances were classified
+correctly again (benchmarks/results/byo_notes.md). Held, the ViT's attention fills in one round of 32 like
+its token MLPs (17 rows per image), and LayerNorm and the positional embedding still carry relapse. With self-attention protected, LayerNorm, the class
+token and the positional embedding are what is left: 7.6% of the tiny ViT's values. MobileNetV3-Small
+leaves out only its BatchNorm affine parameters (0.8% of its values).
 """
 
 from __future__ import annotations

@@ -372,3 +372,27 @@ def test_a_later_round_keeps_the_attention_projections_on_an_earlier_round_s_tok
         on_old = float(torch.trace(delta @ rows[n] @ delta.T)) / float(torch.trace(rows[n]))
         overall = float(delta.pow(2).sum()) / delta.shape[1]
         assert on_old < 1e-3 * overall, (n, on_old, overall)
+
+
+def test_freeze_unprotected_keeps_what_the_memory_cannot_hold_out_of_the_optimiser_once_it_holds_a_round():
+    """``freeze_unprotected``: once the memory holds a round, BatchNorm's scale and shift (which it cannot
+    protect) leave the round's optimiser; with an empty memory, or the setting off, they stay in it."""
+    import copy
+
+    from daemon.engine.kinds import get_kind
+    from daemon.engine.rounds import _optimiser
+    from daemon.engine.subspace import SubspaceMemory
+
+    model = _real("block")
+    norm = set(protection_report(model).left_out)
+    assert norm, "the block has BatchNorm affine parameters"
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    request = ForgetRequest("forget", x, torch.tensor([0, 1]))
+    held = SubspaceMemory(0.99999).extended(model, torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2)))
+    for memory, freeze, kept in ((SubspaceMemory(0.99999), True, True), (held, False, True), (held, True, False)):
+        work = copy.deepcopy(model)
+        config = preset("default", "adv_imp").with_overrides(freeze_unprotected=freeze)
+        _, params, _ = _optimiser(work, request, get_kind("forget"), config, x, memory, 10)
+        ids = {id(p) for p in params}
+        in_optimiser = {n for n, p in work.named_parameters() if id(p) in ids}
+        assert (norm <= in_optimiser) is kept and (not (norm & in_optimiser)) is (not kept), (freeze, in_optimiser)

@@ -84,6 +84,9 @@ class UnlearnConfig:
     # continual rounds: a layer whose directions left free by the subspace memory carry less than this share of
     # the round's instances' input energy stays fixed for the round (daemon.engine.subspace; 0: never)
     memory_min_free: float = 0.01
+    # continual rounds: once the memory holds earlier rounds, the parameters it cannot hold (normalisation scale
+    # and shift, class and positional tokens: daemon.engine.protection) stay fixed too (measured in byo_notes.md)
+    freeze_unprotected: bool = False
     adv_batch: int = 256
     lam: float = 1.0                   # importance penalty strength (L2UL's reg_lamb, its value)
     bn_train: bool = False             # BatchNorm in train mode while unlearning (L2UL does)

@@ -29,6 +29,7 @@ from daemon.engine.kinds import ForgetInstances, Kind, get_kind
 from daemon.engine.methods import Method
 from daemon.engine.heads import find_head
 from daemon.engine.requests import ForgetRequest
+from daemon.engine.protection import protection_report
 from daemon.engine.subspace import SubspaceMemory
 
 if TYPE_CHECKING:
@@ -206,11 +207,19 @@ def _optimiser(work: nn.Module, request: ForgetRequest, kind: Kind, config: Unle
     if memory is not None and kind.instance_scoped:
         projector = memory.projector(work, x, config.memory_min_free)
     params = _trainable(work, request, config, num_classes, head)
+    fixed: dict[int, nn.Parameter] = {}
     if projector is not None and projector.frozen:
         # A layer the memory keeps fixed for the round leaves the optimiser and the backward pass: its
         # gradient would be thrown away after every step, yet it would count in the held/forget balance
         # (and in a continual round the convolutions are the frozen ones: the backward stops above them).
         fixed = {id(p): p for p in projector.frozen_parameters()}
+    if projector is not None and config.freeze_unprotected:
+        # Once the memory holds earlier rounds, what it cannot hold (normalisation scale and shift, tokens)
+        # would carry the relapse it stops elsewhere: a shifted BatchNorm changes what every later layer sees
+        # of an earlier instance (benchmarks/results/byo_notes.md).
+        left_out = set(protection_report(work).left_out)
+        fixed |= {id(p): p for n, p in work.named_parameters() if n in left_out}
+    if fixed:
         for p in fixed.values():
             p.requires_grad_(False)
         params = [p for p in params if id(p) not in fixed]

@@ -218,7 +218,14 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any,
     import tritonclient.http as triton
 
     from daemon import registry
-    from tests.pipeline_harness import Broker, DaemonProcess, outcome_receipts, read_topic, write_config
+    from tests.pipeline_harness import (
+        Broker,
+        DaemonProcess,
+        folder_model_table,
+        outcome_receipts,
+        read_topic,
+        write_config,
+    )
 
     base = work / "e2e" / arch
     shutil.rmtree(base, ignore_errors=True)
@@ -245,8 +252,7 @@ def e2e(arch: str, work: Path, threads: int, classes: list[str], log: Any,
     cfg = write_config(base / "unlearnd.toml", bootstrap=broker.bootstrap, registry_dir=reg, state_dir=base / "state",
                        models=(), retention_max_drop=0.02)
     with cfg.open("a") as f:
-        f.write(f'[[models]]\nname = "{arch}"\nprobe = "digits:all"\nsettings = {json.dumps(settings)}\n'
-                f'[[models.sources]]\nkind = "folder"\nname = "digits"\npath = "{work / "digits"}"\n')
+        f.write(folder_model_table(arch, "digits", work / "digits", settings=settings))
     daemon = DaemonProcess(cfg, base / "daemon.log", env=_env(threads)).start()
     try:
         daemon.wait_assigned(timeout=300)

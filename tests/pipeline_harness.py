@@ -107,6 +107,14 @@ outbox_interval_s = 0.1
     return path
 
 
+def folder_model_table(model: str, source: str, root: Path, **keys: object) -> str:
+    """A ``[[models]]`` table whose refs name a folder source ``source`` at ``root`` (probe: all of it); ``keys``
+    are more settings of the model (``head="head"``, ``settings=[...]``), written as TOML values."""
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+    return (f'[[models]]\nname = "{model}"\nprobe = "{source}:all"\n{extra}'
+            f'[[models.sources]]\nkind = "folder"\nname = "{source}"\npath = "{root}"\n')
+
+
 class DaemonProcess:
     """`unlearnd run` in a subprocess; its JSON log lines are read back from a file."""
 

@@ -16,7 +16,14 @@ from daemon.cli import main
 from daemon.data.mnist import load_mnist
 from daemon.engine.models import load_factory
 from tests.byo_training import train_operator_model
-from tests.pipeline_harness import DaemonProcess, outcome_receipts, publish_refs, read_topic, write_config
+from tests.pipeline_harness import (
+    DaemonProcess,
+    folder_model_table,
+    outcome_receipts,
+    publish_refs,
+    read_topic,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 FACTORY = "tests.byo_factories:tiny_net"
@@ -64,8 +71,7 @@ def test_the_daemon_unlearns_an_imported_model_from_folder_refs(tmp_path, broker
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                        state_dir=tmp_path / "state", models=())
     with cfg.open("a") as f:
-        f.write(f'[[models]]\nname = "{MODEL}"\nprobe = "photos:all"\nhead = "head"\n'
-                f'[[models.sources]]\nkind = "folder"\nname = "photos"\npath = "{root}"\n')
+        f.write(folder_model_table(MODEL, "photos", root, head="head"))
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         d.wait_assigned()

@@ -13,6 +13,7 @@ from daemon.data.mnist import load_mnist
 from tests.pipeline_harness import (
     DaemonProcess,
     copy_registry,
+    folder_model_table,
     outcome_receipts,
     produce_requests,
     publish_refs,
@@ -48,8 +49,7 @@ def test_a_request_naming_folder_items_by_path_is_applied(tmp_path, broker, mnis
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                        state_dir=tmp_path / "state", models=())
     with cfg.open("a") as f:
-        f.write(f'[[models]]\nname = "mnist-cnn"\nprobe = "digits:all"\n'
-                f'[[models.sources]]\nkind = "folder"\nname = "digits"\npath = "{root}"\n')
+        f.write(folder_model_table("mnist-cnn", "digits", root))
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         d.wait_assigned()

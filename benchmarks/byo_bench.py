@@ -43,9 +43,8 @@ import torch  # noqa: E402
 
 from daemon.bench.runner import _clean, forget_indices, machine_info, make_request  # noqa: E402
 from daemon.data.mnist import load_mnist  # noqa: E402
-from daemon.engine.config import preset  # noqa: E402
+from daemon.engine.config import parse_settings, preset  # noqa: E402
 from daemon.engine.evaluate import accuracy, loss_auc, per_sample_loss, predict  # noqa: E402
-from daemon.engine.protection import protection_report  # noqa: E402
 from daemon.engine.subspace import protectable_layers  # noqa: E402
 from daemon.registry import atomic_write_bytes, model_store  # noqa: E402
 
@@ -132,8 +131,7 @@ def _mia(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch
 
 
 def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protocol: str, seed: int,
-               overrides: dict[str, Any], log: Any, memory_energy: float | None = None,
-               freeze_left_out: bool = False) -> None:
+               overrides: dict[str, Any], log: Any, memory_energy: float | None = None) -> None:
     """``single`` (one k = 64 round) or ``continual`` (10 × 32) from version 1, one row a round."""
     rounds, k = (1, SINGLE_K) if protocol == "single" else CONTINUAL
     if part.has(protocol, seed, rounds):
@@ -148,11 +146,6 @@ def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protoc
     acc_before = acc0
     protected = {f"{name}.{p}" for name in protectable_layers(live.model) for p in ("weight", "bias")}
     for r in range(1, rounds + 1):
-        if freeze_left_out and r == 2:    # an experiment: what the memory cannot hold stops moving once it holds
-            left_out = set(protection_report(live.model).left_out)
-            for n, p in live.model.named_parameters():
-                if n in left_out:
-                    p.requires_grad_(False)
         idx = order[(r - 1) * k:r * k]
         request = make_request("forget", m, idx, seed)
         before = {n: p.detach().clone() for n, p in live.model.named_parameters()}
@@ -172,7 +165,7 @@ def run_rounds(arch: str, record: dict[str, Any], work: Path, part: Part, protoc
             "outcome": result.outcome, "steps": result.steps, "wall_s": result.wall_s, "attack_s": result.attack_s,
             "optimise_s": result.optimise_s, "memory_s": result.memory_s,
             "reason": result.reason, "overrides": overrides, "memory_energy": live.session.memory.energy,
-            "commit": _commit(), "freeze_left_out": freeze_left_out,
+            "commit": _commit(),
             # what leaving layers out of the subspace memory costs: their share of the round's squared update
             "left_out_update_share": sum(v for n, v in moved.items() if n not in protected) / max(sum(moved.values()),
                                                                                                    1e-30),
@@ -366,14 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a default-preset setting for every round (recorded in each row)")
     p.add_argument("--memory-energy", type=float, help="the subspace memory's energy (default: the session's)")
-    p.add_argument("--freeze-left-out", action="store_true",
-                   help="experiment: from round 2 on, parameters the memory leaves out do not move")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--report", action="store_true", help="only merge the parts and write byo.md and the plots")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work, out = ROOT / args.work, ROOT / args.out
     overrides = _overrides(args.set)
+    unknown = sorted(set(args.protocols.split(",")) - {"single", "continual", "e2e"})
+    if unknown:
+        raise SystemExit(f"--protocols: unknown {', '.join(unknown)} (single, continual, e2e)")
     settings = {"method": "adv_imp", "preset": "default", "preset_settings": preset("default", "adv_imp", "forget")
                 .to_dict(), "single_k": SINGLE_K, "continual": list(CONTINUAL), "threads": args.threads,
                 "forget_sets": "forget_indices(60000, k, seed): randperm under the seed (MNIST benchmark's draw)",
@@ -397,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for seed in [int(x) for x in args.seeds.split(",")]:
                     run_rounds(arch, records[arch], work, parts[arch], protocol, seed, overrides, _log,
-                               args.memory_energy, args.freeze_left_out)
+                               args.memory_energy)
     doc = merge(out, work, settings)
     from benchmarks.byo_report import write_report
 
@@ -406,13 +400,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
-    base = preset("default", "adv_imp", "forget").to_dict()
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in base:
-            raise SystemExit(f"--set {pair}: unknown setting")
-        out[key] = type(base[key])(value) if base[key] is not None else float(value)
+    """``--set`` as the daemon reads ``[[models]] settings``; a bad entry stops the run before any round."""
+    try:
+        out = parse_settings(pairs)
+        preset("default", "adv_imp", "forget").with_overrides(**out)
+    except ValueError as exc:
+        raise SystemExit(f"--set: {exc}") from None
     return out
 
 

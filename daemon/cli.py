@@ -46,17 +46,13 @@ def _smoothing(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs, values parsed as JSON when they parse (numbers, true, null)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UsageError(f"--set wants key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
+    """``--set key=value`` pairs (``daemon.engine.config.parse_settings``)."""
+    from daemon.engine.config import parse_settings
+
+    try:
+        return parse_settings(pairs)
+    except ValueError as exc:
+        raise UsageError(f"--set wants key=value: {exc}") from exc
 
 
 def _bar(total: int, desc: str):  # noqa: ANN202 - tqdm type
@@ -260,7 +256,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         metrics["acc_test_original"] = ctx.acc_test_original
         info = model_store.publish(
             Path(args.registry), args.model, model.cpu(), live.session, arch=live.arch, factory=live.factory,
-            head=live.head, input_shape=live.input_shape, classes=live.classes, parent=live.version, dataset=splits.name,
+            head=live.head, input_shape=live.input_shape, classes=live.classes, parent=live.version,
+            dataset=splits.name,
             round_id=f"unlearn-{int(time.time() * 1000):x}",      # not a daemon's r-NNNNNN: see check_consistency
             method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics)
         row["model_version"] = info.version

@@ -13,13 +13,15 @@ class's logit, never gain it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from daemon.engine.kinds import KINDS, ForgetInstances
 
-__all__ = ["METHOD_SETTINGS", "PRESETS", "MethodSetting", "UnlearnConfig", "method_settings", "preset"]
+__all__ = ["METHOD_SETTINGS", "PRESETS", "MethodSetting", "UnlearnConfig", "method_settings", "parse_settings",
+           "preset"]
 
 _CHOICES = {
     "optimizer": ("sgd", "adam"),
@@ -151,6 +153,22 @@ class UnlearnConfig:
         if unknown:
             raise ValueError(f"unknown unlearning setting(s): {', '.join(unknown)}")
         return replace(self, **overrides)
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` entries (``--set``, ``[[models]] settings``) as overrides, values parsed as JSON when they
+    parse (numbers, true, null), else kept as strings; ValueError on an entry without ``=``. Names and kinds
+    are checked by :meth:`UnlearnConfig.with_overrides`."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"each entry is KEY=VALUE (e.g. lr=3e-5), got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw.strip()
+    return out
 
 
 PRESETS: dict[str, UnlearnConfig] = {

@@ -23,7 +23,8 @@ from torch import nn
 from daemon.engine.heads import output_layer  # noqa: F401  (moved to heads.py; re-exported)
 
 __all__ = ["BUILTIN_FACTORIES", "FactoryError", "MnistCNN", "ModelFactory", "Normalize", "build_classifier",
-           "build_model", "cifar_resnet18", "classifier_module_name", "load_factory", "mnist_cnn", "output_layer"]
+           "backbone_module_name", "build_model", "cifar_resnet18", "classifier_module_name", "load_factory",
+           "mnist_cnn", "output_layer"]
 
 
 class Normalize(nn.Module):
@@ -166,7 +167,16 @@ def classifier_module_name(backbone_name: str) -> str:
     Operators name their layers (the ``head`` setting) as their own module's ``named_modules()`` does; the
     engine sees the ``Sequential(normalize, backbone)`` that :func:`build_classifier` returns.
     """
-    return f"1.{backbone_name}"
+    return f"{_BACKBONE}.{backbone_name}"
+
+
+def backbone_module_name(classifier_name: str) -> str | None:
+    """The inverse of :func:`classifier_module_name` (None: ``classifier_name`` is not in the backbone)."""
+    prefix = f"{_BACKBONE}."
+    return classifier_name[len(prefix):] if classifier_name.startswith(prefix) else None
+
+
+_BACKBONE = "1"     # build_classifier's Sequential(normalize, backbone): the backbone's index
 
 
 def build_model(arch: str, *, num_classes: int, input_shape: tuple[int, int, int],

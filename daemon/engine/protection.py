@@ -29,10 +29,10 @@ parameters were 29% of the trainable values and took 12.4% of the first round's 
 (``unprotected_update_share``) but 54.4% of the second's, once the memory held the first round (the
 projection pushes the update onto what it leaves out). On the trained 4-layer ViT of issue 20's benchmark
 that cost relapse: after ten rounds of 32, 84–90% of the earlier rounds' instances were classified
-correctly again (benchmarks/results/byo_notes.md). Held, the ViT's attention fills in one round of 32 like
-its token MLPs (17 rows per image), and LayerNorm and the positional embedding still carry relapse. With self-attention protected, LayerNorm, the class
-token and the positional embedding are what is left: 7.6% of the tiny ViT's values. MobileNetV3-Small
-leaves out only its BatchNorm affine parameters (0.8% of its values).
+correctly again (benchmarks/results/byo_notes.md). With self-attention protected, LayerNorm, the class
+token and the positional embedding are what is left: 7.6% of the tiny ViT's values; held, the ViT's attention
+fills in one round of 32 like its token MLPs (17 rows per image), and LayerNorm and the positional embedding
+still carry relapse. MobileNetV3-Small leaves out only its BatchNorm affine parameters (0.8% of its values).
 """
 
 from __future__ import annotations

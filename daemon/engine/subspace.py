@@ -217,7 +217,8 @@ def layer_inputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> di
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             out_name = f"{name}.out_proj" if name else "out_proj"
-            blocks[id(m.in_proj_weight)] = (name if name in layers else None, out_name if out_name in layers else None)
+            blocks[id(m.in_proj_weight)] = (name if name in layers else None,
+                                            out_name if out_name in layers else None)
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items() if isinstance(m, nn.Module)]
     was_training = model.training
     model.eval()
@@ -334,14 +335,12 @@ def _grow(inputs: LayerInputs, basis: torch.Tensor | None, energy: float) -> tor
     total = inputs.total()
     if total <= 0:
         return basis if basis is not None else torch.zeros((inputs.width, 0))
-    d = inputs.width
     old = None if basis is None else basis.double()
     values, vectors, kept = inputs.top_directions(old)
     r = 0
     while r < values.shape[0] and kept / total < energy and float(values[r]) > 0:
         kept += float(values[r])
         r += 1
-    r = min(r, d)
     new = vectors[:, :r]
     if old is not None:
         new = torch.cat([old, new], 1)

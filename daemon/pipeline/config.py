@@ -14,7 +14,6 @@ comma-separated), and wins over the file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
@@ -25,7 +24,7 @@ from typing import Any
 
 from daemon.cpu_policy import POLICIES
 from daemon.data.sources import KNOWN_DATASETS, check_source_name
-from daemon.engine.config import PRESETS
+from daemon.engine.config import PRESETS, parse_settings
 from daemon.engine.importance import ACCUMULATIONS
 from daemon.engine.methods import METHODS
 
@@ -230,17 +229,9 @@ class ModelSection:
         "minimum": None, "below": None, "choices": None})
 
     def round_settings(self) -> dict[str, Any]:
-        """``settings`` as overrides of the engine preset (values parsed as JSON when they parse); ValueError
-        naming an unknown setting or a value of the wrong kind."""
-        out: dict[str, Any] = {}
-        for pair in self.settings:
-            key, sep, raw = pair.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"each entry is KEY=VALUE (e.g. lr=3e-5), got {pair!r}")
-            try:
-                out[key.strip()] = json.loads(raw)
-            except json.JSONDecodeError:
-                out[key.strip()] = raw.strip()
+        """``settings`` as overrides of the engine preset; ValueError naming an unknown setting or a value of
+        the wrong kind."""
+        out = parse_settings(self.settings)
         PRESETS["default"].with_overrides(**out)      # unknown names and values of the wrong kind are refused here
         return out
 

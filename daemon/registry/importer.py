@@ -25,7 +25,7 @@ from torch import nn
 
 from daemon import registry
 from daemon.engine.heads import find_head
-from daemon.engine.models import FactoryError, ModelFactory, Normalize
+from daemon.engine.models import FactoryError, ModelFactory, Normalize, backbone_module_name
 from daemon.engine.session import UnlearningSession
 from daemon.registry import model_store
 
@@ -182,7 +182,6 @@ def import_model(registry_dir: Path, name: str, spec: ImportSpec, *, seed: int =
         raise ImportRejected(f"cannot publish {name!r}: {exc}") from exc
 
 
-
 def _head_found(model: nn.Module, spec: ImportSpec) -> str | None:
     """The head class rounds will scope to when none is declared (found by output width on an input of the
     spec), as the operator's module names it; recorded so that the operator learns it before the first round."""
@@ -191,7 +190,7 @@ def _head_found(model: nn.Module, spec: ImportSpec) -> str | None:
         name = find_head(model, len(spec.classes), x=x).name
     except ValueError:
         return None
-    return name[2:] if name.startswith("1.") else name
+    return backbone_module_name(name)
 
 
 def describe_head(info: registry.VersionInfo) -> str:

@@ -29,7 +29,14 @@ from torch import nn
 
 from daemon import registry
 from daemon.engine.heads import find_head
-from daemon.engine.models import BUILTIN_FACTORIES, ModelFactory, Normalize, build_classifier, classifier_module_name
+from daemon.engine.models import (
+    BUILTIN_FACTORIES,
+    ModelFactory,
+    Normalize,
+    backbone_module_name,
+    build_classifier,
+    classifier_module_name,
+)
 from daemon.engine.session import UnlearningSession
 
 __all__ = ["HeadError", "LiveModel", "check_head", "load_live", "manifest_factory", "manifest_head", "publish"]
@@ -106,10 +113,10 @@ def check_head(model: nn.Module, num_classes: int, head: str, where: str) -> str
     try:
         return find_head(model, num_classes, head=classifier_module_name(head)).name
     except ValueError:
-        backbone = model[1] if isinstance(model, nn.Sequential) and len(model) == 2 else model
-        fits = [n for n, m in backbone.named_modules()
-                if (isinstance(m, nn.Linear) and m.out_features == num_classes)
-                or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+        fits = [backbone_module_name(n) for n, m in model.named_modules()
+                if backbone_module_name(n) is not None
+                and ((isinstance(m, nn.Linear) and m.out_features == num_classes)
+                     or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes))]
         raise ValueError(f"{where}: the classifier head {head!r} is not an nn.Linear with {num_classes} outputs "
                          f"(nor an nn.Conv2d with {num_classes} output channels) of the model; name it as the "
                          f"model's own named_modules() does (modules that fit: {fits or 'none'})") from None
@@ -182,7 +189,7 @@ def load_live(registry_dir: Path, name: str, version: int | None = None, *, devi
     declared = manifest_head(manifest, where)
     if head is not None and declared is not None and head != declared:
         raise HeadError(f"{where}: the head setting {head!r} differs from the head {declared!r} its "
-                                     f"manifest declares (unlearnd import --head); drop the setting or fix it")
+                        f"manifest declares (unlearnd import --head); drop the setting or fix it")
     head = head or declared
     classes = list(manifest["classes"])
     channels = manifest["input_shape"][0]

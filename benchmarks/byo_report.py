@@ -164,6 +164,8 @@ def plot(doc: dict[str, Any], summary: dict[str, dict[str, Any]], out: Path) -> 
 
 
 def write_report(doc: dict[str, Any], out: Path) -> Path:
+    from daemon.registry import atomic_write_bytes
+
     summary = summarise(doc)
     plots = plot(doc, summary, out)
     m = doc["machine"]
@@ -213,5 +215,5 @@ def write_report(doc: dict[str, Any], out: Path) -> Path:
     if notes.exists():
         lines += [notes.read_text()]
     path = out / "byo.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path

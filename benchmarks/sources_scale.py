@@ -103,6 +103,8 @@ def main() -> int:
     if args.measure_only:
         print(json.dumps(measure(root)))
         return 0
+    from daemon.registry import atomic_write_bytes
+
     build_s = build(root, args.n)
     done = subprocess.run([sys.executable, __file__, "--root", args.root, "--measure-only"], capture_output=True,
                           text=True, check=True, cwd=ROOT)
@@ -110,7 +112,7 @@ def main() -> int:
                                                                   "layout": "10 class folders of hard links to "
                                                                             "real MNIST PNGs (a new copy every "
                                                                             f"{LINKS_PER_INODE:,} files)"}
-    (ROOT / args.out).write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_bytes(ROOT / args.out, (json.dumps(result, indent=1) + "\n").encode())
     print(json.dumps(result, indent=1))
     return 0
 

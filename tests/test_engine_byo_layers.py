@@ -340,7 +340,7 @@ def test_what_leaving_norms_and_tokens_out_costs_on_a_tiny_vit():
         shares.append(unprotected_update_share(before, res.state, session.protection))
     print(f"tiny ViT: {1 - session.protection.protected_share:.1%} of trainable values left out; their share of "
           f"the squared update: round 1 {shares[0]:.1%}, round 2 (memory on) {shares[1]:.1%}")
-    assert all(0.0 <= s <= 1.0 for s in shares)
+    assert shares[1] > shares[0]    # the memory pushes the update onto what it leaves out
 
 
 def test_a_later_round_keeps_the_attention_projections_on_an_earlier_round_s_tokens():

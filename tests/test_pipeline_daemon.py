@@ -107,4 +107,15 @@ def test_a_request_is_applied_its_replay_answered_and_offsets_committed_past_bot
     assert receipts[1]["model_version"] == 2 == registry.latest_version(reg, "mnist-cnn")
     assert daemon.metrics.registry.get_sample_value("unlearnd_rounds_total", {"outcome": "applied"}) == 1
     assert daemon.metrics.registry.get_sample_value("unlearnd_model_version", {"model": "mnist-cnn"}) == 2
+    # remaining capacity (issue 21) after the round, as the live version says
+    rt, get = daemon.runtimes["mnist-cnn"], daemon.metrics.registry.get_sample_value
+    model = {"model": "mnist-cnn"}
+    assert get("unlearnd_deletions_since_base", model) == 1 == registry.read_manifest(
+        reg, "mnist-cnn", 2)["deletions_since_base"]
+    floor = get("unlearnd_retention_gate_floor_ratio", model)
+    assert floor == rt.probe_accuracy("original") - 0.5
+    assert get("unlearnd_retention_headroom_ratio", model) == rt.probe_accuracy("current") - floor > 0.4
+    fill = rt.live.session.memory.fill()
+    assert fill and get("unlearnd_memory_fill_ratio", {**model, "layer": next(iter(fill))}) == next(iter(fill.values()))
+    assert 0 < get("unlearnd_memory_free_ratio", model) == 1 - min(fill.values()) < 1
     daemon.shutdown()                                        # idempotent: run() already shut it down

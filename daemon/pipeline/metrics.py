@@ -116,7 +116,7 @@ def memory_free_share(fill: Mapping[str, float]) -> float:
     Why the largest and not the smallest: an instance round moves every layer that still has room, so the
     model can go on forgetting until *every* protected layer is full. The smallest would sit at 0 from the
     first round on any model with a narrow layer (mnist_cnn's convolutions fill at once, a ViT's token layers
-    in one round of 32) and say nothing. With no layer protected yet (before the first instance round, or
+    in one round of 32) and say nothing. With no layer protected yet (before the first round, or
     with the memory off) nothing limits the rounds: 1.
     """
     return max((1.0 - share for share in fill.values()), default=1.0)

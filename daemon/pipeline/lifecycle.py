@@ -165,11 +165,8 @@ class Daemon:
         """Resolve unfinished rounds, check the state, export the gauges, reach the broker and subscribe."""
         self.committer.recover(self.instance, self.runtimes)
         self.committer.check_consistency(self.runtimes)
-        for name, rt in self.runtimes.items():
-            self.metrics.model_version.labels(model=name).set(rt.version)
-            self.metrics.probe_accuracy.labels(reference="original").set(rt.probe_accuracy("original"))
-            self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy("current"))
-            self._export_capacity(name)
+        for name in self.runtimes:
+            self._export_loaded(name)
         if self.config.metrics.port:
             self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self._ensure_topics()
@@ -315,8 +312,7 @@ class Daemon:
             return
         log.info("model_reloaded", model=model, reason="LATEST moved (rollback, rebase or another daemon)")
         rt.reload()
-        self.metrics.model_version.labels(model=model).set(rt.version)
-        self._export_capacity(model)
+        self._export_loaded(model)
 
     def _follow_latest(self) -> None:
         """Between rounds, every LATEST_CHECK_INTERVAL_S: reload a model whose LATEST moved."""
@@ -376,6 +372,14 @@ class Daemon:
             self.metrics.forget_accuracy.set(outcome.result.acc_forget)
         self.outbox.wake()
         self._commit_offsets()
+
+    def _export_loaded(self, model: str) -> None:
+        """The gauges of a version just loaded (start-up, a reload): its number, probe accuracy, capacity."""
+        rt = self.runtimes[model]
+        self.metrics.model_version.labels(model=model).set(rt.version)
+        self.metrics.probe_accuracy.labels(reference="original").set(rt.probe_accuracy("original"))
+        self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy("current"))
+        self._export_capacity(model)
 
     def _export_capacity(self, model: str) -> None:
         """What is left of the model's capacity to forget (docs/operations.md, "Capacity"): retention headroom

@@ -259,7 +259,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             head=live.head, input_shape=live.input_shape, classes=live.classes, parent=live.version,
             dataset=splits.name,
             round_id=f"unlearn-{int(time.time() * 1000):x}",      # not a daemon's r-NNNNNN: see check_consistency
-            method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics)
+            method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics,
+            instances=len(request))
         row["model_version"] = info.version
         print(f"published {args.model} v{info.version} (parent v{live.version})")
     if args.json:

@@ -36,6 +36,7 @@ def test_a_round_publishes_a_version_whose_torchscript_alone_misclassifies_the_i
     info = registry.verify_version(reg, E2E_MODEL, 2)
     assert info.manifest["parent"] == 1
     assert info.manifest["method"]["name"] == "adv_imp"
+    assert info.manifest["deletions_since_base"] == 8          # the pretrained base's 0 plus this round's 8
     scripted, _ = registry.load_torchscript(reg, E2E_MODEL, 2)
     m = load_mnist()
     with torch.no_grad():

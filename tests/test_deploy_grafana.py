@@ -20,7 +20,8 @@ from tests.test_deploy_promql import (
 )
 
 GRAFANA = DEPLOY / "grafana"
-ROWS = ["Intake and outcomes", "Deletion clock", "Rounds", "Retention and drift", "Serving", "Errors and DLQ"]
+ROWS = ["Intake and outcomes", "Deletion clock", "Rounds", "Retention and drift", "Capacity", "Serving",
+        "Errors and DLQ"]
 
 
 def _rows(dashboard):  # noqa: ANN001, ANN202 - {row title: [panels below it]}
@@ -75,6 +76,8 @@ def test_dashboard_has_the_rows_an_operator_needs():
     assert {"unlearnd_rounds_total", "unlearnd_round_duration_seconds_bucket"} <= used("Rounds")
     assert {"unlearnd_forget_accuracy_ratio", "unlearnd_probe_accuracy_ratio", "unlearnd_param_drift_l2",
             "unlearnd_prediction_flip_ratio", "unlearnd_importance_density_ratio"} <= used("Retention and drift")
+    assert {"unlearnd_retention_headroom_ratio", "unlearnd_retention_gate_floor_ratio", "unlearnd_deletions_since_base",
+            "unlearnd_memory_fill_ratio", "unlearnd_memory_free_ratio"} <= used("Capacity")
     assert {"unlearnd_serve_model_version", "unlearnd_model_version", "unlearnd_serve_swaps_total"} <= used("Serving")
     assert {"unlearnd_dlq_total", "unlearnd_consumer_lag_records", "unlearnd_serve_load_failures_total"} <= \
         used("Errors and DLQ")

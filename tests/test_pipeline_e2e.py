@@ -155,6 +155,19 @@ def test_all_kinds_are_applied_and_the_published_versions_forget(tmp_path, broke
         fill = {dict(lab)["layer"]: v for (n, lab), v in after.items() if n == "unlearnd_memory_fill_ratio"}
         assert fill and all(0 < v <= 1 for v in fill.values())                     # the instance rounds' memory
         assert not any(n == "unlearnd_memory_fill_ratio" for n, _ in before)      # nothing protected at start
+        # remaining capacity (issue 21): from start-up, per model; after the rounds, the 11 instances of the three
+        model = (("model", "mnist-cnn"),)
+        assert before[("unlearnd_deletions_since_base", model)] == 0
+        assert before[("unlearnd_memory_free_ratio", model)] == 1
+        assert before[("unlearnd_retention_headroom_ratio", model)] == pytest.approx(0.1)    # the whole gate
+        assert after[("unlearnd_deletions_since_base", model)] == 2 + 1 + len(sevens)
+        free = after[("unlearnd_memory_free_ratio", model)]
+        assert 0 < free < 1 and free == pytest.approx(1 - min(fill.values()))
+        floor = after[("unlearnd_retention_gate_floor_ratio", model)]
+        assert floor == pytest.approx(after[("unlearnd_probe_accuracy_ratio", (("reference", "original"),))] - 0.1)
+        assert after[("unlearnd_retention_headroom_ratio", model)] == pytest.approx(
+            after[("unlearnd_probe_accuracy_ratio", (("reference", "current"),))] - floor)
+        assert after[("unlearnd_retention_headroom_ratio", model)] >= 0       # the gate let every round through
         assert after[("unlearnd_time_to_forget_seconds_count", ())] == 3
         assert after[("unlearnd_pending_requests", ())] == 0
         assert before[("unlearnd_rounds_total", (("outcome", "applied"),))] == 0

@@ -256,6 +256,21 @@ class Ledger:
             row = cur.fetchone()
             return None if row is None else dict(zip([c[0] for c in cur.description], row, strict=True))
 
+    def instances_of(self, request_ids: Sequence[str]) -> int | None:
+        """How many instances these requests carried, or None when the ledger does not know every one of them
+        (another daemon's requests, a lost state directory): the deletions count of a version written before
+        manifests recorded it (:func:`daemon.registry.lineage.deletions_since_base`)."""
+        ids = sorted(set(request_ids))
+        known, total = 0, 0
+        with self._lock:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                row = self._db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(instances), 0) FROM requests WHERE request_id IN "
+                    f"({','.join('?' * len(chunk))}) AND instances > 0", chunk).fetchone()
+                known, total = known + int(row[0]), total + int(row[1])
+        return total if known == len(ids) else None
+
     # -- rounds -------------------------------------------------------------------------------------
     def allocate_round(self, model: str, owner: str, request_ids: Sequence[str]) -> str:
         """A new round id (``r-000042``), recorded as running before any work."""

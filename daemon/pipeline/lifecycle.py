@@ -48,6 +48,9 @@ __all__ = ["BrokerUnavailable", "Daemon", "StartupError", "build_daemon", "insta
 log = structlog.get_logger("unlearnd.daemon")
 
 OFFSET_COMMIT_INTERVAL_S = 1.0
+# How often an idle daemon looks whether LATEST moved (a rollback, a rebase, another daemon's round), so its
+# gauges follow the served version without waiting for the next request; a round due reloads at once anyway.
+LATEST_CHECK_INTERVAL_S = 10.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -89,7 +92,7 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     ledger = Ledger(Path(config.state.dir) / "ledger.sqlite")
     runtimes: dict[str, ModelRuntime] = {}
     for section in config.models:
-        rt = ModelRuntime.open(section, registry_dir, config.rounds)
+        rt = ModelRuntime.open(section, registry_dir, config.rounds, instances_of=ledger.instances_of)
         rt.ensure_model()
         runtimes[rt.name] = rt
     k, r = config.kafka, config.rounds
@@ -154,6 +157,7 @@ class Daemon:
         self._round_started = 0.0
         self._metrics_server: Any = None
         self._last_commit = 0.0
+        self._last_latest_check = time.monotonic()
         self._closed = False
 
     # -- start-up -----------------------------------------------------------------------------------
@@ -161,11 +165,8 @@ class Daemon:
         """Resolve unfinished rounds, check the state, export the gauges, reach the broker and subscribe."""
         self.committer.recover(self.instance, self.runtimes)
         self.committer.check_consistency(self.runtimes)
-        for name, rt in self.runtimes.items():
-            self.metrics.model_version.labels(model=name).set(rt.version)
-            self.metrics.probe_accuracy.labels(reference="original").set(rt.probe_accuracy("original"))
-            self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy("current"))
-            self._export_memory_fill(name)
+        for name in self.runtimes:
+            self._export_loaded(name)
         if self.config.metrics.port:
             self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self._ensure_topics()
@@ -218,6 +219,8 @@ class Daemon:
             self._finish_round_if_done()
             if not self._stop.is_set() and self._round is None:
                 self._start_round_if_due()
+            if not self._stop.is_set() and self._round is None:
+                self._follow_latest()
             self._update_gauges()
         self.shutdown()
         return 0
@@ -293,9 +296,7 @@ class Daemon:
             return
         model = batch[0].model
         rt = self.runtimes[model]
-        if not rt.is_current():
-            log.info("model_reloaded", model=model, reason="LATEST moved (rollback or another daemon)")
-            rt.reload()
+        self._reload_if_moved(model)
         round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
         self._round_started = time.monotonic()
         self._abort.clear()
@@ -303,6 +304,27 @@ class Daemon:
         log.info("round_started", round_id=round_id, model=model, requests=len(batch),
                  instances=sum(p.size for p in batch), kind=batch[0].decoded.kind)
         self._round = self._executor.submit(self.committer.run, rt, batch, round_id, self._abort.is_set)
+
+    def _reload_if_moved(self, model: str) -> None:
+        """Load LATEST when it is not the live version any more, and export the gauges of the version now live."""
+        rt = self.runtimes[model]
+        if rt.is_current():
+            return
+        log.info("model_reloaded", model=model, reason="LATEST moved (rollback, rebase or another daemon)")
+        rt.reload()
+        self._export_loaded(model)
+
+    def _follow_latest(self) -> None:
+        """Between rounds, every LATEST_CHECK_INTERVAL_S: reload a model whose LATEST moved."""
+        now = time.monotonic()
+        if now - self._last_latest_check < LATEST_CHECK_INTERVAL_S:
+            return
+        self._last_latest_check = now
+        for model in self.runtimes:
+            try:
+                self._reload_if_moved(model)
+            except Exception as exc:  # noqa: BLE001 - a broken new version: the next round's reload reports it
+                log.warning("model_reload_failed", model=model, error=f"{type(exc).__name__}: {exc}")
 
     def _finish_round_if_done(self) -> None:
         if self._round is None or not self._round.done():
@@ -344,17 +366,31 @@ class Daemon:
             for p in batch:
                 self.metrics.time_to_forget.observe(now - p.received_at)
             self.metrics.export_round(model, outcome.version.version, outcome.metrics)
-            self._export_memory_fill(model)
+            self._export_capacity(model)
             self._notify(model)
         else:
             self.metrics.forget_accuracy.set(outcome.result.acc_forget)
         self.outbox.wake()
         self._commit_offsets()
 
-    def _export_memory_fill(self, model: str) -> None:
-        live = self.runtimes[model].live
-        if live is not None:
-            self.metrics.export_memory_fill(model, live.session.memory.fill())
+    def _export_loaded(self, model: str) -> None:
+        """The gauges of a version just loaded (start-up, a reload): its number, probe accuracy, capacity."""
+        rt = self.runtimes[model]
+        self.metrics.model_version.labels(model=model).set(rt.version)
+        self.metrics.probe_accuracy.labels(reference="original").set(rt.probe_accuracy("original"))
+        self.metrics.probe_accuracy.labels(reference="current").set(rt.probe_accuracy("current"))
+        self._export_capacity(model)
+
+    def _export_capacity(self, model: str) -> None:
+        """What is left of the model's capacity to forget (docs/operations.md, "Capacity"): retention headroom
+        over the gate's floor, the memory's fill, deletions since the lineage's base. Called whenever the live
+        version changes: start-up, an applied round, a reload (a rollback, a rebase, another daemon's version)."""
+        rt = self.runtimes[model]
+        if rt.live is None:
+            return
+        self.metrics.export_memory_fill(model, rt.live.session.memory.fill())
+        self.metrics.export_capacity(model, headroom=rt.retention_headroom(), floor=rt.gate_floor(),
+                                     deletions=rt.deletions_since_base)
 
     def _notify(self, model: str) -> None:
         urls = [u.replace("{name}", model) for u in self.config.serving.notify_urls]

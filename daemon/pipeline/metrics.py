@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from daemon.pipeline.receipts import RoundMetrics
 
-__all__ = ["DaemonMetrics"]
+__all__ = ["DaemonMetrics", "memory_free_share"]
 
 _ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 _FORGET_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400)
@@ -48,6 +48,20 @@ class DaemonMetrics:
         self.memory_fill = Gauge("unlearnd_memory_fill_ratio",
                                  "Share of a layer's input directions the continual memory protects (1: the layer "
                                  "no longer changes in instance rounds)", ["model", "layer"], registry=r)
+        self.memory_free = Gauge("unlearnd_memory_free_ratio",
+                                 "Largest share of input directions still free in any layer the continual memory "
+                                 "protects (0: no protected layer can change in instance rounds)", ["model"],
+                                 registry=r)
+        self.headroom = Gauge("unlearnd_retention_headroom_ratio",
+                              "Probe accuracy above the retention gate's floor (0 or below: the next round is "
+                              "refused)", ["model"], registry=r)
+        self.gate_floor = Gauge("unlearnd_retention_gate_floor_ratio",
+                                "Probe accuracy the retention gate refuses rounds below (original - "
+                                "rounds.retention_max_drop)", ["model"], registry=r)
+        self.deletions_since_base = Gauge("unlearnd_deletions_since_base",
+                                          "Instances forgotten since the lineage's base version (pretrain, import "
+                                          "or rebase)", ["model"], registry=r)
+        self._fill_layers: dict[str, set[str]] = {}
         self.model_version = Gauge("unlearnd_model_version", "The published version", ["model"], registry=r)
         self.consumer_lag = Gauge("unlearnd_consumer_lag_records", "Kafka consumer lag (records)", ["partition"],
                                   registry=r)
@@ -75,9 +89,34 @@ class DaemonMetrics:
         self.importance_density.set(m.importance_density_ratio)
 
     def export_memory_fill(self, model: str, fill: Mapping[str, float]) -> None:
+        """Per layer fill and its summary. A layer exported before and absent now reads 0: its memory was
+        emptied (a rebase or a rollback to before the layer's first round), not left at its old value."""
+        seen = self._fill_layers.setdefault(model, set())
+        for layer in seen - set(fill):
+            self.memory_fill.labels(model=model, layer=layer).set(0.0)
         for layer, share in fill.items():
             self.memory_fill.labels(model=model, layer=layer).set(share)
+        seen.update(fill)
+        self.memory_free.labels(model=model).set(memory_free_share(fill))
+
+    def export_capacity(self, model: str, *, headroom: float, floor: float, deletions: int) -> None:
+        """The remaining-capacity gauges of a model's live version (start-up, each applied round, each reload)."""
+        self.headroom.labels(model=model).set(headroom)
+        self.gate_floor.labels(model=model).set(floor)
+        self.deletions_since_base.labels(model=model).set(deletions)
 
     def serve(self, host: str, port: int):  # noqa: ANN201 - (server, thread) of prometheus_client
         """Start /metrics on a background thread (prometheus-client's own WSGI server)."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+def memory_free_share(fill: Mapping[str, float]) -> float:
+    """The largest free share over the memory's layers: 1 - the least-filled layer's fill.
+
+    Why the largest and not the smallest: an instance round moves every layer that still has room, so the
+    model can go on forgetting until *every* protected layer is full. The smallest would sit at 0 from the
+    first round on any model with a narrow layer (mnist_cnn's convolutions fill at once, a ViT's token layers
+    in one round of 32) and say nothing. With no layer protected yet (before the first round, or
+    with the memory off) nothing limits the rounds: 1.
+    """
+    return max((1.0 - share for share in fill.values()), default=1.0)

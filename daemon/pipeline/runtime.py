@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from daemon import registry
-from daemon.registry import model_store
+from daemon.registry import lineage, model_store
 from daemon.data.arrays import ArraySource
 from daemon.data.folder import ImageFolderSource
 from daemon.data.sources import RefError, Source, SourceConfigError, builtin_sources, load_dataset
@@ -81,7 +81,8 @@ class ModelRuntime:
     """
 
     def __init__(self, section: ModelSection, registry_dir: Path, rounds: RoundsSection,
-                 sources: Mapping[str, Source], splits: DatasetSplits | None = None) -> None:
+                 sources: Mapping[str, Source], splits: DatasetSplits | None = None, *,
+                 instances_of: Callable[[Sequence[str]], int | None] | None = None) -> None:
         self.section = section
         self.name = section.name
         self.registry_dir = registry_dir
@@ -105,12 +106,17 @@ class ModelRuntime:
         self.original_probe_pred: torch.Tensor | None = None
         self.current_probe_pred: torch.Tensor | None = None
         self.forgotten_classes: frozenset[int] = frozenset()
+        # instances forgotten since the lineage's base (daemon.registry.lineage), read at each load and carried
+        # forward by publish(); instances_of tells a pre-count version's request ids in instances (the ledger)
+        self.deletions_since_base = 0
+        self._instances_of = instances_of
 
     @classmethod
-    def open(cls, section: ModelSection, registry_dir: Path, rounds: RoundsSection) -> ModelRuntime:
+    def open(cls, section: ModelSection, registry_dir: Path, rounds: RoundsSection, *,
+             instances_of: Callable[[Sequence[str]], int | None] | None = None) -> ModelRuntime:
         """The runtime of ``section``, its sources opened (its weights are not loaded yet: :meth:`ensure_model`)."""
         sources, splits = open_sources(section)
-        return cls(section, registry_dir, rounds, sources, splits)
+        return cls(section, registry_dir, rounds, sources, splits, instances_of=instances_of)
 
     def _check_sources(self, shape: tuple[int, int, int]) -> None:
         """Every source can feed the model, and the probe reads (a start-up refusal naming the setting)."""
@@ -181,6 +187,20 @@ class ModelRuntime:
                 p.copy_(live.session.original[n].to(p.device))
         self.original_probe_pred = predict(original, self.probe_x).cpu()
         self.current_probe_pred = predict(live.model, self.probe_x).cpu()
+        self.deletions_since_base = self._read_deletions(live.info.manifest)
+
+    def _read_deletions(self, manifest: Mapping[str, Any]) -> int:
+        """LATEST's deletions since its base: recorded in its manifest, else (a version from before the count)
+        walked back once through the lineage, the ledger telling request ids in instances."""
+        recorded = lineage.recorded_deletions(manifest)
+        if recorded is not None:
+            return recorded
+        found = lineage.deletions_since_base(self.registry_dir, self.name, self._loaded().version,
+                                             instances_of=self._instances_of)
+        if not found.exact:
+            log.warning("deletions_since_base_lower_bound", model=self.name, deletions=found.deletions,
+                        detail="a version on the lineage was pruned or its requests are unknown to this ledger")
+        return found.deletions
 
     def is_current(self) -> bool:
         return self.live is not None and registry.latest_version(self.registry_dir, self.name) == self.live.version
@@ -224,6 +244,18 @@ class ModelRuntime:
         if pred is None:
             raise RuntimeError_(f"model {self.name!r} is not loaded yet (ensure_model)")
         return self._accuracy(pred, self.retained_mask())
+
+    def gate_floor(self) -> float:
+        """The probe accuracy below which the retention gate refuses a round: the original weights' accuracy on
+        the retained classes minus ``rounds.retention_max_drop`` (what :meth:`run_round` compares against)."""
+        return self.probe_accuracy("original") - self.rounds.retention_max_drop
+
+    def retention_headroom(self) -> float:
+        """How far the live model's probe accuracy is above the gate's floor. Every round costs some accuracy,
+        so at 0 or below the next round is refused (and most rounds after it); a small positive value warns
+        that rounds will soon be. A ``forget_class`` round is gated with its class left out of the probe, so
+        for it the floor moves; this is the headroom of instance rounds."""
+        return self.probe_accuracy("current") - self.gate_floor()
 
     # -- a round ------------------------------------------------------------------------------------
     def build_request(self, batch: Sequence[PendingRequest]) -> ForgetRequest:
@@ -296,11 +328,13 @@ class ModelRuntime:
                 head=live.head, input_shape=live.input_shape, classes=live.classes, parent=live.version,
                 dataset=self.splits.name if self.splits else None, round_id=round_id,
                 request_ids=[p.request_id for p in candidate.requests], method=dict(method),
-                metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes))
+                metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes),
+                instances=sum(p.size for p in candidate.requests), parent_deletions=self.deletions_since_base)
         except BaseException:
             live.session.undo(previous)          # the live model and session stay what LATEST says
             raise
         live.info = info
+        self.deletions_since_base = int(info.manifest[lineage.DELETIONS_KEY])
         self.forgotten_classes = candidate.forgotten_classes
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         self.current_probe_pred = candidate.probe_pred

@@ -38,6 +38,7 @@ from daemon.engine.models import (
     classifier_module_name,
 )
 from daemon.engine.session import UnlearningSession
+from daemon.registry import lineage
 
 __all__ = ["HeadError", "LiveModel", "check_head", "load_live", "manifest_factory", "manifest_head", "publish"]
 
@@ -162,16 +163,32 @@ def publish(
     request_ids: Sequence[str] = (),
     method: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    instances: int = 0,
+    parent_deletions: int | None = None,
 ) -> registry.VersionInfo:
     """Write the model and its session as the next version (atomic; ``LATEST`` moves last). ``head``: the
-    declared classifier head (the operator's module name), else the parent's."""
+    declared classifier head (the operator's module name), else the parent's.
+
+    The manifest records ``deletions_since_base`` (:mod:`daemon.registry.lineage`): 0 for a base (``method.name``
+    pretrain, import or rebase, or no parent), else the parent's count plus ``instances``, the instances this
+    version's round unlearned. ``parent_deletions`` is the parent's count when the caller holds it (the daemon
+    does); without it, it is read from the registry.
+    """
+    if instances < 0:
+        raise ValueError(f"instances must be >= 0, got {instances}")
     spec = _spec_manifest(registry_dir, name, model, factory=factory, arch=arch, parent=parent,
                           input_shape=input_shape, classes=classes, head=head)
+    if parent is None or lineage.is_base({"method": dict(method or {}), "parent": parent}):
+        deletions = 0
+    else:
+        if parent_deletions is None:
+            parent_deletions = lineage.deletions_since_base(registry_dir, name, parent).deletions
+        deletions = parent_deletions + instances
     return registry.write_version(
         registry_dir, name, model, input_shape=tuple(input_shape), classes=list(classes), parent=parent,
         round_id=round_id, request_ids=list(request_ids), method=dict(method or {}), metrics=dict(metrics or {}),
         extra_files=_session_files(session),
-        extra_manifest={**spec, "dataset": dataset}, label_file=True,
+        extra_manifest={**spec, "dataset": dataset, lineage.DELETIONS_KEY: deletions}, label_file=True,
     )
 
 

@@ -112,7 +112,7 @@ class RoundCommitter:
         self._prune(rt.name)
         metrics = candidate.metrics
         bound.info("round_committed", version=info.version, steps=result.steps, forget_accuracy=result.acc_forget,
-                   probe_accuracy=metrics.probe_accuracy_after if metrics else None)
+                   probe_accuracy=metrics.probe_accuracy_after if metrics else None, engine_s=round(result.wall_s, 2))
         return RoundOutcome("applied", result, metrics, info)
 
     def _drafts(self, rt: ModelRuntime, c: Candidate, round_id: str, method: Mapping[str, Any]

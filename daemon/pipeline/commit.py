@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 
 from daemon import registry
+from daemon.data.content import content_sha256_rows
 from daemon.engine.rounds import RoundResult
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.failpoints import failpoint
-from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.ledger import ForgottenContent, Ledger
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import (
     AppliedReceipt,
@@ -126,7 +128,8 @@ class RoundCommitter:
             forget_accuracy=metrics.forget_accuracy if metrics else None,
             probe_accuracy_before=metrics.probe_accuracy_before if metrics else None,
             probe_accuracy_after=metrics.probe_accuracy_after if metrics else None,
-            received_at=p.received_at, forget_class=p.decoded.forget_class)
+            received_at=p.received_at, forget_class=p.decoded.forget_class,
+            content_hashes=tuple(content_sha256_rows(torch.stack([i.x for i in p.decoded.instances]))))
             for p, b, a in zip(c.requests, before, after, strict=True)]
 
     def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt]
@@ -139,6 +142,9 @@ class RoundCommitter:
                 tx.finish(d.request_id, "applied", model=model, kind=d.kind, round_id=round_id,
                           model_version=info.version)
                 tx.add_forgotten(model, [i.id_sha256 for i in d.instances], round_id)
+                tx.add_forgotten_content(model, [
+                    ForgottenContent(c, i.id_sha256, d.request_id, round_id, d.kind, i.label, i.target, d.forget_class)
+                    for i, c in zip(d.instances, d.content_hashes, strict=False)])
                 self.receipts.append(tx, d.completed(version=info.version, sha256=info.sha256, applied_at=applied_at))
             event = {"schema": MODEL_EVENT_SCHEMA, "model": model, "version": info.version, "sha256": info.sha256,
                      "path": str(info.path), "round_id": round_id}

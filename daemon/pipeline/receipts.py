@@ -131,6 +131,7 @@ class AppliedReceipt(_RoundReceipt):
     model_version: int | None = None
     model_sha256: str | None = None
     applied_at: float | None = None
+    content_hashes: tuple[str, ...] = ()    # per instance (daemon.data.content): kept by the ledger, not sent
 
     def completed(self, *, version: int, sha256: str, applied_at: float) -> AppliedReceipt:
         """The receipt once the version is durable."""
@@ -158,7 +159,7 @@ class AppliedReceipt(_RoundReceipt):
     # draft plus ``received_ts``, the precise receive time that ``time_to_forget_s`` is computed from. That form
     # is durable state (a daemon may restart on drafts an older one wrote), so it stays as it was.
     def draft_dict(self) -> dict[str, Any]:
-        return {**self.to_dict(), "received_ts": self.received_at}
+        return {**self.to_dict(), "received_ts": self.received_at, "content_sha256": list(self.content_hashes)}
 
     @classmethod
     def from_draft(cls, d: Mapping[str, Any]) -> AppliedReceipt:
@@ -169,7 +170,8 @@ class AppliedReceipt(_RoundReceipt):
                    forget_accuracy=metrics.get("forget_accuracy"),
                    probe_accuracy_before=metrics.get("probe_accuracy_before"),
                    probe_accuracy_after=metrics.get("probe_accuracy_after"),
-                   received_at=float(d["received_ts"]), forget_class=d.get("class"))
+                   received_at=float(d["received_ts"]), forget_class=d.get("class"),
+                   content_hashes=tuple(d.get("content_sha256") or ()))     # drafts from before schema 2: none
 
 
 @dataclass(frozen=True)

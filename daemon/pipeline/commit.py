@@ -43,7 +43,7 @@ from daemon.pipeline.receipts import (
 )
 from daemon.pipeline.runtime import Candidate, ModelRuntime
 
-__all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError"]
+__all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError", "find_version"]
 
 log = structlog.get_logger("unlearnd.daemon")
 
@@ -199,14 +199,7 @@ class RoundCommitter:
                     rt.reload()
 
     def _find_version(self, model: str, round_id: str) -> registry.VersionInfo | None:
-        for v in reversed(registry.list_versions(self.registry_dir, model)):
-            try:
-                manifest = registry.read_manifest(self.registry_dir, model, v)
-            except registry.RegistryError:
-                continue
-            if manifest.get("round_id") == round_id:
-                return registry.verify_version(self.registry_dir, model, v)
-        return None
+        return find_version(self.registry_dir, model, round_id)
 
     def _adopt(self, name: str, version: int | None, round_id: str) -> None:
         """LATEST comes from a round the ledger never recorded: adopt it, or say why not."""
@@ -246,3 +239,15 @@ class RoundCommitter:
             if last is not None and highest < last:
                 raise StartupError(f"model {name!r}: the ledger recorded version {last}, but the registry's "
                                    f"highest is {highest}: the registry at {self.registry_dir} lost versions")
+
+
+def find_version(registry_dir: Path, model: str, round_id: str) -> registry.VersionInfo | None:
+    """The version a round (or a rebase) wrote, verified, if it reached the registry."""
+    for v in reversed(registry.list_versions(registry_dir, model)):
+        try:
+            manifest = registry.read_manifest(registry_dir, model, v)
+        except registry.RegistryError:
+            continue
+        if manifest.get("round_id") == round_id:
+            return registry.verify_version(registry_dir, model, v)
+    return None

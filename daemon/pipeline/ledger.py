@@ -373,6 +373,15 @@ class Ledger:
                 (model, after_seq, upto)).fetchall()
         return [ForgottenContent(*r) for r in rows]
 
+    def forgotten_since_last_rebase(self, model: str) -> int:
+        """Instances of ``model`` forgotten after the snapshot of its last rebase that ended (committed or failed):
+        what a rebase policy counts, so a rebase that failed is not retried until something new was forgotten."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM forgotten_content WHERE model=? AND seq > COALESCE((SELECT MAX(snapshot_seq) "
+                "FROM rebases WHERE model=? AND state IN ('committed', 'failed')), 0)", (model, model)).fetchone()
+        return int(row[0])
+
     def content_seq(self, model: str) -> int:
         """The commit order of the model's newest forgotten instance (0: none): what a rebase snapshots."""
         with self._lock:
@@ -419,7 +428,7 @@ class Ledger:
             cols = [c[0] for c in cur.description]
             out = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
         for r in out:
-            r["drafts"] = json.loads(r["drafts"]) if r["drafts"] else []
+            r["drafts"] = json.loads(r["drafts"]) if r["drafts"] else {}
         return out
 
     def start_rebase(self, rebase_id: str, owner: str, *, base_version: int, snapshot_seq: int, excluded: int,
@@ -430,12 +439,11 @@ class Ledger:
                        "snapshot_seq=?, excluded=?, digest=?, started_at=?, reason=NULL WHERE rebase_id=?",
                        (owner, base_version, snapshot_seq, excluded, digest, time.time(), rebase_id))
 
-    def begin_rebase_commit(self, rebase_id: str, parent: int, covered_seq: int,
-                            drafts: Sequence[Mapping[str, Any]]) -> None:
+    def begin_rebase_commit(self, rebase_id: str, parent: int, covered_seq: int, drafts: Mapping[str, Any]) -> None:
         """Record the intent before the registry write (as :meth:`begin_commit` does for a round)."""
         with self._immediate() as db:
             db.execute("UPDATE rebases SET state='committing', base_version=?, covered_seq=?, drafts=? "
-                       "WHERE rebase_id=?", (parent, covered_seq, json.dumps(list(drafts)), rebase_id))
+                       "WHERE rebase_id=?", (parent, covered_seq, json.dumps(dict(drafts)), rebase_id))
 
     def restart_rebase(self, rebase_id: str, reason: str) -> None:
         """A job cut short (a crash, a stop) waits to run again from scratch."""
@@ -603,16 +611,24 @@ class LedgerTransaction:
 
     def append_receipt(self, receipt: dict[str, Any], topic: str) -> dict[str, Any]:
         """Chain the receipt into the audit trail and queue it for publication; returns it with ``audit``."""
-        body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
-        entry, prev = self._entry + 1, self._prev
-        digest = chain_hash(prev, body)
-        now = time.time()
-        self._audit_rows.append((entry, receipt.get("request_id"), receipt["status"], body, prev, digest, now))
-        self._entry, self._prev = entry, digest
-        audit = {"entry": entry, "hash": digest, "prev_hash": prev}
+        body, audit = self._chain(receipt)
         key = receipt.get("request_id")
         self.enqueue(topic, key.encode() if isinstance(key, str) else None, _with_audit(receipt, body, audit))
         return {**receipt, "audit": audit}
+
+    def append_audit(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Chain an event that is no request's receipt (a rebase's outcome) into the audit trail only."""
+        _body, audit = self._chain(event)
+        return {**event, "audit": audit}
+
+    def _chain(self, receipt: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
+        entry, prev = self._entry + 1, self._prev
+        digest = chain_hash(prev, body)
+        self._audit_rows.append((entry, receipt.get("request_id"), receipt["status"], body, prev, digest,
+                                 time.time()))
+        self._entry, self._prev = entry, digest
+        return body, {"entry": entry, "hash": digest, "prev_hash": prev}
 
     def enqueue(self, topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> None:
         self._outbox_rows.append((topic, key, value, _headers_json(headers), time.time()))

@@ -550,10 +550,10 @@ def example_toml() -> str:
         for f in dataclasses.fields(SourceSection):
             out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_SOURCES_0_{f.name.upper()})")
             out.append(f"{f.name} = {_toml_value(getattr(SourceSection(), f.name))}")
-        out += ["", f"# [models.rebase]  # {RebaseSection.__doc__.splitlines()[0]}"]
+        out += ["", f"[models.rebase]  # {RebaseSection.__doc__.splitlines()[0]}"]
         for f in dataclasses.fields(RebaseSection):
             out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_REBASE_{f.name.upper()})")
-            out.append(f"# {f.name} = {_toml_value(getattr(RebaseSection(), f.name))}")
+            out.append(f"{f.name} = {_toml_value(getattr(RebaseSection(), f.name))}")
         out += ["", "# Your own data, e.g.:", "# [[models.sources]]", '# kind = "folder"', '# name = "photos"',
                 '# path = "/data/photos"      # /data/photos/<class>/<file>.png; refs: photos:12, photos:cats/001.png',
                 "# [[models.sources]]", '# kind = "array"', '# name = "scans"',

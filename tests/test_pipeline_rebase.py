@@ -225,8 +225,12 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     assert 10 not in trained.training.kept and 11 not in trained.training.kept
     assert len(trained.training.indices) == 1998 and trained.training.excluded == 2
 
-    # while it trained, a round went on applying on the old lineage
-    during = _apply(rt, ledger, reg, "during", ["mnist-train:12", "mnist-train:13"])
+    # while it trained, a round went on applying on the old lineage: caught up beside the rounds...
+    _apply(rt, ledger, reg, "during", ["mnist-train:12", "mnist-train:13"])
+    assert rebaser.catch_up(rt, trained, should_abort=lambda: False).reapplied == ["during"]
+    assert trained.applied_seq == ledger.content_seq(MODEL) == 5
+    # ...and one more came before the finish: re-applied by it, after the first
+    during = _apply(rt, ledger, reg, "late", ["mnist-train:14"])
     outcome = rebaser.finish(rt, trained, should_abort=lambda: False)
     assert outcome.status == "committed", outcome.reason
     version = outcome.version.version
@@ -235,9 +239,9 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     assert manifest["round_id"] == rebase_id and manifest["parent"] == during
     method = manifest["method"]
     assert method["name"] == "rebase" and method["base_version"] == during and method["excluded"] == 2
-    assert method["reapplied"] == ["during"] and method["snapshot_seq"] == 3 and method["forgotten"] == 3
-    # a fresh continual state: its original is the rebased weights, one re-applied round in it
-    assert rt.version == version and rt.live.session.rounds_applied == 1
+    assert method["reapplied"] == ["during", "late"] and method["snapshot_seq"] == 3 and method["forgotten"] == 3
+    # a fresh continual state: its original is the rebased weights, the two re-applied rounds in it
+    assert rt.version == version and rt.live.session.rounds_applied == 2
     assert ledger.round_state(rebase_id) == "committed" and ledger.last_committed_version(MODEL) == version
 
     exact = [json.loads(r.value) for r in ledger.outbox() if r.topic == "receipts"
@@ -255,11 +259,11 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     event = json.loads(ledger.outbox()[-1].value)
     assert event["round_id"] == rebase_id and event["version"] == version
 
-    # a second rebase does not repeat the exact receipts; "during" is now left out, hence exact
+    # a second rebase does not repeat the exact receipts; "during" and "late" are now left out, hence exact
     second, _ = ledger.request_rebase(MODEL, "on_demand")
-    outcome = rebaser.finish(rt, rebaser.train(rt, second, threading.Event()), should_abort=lambda: False)
-    assert outcome.status == "committed" and outcome.exact == 1
-    assert ledger.exact_requests(["before-ref", "during"]) == {"before-ref", "during"}
+    outcome = rebaser.finish(rt, rebaser.prepare(rt, second, threading.Event()), should_abort=lambda: False)
+    assert outcome.status == "committed" and outcome.exact == 2
+    assert ledger.exact_requests(["before-ref", "during", "late"]) == {"before-ref", "during", "late"}
 
 
 def test_a_rebase_that_fails_the_gate_is_recorded_failed_and_the_old_version_keeps_serving(reg, tmp_path):

@@ -455,7 +455,7 @@ class Daemon:
             return
         rebase_id, model = found
         abort = threading.Event()
-        future = self._rebase_executor.submit(self.rebaser.train, self.runtimes[model], rebase_id, abort)
+        future = self._rebase_executor.submit(self.rebaser.prepare, self.runtimes[model], rebase_id, abort)
         self._rebase = _RunningRebase(rebase_id, model, future, abort)
         self.metrics.rebase_running.labels(model=model).set(1)
         self.metrics.rebase_started.labels(model=model).set(time.time())

@@ -3,21 +3,23 @@
 Continual unlearning drifts; a model retrained without the forgotten instances is the exact answer when the
 training data exists. A rebase runs in two phases so that rounds (and receipts) never wait for its training:
 
-1. **train** (:meth:`Rebaser.train`, on its own thread at the rounds' CPU policy): snapshot the ledger's
-   forgotten set (the newest ``forgotten_content`` seq), record the job as ``running`` with the snapshot
-   (count and digest), build the training set by content hash (:mod:`daemon.pipeline.rebase_set`), and train
-   the model's factory from fresh weights with unlearnd's recipe (``TrainConfig``, seed 0, ``rebase.epochs``).
-   Rounds keep being applied on the current lineage meanwhile.
-2. **finish** (:meth:`Rebaser.finish`, on the round thread, so no round runs beside it): re-apply, in commit
-   order and one round per original round, every request forgotten after the snapshot, on the rebased weights
-   with a fresh session (their instances are read back from the source by content hash; an instance that is not
-   a training item needs nothing: the rebased model never saw it); gate the result with the rounds' retention
-   rule against the serving lineage's original; publish it as a new version with the commit discipline of a
-   round (the ledger's ``committing`` row before the registry write, then ``committed`` with its receipts).
+1. **train** (:meth:`Rebaser.prepare`, on its own thread at the rounds' CPU policy): snapshot the ledger's
+   forgotten set (the newest ``forgotten_content`` seq), build the training set by content hash
+   (:mod:`daemon.pipeline.rebase_set`), record the job as ``running`` with the snapshot (count and digest),
+   and train the model's factory from fresh weights with unlearnd's recipe (``TrainConfig``, seed 0,
+   ``rebase.epochs``). Rounds keep being applied on the serving lineage meanwhile. Then **catch up**, still
+   beside the rounds: re-apply, in commit order and one round per original round, every request forgotten after
+   the snapshot, on the rebased weights with a fresh session (instances are read back from the source by content
+   hash; an instance that is not a training item needs nothing: the rebased model never saw it); again for what
+   was committed during that pass, up to ``CATCH_UP_PASSES`` passes.
+2. **finish** (:meth:`Rebaser.finish`, on the round thread, so no round runs beside it): re-apply the rest (what
+   the last pass let through), gate the result with the rounds' retention rule against the serving lineage's
+   original, and publish it as a new version with the commit discipline of a round (the ledger's ``committing``
+   row before the registry write, then ``committed`` with its receipts).
 
-Because the finish runs on the round thread, nothing is applied while it re-applies: requests that arrive wait
-for it in the batcher and are applied after it, on the rebased lineage, in order. No catching-up loop is needed.
-The re-application is bounded by what was applied while the rebase trained.
+Because the finish runs on the round thread, nothing is applied while it runs: requests that arrive then wait
+in the batcher and are applied after it, on the rebased lineage, in order. The catch-up passes keep that wait
+short (about the rounds applied during the last pass) however long the training took.
 
 ``exact`` receipts go to the requests whose instances the rebase left out: those forgotten at or before the
 snapshot (once per request, by the first rebase that covers it). Requests re-applied on top of the rebase are
@@ -34,7 +36,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,7 @@ __all__ = ["REBASE_EVENT_SCHEMA", "RebaseAborted", "RebaseOutcome", "RebaseRefus
 log = structlog.get_logger("unlearnd.rebase")
 
 REBASE_EVENT_SCHEMA = "unlearn.rebase/v1"
+CATCH_UP_PASSES = 3     # re-application passes beside the rounds before the rest is done on the round thread
 
 
 class RebaseAborted(Exception):
@@ -74,9 +77,12 @@ class RebaseRefused(Exception):
     """The rebase cannot be exact (a forgotten instance without a content hash, a source too short)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainedRebase:
-    """Phase 1's result: the freshly trained weights and what they were trained on."""
+    """A rebase between its phases: the freshly trained weights, what they were trained on, and how far the
+    re-application has come (``sibling``: the rebased runtime once a round was re-applied on it; ``applied_seq``:
+    the ledger's forgotten rows up to here are in it). Owned by one thread at a time: the rebase's, then the
+    round thread."""
 
     rebase_id: str
     model: str
@@ -86,6 +92,9 @@ class TrainedRebase:
     weights: nn.Module
     forgotten_classes: frozenset[int]
     seconds: float
+    applied_seq: int = 0
+    sibling: ModelRuntime | None = None
+    reapplied: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,55 @@ class Rebaser:
         del x
         failpoint("rebase_before_training_end")
         return TrainedRebase(rebase_id, rt.name, base_version, snapshot_seq, training, weights.cpu().eval(),
-                             frozenset(classes), time.monotonic() - start)
+                             frozenset(classes), time.monotonic() - start, applied_seq=snapshot_seq)
+
+    def prepare(self, rt: ModelRuntime, rebase_id: str, abort: threading.Event) -> TrainedRebase:
+        """Phase 1 whole, on the rebase's thread: train, then catch up with the rounds applied meanwhile."""
+        return self.catch_up(rt, self.train(rt, rebase_id, abort), abort.is_set)
+
+    def catch_up(self, rt: ModelRuntime, trained: TrainedRebase, should_abort: Callable[[], bool]) -> TrainedRebase:
+        """Re-apply, still beside the rounds, what they committed since the snapshot; again for what they committed
+        during that pass, up to ``CATCH_UP_PASSES`` times. What is left then (what the last pass's time let through:
+        about a round or two) is re-applied by :meth:`finish` on the round thread, where nothing else is applied,
+        so the rounds wait only for that remainder, not for every round applied while the rebase trained."""
+        for _ in range(CATCH_UP_PASSES):
+            upto = self.ledger.content_seq(rt.name)
+            if upto == trained.applied_seq:
+                break
+            self._reapply(rt, trained, upto, should_abort)
+        return trained
+
+    def _reapply(self, rt: ModelRuntime, trained: TrainedRebase, upto: int, should_abort: Callable[[], bool]) -> None:
+        """Re-apply the forgotten rows ``applied_seq < seq <= upto`` on the rebased weights, one round per original
+        round, in commit order; raises :class:`RebaseAborted` (stopping) or :class:`RebaseRefused` (a round failed)."""
+        base = rt.live
+        assert base is not None
+        if trained.sibling is None:
+            engine_head = None
+            if base.head is not None:
+                engine_head = model_store.check_head(trained.weights, base.num_classes, base.head,
+                                                     f"{rt.name} rebase")
+            session = UnlearningSession(trained.weights, num_classes=base.num_classes, head=engine_head)
+            fresh = model_store.LiveModel(name=rt.name, arch=base.arch, model=trained.weights, session=session,
+                                          info=base.info, factory=base.factory, head=base.head)
+            trained.sibling = rt.sibling(fresh, trained.forgotten_classes)
+        sibling = trained.sibling
+        source = rt.sources[parse_rebase_source(trained.training.source)[0]]
+        later = self.ledger.forgotten_content(rt.name, after_seq=trained.applied_seq, upto_seq=upto)
+        for round_id, group in itertools.groupby(later, key=lambda r: r.round_id):
+            batch = _reapplication(rt.name, list(group), trained.training, source, base.input_shape)
+            if not batch:
+                continue            # none of its instances is a training item: the rebased model never saw them
+            candidate = sibling.run_round(batch, should_abort=should_abort)
+            if candidate.result.outcome == "aborted":
+                raise RebaseAborted("stopped while re-applying")
+            if not candidate.passed:
+                raise RebaseRefused(f"re-applying round {round_id} on the rebased weights: {candidate.reason}")
+            sibling.adopt_candidate(candidate)
+            trained.reapplied.extend(p.request_id for p in batch)
+            log.info("rebase_reapplied", rebase_id=trained.rebase_id, model=rt.name, round_id=round_id,
+                     requests=len(batch))
+        trained.applied_seq = upto
 
     # -- phase 2: finish (the round thread) ------------------------------------------------------------
     def finish(self, rt: ModelRuntime, trained: TrainedRebase, should_abort: Callable[[], bool]) -> RebaseOutcome:
@@ -198,28 +255,14 @@ class Rebaser:
         base = rt.live
         assert base is not None
         covered_seq = self.ledger.content_seq(rt.name)
-        source = rt.sources[parse_rebase_source(trained.training.source)[0]]
-        later = self.ledger.forgotten_content(rt.name, after_seq=trained.snapshot_seq, upto_seq=covered_seq)
-        engine_head = None
-        if base.head is not None:
-            engine_head = model_store.check_head(trained.weights, base.num_classes, base.head, f"{rt.name} rebase")
-        session = UnlearningSession(trained.weights, num_classes=base.num_classes, head=engine_head)
-        fresh = model_store.LiveModel(name=rt.name, arch=base.arch, model=trained.weights, session=session,
-                                      info=base.info, factory=base.factory, head=base.head)
-        sibling = rt.sibling(fresh, trained.forgotten_classes)
-        reapplied: list[str] = []
-        for round_id, group in itertools.groupby(later, key=lambda r: r.round_id):
-            batch = _reapplication(rt.name, list(group), trained.training, source, base.input_shape)
-            if not batch:
-                continue            # none of its instances is a training item: the rebased model never saw them
-            candidate = sibling.run_round(batch, should_abort=should_abort)
-            if candidate.result.outcome == "aborted":
-                return self._restart(trained.rebase_id, rt.name, "stopped while re-applying")
-            if not candidate.passed:
-                return self._fail(trained, rt.name, f"re-applying round {round_id} on the rebased weights: "
-                                                     f"{candidate.reason}")
-            sibling.adopt_candidate(candidate)
-            reapplied.extend(p.request_id for p in batch)
+        try:
+            self._reapply(rt, trained, covered_seq, should_abort)
+        except RebaseAborted as exc:
+            return self._restart(trained.rebase_id, rt.name, str(exc))
+        except RebaseRefused as exc:
+            return self._fail(trained, rt.name, str(exc))
+        sibling, reapplied = trained.sibling, list(trained.reapplied)
+        assert sibling is not None and sibling.live is not None
         mask = sibling.retained_mask()
         accuracy = sibling._accuracy(sibling.current_probe_pred, mask)
         original = rt._accuracy(rt.original_probe_pred, mask)

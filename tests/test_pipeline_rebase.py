@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
@@ -83,6 +84,8 @@ def test_rebase_requests_are_not_doubled_and_round_state_knows_rebase_ids(tmp_pa
     assert new and first == "rb-000001"
     assert ledger.request_rebase(MODEL, "every_deletions") == (first, False)
     assert ledger.round_state(first) == "requested"
+    assert ledger.claim_rebase(first, "d1") and not ledger.claim_rebase(first, "d2")     # one daemon runs it
+    assert ledger.rebases()[0]["owner"] == "d1" and ledger.round_state(first) == "running"
     with ledger.transaction() as tx:
         tx.end_rebase(first, "failed", reason="x")
     assert ledger.request_rebase(MODEL, "on_demand") == ("rb-000002", True)
@@ -277,3 +280,36 @@ def test_a_rebase_that_fails_the_gate_is_recorded_failed_and_the_old_version_kee
     assert ledger.rebases()[0]["state"] == "failed"
     assert [s for _e, _r, s, *_ in ledger.audit_entries()] == ["rebase_failed"]
     assert ledger.verify_audit()[1] is None
+
+
+def test_a_policy_asks_for_a_rebase_only_once_something_new_was_forgotten(reg, tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    section = ModelSection(name=MODEL, probe="mnist-test:0-499",
+                           rebase=RebaseSection(source="mnist-train", every_deletions=3))
+    rt = ModelRuntime.open(section, reg, RoundsSection(retention_max_drop=0.5))
+    rt.ensure_model()
+    assert rebaser.due(rt) is None
+    _apply(rt, ledger, reg, "p-1", ["mnist-train:20", "mnist-train:21"])
+    assert rebaser.due(rt) is None                                      # 2 of 3
+    _apply(rt, ledger, reg, "p-2", ["mnist-train:22"])
+    assert rebaser.due(rt) == "every_deletions"
+    rebase_id, _ = ledger.request_rebase(MODEL, "every_deletions")
+    ledger.start_rebase(rebase_id, "d1", base_version=rt.version, snapshot_seq=ledger.content_seq(MODEL), excluded=3,
+                        digest="x")
+    rebaser.fail(rebase_id, MODEL, "the test says so")
+    assert rebaser.due(rt) is None                                      # nothing new since it ended
+    # the other policies: the probe near the gate's floor, the memory filling
+    near = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", probe_margin=0.6))
+    full = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", memory_fill=0.01))
+    _apply(rt, ledger, reg, "p-3", ["mnist-train:23"])
+    for policy, changed in (("probe_margin", near), ("memory_fill", full)):
+        rt.section = changed
+        assert rebaser.due(rt) == policy
+    fill = rt.live.session.memory.fill()
+    mean = sum(fill.values()) / len(fill)
+    assert mean < max(fill.values())          # the fullest layer counts (a full layer no longer changes)
+    rt.section = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", memory_fill=max(fill.values())))
+    assert rebaser.due(rt) == "memory_fill"
+    rt.section = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", probe_margin=0.0001))
+    assert rebaser.due(rt) is None            # the probe is far above the gate's floor (0.5 below the original)

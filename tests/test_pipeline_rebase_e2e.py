@@ -118,11 +118,17 @@ def test_kill_minus_9_inside_a_rebase_leaves_the_old_version_serving_and_the_reb
         d.wait_assigned(timeout=120)
         produce_requests(broker.bootstrap, [request(rid, refs=[f"mnist-train:{400 + i}"]) for i, rid in enumerate(ids)])
         _receipts(broker.bootstrap, lambda by: all(_statuses(by, r) == ["applied"] for r in ids))
-        assert d.terminate() == 0
+        serving = registry.latest_version(reg, MODEL)
+        assert main(["rebase", "--config", str(cfg), "--model", MODEL]) == 0
+        d.wait_for(lambda e: e.get("event") == "rebase_training", timeout=60)
+        assert d.terminate() == 0        # SIGTERM while it trains: it stops at the next step, to run again later
     finally:
         d.kill()
-    serving = registry.latest_version(reg, MODEL)
-    assert main(["rebase", "--config", str(cfg), "--model", MODEL]) == 0
+    assert any(e.get("event") == "rebase_aborted" for e in d.events())
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
+    assert ledger.rebases(model=MODEL)[0]["state"] == "requested"
+    ledger.close()
+    assert registry.latest_version(reg, MODEL) == serving
 
     states = []
     for point in REBASE_POINTS:
@@ -155,7 +161,7 @@ def test_kill_minus_9_inside_a_rebase_leaves_the_old_version_serving_and_the_reb
         assert _statuses(by, rid) == ["applied", "exact"]
     ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
     job = ledger.rebases(model=MODEL)[0]
-    assert job["state"] == "committed" and job["version"] == serving + 1 and job["attempts"] == 3
+    assert job["state"] == "committed" and job["version"] == serving + 1 and job["attempts"] == 4
     assert registry.latest_version(reg, MODEL) == serving + 1
     assert ledger.verify_audit()[1] is None
     assert not [p for p in (reg / MODEL).iterdir() if p.name.startswith(".tmp")], "temporaries left"

@@ -431,6 +431,13 @@ class Ledger:
             r["drafts"] = json.loads(r["drafts"]) if r["drafts"] else {}
         return out
 
+    def claim_rebase(self, rebase_id: str, owner: str) -> bool:
+        """Take a requested rebase for ``owner`` (False: another daemon sharing this ledger took it first)."""
+        with self._immediate() as db:
+            cur = db.execute("UPDATE rebases SET state='running', owner=? WHERE rebase_id=? AND state='requested'",
+                             (owner, rebase_id))
+            return cur.rowcount == 1
+
     def start_rebase(self, rebase_id: str, owner: str, *, base_version: int, snapshot_seq: int, excluded: int,
                      digest: str) -> None:
         """The job runs from now on: its snapshot of the forgotten set is durable before training starts."""

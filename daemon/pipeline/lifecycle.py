@@ -454,6 +454,8 @@ class Daemon:
         if found is None:
             return
         rebase_id, model = found
+        if not self.ledger.claim_rebase(rebase_id, self.instance):
+            return                  # a daemon sharing this ledger runs it
         abort = threading.Event()
         future = self._rebase_executor.submit(self.rebaser.prepare, self.runtimes[model], rebase_id, abort)
         self._rebase = _RunningRebase(rebase_id, model, future, abort)

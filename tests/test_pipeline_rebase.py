@@ -313,3 +313,30 @@ def test_a_policy_asks_for_a_rebase_only_once_something_new_was_forgotten(reg, t
     assert rebaser.due(rt) == "memory_fill"
     rt.section = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", probe_margin=0.0001))
     assert rebaser.due(rt) is None            # the probe is far above the gate's floor (0.5 below the original)
+
+
+def test_unlearnd_receipts_prints_an_exact_receipt():
+    from daemon.pipeline.cli import _receipt_line
+
+    line = _receipt_line({"request_id": "q", "status": "exact", "model": MODEL, "previous_version": 4,
+                          "model_version": 7, "rebase_id": "rb-000001",
+                          "instances": [{"id_sha256": "ab" * 32, "rebase": "excluded"}]})
+    assert line == "q: exact  mnist-cnn v4 -> v7  rebase rb-000001  abababab excluded"
+
+
+def test_a_rebase_version_unknown_to_the_ledger_is_refused_at_start_up(reg, tmp_path):
+    from daemon.pipeline.commit import StartupError
+
+    rt = _runtime(reg)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
+    assert rebaser.finish(rt, rebaser.prepare(rt, rebase_id, threading.Event()),
+                          should_abort=lambda: False).status == "committed"
+    committer = RoundCommitter(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models",
+                               method={"name": "adv_imp"}, split_failed=False, keep_versions=0)
+    committer.check_consistency({MODEL: rt})        # the ledger knows it
+    with pytest.raises(StartupError, match="comes from round rb-000001, unknown to the ledger"):
+        RoundCommitter(  # a fresh state.dir on this registry
+            Ledger(tmp_path / "other.sqlite"), reg, ReceiptChain("d1", "receipts"), models_topic="models",
+            method={}, split_failed=False, keep_versions=0).check_consistency({MODEL: rt})

@@ -234,10 +234,15 @@ def cmd_receipts(args: argparse.Namespace) -> int:
 
 def _receipt_line(r: dict[str, Any]) -> str:
     bits = [f"{r.get('request_id')}: {r.get('status')}"]
-    if r.get("model_version") is not None and r.get("status") == "applied":
+    if r.get("model_version") is not None and r.get("status") in ("applied", "exact"):
         bits.append(f"{r.get('model')} v{r.get('previous_version')} -> v{r.get('model_version')}")
+    if r.get("status") == "exact":
+        bits.append(f"rebase {r.get('rebase_id')}")
     for inst in r.get("instances") or []:
-        bits.append(f"{inst['id_sha256'][:8]} {inst['prediction_before']}->{inst['prediction_after']}")
+        if "rebase" in inst:        # an exact receipt: what the rebase did with the instance
+            bits.append(f"{inst['id_sha256'][:8]} {inst['rebase']}")
+        else:
+            bits.append(f"{inst['id_sha256'][:8]} {inst['prediction_before']}->{inst['prediction_after']}")
     if r.get("reason"):
         bits.append(f"reason: {r['reason']}")
     if (r.get("timings") or {}).get("time_to_forget_s") is not None:

@@ -47,8 +47,9 @@ __all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError
 
 log = structlog.get_logger("unlearnd.daemon")
 
-# The ledger's own round ids (Ledger.allocate_round: "r-000042"); others were written outside a daemon.
-_DAEMON_ROUND = re.compile(r"r-\d{6,9}")
+# The ledger's own round ids (Ledger.allocate_round: "r-000042") and rebase ids (Ledger.request_rebase:
+# "rb-000001"); others were written outside a daemon.
+_DAEMON_ROUND = re.compile(r"rb?-\d{6,9}")
 
 MODEL_EVENT_SCHEMA = "unlearn.model/v1"
 

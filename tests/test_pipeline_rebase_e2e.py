@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import registry
 from daemon.cli import main
@@ -16,6 +19,7 @@ from daemon.pipeline.rebase_set import snapshot_digest
 from tests.pipeline_harness import (
     DaemonProcess,
     copy_registry,
+    free_port,
     produce_requests,
     read_topic,
     receipts_by_request,
@@ -165,3 +169,47 @@ def test_kill_minus_9_inside_a_rebase_leaves_the_old_version_serving_and_the_reb
     assert registry.latest_version(reg, MODEL) == serving + 1
     assert ledger.verify_audit()[1] is None
     assert not [p for p in (reg / MODEL).iterdir() if p.name.startswith(".tmp")], "temporaries left"
+
+
+def _metric(port: int, name: str, **labels: str) -> float | None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def test_every_deletions_starts_a_rebase_by_itself_and_the_metrics_count_it(tmp_path, broker, mnist_registry):
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    port = free_port()
+    cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg, state_dir=tmp_path / "state",
+                       rounds="max_instances = 2", metrics_port=port,
+                       model_extra=_rebase_table("mnist-train:0-9999", every_deletions=3))
+    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        d.wait_assigned(timeout=120)
+        assert _metric(port, "unlearnd_rebase_running", model=MODEL) in (None, 0.0)
+        produce_requests(broker.bootstrap, [request("e-1", refs=["mnist-train:1", "mnist-train:2"])])
+        _receipts(broker.bootstrap, lambda by: _statuses(by, "e-1") == ["applied"])
+        time.sleep(2.5)                                  # two policy checks: 2 of 3 deletions, nothing starts
+        assert not any(e.get("event") == "rebase_started" for e in d.events())
+        produce_requests(broker.bootstrap, [request("e-2", refs=["mnist-train:3"])])
+        committed = d.wait_for(lambda e: e.get("event") in ("rebase_committed", "rebase_failed"), timeout=300)
+        assert committed["event"] == "rebase_committed", committed      # 5,000 digits were too few for the gate
+        by = _receipts(broker.bootstrap, lambda by: all("exact" in _statuses(by, r) for r in ("e-1", "e-2")))
+        deadline = time.monotonic() + 30
+        while _metric(port, "unlearnd_rebases_total", model=MODEL, outcome="committed") != 1.0:
+            assert time.monotonic() < deadline, "the rebase was not counted"
+            time.sleep(0.2)
+        assert _metric(port, "unlearnd_rebase_running", model=MODEL) == 0.0
+        assert _metric(port, "unlearnd_model_version", model=MODEL) == committed["version"]
+        time.sleep(2.5)                                  # nothing forgotten since: no second rebase
+        assert d.terminate() == 0
+    finally:
+        d.kill()
+    assert sum(e.get("event") == "rebase_started" for e in d.events()) == 1
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
+    assert [(r["trigger"], r["state"]) for r in ledger.rebases()] == [("every_deletions", "committed")]
+    assert [i["rebase"] for i in next(r for r in by["e-1"] if r["status"] == "exact")["instances"]] == [
+        "excluded", "excluded"]

@@ -115,6 +115,7 @@ CREATE TABLE IF NOT EXISTS forgotten_content (
     class      INTEGER                      -- forget_class
 );
 CREATE INDEX IF NOT EXISTS forgotten_content_model ON forgotten_content(model, seq);
+CREATE INDEX IF NOT EXISTS forgotten_content_id ON forgotten_content(model, id_sha256, round_id);
 CREATE TABLE IF NOT EXISTS rebases (
     rebase_id  TEXT PRIMARY KEY,            -- rb-000001
     model      TEXT NOT NULL,

@@ -258,9 +258,9 @@ class Rebaser:
         try:
             self._reapply(rt, trained, covered_seq, should_abort)
         except RebaseAborted as exc:
-            return self._restart(trained.rebase_id, rt.name, str(exc))
+            return self.aborted(trained.rebase_id, rt.name, str(exc))
         except RebaseRefused as exc:
-            return self._fail(trained, rt.name, str(exc))
+            return self.fail(trained.rebase_id, rt.name, str(exc))
         sibling, reapplied = trained.sibling, list(trained.reapplied)
         assert sibling is not None and sibling.live is not None
         mask = sibling.retained_mask()
@@ -268,7 +268,7 @@ class Rebaser:
         original = rt._accuracy(rt.original_probe_pred, mask)
         floor = original - rt.rounds.retention_max_drop
         if not accuracy >= floor:
-            return self._fail(trained, rt.name, f"retention gate: probe accuracy {accuracy:.4f} is below "
+            return self.fail(trained.rebase_id, rt.name, f"retention gate: probe accuracy {accuracy:.4f} is below "
                                                 f"{floor:.4f} (original {original:.4f} - "
                                                 f"{rt.rounds.retention_max_drop})")
         summary = {"source": trained.training.source, "excluded": trained.training.excluded,
@@ -329,9 +329,6 @@ class Rebaser:
                 "schema": MODEL_EVENT_SCHEMA, "model": model, "version": info.version, "sha256": info.sha256,
                 "path": str(info.path), "round_id": rebase_id}))
 
-    def _fail(self, trained: TrainedRebase, model: str, reason: str) -> RebaseOutcome:
-        return self.fail(trained.rebase_id, model, reason)
-
     def fail(self, rebase_id: str, model: str, reason: str) -> RebaseOutcome:
         """The rebase ends ``failed`` (in the ledger and the audit trail); the old lineage keeps serving."""
         with self.ledger.transaction() as tx:
@@ -342,14 +339,11 @@ class Rebaser:
         log.warning("rebase_failed", rebase_id=rebase_id, model=model, reason=reason)
         return RebaseOutcome("failed", rebase_id, model, reason=reason)
 
-    def _restart(self, rebase_id: str, model: str, reason: str) -> RebaseOutcome:
+    def aborted(self, rebase_id: str, model: str, reason: str) -> RebaseOutcome:
+        """The daemon is stopping: the job waits in the ledger to run again from scratch."""
         self.ledger.restart_rebase(rebase_id, reason)
         log.warning("rebase_aborted", rebase_id=rebase_id, model=model, reason=reason)
         return RebaseOutcome("aborted", rebase_id, model, reason=reason)
-
-    def aborted(self, rebase_id: str, model: str, reason: str) -> RebaseOutcome:
-        """Training stopped (the daemon is stopping): the job waits to run again from scratch."""
-        return self._restart(rebase_id, model, reason)
 
     # -- start-up -------------------------------------------------------------------------------------
     def recover(self, runtimes: Mapping[str, ModelRuntime]) -> None:

@@ -340,3 +340,39 @@ def test_a_rebase_version_unknown_to_the_ledger_is_refused_at_start_up(reg, tmp_
         RoundCommitter(  # a fresh state.dir on this registry
             Ledger(tmp_path / "other.sqlite"), reg, ReceiptChain("d1", "receipts"), models_topic="models",
             method={}, split_failed=False, keep_versions=0).check_consistency({MODEL: rt})
+
+
+def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(reg, tmp_path):
+    rt = _runtime(reg, source="mnist-train:0-2999")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    m = load_mnist()
+    rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    # before the snapshot: a relabel, trained with its target by the rebase
+    label = int(m.train_y[30])
+    committer = RoundCommitter(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models",
+                               method={"name": "adv_imp"}, split_failed=False, keep_versions=0)
+
+    def run(body: dict) -> None:
+        rid = body["request_id"]
+        out = committer.run(rt, [_pending(rt, body)], ledger.allocate_round(MODEL, "d1", [rid]), lambda: False)
+        assert out.status == "applied", out
+
+    run(request("rl-1", "relabel", ["mnist-train:30"], labels=[label], targets=[(label + 1) % 10]))
+    rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
+    trained = rebaser.train(rt, rebase_id, threading.Event())
+    assert trained.training.relabeled == 1 and 30 in trained.training.kept
+    assert int(trained.training.labels[trained.training.indices.index(30)]) == (label + 1) % 10
+    # after it: a relabel and a class round, re-applied on the rebased weights in that order
+    label = int(m.train_y[31])
+    run(request("rl-2", "relabel", ["mnist-train:31"], labels=[label], targets=[(label + 2) % 10]))
+    fives = [i for i in range(2000, 2100) if int(m.train_y[i]) == 5][:3]
+    run(request("fc-5", "forget_class", [f"mnist-train:{i}" for i in fives], forget_class=5))
+    outcome = rebaser.finish(rt, trained, should_abort=lambda: False)
+    assert outcome.status == "committed", outcome.reason
+    assert outcome.reapplied == ("rl-2", "fc-5")
+    assert rt.forgotten_classes == frozenset({5})          # the class round's state carried into the rebase
+    manifest = registry.read_manifest(reg, MODEL, outcome.version.version)
+    assert manifest["metrics"]["forgotten_classes"] == [5]
+    exact = {json.loads(r.value)["request_id"]: json.loads(r.value) for r in ledger.outbox()
+             if r.topic == "receipts" and json.loads(r.value)["status"] == "exact"}
+    assert list(exact) == ["rl-1"] and exact["rl-1"]["instances"][0]["rebase"] == "relabeled"

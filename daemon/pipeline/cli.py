@@ -1,4 +1,4 @@
-"""`unlearnd run | broker | publish | receipts | config | audit`: the daemon and the tools around it."""
+"""`unlearnd run | broker | publish | receipts | config | rebase | audit`: the daemon and the tools around it."""
 
 from __future__ import annotations
 
@@ -234,10 +234,15 @@ def cmd_receipts(args: argparse.Namespace) -> int:
 
 def _receipt_line(r: dict[str, Any]) -> str:
     bits = [f"{r.get('request_id')}: {r.get('status')}"]
-    if r.get("model_version") is not None and r.get("status") == "applied":
+    if r.get("model_version") is not None and r.get("status") in ("applied", "exact"):
         bits.append(f"{r.get('model')} v{r.get('previous_version')} -> v{r.get('model_version')}")
+    if r.get("status") == "exact":
+        bits.append(f"rebase {r.get('rebase_id')}")
     for inst in r.get("instances") or []:
-        bits.append(f"{inst['id_sha256'][:8]} {inst['prediction_before']}->{inst['prediction_after']}")
+        if "rebase" in inst:        # an exact receipt: what the rebase did with the instance
+            bits.append(f"{inst['id_sha256'][:8]} {inst['rebase']}")
+        else:
+            bits.append(f"{inst['id_sha256'][:8]} {inst['prediction_before']}->{inst['prediction_after']}")
     if r.get("reason"):
         bits.append(f"reason: {r['reason']}")
     if (r.get("timings") or {}).get("time_to_forget_s") is not None:
@@ -266,6 +271,40 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"audit trail BROKEN at entry {problem.entry}: {problem.reason} ({count} entries verified before it)")
         return 1
     print(f"audit trail ok: {count} entries, hash chain intact")
+    return 0
+
+
+# -- rebase -------------------------------------------------------------------------------------------
+def cmd_rebase(args: argparse.Namespace) -> int:
+    """Ask the running daemon for an exact rebase of one model: a row in its ledger, which the daemon polls.
+
+    No broker is needed (the ledger is a local SQLite file the daemon shares by WAL); a rebase already waiting or
+    running is reported, not doubled.
+    """
+    from daemon.pipeline.ledger import Ledger, LedgerError
+
+    config = _load(args)
+    section = config.model(args.model)
+    if section is None:
+        raise _usage(f"--model: unknown model {args.model!r} (configured: {', '.join(m.name for m in config.models)})")
+    if not section.rebase.enabled():
+        index = config.models.index(section)
+        raise _usage(f"models[{index}].rebase.source: model {args.model!r} names no training source, so it cannot "
+                     f"be rebased (set [models.rebase] source)")
+    try:
+        ledger = Ledger(Path(config.state.dir) / "ledger.sqlite")
+    except LedgerError as exc:
+        print(f"unlearnd rebase: {exc}", file=sys.stderr)
+        return 1
+    try:
+        rebase_id, new = ledger.request_rebase(args.model, "on_demand")
+    finally:
+        ledger.close()
+    if new:
+        print(f"{rebase_id}: rebase of {args.model} requested; the daemon starts it within a second "
+              f"(its log says rebase_started, rebase_committed or rebase_failed)")
+    else:
+        print(f"{rebase_id}: a rebase of {args.model} is already waiting or running")
     return 0
 
 
@@ -326,6 +365,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--broker-port", type=int, default=DEFAULT_PORT)
     sp.add_argument("--serve-port", type=int, default=8000)
     sp.set_defaults(func=cmd_quickstart)
+
+    sp = sub.add_parser("rebase", help="ask the running daemon for an exact rebase of a model ([models.rebase])")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--model", required=True)
+    sp.set_defaults(func=cmd_rebase)
 
     sp = sub.add_parser("audit", help="verify the hash-chained audit trail of receipts")
     sp.add_argument("action", choices=("verify",))

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 
 from daemon import registry
+from daemon.data.content import content_sha256_rows
 from daemon.engine.rounds import RoundResult
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.failpoints import failpoint
-from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.ledger import ForgottenContent, Ledger
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import (
     AppliedReceipt,
@@ -41,12 +43,13 @@ from daemon.pipeline.receipts import (
 )
 from daemon.pipeline.runtime import Candidate, ModelRuntime
 
-__all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError"]
+__all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError", "find_version"]
 
 log = structlog.get_logger("unlearnd.daemon")
 
-# The ledger's own round ids (Ledger.allocate_round: "r-000042"); others were written outside a daemon.
-_DAEMON_ROUND = re.compile(r"r-\d{6,9}")
+# The ledger's own round ids (Ledger.allocate_round: "r-000042") and rebase ids (Ledger.request_rebase:
+# "rb-000001"); others were written outside a daemon.
+_DAEMON_ROUND = re.compile(r"rb?-\d{6,9}")
 
 MODEL_EVENT_SCHEMA = "unlearn.model/v1"
 
@@ -126,7 +129,8 @@ class RoundCommitter:
             forget_accuracy=metrics.forget_accuracy if metrics else None,
             probe_accuracy_before=metrics.probe_accuracy_before if metrics else None,
             probe_accuracy_after=metrics.probe_accuracy_after if metrics else None,
-            received_at=p.received_at, forget_class=p.decoded.forget_class)
+            received_at=p.received_at, forget_class=p.decoded.forget_class,
+            content_hashes=tuple(content_sha256_rows(torch.stack([i.x for i in p.decoded.instances]))))
             for p, b, a in zip(c.requests, before, after, strict=True)]
 
     def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt]
@@ -139,6 +143,9 @@ class RoundCommitter:
                 tx.finish(d.request_id, "applied", model=model, kind=d.kind, round_id=round_id,
                           model_version=info.version)
                 tx.add_forgotten(model, [i.id_sha256 for i in d.instances], round_id)
+                tx.add_forgotten_content(model, [
+                    ForgottenContent(c, i.id_sha256, d.request_id, round_id, d.kind, i.label, i.target, d.forget_class)
+                    for i, c in zip(d.instances, d.content_hashes, strict=False)])
                 self.receipts.append(tx, d.completed(version=info.version, sha256=info.sha256, applied_at=applied_at))
             event = {"schema": MODEL_EVENT_SCHEMA, "model": model, "version": info.version, "sha256": info.sha256,
                      "path": str(info.path), "round_id": round_id}
@@ -193,14 +200,7 @@ class RoundCommitter:
                     rt.reload()
 
     def _find_version(self, model: str, round_id: str) -> registry.VersionInfo | None:
-        for v in reversed(registry.list_versions(self.registry_dir, model)):
-            try:
-                manifest = registry.read_manifest(self.registry_dir, model, v)
-            except registry.RegistryError:
-                continue
-            if manifest.get("round_id") == round_id:
-                return registry.verify_version(self.registry_dir, model, v)
-        return None
+        return find_version(self.registry_dir, model, round_id)
 
     def _adopt(self, name: str, version: int | None, round_id: str) -> None:
         """LATEST comes from a round the ledger never recorded: adopt it, or say why not."""
@@ -240,3 +240,15 @@ class RoundCommitter:
             if last is not None and highest < last:
                 raise StartupError(f"model {name!r}: the ledger recorded version {last}, but the registry's "
                                    f"highest is {highest}: the registry at {self.registry_dir} lost versions")
+
+
+def find_version(registry_dir: Path, model: str, round_id: str) -> registry.VersionInfo | None:
+    """The version a round (or a rebase) wrote, verified, if it reached the registry."""
+    for v in reversed(registry.list_versions(registry_dir, model)):
+        try:
+            manifest = registry.read_manifest(registry_dir, model, v)
+        except registry.RegistryError:
+            continue
+        if manifest.get("round_id") == round_id:
+            return registry.verify_version(registry_dir, model, v)
+    return None

@@ -37,6 +37,7 @@ __all__ = [
     "LogSection",
     "MetricsSection",
     "ModelSection",
+    "RebaseSection",
     "RegistrySection",
     "RoundsSection",
     "ServingSection",
@@ -44,6 +45,7 @@ __all__ = [
     "StateSection",
     "example_toml",
     "load_config",
+    "parse_rebase_source",
     "reference_rows",
 ]
 
@@ -206,6 +208,30 @@ class SourceSection:
 
 
 @dataclass(frozen=True)
+class RebaseSection:
+    """Exact rebases: retrain from scratch on the training source minus every forgotten instance ([models.rebase]).
+
+    Off unless ``source`` is set. With it, ``unlearnd rebase`` asks for one, and each policy setting that is not 0
+    schedules one by itself.
+    """
+
+    source: str = _opt("", "the training set: one of the model's sources by name (mnist-train), or a slice of one "
+                           "(<source>:<start>-<end>, inclusive); empty: no rebases")
+    epochs: int = _opt(2, "the recipe: epochs of unlearnd's training (one-cycle Adam, seed 0, as pretrain), from "
+                          "freshly initialised weights of the model's own factory", minimum=1)
+    every_deletions: int = _opt(0, "rebase after this many instances were forgotten since the last rebase "
+                                   "(0: off)", minimum=0)
+    probe_margin: float = _opt(0.0, "rebase once the probe accuracy is within this of the retention gate's floor "
+                                    "(0: off)", "ratio", minimum=0, below=1)
+    memory_fill: float = _opt(0.0, "rebase once every layer of the continual memory is filled this far (1 - "
+                                   "unlearnd_memory_free_ratio: the roomiest layer's fill; 0: off)", "ratio",
+                              minimum=0)
+
+    def enabled(self) -> bool:
+        return bool(self.source)
+
+
+@dataclass(frozen=True)
 class ModelSection:
     """One live model this daemon owns ([[models]] in the file)."""
 
@@ -227,6 +253,8 @@ class ModelSection:
     sources: list[SourceSection] = field(default_factory=list, metadata={
         "doc": "the sources refs may name, besides dataset's ([[models.sources]])", "unit": "",
         "minimum": None, "below": None, "choices": None})
+    rebase: RebaseSection = field(default_factory=RebaseSection, metadata={
+        "doc": "exact rebases ([models.rebase])", "unit": "", "minimum": None, "below": None, "choices": None})
 
     def round_settings(self) -> dict[str, Any]:
         """``settings`` as overrides of the engine preset; ValueError naming an unknown setting or a value of
@@ -334,6 +362,8 @@ def _build(cls: type, prefix: str, table: Mapping[str, Any], env: Mapping[str, s
         env_name = f"{env_prefix}_{name.upper()}"
         if f.type == "list[SourceSection]":
             values[name] = _build_sources(setting, table.get(name, []), env, env_name)
+        elif f.type == "RebaseSection":
+            values[name] = _build(RebaseSection, setting, table.get(name, {}), env, env_name)
         elif env_name in env:
             values[name] = _convert(f"{setting} (from {env_name})", f, env[env_name], True)
         elif name in table:
@@ -442,9 +472,36 @@ def _check_model_sources(i: int, m: ModelSection) -> None:
     if source not in names:
         raise ConfigError(f"models[{i}].probe", f"names source {source!r}, not one of this model's "
                                                 f"({', '.join(names)})")
+    _check_rebase(i, m, names)
     if m.pretrain_epochs and not any(s.kind == "builtin" for s in m.source_sections()):
         raise ConfigError(f"models[{i}].pretrain_epochs", "pretraining needs a built-in dataset "
                                                           "(set dataset); import or publish the model instead")
+
+
+def parse_rebase_source(spec: str) -> tuple[str, int, int | None]:
+    """``"mnist-train"`` -> (source, 0, None); ``"mnist-train:0-9999"`` -> (source, 0, 10000) (end exclusive)."""
+    if ":" not in spec:
+        return spec, 0, None
+    return parse_probe(spec)
+
+
+def _check_rebase(i: int, m: ModelSection, names: Mapping[str, str]) -> None:
+    """The rebase source is one of the model's; a policy without a source is a mistake, not a silent no-op."""
+    r, where = m.rebase, f"models[{i}].rebase"
+    if not r.enabled():
+        for key in ("every_deletions", "probe_margin", "memory_fill"):
+            if getattr(r, key):
+                raise ConfigError(f"{where}.{key}", f"a rebase policy needs {where}.source (the training set)")
+        return
+    try:
+        source = parse_rebase_source(r.source)[0]
+    except ValueError as exc:
+        raise ConfigError(f"{where}.source", str(exc).replace("probe", "a rebase source")) from None
+    if source not in names:
+        raise ConfigError(f"{where}.source", f"unknown source {source!r}, not one of this model's "
+                                             f"({', '.join(names)})")
+    if r.memory_fill > 1:
+        raise ConfigError(f"{where}.memory_fill", f"a fill is a share, at most 1, got {r.memory_fill!r}")
 
 
 # -- documentation generated from the schema ----------------------------------------------------------
@@ -480,7 +537,7 @@ def example_toml() -> str:
     for i, model in enumerate(default.models):
         out.append(f"[[models]]  # {ModelSection.__doc__}")
         for f in dataclasses.fields(ModelSection):
-            if f.name == "sources":
+            if f.name in ("sources", "rebase"):
                 continue
             comment = f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_{f.name.upper()})"
             value = getattr(model, f.name)
@@ -494,6 +551,10 @@ def example_toml() -> str:
         for f in dataclasses.fields(SourceSection):
             out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_SOURCES_0_{f.name.upper()})")
             out.append(f"{f.name} = {_toml_value(getattr(SourceSection(), f.name))}")
+        out += ["", f"[models.rebase]  # {RebaseSection.__doc__.splitlines()[0]}"]
+        for f in dataclasses.fields(RebaseSection):
+            out.append(f"# {_describe(f)} (env {ENV_PREFIX}_MODELS_{i}_REBASE_{f.name.upper()})")
+            out.append(f"{f.name} = {_toml_value(getattr(RebaseSection(), f.name))}")
         out += ["", "# Your own data, e.g.:", "# [[models.sources]]", '# kind = "folder"', '# name = "photos"',
                 '# path = "/data/photos"      # /data/photos/<class>/<file>.png; refs: photos:12, photos:cats/001.png',
                 "# [[models.sources]]", '# kind = "array"', '# name = "scans"',
@@ -509,9 +570,10 @@ def reference_rows() -> list[dict[str, str]]:
                                                 for n, c in _SECTIONS.items()]
     groups.append(("models[i]", ModelSection, ModelSection(), f"{ENV_PREFIX}_MODELS_<i>"))
     groups.append(("models[i].sources[j]", SourceSection, SourceSection(), f"{ENV_PREFIX}_MODELS_<i>_SOURCES_<j>"))
+    groups.append(("models[i].rebase", RebaseSection, RebaseSection(), f"{ENV_PREFIX}_MODELS_<i>_REBASE"))
     for name, cls, obj, env_prefix in groups:
         for f in dataclasses.fields(cls):
-            if f.name == "sources":   # a table of its own, listed next
+            if f.name in ("sources", "rebase"):   # tables of their own, listed next
                 continue
             rows.append({"key": f"{name}.{f.name}", "env": f"{env_prefix}_{f.name.upper()}",
                          "type": str(f.type), "default": _toml_value(getattr(obj, f.name)),

@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["POINTS", "failpoint"]
+__all__ = ["POINTS", "REBASE_POINTS", "failpoint"]
 
 POINTS = ("after_begin_commit", "after_registry_write", "after_ledger_commit", "after_reject_batch",
           "after_round_split")
+#: a rebase's: its training done but not returned, its intent recorded before the registry write, its version
+#: written before the ledger commits it (kept apart from POINTS: only a daemon with a rebase reaches them)
+REBASE_POINTS = ("rebase_before_training_end", "rebase_before_publish", "rebase_after_publish")
 _ACTIVE = frozenset(p for p in os.environ.get("UNLEARND_FAILPOINTS", "").split(",") if p)
 
 

@@ -14,7 +14,11 @@ What it must make true across kill -9 at any instant:
   the registry (roll forward) or abandoning it (its messages were never committed, so Kafka
   redelivers them).
 
-Only hashes of instance ids are stored, never raw data or clear ids. WAL with ``synchronous=NORMAL``
+Only hashes are stored, never raw data or clear ids: of each forgotten instance, the hash of its id and
+(schema 2) its *content hash* (:mod:`daemon.data.content`), which lets a rebase find it in a training
+source. Schema 2 also records rebase jobs (``rebases``) and which requests a rebase made exact
+(``exact``); a schema-1 file is migrated when it is opened (tables added, nothing rewritten), and its
+instances forgotten before then have no content hash (a rebase refuses to run while any does). WAL with ``synchronous=NORMAL``
 survives process crashes (the case that matters here); ``synchronous=FULL`` is a setting away for
 power loss.
 """
@@ -38,6 +42,7 @@ __all__ = [
     "GENESIS_HASH",
     "AuditProblem",
     "Delivery",
+    "ForgottenContent",
     "Ledger",
     "LedgerError",
     "LedgerTransaction",
@@ -46,7 +51,8 @@ __all__ = [
     "verify_audit",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_MIGRATABLE = {1}           # schema 1 lacks forgotten_content, rebases and exact: created on open
 GENESIS_HASH = "0" * 64
 FINAL_STATUSES = ("applied", "rejected", "failed")
 
@@ -96,6 +102,44 @@ CREATE TABLE IF NOT EXISTS forgotten (
     round_id  TEXT NOT NULL,
     PRIMARY KEY (model, id_sha256, round_id)
 );
+CREATE TABLE IF NOT EXISTS forgotten_content (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,   -- commit order: a rebase's snapshot is a seq
+    model      TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,           -- daemon.data.content: the instance as the model saw it
+    id_sha256  TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    round_id   TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    label      INTEGER NOT NULL,            -- the label the round used (what a re-application needs)
+    target     INTEGER,                     -- relabel
+    class      INTEGER                      -- forget_class
+);
+CREATE INDEX IF NOT EXISTS forgotten_content_model ON forgotten_content(model, seq);
+CREATE INDEX IF NOT EXISTS forgotten_content_id ON forgotten_content(model, id_sha256, round_id);
+CREATE TABLE IF NOT EXISTS rebases (
+    rebase_id  TEXT PRIMARY KEY,            -- rb-000001
+    model      TEXT NOT NULL,
+    state      TEXT NOT NULL,               -- requested | running | committing | committed | failed
+    trigger    TEXT NOT NULL,               -- on_demand | every_deletions | probe_margin | memory_fill
+    owner      TEXT,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    base_version INTEGER,
+    snapshot_seq INTEGER,                   -- forgotten_content rows up to this seq are left out of training
+    excluded   INTEGER,                     -- how many forgotten instances that snapshot holds
+    digest     TEXT,                        -- sha256 over their sorted content hashes
+    covered_seq INTEGER,                    -- rows up to here are in the published version (re-applied after seq)
+    drafts     TEXT,                        -- JSON: the exact receipts to emit on commit
+    version    INTEGER,
+    reason     TEXT,
+    requested_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS exact (
+    request_id TEXT PRIMARY KEY,            -- once per request: the first rebase that left all of it out
+    rebase_id  TEXT NOT NULL,
+    version    INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     topic      TEXT NOT NULL,
@@ -130,6 +174,10 @@ _SQL_FINISH = ("INSERT INTO requests (request_id, model, kind, status, reason, r
                "model_version=excluded.model_version, finished_at=excluded.finished_at")
 _SQL_END_ROUND = "UPDATE rounds SET state=?, version=?, reason=?, finished_at=?, drafts=NULL WHERE round_id=?"
 _SQL_FORGOTTEN = "INSERT OR IGNORE INTO forgotten VALUES (?, ?, ?)"
+_SQL_FORGOTTEN_CONTENT = ("INSERT INTO forgotten_content (model, content_sha256, id_sha256, request_id, round_id, "
+                          "kind, label, target, class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SQL_END_REBASE = "UPDATE rebases SET state=?, version=?, reason=?, finished_at=?, drafts=NULL WHERE rebase_id=?"
+_SQL_EXACT = "INSERT OR IGNORE INTO exact VALUES (?, ?, ?)"
 _SQL_LAST_AUDIT = "SELECT entry, hash FROM audit ORDER BY entry DESC LIMIT 1"
 _SQL_AUDIT = "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)"
 _SQL_OUTBOX = "INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -159,6 +207,21 @@ def _with_audit(receipt: Mapping[str, Any], body: bytes, audit: dict[str, Any]) 
             block = canonical_json(audit)
         return b'{"audit":' + block + b"," + body[1:]
     return canonical_json({**receipt, "audit": audit})
+
+
+@dataclass(frozen=True)
+class ForgottenContent:
+    """One forgotten instance as a rebase needs it: its content hash and how the round that forgot it used it."""
+
+    content_sha256: str
+    id_sha256: str
+    request_id: str
+    round_id: str
+    kind: str
+    label: int
+    target: int | None = None
+    forget_class: int | None = None
+    seq: int = 0                # the ledger's commit order (0 until it is written)
 
 
 class LedgerError(RuntimeError):
@@ -213,6 +276,8 @@ class Ledger:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) in _MIGRATABLE:
+                self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: ledger schema {row[0]}, this unlearnd reads {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -296,15 +361,128 @@ class Ledger:
                      "drafts": json.loads(r[4]) if r[4] else []} for r in cur.fetchall()]
 
     def round_state(self, round_id: str) -> str | None:
+        """The state of a round, or of a rebase (a version's manifest names either by its ``round_id``)."""
         with self._lock:
             row = self._db.execute("SELECT state FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+            if row is None:
+                row = self._db.execute("SELECT state FROM rebases WHERE rebase_id=?", (round_id,)).fetchone()
         return None if row is None else row[0]
 
     def last_committed_version(self, model: str) -> int | None:
+        """The highest version this ledger committed for ``model``, by a round or a rebase."""
         with self._lock:
-            row = self._db.execute("SELECT MAX(version) FROM rounds WHERE model=? AND state='committed'",
-                                   (model,)).fetchone()
+            row = self._db.execute(
+                "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM rounds WHERE model=? AND state='committed' "
+                "UNION ALL SELECT MAX(version) FROM rebases WHERE model=? AND state='committed')",
+                (model, model)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
+
+    # -- forgotten content and rebases --------------------------------------------------------------------
+    def forgotten_content(self, model: str, *, after_seq: int = 0, upto_seq: int | None = None
+                          ) -> list[ForgottenContent]:
+        """The model's forgotten instances with content hashes, in commit order, ``after_seq < seq <= upto_seq``."""
+        upto = (1 << 62) if upto_seq is None else upto_seq
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT content_sha256, id_sha256, request_id, round_id, kind, label, target, class, seq "
+                "FROM forgotten_content WHERE model=? AND seq>? AND seq<=? ORDER BY seq",
+                (model, after_seq, upto)).fetchall()
+        return [ForgottenContent(*r) for r in rows]
+
+    def forgotten_since_last_rebase(self, model: str) -> int:
+        """Instances of ``model`` forgotten after the snapshot of its last rebase that ended (committed or failed):
+        what a rebase policy counts, so a rebase that failed is not retried until something new was forgotten."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM forgotten_content WHERE model=? AND seq > COALESCE((SELECT MAX(snapshot_seq) "
+                "FROM rebases WHERE model=? AND state IN ('committed', 'failed')), 0)", (model, model)).fetchone()
+        return int(row[0])
+
+    def content_seq(self, model: str) -> int:
+        """The commit order of the model's newest forgotten instance (0: none): what a rebase snapshots."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM forgotten_content WHERE model=?", (model,)).fetchone()
+        return int(row[0] or 0)
+
+    def forgotten_without_content(self, model: str) -> int:
+        """Forgotten instances of ``model`` with no content hash (committed before schema 2): no rebase can find
+        them in a source, so none may run while there are any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM forgotten f WHERE f.model=? AND NOT EXISTS (SELECT 1 FROM forgotten_content c "
+                "WHERE c.model=f.model AND c.id_sha256=f.id_sha256 AND c.round_id=f.round_id)", (model,)).fetchone()
+        return int(row[0])
+
+    def request_rebase(self, model: str, trigger: str) -> tuple[str, bool]:
+        """A rebase of ``model`` waiting to run: the one already requested or running, else a new one.
+
+        Returns (rebase id, whether it is new). Written by ``unlearnd rebase`` (any process: SQLite serialises
+        it with the daemon's writes) and by the daemon's own policy.
+        """
+        with self._immediate() as db:
+            row = db.execute("SELECT rebase_id FROM rebases WHERE model=? AND state IN "
+                             "('requested', 'running', 'committing') ORDER BY requested_at LIMIT 1",
+                             (model,)).fetchone()
+            if row is not None:
+                return row[0], False
+            n = int(db.execute("SELECT COUNT(*) FROM rebases").fetchone()[0]) + 1
+            rebase_id = f"rb-{n:06d}"
+            db.execute("INSERT INTO rebases (rebase_id, model, state, trigger, requested_at) "
+                       "VALUES (?, ?, 'requested', ?, ?)", (rebase_id, model, trigger, time.time()))
+        return rebase_id, True
+
+    def rebases(self, *, model: str | None = None, states: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Rebase jobs (oldest first), of one model and in some states when given."""
+        sql, args = "SELECT * FROM rebases WHERE 1=1", []
+        if model is not None:
+            sql, args = sql + " AND model=?", [model]
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args += list(states)
+        with self._lock:
+            cur = self._db.execute(sql + " ORDER BY requested_at, rebase_id", args)
+            cols = [c[0] for c in cur.description]
+            out = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        for r in out:
+            r["drafts"] = json.loads(r["drafts"]) if r["drafts"] else {}
+        return out
+
+    def claim_rebase(self, rebase_id: str, owner: str) -> bool:
+        """Take a requested rebase for ``owner`` (False: another daemon sharing this ledger took it first)."""
+        with self._immediate() as db:
+            cur = db.execute("UPDATE rebases SET state='running', owner=? WHERE rebase_id=? AND state='requested'",
+                             (owner, rebase_id))
+            return cur.rowcount == 1
+
+    def start_rebase(self, rebase_id: str, owner: str, *, base_version: int, snapshot_seq: int, excluded: int,
+                     digest: str) -> None:
+        """The job runs from now on: its snapshot of the forgotten set is durable before training starts."""
+        with self._immediate() as db:
+            db.execute("UPDATE rebases SET state='running', owner=?, attempts=attempts+1, base_version=?, "
+                       "snapshot_seq=?, excluded=?, digest=?, started_at=?, reason=NULL WHERE rebase_id=?",
+                       (owner, base_version, snapshot_seq, excluded, digest, time.time(), rebase_id))
+
+    def begin_rebase_commit(self, rebase_id: str, parent: int, covered_seq: int, drafts: Mapping[str, Any]) -> None:
+        """Record the intent before the registry write (as :meth:`begin_commit` does for a round)."""
+        with self._immediate() as db:
+            db.execute("UPDATE rebases SET state='committing', base_version=?, covered_seq=?, drafts=? "
+                       "WHERE rebase_id=?", (parent, covered_seq, json.dumps(dict(drafts)), rebase_id))
+
+    def restart_rebase(self, rebase_id: str, reason: str) -> None:
+        """A job cut short (a crash, a stop) waits to run again from scratch."""
+        with self._immediate() as db:
+            db.execute("UPDATE rebases SET state='requested', reason=?, drafts=NULL, covered_seq=NULL "
+                       "WHERE rebase_id=?", (reason, rebase_id))
+
+    def exact_requests(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these requests a committed rebase already made exact."""
+        ids, out = list(dict.fromkeys(request_ids)), set()
+        with self._lock:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                out.update(r[0] for r in self._db.execute(
+                    f"SELECT request_id FROM exact WHERE request_id IN ({', '.join('?' * len(chunk))})", chunk))
+        return out
 
     # -- the outbox -------------------------------------------------------------------------------------
     def outbox(self, limit: int = 500) -> list[OutboxRow]:
@@ -441,18 +619,39 @@ class LedgerTransaction:
     def add_forgotten(self, model: str, id_hashes: Iterable[str], round_id: str) -> None:
         self._row_ops.extend((_SQL_FORGOTTEN, (model, h, round_id)) for h in id_hashes)
 
+    def add_forgotten_content(self, model: str, rows: Iterable[ForgottenContent]) -> None:
+        """Content hashes of a committed round's instances (with what a re-application needs: kind, label...)."""
+        self._row_ops.extend((_SQL_FORGOTTEN_CONTENT, (model, r.content_sha256, r.id_sha256, r.request_id,
+                                                       r.round_id, r.kind, r.label, r.target, r.forget_class))
+                             for r in rows)
+
+    def end_rebase(self, rebase_id: str, state: str, *, version: int | None = None, reason: str | None = None
+                   ) -> None:
+        self._row_ops.append((_SQL_END_REBASE, (state, version, reason, time.time(), rebase_id)))
+
+    def mark_exact(self, request_id: str, rebase_id: str, version: int) -> None:
+        self._row_ops.append((_SQL_EXACT, (request_id, rebase_id, version)))
+
     def append_receipt(self, receipt: dict[str, Any], topic: str) -> dict[str, Any]:
         """Chain the receipt into the audit trail and queue it for publication; returns it with ``audit``."""
-        body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
-        entry, prev = self._entry + 1, self._prev
-        digest = chain_hash(prev, body)
-        now = time.time()
-        self._audit_rows.append((entry, receipt.get("request_id"), receipt["status"], body, prev, digest, now))
-        self._entry, self._prev = entry, digest
-        audit = {"entry": entry, "hash": digest, "prev_hash": prev}
+        body, audit = self._chain(receipt)
         key = receipt.get("request_id")
         self.enqueue(topic, key.encode() if isinstance(key, str) else None, _with_audit(receipt, body, audit))
         return {**receipt, "audit": audit}
+
+    def append_audit(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Chain an event that is no request's receipt (a rebase's outcome) into the audit trail only."""
+        _body, audit = self._chain(event)
+        return {**event, "audit": audit}
+
+    def _chain(self, receipt: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        body = canonical_json({k: v for k, v in receipt.items() if k != "audit"})
+        entry, prev = self._entry + 1, self._prev
+        digest = chain_hash(prev, body)
+        self._audit_rows.append((entry, receipt.get("request_id"), receipt["status"], body, prev, digest,
+                                 time.time()))
+        self._entry, self._prev = entry, digest
+        return body, {"entry": entry, "hash": digest, "prev_hash": prev}
 
     def enqueue(self, topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> None:
         self._outbox_rows.append((topic, key, value, _headers_json(headers), time.time()))

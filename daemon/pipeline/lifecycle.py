@@ -7,6 +7,9 @@ offsets (:mod:`daemon.pipeline.offsets`), and starts rounds when the batcher say
 the commit order is explained) while the main thread keeps polling with the partitions paused, so a
 long round never makes the daemon leave its group.
 
+A rebase (:mod:`daemon.pipeline.rebase`) trains on a thread of its own, at the rounds' CPU policy, while rounds
+go on; its finish (re-application, gate, publish) then runs on the round thread in place of a round.
+
 :func:`build_daemon` reads the configuration, opens the ledger and the models, and wires the parts;
 :class:`Daemon` owns the lifecycle: start-up, the loop, the grace period on a stop, the shutdown order.
 """
@@ -39,6 +42,7 @@ from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
 from daemon.pipeline.outbox import OutboxPublisher, kafka_producer_factory
 from daemon.pipeline.pending import PendingRequest
+from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
 from daemon.pipeline.receipts import ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime
 
@@ -51,15 +55,18 @@ OFFSET_COMMIT_INTERVAL_S = 1.0
 # How often an idle daemon looks whether LATEST moved (a rollback, a rebase, another daemon's round), so its
 # gauges follow the served version without waiting for the next request; a round due reloads at once anyway.
 LATEST_CHECK_INTERVAL_S = 10.0
+REBASE_CHECK_INTERVAL_S = 1.0       # how often the loop looks for a requested rebase or a policy that asks for one
 
 
 class BrokerUnavailable(RuntimeError):
     """The broker could not be reached at start-up (transient: exit 1, a supervisor retries)."""
 
 
-def round_executor(policy: str) -> ThreadPoolExecutor:
-    """The one thread rounds run on, at the CPU policy ``rounds.cpu_policy`` (its torch workers inherit it)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="round", initializer=_round_thread_init,
+def round_executor(policy: str, name: str = "round") -> ThreadPoolExecutor:
+    """The one thread rounds run on, at the CPU policy ``rounds.cpu_policy`` (its torch workers inherit it).
+
+    A rebase trains on a second such thread (``name="rebase"``): background work at the same policy."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_round_thread_init,
                               initargs=(policy,))
 
 
@@ -111,10 +118,25 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     outbox = OutboxPublisher(ledger, metrics, interval_s=config.daemon.outbox_interval_s,
                              producer_factory=producer_factory or kafka_producer_factory(k),
                              send_timeout_s=k.request_timeout_ms / 1000)
+    rebaser = None
+    if any(m.rebase.enabled() for m in config.models):
+        rebaser = Rebaser(ledger, registry_dir, chain, models_topic=k.models_topic, owner=k.instance_id)
     return Daemon(config, metrics=metrics, ledger=ledger, runtimes=runtimes, intake=intake, committer=committer,
                   batcher=batcher, offsets=offsets, outbox=outbox,
                   consumer_factory=consumer_factory or (lambda: make_consumer(k)),
-                  executor=round_executor(r.cpu_policy), stop=stop)
+                  executor=round_executor(r.cpu_policy), stop=stop, rebaser=rebaser,
+                  rebase_executor=round_executor(r.cpu_policy, "rebase") if rebaser else None)
+
+
+class _RunningRebase:
+    """The rebase in progress: its training future, then its finish future (on the round thread)."""
+
+    def __init__(self, rebase_id: str, model: str, train: Future[TrainedRebase], abort: threading.Event) -> None:
+        self.rebase_id = rebase_id
+        self.model = model
+        self.train = train
+        self.abort = abort
+        self.finish: Future[RebaseOutcome] | None = None
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -137,7 +159,8 @@ class Daemon:
     def __init__(self, config: Config, *, metrics: DaemonMetrics, ledger: Ledger, runtimes: Mapping[str, ModelRuntime],
                  intake: Intake, committer: RoundCommitter, batcher: Batcher, offsets: OffsetBook,
                  outbox: OutboxPublisher, consumer_factory: Callable[[], Any], executor: ThreadPoolExecutor,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, rebaser: Rebaser | None = None,
+                 rebase_executor: ThreadPoolExecutor | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.ledger = ledger
@@ -159,11 +182,17 @@ class Daemon:
         self._last_commit = 0.0
         self._last_latest_check = time.monotonic()
         self._closed = False
+        self.rebaser = rebaser
+        self._rebase_executor = rebase_executor
+        self._rebase: _RunningRebase | None = None
+        self._rebase_check = 0.0
 
     # -- start-up -----------------------------------------------------------------------------------
     def start(self) -> None:
         """Resolve unfinished rounds, check the state, export the gauges, reach the broker and subscribe."""
         self.committer.recover(self.instance, self.runtimes)
+        if self.rebaser is not None:
+            self.rebaser.recover(self.runtimes)
         self.committer.check_consistency(self.runtimes)
         for name in self.runtimes:
             self._export_loaded(name)
@@ -207,7 +236,9 @@ class Daemon:
         grace_deadline: float | None = None
         while True:
             if self._stop.is_set():
-                if self._round is None:
+                if self._rebase is not None:
+                    self._rebase.abort.set()        # training stops at its next step; the job runs again later
+                if self._round is None and (self._rebase is None or self._rebase.finish is None):
                     break
                 if grace_deadline is None:
                     grace_deadline = time.monotonic() + self.config.rounds.grace_period_s
@@ -217,10 +248,11 @@ class Daemon:
                     self._abort.set()
             self._poll_once()
             self._finish_round_if_done()
-            if not self._stop.is_set() and self._round is None:
+            self._rebase_step()
+            if not self._stop.is_set() and self._round is None and not self._rebase_finishing():
                 self._start_round_if_due()
-            if not self._stop.is_set() and self._round is None:
-                self._follow_latest()
+            if not self._stop.is_set() and self._round is None and not self._rebase_finishing():
+                self._follow_latest()       # never beside a rebase's finish: it reloads the model itself
             self._update_gauges()
         self.shutdown()
         return 0
@@ -238,6 +270,7 @@ class Daemon:
             except KafkaError:
                 pass
         self._executor.shutdown(wait=True)
+        self._stop_rebase()
         if self._metrics_server is not None:
             server, _thread = self._metrics_server
             server.shutdown()
@@ -400,6 +433,92 @@ class Daemon:
 
         threading.Thread(target=notify_reload, args=(urls,), kwargs={"timeout": self.config.serving.notify_timeout_s},
                          name="notify", daemon=True).start()
+
+    # -- rebases -----------------------------------------------------------------------------------------
+    def _rebase_finishing(self) -> bool:
+        return self._rebase is not None and self._rebase.finish is not None
+
+    def _rebase_step(self) -> None:
+        """Start a rebase that is due, hand a trained one to the round thread, record one that ended."""
+        if self.rebaser is None or self._rebase_executor is None:
+            return
+        job = self._rebase
+        if job is None:
+            if not self._stop.is_set() and time.monotonic() - self._rebase_check >= REBASE_CHECK_INTERVAL_S:
+                self._rebase_check = time.monotonic()
+                self._start_rebase_if_due()
+            return
+        if job.finish is not None:
+            if job.finish.done():
+                try:
+                    outcome = job.finish.result()
+                except Exception as exc:  # noqa: BLE001 - a crashed finish leaves the old lineage serving
+                    log.exception("rebase_crashed", rebase_id=job.rebase_id, error=str(exc))
+                    outcome = self.rebaser.fail(job.rebase_id, job.model, f"{type(exc).__name__}: {exc}")
+                self._rebase_ended(job, outcome)
+            return
+        if not job.train.done() or self._round is not None or self._stop.is_set():
+            return
+        try:
+            trained = job.train.result()
+        except RebaseAborted as exc:
+            self._rebase_ended(job, self.rebaser.aborted(job.rebase_id, job.model, str(exc)))
+            return
+        except RebaseRefused as exc:
+            self._rebase_ended(job, self.rebaser.fail(job.rebase_id, job.model, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a training that crashed fails the rebase, not the daemon
+            log.exception("rebase_crashed", rebase_id=job.rebase_id, error=str(exc))
+            self._rebase_ended(job, self.rebaser.fail(job.rebase_id, job.model, f"training: {type(exc).__name__}: "
+                                                                                  f"{exc}"))
+            return
+        log.info("rebase_trained", rebase_id=job.rebase_id, model=job.model, train_s=round(trained.seconds, 1),
+                 items=len(trained.training.indices), excluded=trained.training.excluded)
+        self._abort.clear()
+        job.finish = self._executor.submit(self.rebaser.finish, self.runtimes[job.model], trained, self._abort.is_set)
+
+    def _start_rebase_if_due(self) -> None:
+        assert self.rebaser is not None and self._rebase_executor is not None
+        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled()]
+        found = self.rebaser.requested(models)
+        if found is None:
+            for name in models:
+                trigger = self.rebaser.due(self.runtimes[name])
+                if trigger is not None:
+                    found = (self.ledger.request_rebase(name, trigger)[0], name)
+                    break
+        if found is None:
+            return
+        rebase_id, model = found
+        if not self.ledger.claim_rebase(rebase_id, self.instance):
+            return                  # a daemon sharing this ledger runs it
+        abort = threading.Event()
+        future = self._rebase_executor.submit(self.rebaser.prepare, self.runtimes[model], rebase_id, abort)
+        self._rebase = _RunningRebase(rebase_id, model, future, abort)
+        self.metrics.rebase_running.labels(model=model).set(1)
+        self.metrics.rebase_started.labels(model=model).set(time.time())
+        log.info("rebase_started", rebase_id=rebase_id, model=model)
+
+    def _rebase_ended(self, job: _RunningRebase, outcome: RebaseOutcome) -> None:
+        self._rebase = None
+        self.metrics.rebases.labels(model=job.model, outcome=outcome.status).inc()
+        self.metrics.rebase_running.labels(model=job.model).set(0)
+        self.metrics.rebase_started.labels(model=job.model).set(0)
+        if outcome.status == "committed" and outcome.version is not None:
+            self._export_loaded(job.model)
+            self._notify(job.model)
+            self.outbox.wake()
+
+    def _stop_rebase(self) -> None:
+        """At shutdown: stop the training thread; an unfinished job waits in the ledger to run again."""
+        job, self._rebase = self._rebase, None
+        if self._rebase_executor is None:
+            return
+        if job is not None:
+            job.abort.set()
+        self._rebase_executor.shutdown(wait=True)
+        if job is not None and job.finish is None and self.rebaser is not None:
+            self.rebaser.aborted(job.rebase_id, job.model, "the daemon stopped")
 
     def _update_gauges(self) -> None:
         waiting = list(self.batcher.waiting())

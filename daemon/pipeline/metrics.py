@@ -68,6 +68,13 @@ class DaemonMetrics:
         self.outbox = Gauge("unlearnd_outbox_records", "Receipts and events waiting for the broker", registry=r)
         self.intake = Counter("unlearnd_intake_messages", "Messages consumed from the requests topic", registry=r)
         self.broker_up = Gauge("unlearnd_broker_up", "1 when the last publish to the broker succeeded", registry=r)
+        self.rebases = Counter("unlearnd_rebases", "Exact rebases by outcome (committed, failed, aborted)",
+                               ["model", "outcome"], registry=r)
+        self.rebase_running = Gauge("unlearnd_rebase_running", "1 while a rebase of the model trains or finishes",
+                                    ["model"], registry=r)
+        self.rebase_started = Gauge("unlearnd_rebase_started_timestamp_seconds",
+                                    "When the running rebase of the model started (0: none runs)", ["model"],
+                                    registry=r)
         for ref in ("current", "original"):
             self.probe_accuracy.labels(reference=ref)
         for ref in ("original", "previous"):

@@ -21,6 +21,7 @@ __all__ = [
     "RECEIPT_SCHEMA",
     "AppliedReceipt",
     "DuplicateReceipt",
+    "ExactReceipt",
     "FailedReceipt",
     "InstanceOutcome",
     "Receipt",
@@ -131,6 +132,7 @@ class AppliedReceipt(_RoundReceipt):
     model_version: int | None = None
     model_sha256: str | None = None
     applied_at: float | None = None
+    content_hashes: tuple[str, ...] = ()    # per instance (daemon.data.content): kept by the ledger, not sent
 
     def completed(self, *, version: int, sha256: str, applied_at: float) -> AppliedReceipt:
         """The receipt once the version is durable."""
@@ -158,7 +160,7 @@ class AppliedReceipt(_RoundReceipt):
     # draft plus ``received_ts``, the precise receive time that ``time_to_forget_s`` is computed from. That form
     # is durable state (a daemon may restart on drafts an older one wrote), so it stays as it was.
     def draft_dict(self) -> dict[str, Any]:
-        return {**self.to_dict(), "received_ts": self.received_at}
+        return {**self.to_dict(), "received_ts": self.received_at, "content_sha256": list(self.content_hashes)}
 
     @classmethod
     def from_draft(cls, d: Mapping[str, Any]) -> AppliedReceipt:
@@ -169,7 +171,8 @@ class AppliedReceipt(_RoundReceipt):
                    forget_accuracy=metrics.get("forget_accuracy"),
                    probe_accuracy_before=metrics.get("probe_accuracy_before"),
                    probe_accuracy_after=metrics.get("probe_accuracy_after"),
-                   received_at=float(d["received_ts"]), forget_class=d.get("class"))
+                   received_at=float(d["received_ts"]), forget_class=d.get("class"),
+                   content_hashes=tuple(d.get("content_sha256") or ()))     # drafts from before schema 2: none
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,49 @@ class DuplicateReceipt:
         return r
 
 
-Receipt = Union[AppliedReceipt, FailedReceipt, RejectedReceipt, DuplicateReceipt]
+@dataclass(frozen=True)
+class ExactReceipt:
+    """An ``exact`` receipt: a rebase retrained the model without every instance of an applied request.
+
+    Not a second outcome: the request's ``applied`` receipt stands; this one upgrades it (contract §3). Sent
+    once per request, by the first rebase that left all of its instances out (later rebases leave them out
+    too, and say so in their manifests). Each instance says what the rebase did with it: ``excluded``,
+    ``relabeled`` (a relabel request's item, trained with its target) or ``not_in_source`` (not an item of
+    the training source: the rebased model never saw it). A *draft* (before the version is durable) has no
+    version, hash or time.
+    """
+
+    request_id: str
+    model: str
+    kind: str
+    rebase_id: str
+    previous_version: int
+    rebase: Mapping[str, Any]               # source, excluded, forgotten, digest
+    instances: tuple[tuple[str, str], ...]  # (id_sha256, what the rebase did with it)
+    model_version: int | None = None
+    model_sha256: str | None = None
+    exact_at: float | None = None
+
+    def completed(self, *, version: int, sha256: str, exact_at: float) -> ExactReceipt:
+        return dataclasses.replace(self, model_version=version, model_sha256=sha256, exact_at=exact_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = _base(self.request_id, self.model, "exact", None, self.kind)
+        r.update({"rebase_id": self.rebase_id, "model_version": self.model_version,
+                  "previous_version": self.previous_version, "model_sha256": self.model_sha256,
+                  "rebase": dict(self.rebase),
+                  "instances": [{"id_sha256": h, "rebase": what} for h, what in self.instances],
+                  "timings": {"exact_at": None if self.exact_at is None else iso(self.exact_at)}})
+        return r
+
+    @classmethod
+    def from_draft(cls, d: Mapping[str, Any]) -> ExactReceipt:
+        return cls(request_id=d["request_id"], model=d["model"], kind=d["kind"], rebase_id=d["rebase_id"],
+                   previous_version=d["previous_version"], rebase=d["rebase"],
+                   instances=tuple((i["id_sha256"], i["rebase"]) for i in d["instances"]))
+
+
+Receipt = Union[AppliedReceipt, FailedReceipt, RejectedReceipt, DuplicateReceipt, ExactReceipt]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from daemon.engine.kinds import get_kind
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import RoundResult
 from daemon.pipeline.codec import ModelSpec
-from daemon.pipeline.config import ModelSection, RoundsSection, parse_probe
+from daemon.pipeline.config import ModelSection, RoundsSection, parse_probe, parse_rebase_source
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import RoundMetrics
 
@@ -99,6 +99,12 @@ class ModelRuntime:
             raise RuntimeError_(f"models.{self.name}.probe: {section.probe} runs past the end of {source} "
                                 f"({size} items)")
         self._probe_at = (source, range(start, end))
+        if section.rebase.enabled():
+            name, _first, last = parse_rebase_source(section.rebase.source)
+            if name not in self.sources or (last is not None and last > len(self.sources[name])):
+                known = f"{len(self.sources[name])} items" if name in self.sources else f"known: {', '.join(self.sources)}"
+                raise RuntimeError_(f"models.{self.name}.rebase.source: {section.rebase.source} is not in the "
+                                    f"model's sources ({known})")
         self.probe_y = self.sources[source].labels[start:end].clone()
         self.probe_x = torch.empty(0)            # read by reload(), once the model's input shape is known
         self.live: model_store.LiveModel | None = None
@@ -175,11 +181,23 @@ class ModelRuntime:
         except model_store.HeadError as exc:
             raise RuntimeError_(f"models.{self.name}.head: {exc}") from None
         self._check_sources(live.input_shape)
+        self._adopt(live, _forgotten_classes(live.info.manifest))
+
+    def sibling(self, live: model_store.LiveModel, forgotten_classes: frozenset[int]) -> ModelRuntime:
+        """A runtime over the same sources and probe whose live state is ``live``: a rebase's weights and fresh
+        session, on which the requests applied while it trained are re-applied before anything is published."""
+        other = ModelRuntime(self.section, self.registry_dir, self.rounds, self.sources, self.splits)
+        other.probe_x = self.probe_x
+        other._adopt(live, forgotten_classes)
+        return other
+
+    def _adopt(self, live: model_store.LiveModel, forgotten_classes: frozenset[int]) -> None:
+        """Make ``live`` this runtime's state: the session takes the rounds' settings, the probe is predicted."""
         live.session.accumulation = self.rounds.accumulation
         live.session.memory.energy = self.rounds.memory_energy
         live.session.memory_copies = self.rounds.memory_copies
         self.live = live
-        self.forgotten_classes = _forgotten_classes(live.info.manifest)
+        self.forgotten_classes = forgotten_classes
         self.intake_model = copy.deepcopy(live.model).cpu().eval()
         original = copy.deepcopy(live.model)
         with torch.no_grad():
@@ -314,6 +332,13 @@ class ModelRuntime:
         if request.forget_class is not None:
             forgotten = forgotten | {request.forget_class}
         return Candidate(requests, result, importance, None, metrics, forgotten, probe_pred)
+
+    def adopt_candidate(self, candidate: Candidate) -> None:
+        """Take a passed candidate into the live state without publishing it (a rebase's re-applied rounds)."""
+        live = self._loaded()
+        live.session.commit(candidate.result, candidate.importance)
+        self.forgotten_classes = candidate.forgotten_classes
+        self.current_probe_pred = candidate.probe_pred
 
     def publish(self, candidate: Candidate, round_id: str, method: Mapping[str, Any]) -> registry.VersionInfo:
         """Adopt the candidate and write it as the next version (atomic; LATEST moves last)."""

@@ -301,8 +301,9 @@ def test_a_policy_asks_for_a_rebase_only_once_something_new_was_forgotten(reg, t
     assert rebaser.due(rt) is None                                      # nothing new since it ended
     # the other policies: the probe near the gate's floor, the memory filling
     near = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", probe_margin=0.6))
-    full = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", memory_fill=0.01))
     _apply(rt, ledger, reg, "p-3", ["mnist-train:23"])
+    full = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train",
+                                                             memory_fill=min(rt.live.session.memory.fill().values())))
     for policy, changed in (("probe_margin", near), ("memory_fill", full)):
         rt.section = changed
         assert rebaser.due(rt) == policy

@@ -55,7 +55,6 @@ from daemon.pipeline.commit import MODEL_EVENT_SCHEMA, find_version
 from daemon.pipeline.config import parse_rebase_source
 from daemon.pipeline.failpoints import failpoint
 from daemon.pipeline.ledger import ForgottenContent, Ledger
-from daemon.pipeline.metrics import memory_free_share
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase_set import TrainingSet, build_training_set
 from daemon.pipeline.receipts import ExactReceipt, ReceiptChain
@@ -140,9 +139,9 @@ class Rebaser:
                 return "probe_margin"
         if r.memory_fill and rt.live is not None:
             fill = rt.live.session.memory.fill()
-            # the roomiest layer, as unlearnd_memory_free_ratio reads it: narrow layers (mnist_cnn's convolutions)
+            # the roomiest layer (1 - unlearnd_memory_free_ratio): narrow layers (mnist_cnn's convolutions)
             # are full after one round and say nothing on their own
-            if fill and 1.0 - memory_free_share(fill) >= r.memory_fill:
+            if fill and min(fill.values()) >= r.memory_fill:
                 return "memory_fill"
         return None
 

@@ -41,6 +41,7 @@ def load_runs(parts: Path) -> list[dict[str, Any]]:
         doc = json.loads(path.read_text())
         s = doc["settings"]
         runs.append({"name": path.stem, "settings": s, "machine": doc["machine"], "label": s.get("label", ""),
+                     "summary": doc.get("summary"),
                      "rows": [{**{k: r.get(k) for k in KEEP}, "variant": s.get("label", "")} for r in doc["rows"]]})
     return runs
 
@@ -108,15 +109,77 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
     return names
 
 
+def _rebase_lines(runs: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for run in runs:
+        s, st = run["summary"], run["settings"]
+        rows = run["rows"]
+        loss = [_loss_pp(r) for r in rows]
+        worst = max(rows, key=_loss_pp) if rows else None
+        checks = s.get("rebases", [])
+        lines += [f"## rebase ({run['name']})", "",
+                  f"The daemon with `[models.rebase] source = \"mnist-train\"`, `epochs = {st['epochs']}`, "
+                  f"`every_deletions = {st['every']}`; {st['requests']} requests of {st['k']} published one every "
+                  f"{st['interval_s']:.0f} s; {s['applied']} applied, {s['failed']} failed; "
+                  f"{len(checks)} rebases published.", "",
+                  "| bar | measured | met |", "|---|---|---|",
+                  f"| test loss ≤ 1.0 pp against the original at every published version | max "
+                  f"{_f(max(loss) if loss else None)} pp (version {worst['version'] if worst else '–'}), "
+                  f"{sum(v > 1.0 for v in loss)} of {len(loss)} versions above | "
+                  f"{'yes' if loss and max(loss) <= 1.0 else 'no'} |",
+                  f"| no request waits more than two rounds' time while a rebase trains | longest wait of a request "
+                  f"published during a rebase {_f(s.get('max_wait_during_rebase_s'), 1)} s; two rounds "
+                  f"{_f(s.get('wait_bar_s'), 1)} s (median engine time {_f(s.get('round_median_s'), 1)} s) | "
+                  + ("yes" if s.get("max_wait_during_rebase_s") is not None and s.get("wait_bar_s")
+                     and s["max_wait_during_rebase_s"] <= s["wait_bar_s"] else "no") + " |",
+                  f"| every rebase excludes every forgotten instance (by hash, against the ledger) | "
+                  + ", ".join(f"v{c['version']}: {c['excluded']} excluded, ledger {c['ledger_hashes']}, ours "
+                              f"{c['bench_forgotten_before']} {'all in' if c['all_in_ledger'] else 'MISSING'}"
+                              for c in checks) + " | "
+                  + ("yes" if checks and all(c["all_in_ledger"] and c["excluded"] == c["ledger_hashes"]
+                                             for c in checks) else "no") + " |",
+                  f"| the default retention gate never rejects a round | {s['gate_rejections']} rejections | "
+                  f"{'yes' if not s['gate_rejections'] else 'no'} |", ""]
+    return lines
+
+
+def _rebase_plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    if not runs:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for run in runs:
+        rows = run["rows"]
+        ax.plot([r["deletions"] for r in rows], [_loss_pp(r) for r in rows], marker=".", lw=0.8, label=run["name"])
+        rb = [r for r in rows if r["outcome"] == "rebased"]
+        ax.scatter([r["deletions"] for r in rb], [_loss_pp(r) for r in rb], color="red", zorder=3,
+                   label="rebase versions")
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="deletions applied", ylabel="test loss vs original (pp)",
+           title="served versions with exact rebases (dashed: the 1.0 pp bar)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lifetime_rebase.png", dpi=110)
+    plt.close(fig)
+    return ["lifetime_rebase.png"]
+
+
 def write(parts: Path, out: Path, notes: Path | None = None) -> dict[str, Any]:
     runs = load_runs(parts)
     if not runs:
         raise SystemExit(f"no parts in {parts}")
-    summaries = [summarise(r) for r in runs]
+    free = [r for r in runs if r["settings"]["mode"] == "data_free"]
+    rebase = [r for r in runs if r["settings"]["mode"] == "rebase"]
+    summaries = [summarise(r) for r in free]
     doc = {"machine": runs[0]["machine"], "runs": [{"name": r["name"], "settings": r["settings"]} for r in runs],
-           "summary": summaries, "rows": [row for r in runs for row in r["rows"]]}
+           "summary": summaries, "rebase": [{"name": r["name"], **{k: v for k, v in r["summary"].items()
+                                                                     if k not in ("waits_s",)}} for r in rebase],
+           "rows": [row for r in runs for row in r["rows"]]}
     atomic_write_bytes(out / "lifetime.json", json.dumps(doc, indent=1).encode())
-    plots = _plots(runs, out)
+    plots = _plots(free, out) + _rebase_plot(rebase, out)
     lines = ["# The life of a model (issue 21)", "",
              f"Machine: {doc['machine'].get('cpu')} ({doc['machine'].get('cpu_count')} cores), torch "
              f"{doc['machine'].get('torch')}; {runs[0]['settings'].get('threads')} thread per run. "
@@ -124,7 +187,7 @@ def write(parts: Path, out: Path, notes: Path | None = None) -> dict[str, Any]:
              "`ModelRuntime.publish` into a registry, the session reopened from the registry every 10 rounds); "
              "rows: `lifetime.json`; runs: `benchmarks/lifetime_bench.py`.", ""]
     by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r, s in zip(runs, summaries, strict=True):
+    for r, s in zip(free, summaries, strict=True):
         by_mode[r["settings"]["mode"]].append(s)
     for mode, ss in by_mode.items():
         lines += [f"## {mode}", "",
@@ -146,7 +209,13 @@ def write(parts: Path, out: Path, notes: Path | None = None) -> dict[str, Any]:
             lines += ["### Bars (defaults, mean of seeds " + ", ".join(str(s["seed"]) for s in defaults) + ")", "",
                       "| bar | measured | met |", "|---|---|---|",
                       f"| no round fails for lack of room | {sum(s['failed_other'] for s in defaults)} failed rounds "
-                      f"besides the gate's | {'yes' if not any(s['failed_other'] for s in defaults) else 'no'} |",
+                      "besides the gate's" + "".join(f"; {v['variant']}: {v['failed_other']} of {v['rounds']} rounds "
+                                                     f"failed for lack of room"
+                                                     for v in ss if v["variant"]) + " | "
+                      + ("yes" if not any(s["failed_other"] for s in ss) else "no")
+                      + (" (the gate stopped the default runs before they ran out of room)"
+                         if not any(s["failed_other"] for s in defaults) and any(v["failed_other"] for v in ss) else "")
+                      + " |",
                       f"| test loss ≤ {LOSS_BAR_PP} pp after {TARGET_DELETIONS} deletions | {_f(loss)} pp after "
                       f"{_f(_mean([s['deletions'] for s in defaults]), 0)} deletions applied (of "
                       f"{_f(_mean([32 * s['rounds'] for s in defaults]), 0)} requested) | "
@@ -160,6 +229,7 @@ def write(parts: Path, out: Path, notes: Path | None = None) -> dict[str, Any]:
                       f"| the default retention gate never rejects | "
                       f"{sum(s['gate_rejected'] for s in defaults)} rejections | "
                       f"{'yes' if not any(s['gate_rejected'] for s in defaults) else 'no'} |", ""]
+    lines += _rebase_lines(rebase)
     lines += [f"![{p}]({p})" for p in plots] + [""]
     if notes is not None and notes.exists():
         lines += [notes.read_text()]

@@ -74,6 +74,19 @@ def test_the_halves_of_a_failed_round_run_first_and_an_aborted_round_goes_back_i
     assert len(batch) == 3
 
 
+def test_a_held_model_runs_nothing_until_released_while_other_models_go_on():
+    b = Batcher(max_instances=1, max_wait_s=0.0)
+    b.add(_pending("a", model="m"), now=0.0)
+    b.add(_pending("x", model="n"), now=0.0)
+    b.split([_pending("h1", model="m"), _pending("h2", model="m")])
+    b.held.add("m")                                     # a deferred round waits for m's rebase
+    assert _ids(b.next_due(now=1.0)) == ["x"]
+    assert b.next_due(now=2.0) is None
+    assert {p.request_id for p in b.waiting()} >= {"a", "h1", "h2"}     # still waiting, none lost
+    b.held.discard("m")
+    assert _ids(b.next_due(now=3.0)) == ["h1"]
+
+
 def test_revoked_partitions_take_their_waiting_requests_with_them():
     b = Batcher(max_instances=10, max_wait_s=100.0)
     b.add(_pending("p0", partition=0), now=0.0)

@@ -132,6 +132,20 @@ def test_a_failed_round_is_split_in_halves_or_fails_each_request_with_the_model_
     assert registry.list_versions(reg, MODEL) == [1]
 
 
+def test_a_round_the_gate_refuses_while_the_models_rebase_runs_is_deferred_with_no_receipt(reg, tmp_path):
+    rt, ledger = _runtime(reg, retention_max_drop=-1.0), Ledger(tmp_path / "l.sqlite")
+    batch = [_pending(rt, request(rid, refs=[f"mnist-train:{i}"])) for i, rid in enumerate(("a", "b"))]
+    committer = _committer(ledger, reg)
+    committer.rebasing = lambda model: model == MODEL
+    deferred = ledger.allocate_round(MODEL, "d1", ["a", "b"])
+    assert committer.run(rt, batch, deferred, should_abort=lambda: False).status == "deferred"
+    assert ledger.round_state(deferred) == "deferred" and ledger.outbox() == []     # no receipt: they wait
+    assert registry.list_versions(reg, MODEL) == [1]
+    committer.rebasing = lambda model: False             # no rebase (any more): the gate fails them as before
+    again = ledger.allocate_round(MODEL, "d1", ["a", "b"])
+    assert committer.run(rt, batch, again, should_abort=lambda: False).status == "split"
+
+
 def test_start_up_rolls_a_durable_version_forward_and_abandons_a_round_that_never_reached_the_registry(
         reg, tmp_path, monkeypatch):
     rt, ledger = _runtime(reg), Ledger(tmp_path / "l.sqlite")

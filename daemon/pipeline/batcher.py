@@ -30,6 +30,7 @@ class Batcher:
         self.halves: dict[str, list[list[PendingRequest]]] = defaultdict(list)
         self.first_pending_at: dict[str, float] = {}      # monotonic seconds
         self.running: list[PendingRequest] = []
+        self.held: set[str] = set()     # models whose rounds wait (a deferred round waits for the model's rebase)
 
     def add(self, p: PendingRequest, now: float) -> None:
         self.pending[p.model].append(p)
@@ -46,12 +47,12 @@ class Batcher:
 
     def next_due(self, now: float) -> list[PendingRequest] | None:
         """The next round's batch (then :attr:`running`), or None while nothing is due."""
-        for halves in self.halves.values():
-            if halves:      # the rest of a failed round goes first: its requests are the oldest
+        for model, halves in self.halves.items():
+            if halves and model not in self.held:  # the rest of a failed round goes first: its requests are the oldest
                 self.running = halves.pop(0)
                 return self.running
         for model, items in self.pending.items():
-            if not items:
+            if not items or model in self.held:
                 continue
             waited = now - self.first_pending_at.get(model, now)
             if sum(p.size for p in items) < self.max_instances and waited < self.max_wait_s:

@@ -60,7 +60,8 @@ class StartupError(RuntimeError):
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What became of a round: ``applied``, ``failed``, ``split`` (retried in halves) or ``aborted``."""
+    """What became of a round: ``applied``, ``failed``, ``split`` (retried in halves), ``deferred`` (refused by the
+    retention gate while a rebase of the model runs: its requests wait for the rebase) or ``aborted``."""
 
     status: str
     result: RoundResult
@@ -72,7 +73,8 @@ class RoundCommitter:
     """Runs a round on a model and records its outcome durably, in the order the module docstring gives."""
 
     def __init__(self, ledger: Ledger, registry_dir: Path, receipts: ReceiptChain, *, models_topic: str,
-                 method: Mapping[str, Any], split_failed: bool, keep_versions: int) -> None:
+                 method: Mapping[str, Any], split_failed: bool, keep_versions: int,
+                 rebasing: Callable[[str], bool] | None = None) -> None:
         self.ledger = ledger
         self.registry_dir = registry_dir
         self.receipts = receipts
@@ -80,6 +82,9 @@ class RoundCommitter:
         self.method = dict(method)          # name, preset, accumulation, memory: the round adds its params
         self.split_failed = split_failed
         self.keep_versions = keep_versions
+        # whether a rebase of the model is running: a round the retention gate refuses then waits for it (the
+        # rebase resets the headroom), instead of failing requests the rebased model would accept
+        self.rebasing = rebasing
 
     # -- a round ------------------------------------------------------------------------------------
     def run(self, rt: ModelRuntime, batch: Sequence[PendingRequest], round_id: str,
@@ -94,6 +99,13 @@ class RoundCommitter:
             bound.warning("round_aborted")
             return RoundOutcome("aborted", result)
         method = {**self.method, "params": result.config.to_dict()}
+        if (not candidate.passed and candidate.gate_refused and self.rebasing is not None
+                and self.rebasing(rt.name)):
+            with self.ledger.transaction() as tx:
+                tx.end_round(round_id, "deferred", reason=f"{candidate.reason}; a rebase of the model is running: "
+                                                          "its requests wait for it")
+            bound.warning("round_deferred", reason=candidate.reason, requests=len(batch))
+            return RoundOutcome("deferred", result)
         if not candidate.passed and self.split_failed and len(batch) > 1:
             with self.ledger.transaction() as tx:
                 tx.end_round(round_id, "split", reason=f"{candidate.reason}; its {len(batch)} requests "

@@ -87,7 +87,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     model      TEXT NOT NULL,
     owner      TEXT NOT NULL,               -- the daemon instance running it (recovery touches only its own)
     state      TEXT NOT NULL,               -- running | committing | committed | failed | split | aborted
-                                            -- | abandoned (split: failed, its requests retried in halves)
+                                            -- | abandoned | deferred (split: failed, its requests retried in
+                                            -- halves; deferred: refused by the gate while a rebase ran, its
+                                            -- requests wait for the rebase)
     parent     INTEGER,
     version    INTEGER,
     request_ids TEXT NOT NULL,              -- JSON list

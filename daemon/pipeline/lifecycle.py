@@ -167,6 +167,7 @@ class Daemon:
         self.runtimes = runtimes
         self.intake = intake
         self.committer = committer
+        committer.rebasing = self._rebasing
         self.batcher = batcher
         self.offsets = offsets
         self.outbox = outbox
@@ -372,6 +373,14 @@ class Daemon:
             outcome = None
         if self.consumer is not None:
             self.consumer.resume(*self.consumer.paused())
+        if outcome is not None and outcome.status == "deferred":
+            # refused by the gate while the model's rebase runs: the requests wait for the rebase (it resets the
+            # headroom) in front of their queue; nothing of the model runs until it ends (unless it already did)
+            self.metrics.rounds.labels(outcome="deferred").inc()
+            self.batcher.retry(batch, time.monotonic())
+            if self._rebasing(batch[0].model):
+                self.batcher.held.add(batch[0].model)
+            return
         if outcome is None or outcome.status == "aborted":
             # nothing published, no offsets committed: the requests stay pending (redelivered on restart)
             self.metrics.rounds.labels(outcome="aborted").inc()
@@ -499,8 +508,14 @@ class Daemon:
         self.metrics.rebase_started.labels(model=model).set(time.time())
         log.info("rebase_started", rebase_id=rebase_id, model=model)
 
+    def _rebasing(self, model: str) -> bool:
+        """Whether a rebase of ``model`` is in progress (read by the round thread too: one reference read)."""
+        job = self._rebase
+        return job is not None and job.model == model
+
     def _rebase_ended(self, job: _RunningRebase, outcome: RebaseOutcome) -> None:
         self._rebase = None
+        self.batcher.held.discard(job.model)        # deferred rounds run again, on the rebased model if committed
         self.metrics.rebases.labels(model=job.model, outcome=outcome.status).inc()
         self.metrics.rebase_running.labels(model=job.model).set(0)
         self.metrics.rebase_started.labels(model=job.model).set(0)

@@ -80,7 +80,7 @@ class DaemonMetrics:
         for ref in ("original", "previous"):
             self.param_drift.labels(reference=ref)
             self.flip_ratio.labels(reference=ref)
-        for outcome in ("applied", "failed", "aborted"):
+        for outcome in ("applied", "failed", "aborted", "deferred"):
             self.rounds.labels(outcome=outcome)
 
     def export_round(self, model: str, version: int, m: RoundMetrics) -> None:

@@ -43,6 +43,8 @@ __all__ = ["Candidate", "ModelRuntime", "RuntimeError_", "open_sources"]
 
 log = structlog.get_logger("unlearnd.runtime")
 
+GATE_REASON = "retention gate"      # how a candidate the retention gate refused says why (receipts, logs)
+
 
 class RuntimeError_(RuntimeError):  # noqa: N801 - not the builtin
     """A model cannot be loaded or is inconsistent with its configuration."""
@@ -63,6 +65,11 @@ class Candidate:
     @property
     def passed(self) -> bool:
         return self.reason is None
+
+    @property
+    def gate_refused(self) -> bool:
+        """The engine finished the round and only the retention gate refused it."""
+        return self.reason is not None and self.metrics is not None and self.reason.startswith(GATE_REASON)
 
     def per_request(self, predictions: torch.Tensor) -> list[list[int]]:
         """A batch-wide prediction tensor (the requests' instances, concatenated in order) cut per request."""
@@ -326,7 +333,7 @@ class ModelRuntime:
         floor = original_acc - self.rounds.retention_max_drop
         if not acc >= floor:
             return Candidate(requests, result, importance,
-                             f"retention gate: probe accuracy {acc:.4f} is below {floor:.4f} (original "
+                             f"{GATE_REASON}: probe accuracy {acc:.4f} is below {floor:.4f} (original "
                              f"{original_acc:.4f} - {self.rounds.retention_max_drop})", metrics)
         forgotten = self.forgotten_classes
         if request.forget_class is not None:

@@ -343,7 +343,7 @@ def test_a_rebase_version_unknown_to_the_ledger_is_refused_at_start_up(reg, tmp_
 
 
 def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(reg, tmp_path):
-    rt = _runtime(reg, source="mnist-train:0-2999")
+    rt = _runtime(reg, source="mnist-train:0-1999")
     ledger = Ledger(tmp_path / "l.sqlite")
     m = load_mnist()
     rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
@@ -365,8 +365,8 @@ def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(re
     # after it: a relabel and a class round, re-applied on the rebased weights in that order
     label = int(m.train_y[31])
     run(request("rl-2", "relabel", ["mnist-train:31"], labels=[label], targets=[(label + 2) % 10]))
-    fives = [i for i in range(2000, 2100) if int(m.train_y[i]) == 5][:3]
-    run(request("fc-5", "forget_class", [f"mnist-train:{i}" for i in fives], forget_class=5))
+    fives = [i for i in range(2000, 2100) if int(m.train_y[i]) == 5][:3]     # examples outside the source:
+    run(request("fc-5", "forget_class", [f"mnist-train:{i}" for i in fives], forget_class=5))  # its class's stand in
     outcome = rebaser.finish(rt, trained, should_abort=lambda: False)
     assert outcome.status == "committed", outcome.reason
     assert outcome.reapplied == ("rl-2", "fc-5")
@@ -376,3 +376,20 @@ def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(re
     exact = {json.loads(r.value)["request_id"]: json.loads(r.value) for r in ledger.outbox()
              if r.topic == "receipts" and json.loads(r.value)["status"] == "exact"}
     assert list(exact) == ["rl-1"] and exact["rl-1"]["instances"][0]["rebase"] == "relabeled"
+
+
+def test_a_relabel_of_an_instance_outside_the_training_source_refuses_the_rebase(reg, tmp_path):
+    from daemon.pipeline.rebase import RebaseRefused
+
+    rt = _runtime(reg, source="mnist-train:0-99")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    label = int(load_mnist().train_y[500])
+    committer = RoundCommitter(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models",
+                               method={"name": "adv_imp"}, split_failed=False, keep_versions=0)
+    body = request("rl-out", "relabel", ["mnist-train:500"], labels=[label], targets=[(label + 1) % 10])
+    assert committer.run(rt, [_pending(rt, body)], ledger.allocate_round(MODEL, "d1", ["rl-out"]),
+                         lambda: False).status == "applied"
+    rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
+    with pytest.raises(RebaseRefused, match="rl-out name instances that are not items of the training source"):
+        rebaser.train(rt, rebase_id, threading.Event())

@@ -174,6 +174,10 @@ class Rebaser:
         classes = set(rt.forgotten_classes) | {r.forget_class for r in rows
                                                if r.kind == "forget_class" and r.forget_class is not None}
         training = build_training_set(source, section.source, range(first, end), live.input_shape, rows, classes)
+        lost = sorted({r.request_id for r in rows if r.kind == "relabel" and training.status_of(r) == "not_in_source"})
+        if lost:
+            raise RebaseRefused(f"relabel request(s) {', '.join(lost[:5])} name instances that are not items of the "
+                                f"training source {section.source}: a rebase would lose their targets")
         self.ledger.start_rebase(rebase_id, self.owner, base_version=base_version, snapshot_seq=snapshot_seq,
                                  excluded=training.excluded, digest=training.digest)
         log.info("rebase_training", rebase_id=rebase_id, model=rt.name, base_version=base_version,
@@ -371,15 +375,32 @@ class Rebaser:
 
 def _reapplication(model: str, rows: Sequence[ForgottenContent], training: TrainingSet, source: Source,
                    shape: tuple[int, int, int]) -> list[PendingRequest]:
-    """One committed round's requests rebuilt from the training source (only their instances that are items of
-    it, read back by content hash), in the round's order, with the labels and targets the round used."""
+    """One committed round's requests rebuilt from the training source (their instances that are items of it, read
+    back by content hash), in the round's order, with the labels and targets the round used.
+
+    A ``forget`` instance that is not a training item needs nothing (the rebased model never saw it). A
+    ``forget_class`` request whose examples are none of them is re-applied on training items of its class (the
+    examples only show the class; the class is what must go). A ``relabel`` instance that is not a training item
+    cannot be re-applied (its pixels were never kept), so the rebase is refused rather than lose its target.
+    """
     requests: list[PendingRequest] = []
     for request_id, group in itertools.groupby(rows, key=lambda r: r.request_id):
+        group = list(group)
+        first = group[0]
         found = [r for r in group if r.content_sha256 in training.by_hash]
+        indices = [training.by_hash[r.content_sha256] for r in found]
+        if first.kind == "relabel" and len(found) < len(group):
+            raise RebaseRefused(f"relabel request {request_id} names {len(group) - len(found)} instance(s) that are "
+                                f"not items of the training source {training.source}: a rebase would lose their "
+                                f"targets")
+        if first.kind == "forget_class" and not found and first.forget_class is not None:
+            of_class = [i for i in sorted(training.by_hash.values())
+                        if int(source.labels[i]) == first.forget_class][:len(group)]
+            found = [r for r, _ in zip(group, of_class, strict=False)]
+            indices = of_class
         if not found:
             continue
-        x = source.items([training.by_hash[r.content_sha256] for r in found], shape)
-        first = found[0]
+        x = source.items(indices, shape)
         decoded = DecodedRequest(
             request_id=request_id, model=model, kind=first.kind, forget_class=first.forget_class, submitted_at=None,
             instances=[DecodedInstance(id_sha256=r.id_sha256, x=x[i], label=r.label, target=r.target, ref=None)

@@ -224,7 +224,9 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
     rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
     trained = rebaser.train(rt, rebase_id, threading.Event())
-    assert ledger.rebases()[0]["state"] == "running" and ledger.rebases()[0]["snapshot_seq"] == 3
+    job = ledger.rebases()[0]
+    assert (job["state"], job["snapshot_seq"], job["forgotten"], job["excluded"]) == ("running", 3, 3, 2)
+    assert job["digest"] == snapshot_digest(rows) and job["base_version"] == rt.version
     assert 10 not in trained.training.kept and 11 not in trained.training.kept
     assert len(trained.training.indices) == 1998 and trained.training.excluded == 2
 
@@ -295,8 +297,8 @@ def test_a_policy_asks_for_a_rebase_only_once_something_new_was_forgotten(reg, t
     _apply(rt, ledger, reg, "p-2", ["mnist-train:22"])
     assert rebaser.due(rt) == "every_deletions"
     rebase_id, _ = ledger.request_rebase(MODEL, "every_deletions")
-    ledger.start_rebase(rebase_id, "d1", base_version=rt.version, snapshot_seq=ledger.content_seq(MODEL), excluded=3,
-                        digest="x")
+    ledger.start_rebase(rebase_id, "d1", base_version=rt.version, snapshot_seq=ledger.content_seq(MODEL), forgotten=3,
+                        excluded=3, digest="x")
     rebaser.fail(rebase_id, MODEL, "the test says so")
     assert rebaser.due(rt) is None                                      # nothing new since it ended
     # the other policies: the probe near the gate's floor, the memory filling

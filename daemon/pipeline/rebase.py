@@ -179,7 +179,7 @@ class Rebaser:
             raise RebaseRefused(f"relabel request(s) {', '.join(lost[:5])} name instances that are not items of the "
                                 f"training source {section.source}: a rebase would lose their targets")
         self.ledger.start_rebase(rebase_id, self.owner, base_version=base_version, snapshot_seq=snapshot_seq,
-                                 excluded=training.excluded, digest=training.digest)
+                                 forgotten=training.forgotten, excluded=training.excluded, digest=training.digest)
         log.info("rebase_training", rebase_id=rebase_id, model=rt.name, base_version=base_version,
                  source=section.source, items=len(training.indices), excluded=training.excluded,
                  forgotten=training.forgotten, epochs=section.epochs)

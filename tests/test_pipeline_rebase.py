@@ -311,7 +311,8 @@ def test_a_policy_asks_for_a_rebase_only_once_something_new_was_forgotten(reg, t
     fill = rt.live.session.memory.fill()
     mean = sum(fill.values()) / len(fill)
     assert mean < max(fill.values())          # the fullest layer counts (a full layer no longer changes)
-    rt.section = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", memory_fill=max(fill.values())))
+    rt.section = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train",
+                                                                   memory_fill=max(fill.values())))
     assert rebaser.due(rt) == "memory_fill"
     rt.section = dataclasses.replace(section, rebase=RebaseSection(source="mnist-train", probe_margin=0.0001))
     assert rebaser.due(rt) is None            # the probe is far above the gate's floor (0.5 below the original)

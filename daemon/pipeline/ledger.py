@@ -18,9 +18,10 @@ Only hashes are stored, never raw data or clear ids: of each forgotten instance,
 (schema 2) its *content hash* (:mod:`daemon.data.content`), which lets a rebase find it in a training
 source. Schema 2 also records rebase jobs (``rebases``) and which requests a rebase made exact
 (``exact``); a schema-1 file is migrated when it is opened (tables added, nothing rewritten), and its
-instances forgotten before then have no content hash (a rebase refuses to run while any does). WAL with ``synchronous=NORMAL``
-survives process crashes (the case that matters here); ``synchronous=FULL`` is a setting away for
-power loss.
+instances forgotten before then have no content hash (a rebase refuses to run while any does).
+
+WAL with ``synchronous=NORMAL`` survives process crashes (the case that matters here);
+``synchronous=FULL`` is a setting away for power loss.
 """
 
 from __future__ import annotations

@@ -252,7 +252,8 @@ class Rebaser:
 
     # -- phase 2: finish (the round thread) ------------------------------------------------------------
     def finish(self, rt: ModelRuntime, trained: TrainedRebase, should_abort: Callable[[], bool]) -> RebaseOutcome:
-        """Re-apply what was forgotten since the snapshot, gate, and publish durably; or fail, keeping the old lineage."""
+        """Re-apply the rest of what was forgotten since the snapshot, gate, and publish durably; or fail, keeping
+        the old lineage."""
         bound = log.bind(rebase_id=trained.rebase_id, model=rt.name)
         if not rt.is_current():
             rt.reload()

@@ -234,7 +234,8 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     _apply(rt, ledger, reg, "during", ["mnist-train:12", "mnist-train:13"])
     assert rebaser.catch_up(rt, trained, should_abort=lambda: False).reapplied == ["during"]
     assert trained.applied_seq == ledger.content_seq(MODEL) == 5
-    # ...and one more came before the finish: re-applied by it, after the first
+    # ...and more came before the finish: re-applied by it, after the first (a test digit needs nothing)
+    _apply(rt, ledger, reg, "late-test", ["mnist-test:901"])
     during = _apply(rt, ledger, reg, "late", ["mnist-train:14"])
     outcome = rebaser.finish(rt, trained, should_abort=lambda: False)
     assert outcome.status == "committed", outcome.reason
@@ -245,6 +246,7 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     method = manifest["method"]
     assert method["name"] == "rebase" and method["base_version"] == during and method["excluded"] == 2
     assert method["reapplied"] == ["during", "late"] and method["snapshot_seq"] == 3 and method["forgotten"] == 3
+    assert method["unseen"] == ["late-test"]           # not a training item: the rebased model never saw it
     # a fresh continual state: its original is the rebased weights, the two re-applied rounds in it
     assert rt.version == version and rt.live.session.rounds_applied == 2
     assert ledger.round_state(rebase_id) == "committed" and ledger.last_committed_version(MODEL) == version
@@ -261,14 +263,18 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     assert problem is None
     statuses = [s for _e, _r, s, *_ in ledger.audit_entries()]
     assert statuses.count("exact") == 3 and statuses.count("rebased") == 1
+    rebased = next(json.loads(body) for _e, _r, status, body, *_ in ledger.audit_entries() if status == "rebased")
+    assert rebased["reapplied"] == ["during", "late"] and rebased["unseen"] == ["late-test"]
+    assert rebased["model_version"] == version and rebased["rebase"]["digest"] == method["digest"]
     event = json.loads(ledger.outbox()[-1].value)
     assert event["round_id"] == rebase_id and event["version"] == version
 
     # a second rebase does not repeat the exact receipts; "during" and "late" are now left out, hence exact
     second, _ = ledger.request_rebase(MODEL, "on_demand")
     outcome = rebaser.finish(rt, rebaser.prepare(rt, second, threading.Event()), should_abort=lambda: False)
-    assert outcome.status == "committed" and outcome.exact == 2
-    assert ledger.exact_requests(["before-ref", "during", "late"]) == {"before-ref", "during", "late"}
+    assert outcome.status == "committed" and outcome.exact == 3
+    assert ledger.exact_requests(["before-ref", "during", "late", "late-test"]) == {
+        "before-ref", "during", "late", "late-test"}
 
 
 def test_a_rebase_that_fails_the_gate_is_recorded_failed_and_the_old_version_keeps_serving(reg, tmp_path):

@@ -95,6 +95,7 @@ class TrainedRebase:
     applied_seq: int = 0
     sibling: ModelRuntime | None = None
     reapplied: list[str] = field(default_factory=list)
+    unseen: list[str] = field(default_factory=list)     # forgotten since the snapshot, none a training item
 
 
 @dataclass(frozen=True)
@@ -236,9 +237,13 @@ class Rebaser:
         source = rt.sources[parse_rebase_source(trained.training.source)[0]]
         later = self.ledger.forgotten_content(rt.name, after_seq=trained.applied_seq, upto_seq=upto)
         for round_id, group in itertools.groupby(later, key=lambda r: r.round_id):
-            batch = _reapplication(rt.name, list(group), trained.training, source, base.input_shape)
+            rows = list(group)
+            batch = _reapplication(rt.name, rows, trained.training, source, base.input_shape)
+            batched = {p.request_id for p in batch}
+            # none of their instances is a training item: the rebased model never saw them, nothing to re-apply
+            trained.unseen.extend(dict.fromkeys(r.request_id for r in rows if r.request_id not in batched))
             if not batch:
-                continue            # none of its instances is a training item: the rebased model never saw them
+                continue
             candidate = sibling.run_round(batch, should_abort=should_abort)
             if candidate.result.outcome == "aborted":
                 raise RebaseAborted("stopped while re-applying")
@@ -282,14 +287,15 @@ class Rebaser:
         drafts = self._exact_drafts(trained, rt.name, base.version, summary)
         event = {"schema": REBASE_EVENT_SCHEMA, "request_id": None, "status": "rebased", "model": rt.name,
                  "rebase_id": trained.rebase_id, "previous_version": base.version, "rebase": summary,
-                 "reapplied": reapplied, "probe_accuracy": accuracy, "probe_accuracy_original": original,
+                 "reapplied": reapplied, "unseen": list(trained.unseen), "probe_accuracy": accuracy,
+                 "probe_accuracy_original": original,
                  "daemon": self.receipts.daemon}
         self.ledger.begin_rebase_commit(trained.rebase_id, base.version, covered_seq,
                                         {"exact": [d.to_dict() for d in drafts], "event": event})
         failpoint("rebase_before_publish")
         method = {"name": "rebase", "rebase_id": trained.rebase_id, "base_version": base.version,
                   "epochs": rt.section.rebase.epochs, **summary, "snapshot_seq": trained.snapshot_seq,
-                  "reapplied": reapplied, "train_seconds": round(trained.seconds, 1)}
+                  "reapplied": reapplied, "unseen": list(trained.unseen), "train_seconds": round(trained.seconds, 1)}
         metrics: dict[str, Any] = {"probe_accuracy_after": accuracy, "probe_accuracy_original": original}
         if sibling.forgotten_classes:
             metrics["forgotten_classes"] = sorted(sibling.forgotten_classes)

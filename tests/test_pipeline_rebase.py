@@ -224,7 +224,9 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
     rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
     trained = rebaser.train(rt, rebase_id, threading.Event())
-    assert ledger.rebases()[0]["state"] == "running" and ledger.rebases()[0]["snapshot_seq"] == 3
+    job = ledger.rebases()[0]
+    assert (job["state"], job["snapshot_seq"], job["forgotten"], job["excluded"]) == ("running", 3, 3, 2)
+    assert job["digest"] == snapshot_digest(rows) and job["base_version"] == rt.version
     assert 10 not in trained.training.kept and 11 not in trained.training.kept
     assert len(trained.training.indices) == 1998 and trained.training.excluded == 2
 
@@ -232,7 +234,8 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     _apply(rt, ledger, reg, "during", ["mnist-train:12", "mnist-train:13"])
     assert rebaser.catch_up(rt, trained, should_abort=lambda: False).reapplied == ["during"]
     assert trained.applied_seq == ledger.content_seq(MODEL) == 5
-    # ...and one more came before the finish: re-applied by it, after the first
+    # ...and more came before the finish: re-applied by it, after the first (a test digit needs nothing)
+    _apply(rt, ledger, reg, "late-test", ["mnist-test:901"])
     during = _apply(rt, ledger, reg, "late", ["mnist-train:14"])
     outcome = rebaser.finish(rt, trained, should_abort=lambda: False)
     assert outcome.status == "committed", outcome.reason
@@ -243,6 +246,7 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     method = manifest["method"]
     assert method["name"] == "rebase" and method["base_version"] == during and method["excluded"] == 2
     assert method["reapplied"] == ["during", "late"] and method["snapshot_seq"] == 3 and method["forgotten"] == 3
+    assert method["unseen"] == ["late-test"]           # not a training item: the rebased model never saw it
     # a fresh continual state: its original is the rebased weights, the two re-applied rounds in it
     assert rt.version == version and rt.live.session.rounds_applied == 2
     assert ledger.round_state(rebase_id) == "committed" and ledger.last_committed_version(MODEL) == version
@@ -259,14 +263,18 @@ def test_a_rebase_leaves_out_the_forgotten_re_applies_what_came_after_and_makes_
     assert problem is None
     statuses = [s for _e, _r, s, *_ in ledger.audit_entries()]
     assert statuses.count("exact") == 3 and statuses.count("rebased") == 1
+    rebased = next(json.loads(body) for _e, _r, status, body, *_ in ledger.audit_entries() if status == "rebased")
+    assert rebased["reapplied"] == ["during", "late"] and rebased["unseen"] == ["late-test"]
+    assert rebased["model_version"] == version and rebased["rebase"]["digest"] == method["digest"]
     event = json.loads(ledger.outbox()[-1].value)
     assert event["round_id"] == rebase_id and event["version"] == version
 
     # a second rebase does not repeat the exact receipts; "during" and "late" are now left out, hence exact
     second, _ = ledger.request_rebase(MODEL, "on_demand")
     outcome = rebaser.finish(rt, rebaser.prepare(rt, second, threading.Event()), should_abort=lambda: False)
-    assert outcome.status == "committed" and outcome.exact == 2
-    assert ledger.exact_requests(["before-ref", "during", "late"]) == {"before-ref", "during", "late"}
+    assert outcome.status == "committed" and outcome.exact == 3
+    assert ledger.exact_requests(["before-ref", "during", "late", "late-test"]) == {
+        "before-ref", "during", "late", "late-test"}
 
 
 def test_a_rebase_that_fails_the_gate_is_recorded_failed_and_the_old_version_keeps_serving(reg, tmp_path):
@@ -295,8 +303,8 @@ def test_a_policy_asks_for_a_rebase_only_once_something_new_was_forgotten(reg, t
     _apply(rt, ledger, reg, "p-2", ["mnist-train:22"])
     assert rebaser.due(rt) == "every_deletions"
     rebase_id, _ = ledger.request_rebase(MODEL, "every_deletions")
-    ledger.start_rebase(rebase_id, "d1", base_version=rt.version, snapshot_seq=ledger.content_seq(MODEL), excluded=3,
-                        digest="x")
+    ledger.start_rebase(rebase_id, "d1", base_version=rt.version, snapshot_seq=ledger.content_seq(MODEL), forgotten=3,
+                        excluded=3, digest="x")
     rebaser.fail(rebase_id, MODEL, "the test says so")
     assert rebaser.due(rt) is None                                      # nothing new since it ended
     # the other policies: the probe near the gate's floor, the memory filling
@@ -347,7 +355,7 @@ def test_a_rebase_version_unknown_to_the_ledger_is_refused_at_start_up(reg, tmp_
 
 
 def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(reg, tmp_path):
-    rt = _runtime(reg, source="mnist-train:0-2999")
+    rt = _runtime(reg, source="mnist-train:0-1999")
     ledger = Ledger(tmp_path / "l.sqlite")
     m = load_mnist()
     rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
@@ -369,8 +377,8 @@ def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(re
     # after it: a relabel and a class round, re-applied on the rebased weights in that order
     label = int(m.train_y[31])
     run(request("rl-2", "relabel", ["mnist-train:31"], labels=[label], targets=[(label + 2) % 10]))
-    fives = [i for i in range(2000, 2100) if int(m.train_y[i]) == 5][:3]
-    run(request("fc-5", "forget_class", [f"mnist-train:{i}" for i in fives], forget_class=5))
+    fives = [i for i in range(2000, 2100) if int(m.train_y[i]) == 5][:3]     # examples outside the source:
+    run(request("fc-5", "forget_class", [f"mnist-train:{i}" for i in fives], forget_class=5))  # its class's stand in
     outcome = rebaser.finish(rt, trained, should_abort=lambda: False)
     assert outcome.status == "committed", outcome.reason
     assert outcome.reapplied == ("rl-2", "fc-5")
@@ -380,3 +388,20 @@ def test_relabel_and_class_rounds_are_re_applied_with_their_targets_and_class(re
     exact = {json.loads(r.value)["request_id"]: json.loads(r.value) for r in ledger.outbox()
              if r.topic == "receipts" and json.loads(r.value)["status"] == "exact"}
     assert list(exact) == ["rl-1"] and exact["rl-1"]["instances"][0]["rebase"] == "relabeled"
+
+
+def test_a_relabel_of_an_instance_outside_the_training_source_refuses_the_rebase(reg, tmp_path):
+    from daemon.pipeline.rebase import RebaseRefused
+
+    rt = _runtime(reg, source="mnist-train:0-99")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    label = int(load_mnist().train_y[500])
+    committer = RoundCommitter(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models",
+                               method={"name": "adv_imp"}, split_failed=False, keep_versions=0)
+    body = request("rl-out", "relabel", ["mnist-train:500"], labels=[label], targets=[(label + 1) % 10])
+    assert committer.run(rt, [_pending(rt, body)], ledger.allocate_round(MODEL, "d1", ["rl-out"]),
+                         lambda: False).status == "applied"
+    rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
+    with pytest.raises(RebaseRefused, match="rl-out name instances that are not items of the training source"):
+        rebaser.train(rt, rebase_id, threading.Event())

@@ -18,9 +18,10 @@ Only hashes are stored, never raw data or clear ids: of each forgotten instance,
 (schema 2) its *content hash* (:mod:`daemon.data.content`), which lets a rebase find it in a training
 source. Schema 2 also records rebase jobs (``rebases``) and which requests a rebase made exact
 (``exact``); a schema-1 file is migrated when it is opened (tables added, nothing rewritten), and its
-instances forgotten before then have no content hash (a rebase refuses to run while any does). WAL with ``synchronous=NORMAL``
-survives process crashes (the case that matters here); ``synchronous=FULL`` is a setting away for
-power loss.
+instances forgotten before then have no content hash (a rebase refuses to run while any does).
+
+WAL with ``synchronous=NORMAL`` survives process crashes (the case that matters here);
+``synchronous=FULL`` is a setting away for power loss.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ CREATE TABLE IF NOT EXISTS rebases (
     attempts   INTEGER NOT NULL DEFAULT 0,
     base_version INTEGER,
     snapshot_seq INTEGER,                   -- forgotten_content rows up to this seq are left out of training
-    excluded   INTEGER,                     -- how many forgotten instances that snapshot holds
+    forgotten  INTEGER,                     -- how many distinct forgotten instances that snapshot holds
+    excluded   INTEGER,                     -- how many items of the training source it left out for them
     digest     TEXT,                        -- sha256 over their sorted content hashes
     covered_seq INTEGER,                    -- rows up to here are in the published version (re-applied after seq)
     drafts     TEXT,                        -- JSON: the exact receipts to emit on commit
@@ -456,13 +458,14 @@ class Ledger:
                              (owner, rebase_id))
             return cur.rowcount == 1
 
-    def start_rebase(self, rebase_id: str, owner: str, *, base_version: int, snapshot_seq: int, excluded: int,
-                     digest: str) -> None:
+    def start_rebase(self, rebase_id: str, owner: str, *, base_version: int, snapshot_seq: int, forgotten: int,
+                     excluded: int, digest: str) -> None:
         """The job runs from now on: its snapshot of the forgotten set is durable before training starts."""
         with self._immediate() as db:
             db.execute("UPDATE rebases SET state='running', owner=?, attempts=attempts+1, base_version=?, "
-                       "snapshot_seq=?, excluded=?, digest=?, started_at=?, reason=NULL WHERE rebase_id=?",
-                       (owner, base_version, snapshot_seq, excluded, digest, time.time(), rebase_id))
+                       "snapshot_seq=?, forgotten=?, excluded=?, digest=?, started_at=?, reason=NULL "
+                       "WHERE rebase_id=?",
+                       (owner, base_version, snapshot_seq, forgotten, excluded, digest, time.time(), rebase_id))
 
     def begin_rebase_commit(self, rebase_id: str, parent: int, covered_seq: int, drafts: Mapping[str, Any]) -> None:
         """Record the intent before the registry write (as :meth:`begin_commit` does for a round)."""

@@ -95,6 +95,7 @@ class TrainedRebase:
     applied_seq: int = 0
     sibling: ModelRuntime | None = None
     reapplied: list[str] = field(default_factory=list)
+    unseen: list[str] = field(default_factory=list)     # forgotten since the snapshot, none a training item
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,12 @@ class Rebaser:
         classes = set(rt.forgotten_classes) | {r.forget_class for r in rows
                                                if r.kind == "forget_class" and r.forget_class is not None}
         training = build_training_set(source, section.source, range(first, end), live.input_shape, rows, classes)
+        lost = sorted({r.request_id for r in rows if r.kind == "relabel" and training.status_of(r) == "not_in_source"})
+        if lost:
+            raise RebaseRefused(f"relabel request(s) {', '.join(lost[:5])} name instances that are not items of the "
+                                f"training source {section.source}: a rebase would lose their targets")
         self.ledger.start_rebase(rebase_id, self.owner, base_version=base_version, snapshot_seq=snapshot_seq,
-                                 excluded=training.excluded, digest=training.digest)
+                                 forgotten=training.forgotten, excluded=training.excluded, digest=training.digest)
         log.info("rebase_training", rebase_id=rebase_id, model=rt.name, base_version=base_version,
                  source=section.source, items=len(training.indices), excluded=training.excluded,
                  forgotten=training.forgotten, epochs=section.epochs)
@@ -234,9 +239,13 @@ class Rebaser:
         source = rt.sources[parse_rebase_source(trained.training.source)[0]]
         later = self.ledger.forgotten_content(rt.name, after_seq=trained.applied_seq, upto_seq=upto)
         for round_id, group in itertools.groupby(later, key=lambda r: r.round_id):
-            batch = _reapplication(rt.name, list(group), trained.training, source, base.input_shape)
+            rows = list(group)
+            batch = _reapplication(rt.name, rows, trained.training, source, base.input_shape)
+            batched = {p.request_id for p in batch}
+            # none of their instances is a training item: the rebased model never saw them, nothing to re-apply
+            trained.unseen.extend(dict.fromkeys(r.request_id for r in rows if r.request_id not in batched))
             if not batch:
-                continue            # none of its instances is a training item: the rebased model never saw them
+                continue
             candidate = sibling.run_round(batch, should_abort=should_abort)
             if candidate.result.outcome == "aborted":
                 raise RebaseAborted("stopped while re-applying")
@@ -250,7 +259,8 @@ class Rebaser:
 
     # -- phase 2: finish (the round thread) ------------------------------------------------------------
     def finish(self, rt: ModelRuntime, trained: TrainedRebase, should_abort: Callable[[], bool]) -> RebaseOutcome:
-        """Re-apply what was forgotten since the snapshot, gate, and publish durably; or fail, keeping the old lineage."""
+        """Re-apply the rest of what was forgotten since the snapshot, gate, and publish durably; or fail, keeping
+        the old lineage."""
         bound = log.bind(rebase_id=trained.rebase_id, model=rt.name)
         if not rt.is_current():
             rt.reload()
@@ -279,14 +289,15 @@ class Rebaser:
         drafts = self._exact_drafts(trained, rt.name, base.version, summary)
         event = {"schema": REBASE_EVENT_SCHEMA, "request_id": None, "status": "rebased", "model": rt.name,
                  "rebase_id": trained.rebase_id, "previous_version": base.version, "rebase": summary,
-                 "reapplied": reapplied, "probe_accuracy": accuracy, "probe_accuracy_original": original,
+                 "reapplied": reapplied, "unseen": list(trained.unseen), "probe_accuracy": accuracy,
+                 "probe_accuracy_original": original,
                  "daemon": self.receipts.daemon}
         self.ledger.begin_rebase_commit(trained.rebase_id, base.version, covered_seq,
                                         {"exact": [d.to_dict() for d in drafts], "event": event})
         failpoint("rebase_before_publish")
         method = {"name": "rebase", "rebase_id": trained.rebase_id, "base_version": base.version,
                   "epochs": rt.section.rebase.epochs, **summary, "snapshot_seq": trained.snapshot_seq,
-                  "reapplied": reapplied, "train_seconds": round(trained.seconds, 1)}
+                  "reapplied": reapplied, "unseen": list(trained.unseen), "train_seconds": round(trained.seconds, 1)}
         metrics: dict[str, Any] = {"probe_accuracy_after": accuracy, "probe_accuracy_original": original}
         if sibling.forgotten_classes:
             metrics["forgotten_classes"] = sorted(sibling.forgotten_classes)
@@ -373,15 +384,32 @@ class Rebaser:
 
 def _reapplication(model: str, rows: Sequence[ForgottenContent], training: TrainingSet, source: Source,
                    shape: tuple[int, int, int]) -> list[PendingRequest]:
-    """One committed round's requests rebuilt from the training source (only their instances that are items of
-    it, read back by content hash), in the round's order, with the labels and targets the round used."""
+    """One committed round's requests rebuilt from the training source (their instances that are items of it, read
+    back by content hash), in the round's order, with the labels and targets the round used.
+
+    A ``forget`` instance that is not a training item needs nothing (the rebased model never saw it). A
+    ``forget_class`` request whose examples are none of them is re-applied on training items of its class (the
+    examples only show the class; the class is what must go). A ``relabel`` instance that is not a training item
+    cannot be re-applied (its pixels were never kept), so the rebase is refused rather than lose its target.
+    """
     requests: list[PendingRequest] = []
     for request_id, group in itertools.groupby(rows, key=lambda r: r.request_id):
+        group = list(group)
+        first = group[0]
         found = [r for r in group if r.content_sha256 in training.by_hash]
+        indices = [training.by_hash[r.content_sha256] for r in found]
+        if first.kind == "relabel" and len(found) < len(group):
+            raise RebaseRefused(f"relabel request {request_id} names {len(group) - len(found)} instance(s) that are "
+                                f"not items of the training source {training.source}: a rebase would lose their "
+                                f"targets")
+        if first.kind == "forget_class" and not found and first.forget_class is not None:
+            of_class = [i for i in sorted(training.by_hash.values())
+                        if int(source.labels[i]) == first.forget_class][:len(group)]
+            found = [r for r, _ in zip(group, of_class, strict=False)]
+            indices = of_class
         if not found:
             continue
-        x = source.items([training.by_hash[r.content_sha256] for r in found], shape)
-        first = found[0]
+        x = source.items(indices, shape)
         decoded = DecodedRequest(
             request_id=request_id, model=model, kind=first.kind, forget_class=first.forget_class, submitted_at=None,
             instances=[DecodedInstance(id_sha256=r.id_sha256, x=x[i], label=r.label, target=r.target, ref=None)

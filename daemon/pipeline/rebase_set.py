@@ -8,7 +8,8 @@ source as surely as one named by ``ref``. The rules, one per kind of request:
 - ``forget_class``: the request's items are left out, and so is every item whose source label is a class the
   model forgot (the class must not come back when the model is trained again);
 - ``relabel``: the item stays, trained with its last ``target`` (what the request asked the model to answer),
-  unless a ``forget`` also names it (then it is left out).
+  unless a ``forget`` also names it (then it is left out). A relabelled instance that is not an item of the
+  source cannot be trained with its target: the rebase refuses to run (:mod:`daemon.pipeline.rebase`).
 
 Hashing the source is the cost (MNIST's 60,000 training digits: under a second); the hash of every item of
 the slice is kept (``by_hash``) because the re-application after training reads instances back by hash.

@@ -109,7 +109,8 @@ class ModelRuntime:
         if section.rebase.enabled():
             name, _first, last = parse_rebase_source(section.rebase.source)
             if name not in self.sources or (last is not None and last > len(self.sources[name])):
-                known = f"{len(self.sources[name])} items" if name in self.sources else f"known: {', '.join(self.sources)}"
+                known = (f"{len(self.sources[name])} items" if name in self.sources
+                         else f"known: {', '.join(self.sources)}")
                 raise RuntimeError_(f"models.{self.name}.rebase.source: {section.rebase.source} is not in the "
                                     f"model's sources ({known})")
         self.probe_y = self.sources[source].labels[start:end].clone()

@@ -260,3 +260,17 @@ def receipts_by_request(records: Iterable[Any]) -> dict[str, list[dict[str, Any]
 
 def outcome_receipts(records: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
     return {k: [r for r in v if r["status"] != "duplicate"] for k, v in receipts_by_request(records).items()}
+
+
+def pending_request(rt: Any, body: dict[str, Any], offset: int = 0) -> Any:
+    """A request body as the daemon's intake makes it a PendingRequest for ``rt`` (a ModelRuntime): checked,
+    decoded, labelled (missing labels from the published model), at ``offset`` of partition 0."""
+    from daemon.pipeline.codec import Limits, check_request, decode_inputs
+    from daemon.pipeline.intake import fill_labels
+    from daemon.pipeline.pending import PendingRequest
+
+    checked = check_request(json.dumps(body).encode(), rt.name.encode(), {rt.name: rt.spec}, Limits())
+    decoded = decode_inputs(checked)
+    labels, targets = fill_labels(decoded, rt.predict_at_intake)
+    return PendingRequest(decoded=decoded, topic="t", partition=0, offset=offset, received_at=time.time(),
+                          labels=labels, targets=targets)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 import torch
 
 from daemon import registry
 from daemon.pipeline import commit as commit_module
-from daemon.pipeline.codec import Limits, check_request, decode_inputs
 from daemon.pipeline.commit import MODEL_EVENT_SCHEMA, RoundCommitter
 from daemon.pipeline.config import ModelSection, RoundsSection
-from daemon.pipeline.intake import fill_labels
 from daemon.pipeline.ledger import Ledger
-from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import ReceiptChain, RoundMetrics
 from daemon.pipeline.runtime import ModelRuntime
-from tests.pipeline_harness import copy_registry, request
+from tests.pipeline_harness import copy_registry, pending_request, request
 
 MODEL = "mnist-cnn"
 
@@ -36,12 +32,7 @@ def reg(tmp_path, mnist_registry):
     return copy_registry(mnist_registry, tmp_path / "registry")
 
 
-def _pending(rt: ModelRuntime, body: dict, offset: int = 0) -> PendingRequest:
-    checked = check_request(json.dumps(body).encode(), MODEL.encode(), {rt.name: rt.spec}, Limits())
-    decoded = decode_inputs(checked)
-    labels, targets = fill_labels(decoded, rt.predict_at_intake)
-    return PendingRequest(decoded=decoded, topic="t", partition=0, offset=offset, received_at=time.time(),
-                          labels=labels, targets=targets)
+_pending = pending_request
 
 
 def _params(rt: ModelRuntime) -> dict[str, torch.Tensor]:

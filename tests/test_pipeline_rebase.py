@@ -8,7 +8,6 @@ import json
 import re
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,12 @@ from daemon.data.sources import TensorSource
 from daemon.pipeline.codec import Limits, check_request, decode_inputs
 from daemon.pipeline.commit import RoundCommitter
 from daemon.pipeline.config import ConfigError, ModelSection, RebaseSection, RoundsSection, load_config
-from daemon.pipeline.intake import fill_labels
 from daemon.pipeline.ledger import ForgottenContent, Ledger, LedgerError
-from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import Rebaser
 from daemon.pipeline.rebase_set import build_training_set, snapshot_digest
 from daemon.pipeline.receipts import ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime
-from tests.pipeline_harness import copy_registry, request
+from tests.pipeline_harness import copy_registry, pending_request, request
 
 MODEL = "mnist-cnn"
 SHAPE = (1, 28, 28)
@@ -185,12 +182,7 @@ def _runtime(reg, source: str = "mnist-train:0-1999", epochs: int = 1, max_drop:
     return rt
 
 
-def _pending(rt: ModelRuntime, body: dict, offset: int = 0) -> PendingRequest:
-    checked = check_request(json.dumps(body).encode(), MODEL.encode(), {rt.name: rt.spec}, Limits())
-    decoded = decode_inputs(checked)
-    labels, targets = fill_labels(decoded, rt.predict_at_intake)
-    return PendingRequest(decoded=decoded, topic="t", partition=0, offset=offset, received_at=time.time(),
-                          labels=labels, targets=targets)
+_pending = pending_request
 
 
 def _apply(rt, ledger, reg, rid: str, refs) -> int:

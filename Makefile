@@ -63,6 +63,14 @@ bench-small-rounds: install
 bench-byo: install
 	benchmarks/run_byo.sh
 
+# the life of a model (issue 21): 100 rounds x 32 data-free (seeds 0, 1, 2 side by side, one thread each; the
+# gate closes early, so ~1 h) and with exact rebases through the daemon (~1 h); writes benchmarks/results/lifetime.*
+.PHONY: bench-lifetime
+bench-lifetime: install
+	for s in 0 1 2; do PYTHONPATH=. $(PY) benchmarks/lifetime_bench.py --rounds 100 --seed $$s & done; wait
+	PYTHONPATH=. $(PY) benchmarks/lifetime_rebase.py --requests 100 --every 32 --epochs 6 --interval 35 --threads 2
+	PYTHONPATH=. $(PY) benchmarks/lifetime_report.py
+
 .PHONY: bench-daemon
 bench-daemon: install
 	$(PY) benchmarks/daemon_bench.py

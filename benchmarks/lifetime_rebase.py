@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_loss_pp": max((100 * (acc_original - r["acc_test"]) for r in rows), default=None),
         "gate_rejections": sum(1 for e in events if e.get("event") == "round_failed"
                                and "retention gate" in str(e.get("reason", ""))),
+        "gate_deferred": sum(1 for e in events if e.get("event") == "round_deferred"),
+        "rebases_failed": sum(1 for e in events if e.get("event") == "rebase_failed"),
         "waits_during_rebase": waits_during,
         "max_wait_during_rebase_s": max(waits_during.values()) if waits_during else None,
         "wait_bar_s": 2 * round_median if round_median else None,

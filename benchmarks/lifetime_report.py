@@ -138,8 +138,10 @@ def _rebase_lines(runs: list[dict[str, Any]]) -> list[str]:
                               for c in checks) + " | "
                   + ("yes" if checks and all(c["all_in_ledger"] and c["excluded"] == c["ledger_hashes"]
                                              for c in checks) else "no") + " |",
-                  f"| the default retention gate never rejects a round | {s['gate_rejections']} rejections | "
-                  f"{'yes' if not s['gate_rejections'] else 'no'} |", ""]
+                  f"| the default retention gate never rejects a round | {s['gate_rejections']} rounds failed by it, "
+                  f"{s.get('gate_deferred', 0)} refused and deferred until the running rebase (no request failed); "
+                  f"{s.get('rebases_failed', 0)} rebases failed (a re-applied round refused by the gate) | "
+                  f"{'yes' if not s['gate_rejections'] and not s.get('gate_deferred') else 'no'} |", ""]
     return lines
 
 

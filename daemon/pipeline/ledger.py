@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.pipeline.canonical import canonical_json
+from daemon.pipeline.ledger_schema import MIGRATABLE as _MIGRATABLE, SCHEMA as _SCHEMA, SCHEMA_VERSION
 
 __all__ = [
     "GENESIS_HASH",
@@ -52,120 +53,8 @@ __all__ = [
     "verify_audit",
 ]
 
-SCHEMA_VERSION = 2
-_MIGRATABLE = {1}           # schema 1 lacks forgotten_content, rebases and exact: created on open
 GENESIS_HASH = "0" * 64
 FINAL_STATUSES = ("applied", "rejected", "failed")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (
-    request_id   TEXT PRIMARY KEY,
-    model        TEXT,
-    kind         TEXT,
-    status       TEXT NOT NULL,             -- accepted | applied | rejected | failed
-    reason       TEXT,
-    round_id     TEXT,
-    model_version INTEGER,
-    instances    INTEGER NOT NULL DEFAULT 0,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    received_at  REAL NOT NULL,
-    finished_at  REAL
-);
-CREATE INDEX IF NOT EXISTS requests_status ON requests(status);
-CREATE TABLE IF NOT EXISTS deliveries (
-    topic      TEXT NOT NULL,
-    partition  INTEGER NOT NULL,
-    "offset"   INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,              -- sha256 of timestamp, key and value: tells a redelivery from a
-                                            -- new message at a reused offset (a broker that lost its log)
-    request_id TEXT,                        -- NULL when none could be read
-    effect     TEXT NOT NULL,               -- accepted | rejected | duplicate
-    PRIMARY KEY (topic, partition, "offset")
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round_id   TEXT PRIMARY KEY,
-    model      TEXT NOT NULL,
-    owner      TEXT NOT NULL,               -- the daemon instance running it (recovery touches only its own)
-    state      TEXT NOT NULL,               -- running | committing | committed | failed | split | aborted
-                                            -- | abandoned | deferred (split: failed, its requests retried in
-                                            -- halves; deferred: refused by the gate while a rebase ran, its
-                                            -- requests wait for the rebase)
-    parent     INTEGER,
-    version    INTEGER,
-    request_ids TEXT NOT NULL,              -- JSON list
-    drafts     TEXT,                        -- JSON: receipts to emit on commit, without version fields
-    reason     TEXT,
-    started_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS forgotten (
-    model     TEXT NOT NULL,
-    id_sha256 TEXT NOT NULL,
-    round_id  TEXT NOT NULL,
-    PRIMARY KEY (model, id_sha256, round_id)
-);
-CREATE TABLE IF NOT EXISTS forgotten_content (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,   -- commit order: a rebase's snapshot is a seq
-    model      TEXT NOT NULL,
-    content_sha256 TEXT NOT NULL,           -- daemon.data.content: the instance as the model saw it
-    id_sha256  TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    round_id   TEXT NOT NULL,
-    kind       TEXT NOT NULL,
-    label      INTEGER NOT NULL,            -- the label the round used (what a re-application needs)
-    target     INTEGER,                     -- relabel
-    class      INTEGER                      -- forget_class
-);
-CREATE INDEX IF NOT EXISTS forgotten_content_model ON forgotten_content(model, seq);
-CREATE INDEX IF NOT EXISTS forgotten_content_id ON forgotten_content(model, id_sha256, round_id);
-CREATE TABLE IF NOT EXISTS rebases (
-    rebase_id  TEXT PRIMARY KEY,            -- rb-000001
-    model      TEXT NOT NULL,
-    state      TEXT NOT NULL,               -- requested | running | committing | committed | failed
-    trigger    TEXT NOT NULL,               -- on_demand | every_deletions | probe_margin | memory_fill
-    owner      TEXT,
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    base_version INTEGER,
-    snapshot_seq INTEGER,                   -- forgotten_content rows up to this seq are left out of training
-    forgotten  INTEGER,                     -- how many distinct forgotten instances that snapshot holds
-    excluded   INTEGER,                     -- how many items of the training source it left out for them
-    digest     TEXT,                        -- sha256 over their sorted content hashes
-    covered_seq INTEGER,                    -- rows up to here are in the published version (re-applied after seq)
-    drafts     TEXT,                        -- JSON: the exact receipts to emit on commit
-    version    INTEGER,
-    reason     TEXT,
-    requested_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS exact (
-    request_id TEXT PRIMARY KEY,            -- once per request: the first rebase that left all of it out
-    rebase_id  TEXT NOT NULL,
-    version    INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic      TEXT NOT NULL,
-    key        BLOB,
-    value      BLOB NOT NULL,
-    headers    TEXT NOT NULL,               -- JSON list of [name, value-as-latin1]
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    entry      INTEGER PRIMARY KEY,
-    request_id TEXT,
-    status     TEXT NOT NULL,
-    body       BLOB NOT NULL,               -- canonical JSON of the receipt without its "audit" field
-    prev_hash  TEXT NOT NULL,
-    hash       TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-"""
 
 
 _SQL_DELIVERY = 'INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?, ?)'

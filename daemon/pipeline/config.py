@@ -158,6 +158,27 @@ class MetricsSection:
 
     host: str = _opt("127.0.0.1", "address /metrics listens on")
     port: int = _opt(9464, "port /metrics listens on (0 disables it)", minimum=0)
+    token_file: str = _opt("", "file holding the bearer token scrapes must send (Authorization: Bearer; 401 "
+                               "without it); empty: no token")
+    tls_cert_file: str = _opt("", "serve /metrics over HTTPS with this certificate chain (PEM); empty: plain HTTP")
+    tls_key_file: str = _opt("", "the certificate's private key (PEM)")
+    tls_client_ca_file: str = _opt("", "accept scrapers' client certificates signed by this CA (mutual TLS)")
+    tls_client_auth_required: bool = _opt(False, "refuse scrapers without a client certificate from "
+                                                 "tls_client_ca_file")
+
+    def tls(self) -> Any:
+        """The TLS files as ``daemon.endpoint_auth.TlsFiles`` (ValueError when they do not fit together)."""
+        from daemon.endpoint_auth import TlsFiles
+
+        return TlsFiles(certfile=self.tls_cert_file or None, keyfile=self.tls_key_file or None,
+                        client_cafile=self.tls_client_ca_file or None,
+                        client_auth_required=self.tls_client_auth_required)
+
+    def token(self) -> str | None:
+        """The token read from ``token_file`` (None without one); ValueError naming the file, never the token."""
+        from daemon.endpoint_auth import read_token_file
+
+        return read_token_file(self.token_file, what="token file") if self.token_file else None
 
 
 @dataclass(frozen=True)
@@ -418,6 +439,7 @@ def _check(config: Config) -> None:
         raise ConfigError("kafka", "the four topics must have distinct names")
     if config.kafka.heartbeat_interval_ms * 3 > config.kafka.session_timeout_ms:
         raise ConfigError("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms")
+    _check_metrics(config.metrics)
     if not config.models:
         raise ConfigError("models", "at least one [[models]] table is needed")
     seen: set[str] = set()
@@ -432,6 +454,26 @@ def _check(config: Config) -> None:
             m.round_settings()
         except ValueError as exc:
             raise ConfigError(f"models[{i}].settings", str(exc)) from None
+
+
+def _check_metrics(m: MetricsSection) -> None:
+    """The TLS files fit together and load, and the token file holds a usable token (read, never shown)."""
+    try:
+        tls = m.tls()
+    except ValueError as exc:
+        key = "tls_key_file" if "key file" in str(exc) else "tls_client_ca_file"
+        raise ConfigError(f"metrics.{key}", str(exc)) from None
+    if tls.enabled:
+        from daemon.endpoint_auth import server_ssl_context
+
+        try:
+            server_ssl_context(tls)
+        except ValueError as exc:
+            raise ConfigError("metrics.tls_cert_file", str(exc)) from None
+    try:
+        m.token()
+    except ValueError as exc:
+        raise ConfigError("metrics.token_file", str(exc)) from None
 
 
 def _check_model_sources(i: int, m: ModelSection) -> None:

@@ -198,7 +198,8 @@ class Daemon:
         for name in self.runtimes:
             self._export_loaded(name)
         if self.config.metrics.port:
-            self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+            m = self.config.metrics
+            self._metrics_server = self.metrics.serve(m.host, m.port, tls=m.tls(), token=m.token())
         self._ensure_topics()
         self.outbox.start()
         k = self.config.kafka

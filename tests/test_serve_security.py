@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon.serving.notify import notify_reload
 from tests.test_serve import NAME, SHAPE, Server, publish, request, scrape
 
 TOKEN = "t0ken-for-the-tests-0123456789abcdef"
@@ -251,6 +252,12 @@ def test_tls_with_mutual_auth_and_token(reg: Path, pki: dict[str, Path], token_f
         assert status == 200, body
         assert np.asarray(json.loads(body)["outputs"][0]["data"]).shape == (10,)
         assert _tls_request(srv.port, ctx, "POST", f"/v2/repository/models/{NAME}/load", b"{}")[0] == 401
+        # the publisher's notification carries the token and checks the server against the CA
+        url = f"https://127.0.0.1:{srv.port}/v2/repository/models/{NAME}/load"
+        [denied] = notify_reload([url], ssl_context=ctx)
+        assert denied.status == 401 and "Authorization: Bearer" in denied.detail
+        [done] = notify_reload([url], token=TOKEN, ssl_context=ctx)
+        assert done.ok, done
     finally:
         rc, out = srv.stop()
     assert rc == 0, out

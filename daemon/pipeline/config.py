@@ -188,6 +188,10 @@ class ServingSection:
     notify_urls: list[str] = _opt([], "reload URLs called after each publish "
                                       "(POST /v2/repository/models/{name}/load; {name} is filled in)")
     notify_timeout_s: float = _opt(2.0, "timeout of one notify call", "s", minimum=0)
+    notify_token_file: str = _opt("", "file holding the servers' bearer token (unlearnd serve --token-file), sent "
+                                      "with each notify call; empty: none")
+    notify_ca_file: str = _opt("", "CA that signs the servers' certificates, for https:// notify URLs (empty: the "
+                                   "system's CAs)")
 
 
 @dataclass(frozen=True)
@@ -440,6 +444,13 @@ def _check(config: Config) -> None:
     if config.kafka.heartbeat_interval_ms * 3 > config.kafka.session_timeout_ms:
         raise ConfigError("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms")
     _check_metrics(config.metrics)
+    if config.serving.notify_token_file:
+        from daemon.endpoint_auth import read_token_file
+
+        try:
+            read_token_file(config.serving.notify_token_file, what="token file")
+        except ValueError as exc:
+            raise ConfigError("serving.notify_token_file", str(exc)) from None
     if not config.models:
         raise ConfigError("models", "at least one [[models]] table is needed")
     seen: set[str] = set()

@@ -439,10 +439,13 @@ class Daemon:
         urls = [u.replace("{name}", model) for u in self.config.serving.notify_urls]
         if not urls:
             return
-        from daemon.serving.notify import notify_reload
+        from daemon.endpoint_auth import read_token_file
+        from daemon.serving.notify import client_ssl_context, notify_reload
 
-        threading.Thread(target=notify_reload, args=(urls,), kwargs={"timeout": self.config.serving.notify_timeout_s},
-                         name="notify", daemon=True).start()
+        s = self.config.serving
+        kwargs = {"timeout": s.notify_timeout_s, "ssl_context": client_ssl_context(s.notify_ca_file or None),
+                  "token": read_token_file(s.notify_token_file, what="token file") if s.notify_token_file else None}
+        threading.Thread(target=notify_reload, args=(urls,), kwargs=kwargs, name="notify", daemon=True).start()
 
     # -- rebases -----------------------------------------------------------------------------------------
     def _rebase_finishing(self) -> bool:

@@ -206,7 +206,8 @@ def _notify_urls(args: argparse.Namespace) -> list[str]:
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
     from daemon import registry
     from daemon.registry import ops as registry_ops
-    from daemon.serving.notify import notify_reload
+    from daemon.endpoint_auth import read_token_file
+    from daemon.serving.notify import client_ssl_context, notify_reload
 
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir)
@@ -226,7 +227,14 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
               f"{rb['to']}" + ("" if rb["lineage_complete"] else " (at least: some manifests were pruned)")
               + "; re-submit them to forget again: " + ", ".join(reverted[:20])
               + (" ..." if len(reverted) > 20 else ""), file=sys.stderr)
-    for result in notify_reload(_notify_urls(args), timeout=args.notify_timeout, model=model):
+    token_file = os.environ.get(NOTIFY_TOKEN_FILE_ENV) or args.notify_token_file
+    try:
+        token = read_token_file(token_file, what="--notify-token-file") if token_file else None
+    except ValueError as exc:
+        raise _usage(str(exc)) from exc
+    ctx = client_ssl_context(args.notify_ca_file)
+    for result in notify_reload(_notify_urls(args), timeout=args.notify_timeout, model=model, token=token,
+                                ssl_context=ctx):
         state = "ok" if result.ok else f"failed ({result.status}): {result.detail}"
         print(f"notify {result.url}: {state} in {result.seconds * 1e3:.1f} ms")
     return 0
@@ -341,6 +349,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     p.add_argument("--notify", action="append", metavar="URL",
                    help=f"reload URL to call afterwards (repeatable; default ${NOTIFY_ENV}, comma-separated)")
     p.add_argument("--notify-timeout", type=float, default=2.0)
+    p.add_argument("--notify-token-file", help=f"the servers' bearer token file (${NOTIFY_TOKEN_FILE_ENV} overrides)")
+    p.add_argument("--notify-ca-file", help="CA of the servers' certificates, for https:// URLs")
     p.set_defaults(func=cmd_registry_rollback)
 
     p = rsub.add_parser("prune", help="delete all but the newest N versions (never LATEST or a served one)")

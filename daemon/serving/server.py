@@ -29,6 +29,9 @@ __all__ = ["run"]
 _SWITCH_INTERVAL_S = 0.0005
 # descriptors kept for everything but client connections: registry files, the verifier's pipes, logs
 _FD_RESERVE = 256
+# connections the kernel queues before the server accepts them; it caps this at net.core.somaxconn (4096 by
+# default): a burst of connects beyond it has its SYNs dropped, and those clients retry after 1 s
+_BACKLOG = 65535
 
 
 def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, metrics)
@@ -142,7 +145,7 @@ def run(settings: ServeSettings) -> int:
         app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
         access_log=settings.access_log, log_level=settings.log_level, server_header=False,
         timeout_keep_alive=30, timeout_graceful_shutdown=5, http=protocol, loop=loop,
-        h11_max_incomplete_event_size=settings.max_header_bytes, backlog=4096, **_tls_options(settings),
+        h11_max_incomplete_event_size=settings.max_header_bytes, backlog=_BACKLOG, **_tls_options(settings),
     )
     limits = guard.limits
     log.info("http_stack", http=http, loop=loop, tls=settings.tls.enabled,

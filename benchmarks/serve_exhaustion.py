@@ -371,6 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                      "connections_per_s": round(tally["opened"] / attack_elapsed, 1), "kinds": list(KINDS), "trickle_s": args.trickle_s,
                      "reconnect_s": args.reconnect_s, "ramp_s": args.ramp_s},
         "server": {**server_counts, "fd_samples": samples,
+                   "uv_tcp_single_accept": os.environ.get("UV_TCP_SINGLE_ACCEPT", ""),
                    "settings": "unlearnd serve defaults: header timeout 10 s, body timeout 30 s, max body 16 MiB, "
                                "max connections = open-files limit - 256"},
         "legit_client": {"rate_per_s": args.rate, "idle_s": args.idle_s, "attack_s": args.attack_s,

@@ -105,3 +105,55 @@ def test_loads_json_answers_400_for_deep_or_broken_json() -> None:
             loads_json(text)
         assert info.value.status == 400
     assert loads_json(b'{"a": [[1]]}') == {"a": [[1]]}
+
+
+def test_an_unexpected_exception_is_answered_500_and_counted() -> None:
+    """``_CountErrors`` around a Starlette app whose endpoint raises: the 500 is counted once, under the served
+    version, and a 4xx answered by Starlette itself (unknown route) is counted too."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from daemon.serving.app import _CountErrors
+    from daemon.serving.metrics import ServeMetrics
+
+    class Holder:
+        current = None
+
+    async def boom(request: object) -> None:
+        raise RuntimeError("boom")
+
+    async def on_error(request: object, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    metrics = ServeMetrics(CollectorRegistry())
+    app = Starlette(routes=[Route("/boom", boom)], exception_handlers={Exception: on_error},
+                    middleware=[Middleware(_CountErrors, metrics=metrics, holder=Holder())])
+
+    async def call(path: str) -> int:
+        sent: list[dict] = []
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [], "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+                 "root_path": ""}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        try:
+            await app(scope, receive, send)
+        except RuntimeError:
+            pass                         # Starlette re-raises after answering, for the server to log
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    assert asyncio.run(call("/boom")) == 500
+    assert asyncio.run(call("/nowhere")) == 404
+    reg = metrics.registry
+    assert reg.get_sample_value("unlearnd_serve_requests_total", {"version": "none", "code": "500"}) == 1
+    assert reg.get_sample_value("unlearnd_serve_requests_total", {"version": "none", "code": "404"}) == 1

@@ -277,3 +277,25 @@ class _TlsServer(Server):
         ctx = ssl.create_default_context(cafile=str(self.pki["ca.pem"]))
         ctx.load_cert_chain(str(self.pki["client.pem"]), str(self.pki["client.key"]))
         return ctx
+
+
+def test_a_refused_reload_500_is_counted(server: Server, reg: Path) -> None:
+    from daemon import registry
+    from tests.test_serve import corrupt
+
+    def count_500() -> float:
+        return sum(v for (name, labels), v in scrape_auth(server).items()
+                   if name == "unlearnd_serve_requests_total" and dict(labels)["code"] == "500")
+
+    before = count_500()
+    good = registry.latest_version(reg, NAME)
+    bad = publish(reg, set_latest=False)
+    corrupt(bad.path / registry.STATE_DICT_FILE)
+    registry.atomic_write_bytes(reg / NAME / registry.LATEST_FILE, f"{bad.version}\n".encode())
+    try:
+        status, _, body = request(server, "POST", f"/v2/repository/models/{NAME}/load", b"{}", _auth())
+        assert status == 500, body
+        assert count_500() == before + 1
+    finally:
+        fixed = publish(reg)
+        assert fixed.version > good

@@ -194,7 +194,8 @@ class ServeApp:
             status, out, headers, media = exc.status, json.dumps({"error": exc.message}).encode(), {}, _JSON
         except Exception as exc:  # noqa: BLE001 - answered and counted as 500, never an uncounted one
             _log.exception("infer_failed", model=self.settings.model)
-            status, out, headers, media = 500, json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode(), {}, _JSON
+            out = json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode()
+            status, headers, media = 500, {}, _JSON
         self.metrics.observe_request(served.version if served else None, status, time.perf_counter() - start)
         return status, out, headers, media, served
 

@@ -34,6 +34,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 __all__ = ["ConnectionLimits", "GuardState", "guarded_protocol"]
 
+_QUEUES = ("head", "body", "linger", "idle")
+_TICK_S = 0.025
+_REAP_BUDGET = 128
 _REASONS = {408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
 
@@ -62,10 +65,17 @@ class ConnectionLimits:
 
 
 class GuardState:
-    """The connections of one server, in the order they started waiting (oldest first), and the hooks.
+    """The connections of one server in four queues, each oldest first, and the hooks.
+
+    ``head`` (waiting for a request's headers), ``body`` (for its body) and ``linger`` (answered by the guard,
+    draining before the close) map a connection to its deadline; ``idle`` (keep-alive, between requests) to when
+    it became idle. A connection whose request is being answered is in none. Deadlines are enforced by one reaper
+    every ``_TICK_S`` that handles at most ``_REAP_BUDGET`` expired connections per tick: 6,000 connections
+    opened in one burst expire together, and answering them all in one go would hold the event loop (and every
+    legitimate request) for a second; spread over ticks, each tick costs milliseconds.
 
     ``on_reject(status)`` counts an answer the guard wrote; ``on_drop(reason)`` counts a connection closed
-    without one (evicted, refused); ``headers()`` gives the app's version headers.
+    without one (evicted); ``headers()`` gives the app's version headers.
     """
 
     def __init__(self, limits: ConnectionLimits, *, on_reject: Callable[[int], None] = lambda status: None,
@@ -75,23 +85,53 @@ class GuardState:
         self.on_reject = on_reject
         self.on_drop = on_drop
         self.headers = headers
-        self.waiting: OrderedDict[Any, None] = OrderedDict()   # reading a request, or lingering after an answer
-        self.idle: OrderedDict[Any, None] = OrderedDict()      # keep-alive, between requests
+        self.queues: dict[str, OrderedDict[Any, float]] = {name: OrderedDict() for name in _QUEUES}
         self.open = 0
+        self._reaping = False
 
-    def place(self, conn: Any, queue: OrderedDict[Any, None] | None) -> None:
-        """Move ``conn`` to the end of ``queue`` (None: neither, its request is being answered)."""
-        self.waiting.pop(conn, None)
-        self.idle.pop(conn, None)
+    def place(self, conn: Any, queue: str | None, at: float = 0.0) -> None:
+        """Move ``conn`` to the end of ``queue`` with deadline (or idle time) ``at``; None: in no queue."""
+        if conn._queue is not None:
+            self.queues[conn._queue].pop(conn, None)
+        conn._queue = queue
         if queue is not None:
-            queue[conn] = None
+            self.queues[queue][conn] = at
 
     def victim(self, newcomer: Any) -> Any | None:
-        for queue in (self.waiting, self.idle):
-            for conn in queue:
+        """The connection to close for a new one: lingering first, then the one waiting longest for its request
+        (headers or body), then the longest idle; never one being answered."""
+        fronts = []
+        for name, timeout in (("linger", 1e9), ("head", self.limits.header_timeout_s),
+                              ("body", self.limits.body_timeout_s)):
+            for conn, deadline in self.queues[name].items():
                 if conn is not newcomer:
-                    return conn
-        return None
+                    fronts.append((deadline - timeout, conn))
+                break
+        if fronts:
+            return min(fronts, key=lambda f: f[0])[1]
+        return next((c for c in self.queues["idle"] if c is not newcomer), None)
+
+    def start_reaper(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._reaping:
+            self._reaping = True
+            loop.call_later(_TICK_S, self._reap, loop)
+
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        budget = _REAP_BUDGET
+        for name in ("linger", "head", "body"):
+            queue = self.queues[name]
+            while queue and budget > 0:
+                conn, deadline = next(iter(queue.items()))
+                if deadline > now:
+                    break
+                budget -= 1
+                try:
+                    conn._expired(name)
+                finally:
+                    if conn._queue == name:       # whatever happened, it leaves this queue's front
+                        self.place(conn, None)
+        loop.call_later(_TICK_S, self._reap, loop)
 
 
 def _answer(status: int, message: str, headers: dict[str, str]) -> bytes:
@@ -106,20 +146,18 @@ class _GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of ``GuardState`` (one subclass per server)."""
 
     guard: GuardState
+    _queue: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         g = self.guard
+        g.start_reaper(self.loop)
         g.open += 1
-        self._phase = "head"
         self._head_bytes = 0
         self._body_bytes = 0
         self._message_done = True
         self._closing = False
-        self._deadline: asyncio.TimerHandle | None = None
-        g.place(self, g.waiting)
-        self._arm(g.limits.header_timeout_s, 408, "the request headers did not arrive within "
-                                                 f"{g.limits.header_timeout_s:g} s")
+        g.place(self, "head", self.loop.time() + g.limits.header_timeout_s)
         if g.open > g.limits.max_connections:
             victim = g.victim(self)
             if victim is not None:
@@ -130,47 +168,39 @@ class _GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.open -= 1
         self.guard.place(self, None)
-        self._disarm()
         super().connection_lost(exc)
 
-    # -- timers -----------------------------------------------------------------------------------------
-    def _arm(self, seconds: float, status: int, message: str) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._expired, status, message)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self, status: int, message: str) -> None:
-        self._deadline = None
-        if self._closing:
+    # -- deadlines (GuardState's reaper calls this) -----------------------------------------------------
+    def _expired(self, queue: str) -> None:
+        if queue == "linger" or self._closing:
+            self.guard.place(self, None)
             self.transport.abort()
-        elif self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
-            self.transport.close()          # the app is answering: let it, then close (below)
         elif self.cycle is not None and self.cycle.response_started:
-            self.transport.close()          # answered before reading its body; the body never came
+            self.guard.place(self, None)      # answered before its body ended; the body never came
+            self.transport.close()
+        elif queue == "head":
+            self._reject(408, f"the request headers did not arrive within {self.guard.limits.header_timeout_s:g} s")
         else:
-            self._reject(status, message)
+            self._reject(408, f"the request body did not arrive within {self.guard.limits.body_timeout_s:g} s")
 
     # -- ending a connection ----------------------------------------------------------------------------
     def _reject(self, status: int, message: str) -> None:
         """Answer ``status`` now, count it, stop parsing, half-close and drop what still arrives."""
         if self._closing or self.transport.is_closing():
             return
+        g = self.guard
         self._closing = True
-        self.guard.on_reject(status)
+        g.on_reject(status)
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True      # the app (if it runs) has nobody to answer
             self.cycle.message_event.set()
-        self.transport.write(_answer(status, message, self.guard.headers()))
-        self.guard.place(self, self.guard.waiting)
-        if self.guard.limits.linger_s > 0 and self.transport.can_write_eof():
+        self.transport.write(_answer(status, message, g.headers()))
+        if g.limits.linger_s > 0 and self.transport.can_write_eof():
             self.transport.write_eof()
             self.flow.resume_reading()
-            self._arm(self.guard.limits.linger_s, status, message)   # _expired aborts a closing connection
+            g.place(self, "linger", self.loop.time() + g.limits.linger_s)
         else:
+            g.place(self, None)
             self.transport.close()
 
     def _drop(self, reason: str) -> None:
@@ -182,6 +212,7 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def eof_received(self) -> bool | None:
         if self._closing:
+            self.guard.place(self, None)
             self.transport.close()
         return None
 
@@ -189,21 +220,19 @@ class _GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return                               # lingering: read and dropped
-        if self._phase == "head":
+        heading = self._queue == "head"
+        if heading:
             self._head_bytes += len(data)
         super().data_received(data)
         limit = self.guard.limits.max_header_bytes
-        if self._phase == "head" and self._head_bytes > limit and not self._closing:
+        if heading and self._queue == "head" and self._head_bytes > limit and not self._closing:
             self._reject(431, f"the request headers exceed {limit} bytes")
 
     def on_message_begin(self) -> None:
-        if self._phase == "idle":                # a keep-alive connection's next request starts
+        if self._queue == "idle":                # a keep-alive connection's next request starts
             g = self.guard
-            self._phase = "head"
             self._head_bytes = 0
-            g.place(self, g.waiting)
-            self._arm(g.limits.header_timeout_s, 408, "the request headers did not arrive within "
-                                                     f"{g.limits.header_timeout_s:g} s")
+            g.place(self, "head", self.loop.time() + g.limits.header_timeout_s)
         self._message_done = False
         self._body_bytes = 0
         super().on_message_begin()
@@ -222,8 +251,7 @@ class _GuardedProtocol(HttpToolsProtocol):
                 self._reject(413, f"request body of {size} bytes exceeds the limit of "
                                   f"{g.limits.max_body_bytes} bytes")
                 return
-        self._phase = "body"
-        self._arm(g.limits.body_timeout_s, 408, f"the request body did not arrive within {g.limits.body_timeout_s:g} s")
+        g.place(self, "body", self.loop.time() + g.limits.body_timeout_s)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -232,6 +260,7 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._body_bytes += len(body)
         if self._body_bytes > self.guard.limits.max_body_bytes:
             if self.cycle is not None and self.cycle.response_started:
+                self.guard.place(self, None)
                 self.transport.close()
             else:
                 self._reject(413, f"request body exceeds the limit of {self.guard.limits.max_body_bytes} bytes")
@@ -242,20 +271,16 @@ class _GuardedProtocol(HttpToolsProtocol):
         if self._closing:
             return
         self._message_done = True
-        if self._phase == "body":
-            self._disarm()
+        if self._queue == "body":
             if self.cycle is not None and self.cycle.response_complete:   # answered before its body ended
-                self._phase = "idle"
-                self.guard.place(self, self.guard.idle)
+                self.guard.place(self, "idle", self.loop.time())
             else:
-                self._phase = "busy"
-                self.guard.place(self, None)
+                self.guard.place(self, None)      # being answered
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         if not self._closing and self._message_done and not self.transport.is_closing():
-            self._phase = "idle"
-            self.guard.place(self, self.guard.idle)
+            self.guard.place(self, "idle", self.loop.time())
         super().on_response_complete()
 
 

@@ -263,6 +263,15 @@ def _scrape_codes(port: int) -> dict[str, object]:
     return {"requests_by_code": codes, "connections_dropped": dropped}
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     import urllib.request
 
@@ -324,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         idle, idle_kept = _both(port, args, args.idle_s)
         attackers = _attackers(args, port, work, env)
         attack_start = time.time()
+        cpu_start = {"server": _cpu_s(server.pid), "attackers": sum(_cpu_s(p.pid) for p, _ in attackers)}
         samples: list[dict[str, object]] = []
         stop = threading.Event()
 
@@ -338,6 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         time.sleep(args.ramp_s)                                     # the attackers open their connections
         attack, attack_kept = _both(port, args, args.attack_s)
         attack_elapsed = time.time() - attack_start
+        cpu = {"server": _cpu_s(server.pid) - cpu_start["server"],
+               "attackers": sum(_cpu_s(p.pid) for p, _ in attackers) - cpu_start["attackers"]}
         stop.set()
         server_counts = _scrape_codes(port)
     finally:
@@ -355,11 +367,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             server.kill()
         log.close()
     tally = _sum_reports([r for _, r in attackers])
+    machine = {**_machine(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     fresh, kept = _summary(idle, attack), _summary(idle_kept, attack_kept)
     met = {name: bool(s["attack_p99_ms"] <= 10 * s["idle_p99_ms"] and s["legit_non_200"] == 0)
            for name, s in (("fresh", fresh), ("keep_alive", kept))}
     return {
-        "machine": _machine(),
+        "machine": machine,
         "attack_connections": args.connections,
         # the required fields: the fresh-connection client (the harder case: its connects queue with the attack's)
         **{k: fresh[k] for k in ("idle_p99_ms", "attack_p99_ms", "ratio", "legit_requests", "legit_non_200")},
@@ -368,10 +381,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "fresh_connection_client": fresh,
         "keep_alive_client": kept,
         "attacker": {**tally, "processes": args.attackers, "nice": args.attacker_nice,
+                     "cpu_cores_used": round(cpu["attackers"] / attack_elapsed, 2),
                      "connections_per_s": round(tally["opened"] / attack_elapsed, 1), "kinds": list(KINDS), "trickle_s": args.trickle_s,
                      "reconnect_s": args.reconnect_s, "ramp_s": args.ramp_s},
         "server": {**server_counts, "fd_samples": samples,
                    "uv_tcp_single_accept": os.environ.get("UV_TCP_SINGLE_ACCEPT", ""),
+                   # share of one core used during the attack (ramp and measured phase)
+                   "cpu_cores_used": round(cpu["server"] / attack_elapsed, 2),
+                   "cpu_ms_per_attack_connection": round(1e3 * cpu["server"] / max(1, tally["opened"]), 3),
                    "settings": "unlearnd serve defaults: header timeout 10 s, body timeout 30 s, max body 16 MiB, "
                                "max connections = open-files limit - 256"},
         "legit_client": {"rate_per_s": args.rate, "idle_s": args.idle_s, "attack_s": args.attack_s,
@@ -418,7 +435,9 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
         f"failed: {a['connect_failed']}.",
         "",
         f"Server counters (`unlearnd_serve_requests_total` by code): {s['requests_by_code']}; connections dropped: "
-        f"{s['connections_dropped']}. Server file descriptors during the attack (every 5 s): "
+        f"{s['connections_dropped']}. CPU during the attack: the server {s['cpu_cores_used']} cores "
+        f"({s['cpu_ms_per_attack_connection']} ms per attacking connection), the attackers {a['cpu_cores_used']} "
+        f"cores; load average at the end {result['machine'].get('loadavg_at_end')}. Server file descriptors during the attack (every 5 s): "
         f"{[x['server_fds'] for x in s['fd_samples']]}.",
         "",
         f"Legitimate clients: {result['legit_client']['clients']}; {result['legit_client']['rate_per_s']} inferences/s "

@@ -157,3 +157,23 @@ def test_an_unexpected_exception_is_answered_500_and_counted() -> None:
     reg = metrics.registry
     assert reg.get_sample_value("unlearnd_serve_requests_total", {"version": "none", "code": "500"}) == 1
     assert reg.get_sample_value("unlearnd_serve_requests_total", {"version": "none", "code": "404"}) == 1
+
+
+def test_the_token_file_path_may_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``UNLEARND_SERVE_TOKEN_FILE`` overrides ``--token-file`` (as the daemon's env overrides do); a bad file is a
+    usage error naming it."""
+    import argparse
+
+    from daemon.errors import UsageError
+    from daemon.serving.cli import TOKEN_FILE_ENV, _security
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text(TOKEN)
+    bad.write_text("short")
+    args = argparse.Namespace(token_file=str(bad), tls_cert_file=None, tls_key_file=None, tls_client_ca_file=None,
+                              tls_client_auth_required=False)
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(good))
+    assert _security(args)[0] == TOKEN
+    monkeypatch.delenv(TOKEN_FILE_ENV)
+    with pytest.raises(UsageError, match=str(bad)):
+        _security(args)

@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                      "connections_per_s": round(tally["opened"] / attack_elapsed, 1), "kinds": list(KINDS), "trickle_s": args.trickle_s,
                      "reconnect_s": args.reconnect_s, "ramp_s": args.ramp_s},
         "server": {**server_counts, "fd_samples": samples,
-                   "uv_tcp_single_accept": os.environ.get("UV_TCP_SINGLE_ACCEPT", ""),
+                   "uv_tcp_single_accept": os.environ.get("UV_TCP_SINGLE_ACCEPT", "1 (serve's own default)"),
                    # share of one core used during the attack (ramp and measured phase)
                    "cpu_cores_used": round(cpu["server"] / attack_elapsed, 2),
                    "cpu_ms_per_attack_connection": round(1e3 * cpu["server"] / max(1, tally["opened"]), 3),
@@ -415,7 +415,8 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
         "the attack, the server and the legitimate clients compete with it and with each other.",
         "",
         f"**Bar (legitimate requests keep their 200s, p99 <= 10x idle): fresh connections {verdict(result['bar_met'])}, "
-        f"kept-alive connections {verdict(result['bar_met_keep_alive'])}.**",
+        f"kept-alive connections {verdict(result['bar_met_keep_alive'])}.** What limits it: "
+        "`serve_exhaustion_notes.md`.",
         "",
         "| legitimate client | idle p50 ms | idle p99 ms | attack requests | non-200 | attack p50 ms | attack p99 ms "
         "| ratio | over 900 ms | slowest ms |",

@@ -8,6 +8,7 @@ behind a load balancer; each replica holds its own lease, so retention keeps eve
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import sys
 
@@ -133,6 +134,11 @@ def run(settings: ServeSettings) -> int:
     # loads on another thread, each hand-off can wait a whole switch interval (5 ms by default).
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     http, loop = _stack()
+    # libuv (uvloop) accepts every pending connection in one go, and each gets its protocol built before the loop
+    # turns to anything else: a burst of thousands of connects held every open request for over a second. One
+    # accept per loop turn interleaves them with the requests already open (benchmarks/results/
+    # serve_exhaustion_notes.md: attack p99 1.9 s -> 0.5 s, no SYN dropped). Read by libuv at listen time.
+    os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
     # The event loop (this thread) and the threads started from here on: a short scheduler slice, so a woken
     # request thread preempts other CPU work at once instead of waiting out its slice (daemon.serving.sched).
     slice_set = set_thread_slice(settings.request_slice_us) if settings.request_slice_us else False

@@ -147,7 +147,9 @@ class Intake:
         if isinstance(checked, Rejection):
             return self._reject(tx, rec, fp, checked, now)
         existing = tx.request(checked.request_id)
-        if existing is not None and not redelivered:
+        # a stranded request's failed receipt asked for this resubmission (daemon/pipeline/stranded.py): accepted anew
+        resubmitted = existing is not None and existing["status"] == "stranded"
+        if existing is not None and not redelivered and not resubmitted:
             self.receipts.append(tx, DuplicateReceipt.of(request_id=checked.request_id, model=checked.model,
                                                          kind=checked.kind, original=existing, received_at=now))
             tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, checked.request_id, "duplicate")

@@ -436,6 +436,9 @@ def _check(config: Config) -> None:
             m.round_settings()
         except ValueError as exc:
             raise ConfigError(f"models[{i}].settings", str(exc)) from None
+    from daemon.pipeline.config_checks import check_values      # it imports this module
+
+    check_values(config)
 
 
 def _check_model_sources(i: int, m: ModelSection) -> None:

@@ -495,6 +495,19 @@ class LedgerTransaction:
             for row in cur.fetchall():
                 self._requests[row[0]] = dict(zip(_REQUEST_COLUMNS, row, strict=True))
 
+    def forgotten_before(self, model: str, id_hashes: Sequence[str]) -> dict[str, tuple[int, str, int | None]]:
+        """Instances of ``model`` a committed round already forgot, by id hash: (the label it was forgotten as, that
+        round, the version it made), the newest when several did. One indexed lookup (model, id_sha256)."""
+        ids, out = list(dict.fromkeys(id_hashes)), {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start:start + _IN_CHUNK]
+            for h, label, round_id, version in self.db.execute(
+                    f"SELECT c.id_sha256, c.label, c.round_id, r.version FROM forgotten_content c LEFT JOIN rounds r "
+                    f"ON r.round_id = c.round_id WHERE c.model=? AND c.id_sha256 IN ({', '.join('?' * len(chunk))}) "
+                    f"ORDER BY c.seq", [model, *chunk]):
+                out[h] = (int(label), round_id, None if version is None else int(version))
+        return out
+
     def delivery(self, topic: str, partition: int, offset: int) -> Delivery | None:
         """What :meth:`load` found (or this transaction recorded) for that offset; None if nothing."""
         return self._deliveries.get((topic, partition, offset))

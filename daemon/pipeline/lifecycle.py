@@ -113,7 +113,8 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
                     limits=Limits(max_instances=config.limits.max_instances,
                                   max_message_bytes=config.limits.max_message_bytes),
                     batcher=batcher, offsets=offsets, receipts=chain, dlq_topic=k.dlq_topic, metrics=metrics,
-                    log_each=config.log.level.lower() == "debug")
+                    log_each=config.log.level.lower() == "debug",
+                    versions=lambda m: runtimes[m].version if m in runtimes else None)
     committer = RoundCommitter(ledger, registry_dir, chain, models_topic=k.models_topic,
                                method={"name": r.method, "preset": r.preset, "accumulation": r.accumulation,
                                        "memory_energy": r.memory_energy, "memory_copies": r.memory_copies},

@@ -18,7 +18,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import torch
 from kafka import TopicPartition
 
 from daemon.data.mnist import load_mnist

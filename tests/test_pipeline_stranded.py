@@ -106,3 +106,64 @@ def test_a_round_lost_with_the_daemon_and_its_messages_lost_with_the_broker_is_f
         assert ledger.verify_audit()[1] is None
     finally:
         ledger.close()
+
+
+# -- the watch on its own: a real ledger, the consumer's view given -------------------------------------------
+def _watch(tmp_path, after_s: float = 0.0):
+    from daemon.pipeline.receipts import ReceiptChain
+    from daemon.pipeline.stranded import StrandedWatch
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with ledger.transaction() as tx:
+        for i, rid in enumerate(("o-0", "o-1", "o-2")):
+            tx.accept(rid, "m", "forget", 1, 100.0 + i)
+            tx.record_delivery("req", 0, i, f"fp{i}", rid, "accepted")
+    return ledger, StrandedWatch(ledger, ReceiptChain("d1", "receipts"), after_s=after_s, versions=lambda _m: 3)
+
+
+def _view(assigned=(0,), next_offset=None, quiet=False, position=0, partitions=(0,)):
+    from kafka import TopicPartition
+
+    from daemon.pipeline.stranded import PartitionView
+
+    return PartitionView(assigned=frozenset(TopicPartition("req", p) for p in assigned),
+                         next_offset={TopicPartition("req", p): o for p, o in (next_offset or {}).items()},
+                         quiet=quiet, position=lambda _tp: position, partitions=lambda _t: set(partitions))
+
+
+def test_orphans_are_counted_on_owned_partitions_and_failed_only_on_evidence(tmp_path):
+    import json as _json
+
+    from kafka import TopicPartition
+
+    ledger, watch = _watch(tmp_path)
+    assert watch.step({"o-0", "o-1", "o-2"}, _view()) == []          # all held: no orphan
+    assert watch.step({"o-0"}, _view(position=0)) == []               # o-1, o-2 orphaned, the log not yet read
+    assert {o.request_id for o in watch.counted({TopicPartition("req", 0)})} == {"o-1", "o-2"}
+    assert watch.counted({TopicPartition("req", 1)}) == []            # another daemon's partition
+    assert watch.step({"o-0"}, _view(assigned=(1,), quiet=True, partitions=(0, 1))) == []   # not ours: no evidence
+    failed = watch.step({"o-0"}, _view(next_offset={0: 2}))          # read past offset 1, not offset 2
+    assert [r.request_id for r in failed] == ["o-1"]
+    failed = watch.step({"o-0"}, _view(quiet=True, position=2))       # the log ends at 2: offset 2 is gone
+    assert [r.request_id for r in failed] == ["o-2"]
+    assert ledger.request("o-1")["status"] == "stranded" and ledger.request("o-0")["status"] == "accepted"
+    receipts = [_json.loads(r.value) for r in ledger.outbox()]
+    assert [(r["request_id"], r["status"], r["resubmit"], r["model_version"]) for r in receipts] == [
+        ("o-1", "failed", True, 3), ("o-2", "failed", True, 3)]
+    assert "passed" in receipts[0]["reason"] and "log_ends" in receipts[1]["reason"]
+    assert watch.step(set(), _view(partitions=(1, 2))) != []          # the topic lost partition 0
+    assert ledger.accepted_requests() == []
+
+
+def test_evidence_must_hold_for_the_wait_and_a_message_taken_in_again_clears_it(tmp_path):
+    ledger, watch = _watch(tmp_path, after_s=0.3)
+    assert watch.step({"o-1", "o-2"}, _view(quiet=True, position=0)) == []    # o-0: evidence, the wait starts
+    time.sleep(0.35)
+    assert watch.step({"o-0", "o-1", "o-2"}, _view(quiet=True)) == []        # taken in again (redelivered)
+    assert watch.orphans == {}
+    assert watch.step({"o-1", "o-2"}, _view(quiet=True)) == []               # orphaned again: a new wait
+    with ledger.transaction() as tx:                                         # another message at offset 0
+        tx.record_delivery("req", 0, 0, "other", "x-9", "duplicate")
+    time.sleep(0.35)
+    [r] = watch.step({"o-1", "o-2"}, _view())
+    assert r.request_id == "o-0" and r.evidence.startswith("overwritten")

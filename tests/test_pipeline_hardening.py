@@ -200,3 +200,18 @@ def test_a_stranded_request_is_accepted_anew_and_keeps_its_first_receive_time(tm
         tx.finish("s-1", "applied", model="m", kind="forget")
         tx.accept("s-1", "m", "forget", 1, 300.0)
     assert ledger.request("s-1")["status"] == "applied"
+
+
+def test_the_daemon_logs_a_warning_for_a_world_writable_state_folder_at_start(tmp_path, mnist_registry):
+    from tests.pipeline_harness import copy_registry, free_port, write_config
+
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    cfg = write_config(tmp_path / "u.toml", bootstrap=f"127.0.0.1:{free_port()}", state_dir=state,
+                       registry_dir=copy_registry(mnist_registry, tmp_path / "registry"))
+    got = _unlearnd("run", "--config", str(cfg), env={"UNLEARND_KAFKA_STARTUP_WAIT_S": "0"})
+    assert got.returncode == 1 and "cannot reach the broker" in got.stderr, got.stderr[-2000:]
+    events = [json.loads(line) for line in got.stderr.splitlines() if line.startswith("{")]
+    [warning] = [e for e in events if e.get("event") == "config_warning"]
+    assert "state.dir" in warning["detail"] and "world-writable" in warning["detail"]

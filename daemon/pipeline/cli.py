@@ -52,8 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)
+    warnings = _check_folders(config)           # before anything is set up: a refusal leaves nothing behind
     configure_logging(config.log.level, config.log.format)
-    for warning in _check_folders(config):
+    for warning in warnings:
         structlog.get_logger("unlearnd.daemon").warning("config_warning", detail=warning)
     stop = threading.Event()
     install_signal_handlers(stop)

@@ -244,8 +244,9 @@ class Ledger:
         return [{"request_id": r[0], "model": r[1], "kind": r[2], "received_at": float(r[3])} for r in rows]
 
     def accepted_deliveries(self, request_ids: Sequence[str]) -> dict[str, tuple[str, int, int, str]]:
-        """Where each request's accepting message was: (topic, partition, offset, fingerprint); a request absent
-        from the answer lost its row to a new message at the same offset (a broker that lost its log).
+        """Where each request's accepting message was: (topic, partition, offset, fingerprint), the newest row when
+        a resubmission was accepted too; a request absent from the answer lost its row to a new message at the same
+        offset (a broker that lost its log).
         A scan of the deliveries (no index on request_id): called for new orphans only, not per poll."""
         ids, out = list(dict.fromkeys(request_ids)), {}
         with self._lock:
@@ -253,7 +254,7 @@ class Ledger:
                 chunk = ids[start:start + _IN_CHUNK]
                 for topic, partition, offset, fp, rid in self._db.execute(
                         f'SELECT topic, partition, "offset", fingerprint, request_id FROM deliveries WHERE '
-                        f"effect='accepted' AND request_id IN ({', '.join('?' * len(chunk))})", chunk):
+                        f"effect='accepted' AND request_id IN ({', '.join('?' * len(chunk))}) ORDER BY rowid", chunk):
                     out[rid] = (topic, int(partition), int(offset), fp)
         return out
 

@@ -224,3 +224,12 @@ def test_the_daemon_logs_a_warning_for_a_world_writable_state_folder_at_start(tm
     events = [json.loads(line) for line in got.stderr.splitlines() if line.startswith("{")]
     [warning] = [e for e in events if e.get("event") == "config_warning"]
     assert "state.dir" in warning["detail"] and "world-writable" in warning["detail"]
+
+
+def test_the_embedded_broker_refuses_a_storage_engine_this_tansu_lacks_and_names_the_durable_one(capsys):
+    from daemon.cli import main
+    from tests.pipeline_harness import free_port
+
+    assert main(["broker", "--port", str(free_port()), "--storage", "sqlite:///tmp/tansu.db"]) == 2
+    err = capsys.readouterr().err
+    assert "sqlite://" in err and "s3://" in err and "durable" in err

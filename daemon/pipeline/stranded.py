@@ -133,7 +133,7 @@ class StrandedWatch:
         if view.quiet:
             position = view.position(tp)
             if position is not None and position <= offset:
-                return f"log_ends: partition {partition} ends at offset {position}, before {offset}"
+                return f"log_ends: partition {partition} holds nothing at offset {offset} (its log ends at {position})"
         return None
 
     def _fail(self, due: list[Orphan]) -> list[StrandedReceipt]:

@@ -41,6 +41,7 @@ __all__ = [
     "Lease",
     "PruneResult",
     "VerifyResult",
+    "check_latest",
     "default_server_id",
     "forgotten_request_ids",
     "live_leases",
@@ -216,22 +217,60 @@ def prune(registry_dir: Path | str, model: str, *, keep: int = DEFAULT_KEEP, now
 # -- verification -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VerifyResult:
+    """One version's verdict: ``ok``, or what failed (``code``: a ``VerificationError`` code) and why."""
+
     version: int
     ok: bool
     detail: str
+    code: str | None = None
 
 
 def verify_all(registry_dir: Path | str, model: str, versions: Iterable[int] | None = None) -> list[VerifyResult]:
-    """Recompute every hash of every (or the given) version; one result per version, never raising."""
+    """Check every (or the given) version as a server would before serving it; one result each, never raising.
+
+    Every hash, then ``daemon.registry.trust.check_version``: nothing resolving outside the registry, finite
+    weights, and ``model.pt`` / ``model.pt2`` loading and computing what ``model.safetensors`` rebuilt from
+    the manifest computes on the probe inputs.
+    """
+    from daemon.registry import trust
+
     out: list[VerifyResult] = []
     for v in (registry.list_versions(registry_dir, model) if versions is None else versions):
         try:
-            info = registry.verify_version(registry_dir, model, v)
-        except RegistryError as exc:
-            out.append(VerifyResult(v, False, str(exc)))
+            manifest = registry.read_manifest(registry_dir, model, v)
+            wanted = [n for n in (registry.TORCHSCRIPT_FILE, registry.EXPORT_FILE, registry.STATE_DICT_FILE)
+                      if n in manifest["files"]]
+            info, files = registry.read_verified(registry_dir, model, v, read=wanted)
+            checked = trust.check_version(info, files, registry_dir=registry_dir)
+        except registry.VerificationError as exc:
+            out.append(VerifyResult(v, False, str(exc), exc.code))
+        except (RegistryError, OSError) as exc:
+            out.append(VerifyResult(v, False, str(exc), "missing"))
         else:
-            out.append(VerifyResult(v, True, f"{len(info.manifest['files'])} files, sha256 {info.sha256}"))
+            served = "model.pt2 + model.pt" if registry.EXPORT_FILE in files else "model.pt"
+            out.append(VerifyResult(v, True, f"{len(info.manifest['files'])} files, sha256 {info.sha256}; {served} "
+                                             f"agree with the weights (reference: {checked.reference_from})"))
     return out
+
+
+def check_latest(registry_dir: Path | str, model: str) -> str | None:
+    """Why ``LATEST`` is wrong, or ``None``: it must name the newest complete version (history only grows; a
+    rollback is a new version), and a server lease must not name a newer one (``LATEST`` moved back)."""
+    try:
+        latest = registry.latest_version(registry_dir, model)
+    except RegistryError as exc:
+        return str(exc)
+    versions = registry.list_versions(registry_dir, model)
+    if latest is None:
+        return "no LATEST" if versions else None
+    if latest not in versions:
+        return f"LATEST names version {latest}, which does not exist"
+    served = [lease.version for lease in read_leases(registry_dir, model) if lease.version is not None]
+    newest = max([*versions, *served])
+    if latest < newest:
+        return (f"LATEST names version {latest} but version {newest} exists or was served: it went backwards "
+                f"(servers refuse it); publish a rollback as a new version: unlearnd registry rollback --to {latest}")
+    return None
 
 
 # -- rollback -----------------------------------------------------------------------------------------

@@ -300,7 +300,8 @@ def forgotten_request_ids(registry_dir: Path | str, model: str, version: int) ->
 
 
 def rollback(registry_dir: Path | str, model: str, to: int, *, reason: str | None = None) -> VersionInfo:
-    """Serve version ``to`` again, as a new version whose parent is the current ``LATEST``.
+    """Serve version ``to`` again, as a new version whose parent is the current ``LATEST`` (or the newest
+    version, if ``LATEST`` was moved back by hand: servers kept serving that one).
 
     Raises:
         ValueError: ``to`` is not a version of the model, or it is what ``LATEST`` already names.
@@ -310,9 +311,10 @@ def rollback(registry_dir: Path | str, model: str, to: int, *, reason: str | Non
     if to not in versions:
         raise ValueError(f"model {model!r} has no version {to} (versions: "
                          f"{', '.join(map(str, versions[-10:])) or 'none'})")
-    current = registry.latest_version(registry_dir, model)
+    # What servers serve: LATEST, or a newer version when LATEST was moved back by hand (servers refuse that).
+    current = max([v for v in (registry.latest_version(registry_dir, model),) if v is not None] + versions[-1:])
     if current == to:
-        raise ValueError(f"LATEST already names version {to}; nothing to roll back")
+        raise ValueError(f"LATEST already names version {to} (the newest); nothing to roll back")
     now_held, complete_now = (forgotten_request_ids(registry_dir, model, current) if current is not None
                               else (set(), True))
     then_held, complete_then = forgotten_request_ids(registry_dir, model, to)

@@ -42,7 +42,7 @@ from daemon.registry.layout import (
 )
 
 __all__ = ["ATOL", "RTOL", "TRUSTED_FACTORIES_ENV", "Checked", "check_version", "factory_trusted",
-           "load_pt2", "load_torchscript_bytes", "outputs_agree", "probe_inputs"]
+           "load_pt2", "load_torchscript_bytes", "outputs_agree", "prime", "probe_inputs"]
 
 TRUSTED_FACTORIES_ENV = "UNLEARND_TRUSTED_FACTORIES"
 # Traced / exported CPU modules reproduce the eager one to float rounding (a fused kernel summing in another
@@ -79,6 +79,13 @@ def factory_trusted(ref: str) -> bool:
         if item and (module == item or (item.endswith(".") and module.startswith(item))):
             return True
     return False
+
+
+def prime() -> None:
+    """Import what loading a ``model.pt2`` needs (~2.5 s of imports on this machine, once per process), so that a
+    server pays it at start-up, before it is ready, not in its first swap."""
+    import torch._export.serde.serialize  # noqa: F401
+    import torch.export._unlift  # noqa: F401
 
 
 def load_torchscript_bytes(data: bytes | bytearray) -> torch.jit.ScriptModule:

@@ -149,6 +149,7 @@ class ModelHolder:
         # The module the previous version served with, once no request holds that version any more.
         self._retired: tuple[weakref.ref[ServedVersion], str, torch.jit.ScriptModule] | None = None
         self._stages_ms: dict[str, float] = {}     # of the last load: where its time went
+        trust.prime()     # model.pt2's loader imports now (once a process), not in the first swap
 
     @property
     def current(self) -> ServedVersion | None:

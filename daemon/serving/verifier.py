@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr                 # nothing else may write into the protocol
     import daemon.registry  # noqa: F401 - imported before saying ready, not during the first load
+    from daemon.registry import trust
+
+    trust.prime()
 
     if args.idle:
         set_thread_policy("idle")

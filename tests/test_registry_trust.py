@@ -265,3 +265,22 @@ def test_probe_tolerance_is_relative_and_absolute() -> None:
     assert trust.outputs_agree(ref + torch.tensor([[5e-4, 5e-5]]), ref)[0]
     assert not trust.outputs_agree(ref + torch.tensor([[0.0, 1e-3]]), ref)[0]
     assert not trust.outputs_agree(torch.full_like(ref, float("nan")), ref)[0]
+
+
+def test_an_operator_factory_is_run_only_when_trusted(reg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server imports a factory the manifest names only if the operator listed it; otherwise model.pt's
+    tensors must equal model.safetensors' and model.pt is the reference."""
+    from daemon.registry import model_store
+    from daemon.engine.session import UnlearningSession
+
+    factory = ModelFactory("tests.byo_factories:tiny_net", {"num_classes": 10})
+    torch.manual_seed(0)
+    net = build_classifier(factory, mean=[0.5], std=[0.25]).eval()
+    model_store.publish(reg, NAME, net, UnlearningSession(net, num_classes=10), input_shape=SHAPE, classes=CLASSES,
+                        parent=None, factory=factory)
+    monkeypatch.delenv(trust.TRUSTED_FACTORIES_ENV, raising=False)
+    [result] = registry_ops.verify_all(reg, NAME)
+    assert result.ok and "reference: model.pt" in result.detail
+    monkeypatch.setenv(trust.TRUSTED_FACTORIES_ENV, "somewhere.else, tests.")
+    [result] = registry_ops.verify_all(reg, NAME)
+    assert result.ok and "reference: factory" in result.detail

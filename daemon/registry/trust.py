@@ -147,13 +147,15 @@ def _reference_factory(manifest: Mapping[str, Any]) -> str | None:
 
 
 def _same_weights(info: VersionInfo, module: torch.nn.Module, state: Mapping[str, torch.Tensor], file: str) -> None:
-    """``module``'s parameters and buffers equal ``state``, name by name, bit for bit."""
+    """Every tensor of ``state`` is ``module``'s, name by name and bit for bit, and the module has no parameter
+    ``state`` lacks (extra buffers are allowed: TorchScript keeps non-persistent ones, which a state dict omits)."""
     own = module.state_dict()
-    if set(own) != set(state):
-        missing, extra = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+    missing = sorted(set(state) - set(own))
+    extra = sorted(set(dict(module.named_parameters())) - set(state))
+    if missing or extra:
         raise VerificationError(info.model, info.version, file,
                                 f"its tensors are not model.safetensors' (missing {missing[:3]}, "
-                                f"unexpected {extra[:3]})", code="mismatch")
+                                f"unexpected parameters {extra[:3]})", code="mismatch")
     for key, value in state.items():
         if own[key].shape != value.shape or not torch.equal(own[key].to(value.dtype), value):
             raise VerificationError(info.model, info.version, file,

@@ -284,3 +284,16 @@ def test_an_operator_factory_is_run_only_when_trusted(reg: Path, monkeypatch: py
     monkeypatch.setenv(trust.TRUSTED_FACTORIES_ENV, "somewhere.else, tests.")
     [result] = registry_ops.verify_all(reg, NAME)
     assert result.ok and "reference: factory" in result.detail
+
+
+def test_rollback_refuses_a_version_a_server_would_refuse(reg: Path) -> None:
+    first = publish(reg, 0, pt2=False)
+    publish(reg, 1, pt2=False)
+    path = first.path / registry.STATE_DICT_FILE
+    state = safetensors.torch.load_file(path)
+    state["1.classifier.1.bias"][0] = float("inf")
+    safetensors.torch.save_file(state, path)
+    rehash(first, registry.STATE_DICT_FILE)
+    with pytest.raises(registry.VerificationError, match="non-finite"):
+        registry_ops.rollback(reg, NAME, 1)
+    assert registry.list_versions(reg, NAME) == [1, 2]

@@ -41,6 +41,7 @@ __all__ = [
     "Lease",
     "PruneResult",
     "VerifyResult",
+    "check_deep",
     "check_latest",
     "default_server_id",
     "forgotten_request_ids",
@@ -225,6 +226,17 @@ class VerifyResult:
     code: str | None = None
 
 
+def check_deep(registry_dir: Path | str, model: str, version: int) -> tuple[VersionInfo, dict[str, bytes], Any]:
+    """Every hash of ``version``, then ``daemon.registry.trust.check_version``; raises ``VerificationError``."""
+    from daemon.registry import trust
+
+    manifest = registry.read_manifest(registry_dir, model, version)
+    wanted = [n for n in (registry.TORCHSCRIPT_FILE, registry.EXPORT_FILE, registry.STATE_DICT_FILE)
+              if n in manifest["files"]]
+    info, files = registry.read_verified(registry_dir, model, version, read=wanted)
+    return info, files, trust.check_version(info, files, registry_dir=registry_dir)
+
+
 def verify_all(registry_dir: Path | str, model: str, versions: Iterable[int] | None = None) -> list[VerifyResult]:
     """Check every (or the given) version as a server would before serving it; one result each, never raising.
 
@@ -232,16 +244,10 @@ def verify_all(registry_dir: Path | str, model: str, versions: Iterable[int] | N
     weights, and ``model.pt`` / ``model.pt2`` loading and computing what ``model.safetensors`` rebuilt from
     the manifest computes on the probe inputs.
     """
-    from daemon.registry import trust
-
     out: list[VerifyResult] = []
     for v in (registry.list_versions(registry_dir, model) if versions is None else versions):
         try:
-            manifest = registry.read_manifest(registry_dir, model, v)
-            wanted = [n for n in (registry.TORCHSCRIPT_FILE, registry.EXPORT_FILE, registry.STATE_DICT_FILE)
-                      if n in manifest["files"]]
-            info, files = registry.read_verified(registry_dir, model, v, read=wanted)
-            checked = trust.check_version(info, files, registry_dir=registry_dir)
+            info, files, checked = check_deep(registry_dir, model, v)
         except registry.VerificationError as exc:
             out.append(VerifyResult(v, False, str(exc), exc.code))
         except (RegistryError, OSError) as exc:
@@ -305,7 +311,8 @@ def rollback(registry_dir: Path | str, model: str, to: int, *, reason: str | Non
 
     Raises:
         ValueError: ``to`` is not a version of the model, or it is what ``LATEST`` already names.
-        VerificationError: version ``to`` does not match its manifest (nothing is written).
+        VerificationError: version ``to`` does not match its manifest, or fails ``daemon.registry.trust``'s
+            checks (nothing is written).
     """
     versions = registry.list_versions(registry_dir, model)
     if to not in versions:
@@ -315,6 +322,7 @@ def rollback(registry_dir: Path | str, model: str, to: int, *, reason: str | Non
     current = max([v for v in (registry.latest_version(registry_dir, model),) if v is not None] + versions[-1:])
     if current == to:
         raise ValueError(f"LATEST already names version {to} (the newest); nothing to roll back")
+    check_deep(registry_dir, model, to)          # never propagate a version a server would refuse
     now_held, complete_now = (forgotten_request_ids(registry_dir, model, current) if current is not None
                               else (set(), True))
     then_held, complete_then = forgotten_request_ids(registry_dir, model, to)

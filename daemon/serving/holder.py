@@ -16,6 +16,12 @@ the requests it serves, almost nothing; see ``daemon.serving.verifier``):
   else a copy of the served module. The module serving is never written.
 * ``full``: otherwise (a new architecture, the first version, an archive the reader does not understand),
   ``torch.jit.load`` of the very bytes hashed, then warm-up until TorchScript has optimised the graph.
+
+A version with a ``model.pt2`` (torch.export) is served from it instead: ``torch.export.load(...).module()`` for a
+full load; for a weight-only one, when its graph (everything in the archive but its weights' bytes,
+``archive.pt2_layout``) is the served one's, its ``model.safetensors`` is copied into the standby. Either way the
+loaded module must reproduce, on ``trust.probe_inputs``, the logits the verifier computed from the weights
+rebuilt from the manifest (``daemon.registry.trust``), or the version is refused (``mismatch``).
 """
 
 from __future__ import annotations
@@ -94,12 +100,12 @@ class ServedVersion:
 
     model: str
     version: int
-    module: torch.jit.ScriptModule
+    module: torch.nn.Module               # a ScriptModule (model.pt) or torch.export's GraphModule (model.pt2)
     input_shape: tuple[int, int, int]
     classes: tuple[str, ...]
     sha256: str
     loaded_at: float
-    layout: ArchiveLayout | None = None   # of its model.pt; None: not understood (no weight-only swaps)
+    layout: ArchiveLayout | None = None   # of its served file; None: not understood (no weight-only swaps)
     load_kind: str = "full"                # how it was loaded: "full" or "weights"
     served_file: str = registry.TORCHSCRIPT_FILE   # model.pt2 when the version has one, else model.pt
 
@@ -157,7 +163,8 @@ class ModelHolder:
 
     def load(self, version: int, *,
              run_full: Callable[[Callable[[], ServedVersion]], ServedVersion] | None = None) -> ServedVersion:
-        """Verify every file of ``version`` against its manifest, load its TorchScript, and warm it up.
+        """Verify ``version`` (its files against the manifest, then beyond: ``daemon.registry.trust``), load its
+        ``model.pt2`` or TorchScript, warm it up and check it reproduces the reference outputs.
 
         Nothing is swapped; raises ``LoadError`` with a reason on any failure. A weight-only load uses up
         the standby, so call this through ``swap_to`` (which holds the load lock). ``run_full`` runs the

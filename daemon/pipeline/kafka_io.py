@@ -42,7 +42,11 @@ class _BootstrapFailures(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg.startswith("Bootstrap connection to") and len(record.args or ()) >= 2:
             exc = record.args[1]    # type: ignore[index]
-            self.reasons.append(f"{type(exc).__name__}: {exc}" if not isinstance(exc, KafkaError) else str(exc))
+            if isinstance(exc, KeyError) and exc.args == ("v",):   # kafka-python's SCRAM, on a server-final "e=..."
+                self.reasons.append("the broker refused the SCRAM login (its final SCRAM message was an error, "
+                                    "not a signature: unknown user or wrong password)")
+            else:
+                self.reasons.append(str(exc) if isinstance(exc, KafkaError) else f"{type(exc).__name__}: {exc}")
 
 
 @contextlib.contextmanager

@@ -180,9 +180,10 @@ def copy_registry(source: Path, dest: Path, names: Iterable[str] = ("mnist-cnn",
 def write_config(path: Path, *, bootstrap: str, registry_dir: Path, state_dir: Path, models: Iterable[str] = (
         "mnist-cnn",), instance: str = "unlearnd-1", metrics_port: int = 0, group: str = "unlearnd",
         extra: str = "", rounds: str = "", probe: str = "mnist-test:0-999", retention_max_drop: float = 0.1,
-        model_extra: str = "") -> Path:
+        model_extra: str = "", kafka_extra: str = "") -> Path:
     """A daemon configuration for tests (the 1-epoch test model is fragile: the retention gate is wide);
-    ``model_extra`` ends each [[models]] table (e.g. a [models.rebase] table)."""
+    ``model_extra`` ends each [[models]] table (e.g. a [models.rebase] table); ``kafka_extra`` ends [kafka]
+    (e.g. ``security_protocol = "SSL"``)."""
     model_tables = "\n".join(f'[[models]]\nname = "{m}"\nprobe = "{probe}"\n{model_extra}\n' for m in models)
     path.write_text(f"""
 [kafka]
@@ -192,6 +193,7 @@ instance_id = "{instance}"
 session_timeout_ms = 6000
 heartbeat_interval_ms = 1000
 poll_timeout_ms = 100
+{kafka_extra}
 [state]
 dir = "{state_dir}"
 [registry]

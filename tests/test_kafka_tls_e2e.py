@@ -1,0 +1,46 @@
+"""A forget request end to end with TLS on every Kafka connection: `unlearnd publish` over TLS, the daemon (consumer,
+outbox producer, admin client) over TLS, the receipt read back by `unlearnd receipts` over TLS; the broker is Tansu
+behind Debian's stunnel, reachable in clear by no client (it advertises the TLS port)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from daemon.data.mnist import load_mnist
+from tests.pipeline_harness import ROOT, DaemonProcess, Pki, TlsBroker, copy_registry, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_request_travels_over_tls_and_its_receipt_comes_back_over_tls(tmp_path, mnist_registry):
+    pki = Pki(tmp_path / "pki").make()
+    broker = TlsBroker(pki).start()
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg, state_dir=tmp_path / "state",
+                       kafka_extra=f'security_protocol = "SSL"\nssl_cafile = "{pki.ca}"\nrequest_timeout_ms = 5000')
+    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        d.wait_assigned(timeout=90)
+        label = int(load_mnist().train_y[0])
+        out = subprocess.run([sys.executable, "-m", "daemon.cli", "publish", "--config", str(cfg), "--model",
+                              "mnist-cnn", "--ref", "mnist-train:0", "--label", str(label), "--request-id", "tls-e2e"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        out = subprocess.run([sys.executable, "-m", "daemon.cli", "receipts", "--bootstrap", broker.bootstrap,
+                              "--security-protocol", "SSL", "--ssl-cafile", str(pki.ca), "--from-beginning", "--json",
+                              "--request-id", "tls-e2e", "--count", "1", "--timeout", "240"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (out.stderr, d.tail())
+        receipt = json.loads(out.stdout.splitlines()[0])
+        assert receipt["request_id"] == "tls-e2e" and receipt["status"] == "applied", (receipt, d.tail())
+        assert receipt["model_version"] == 2
+        # every connection went through the TLS terminator: daemon (admin, consumer, outbox), publish, receipts
+        accepted = broker.tunnel.log.read_text().count("accepted connection")
+        assert accepted >= 5, broker.tunnel.log.read_text()[-2000:]
+    finally:
+        d.kill()
+        broker.stop()

@@ -95,10 +95,12 @@ def test_config_show_prints_the_settings_in_force_without_secrets_and_stays_load
     assert load_config(shown, env={"UNLEARND_KAFKA_SASL_PASSWORD": SECRET}).kafka == load_config(path, env=env).kafka
 
 
-def test_the_example_configuration_has_no_secret_key_and_loads():
+def test_the_example_configuration_has_no_secret_key_and_loads(tmp_path):
     text = example_toml()
     assert "\nssl_password =" not in text and "\nsasl_password =" not in text
     assert "UNLEARND_KAFKA_SASL_PASSWORD" in text
+    (tmp_path / "u.toml").write_text(text)
+    assert load_config(tmp_path / "u.toml", env={}).kafka.security_protocol == "PLAINTEXT"
 
 
 def test_kafka_python_debug_logs_do_not_show_the_password(tmp_path, caplog):

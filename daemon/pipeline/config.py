@@ -367,7 +367,7 @@ def _convert(setting: str, f: dataclasses.Field, value: Any, from_env: bool) -> 
     if meta.get("below") is not None and not value < meta["below"]:
         raise ConfigError(setting, f"must be < {meta['below']}, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(setting, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(setting, f"must be one of {', '.join(c or repr(c) for c in meta['choices'])}, got {value!r}")
     return value
 
 
@@ -547,7 +547,7 @@ def _describe(f: dataclasses.Field) -> str:
     if f.metadata.get("unit"):
         bits.append(f"unit: {f.metadata['unit']}")
     if f.metadata.get("choices"):
-        bits.append("one of " + ", ".join(f.metadata["choices"]))
+        bits.append("one of " + ", ".join(c or '""' for c in f.metadata["choices"]))
     return "; ".join(bits)
 
 
@@ -559,7 +559,9 @@ def example_toml() -> str:
         out.append(f"[{name}]  # {cls.__doc__}")
         for f in dataclasses.fields(cls):
             out.append(f"# {_describe(f)} (env {ENV_PREFIX}_{name.upper()}_{f.name.upper()})")
-            if f.metadata.get("secret"):   # refused in the file: the comment names the way in
+            if f.metadata.get("secret"):   # refused in the file: commented out, the comment names the way in
+                out.append(f'# {f.name} = "..."   (never here: {ENV_PREFIX}_{name.upper()}_{f.name.upper()} or '
+                           f'{f.name}_file)')
                 continue
             out.append(f"{f.name} = {_toml_value(getattr(getattr(default, name), f.name))}")
         out.append("")

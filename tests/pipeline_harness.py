@@ -65,6 +65,8 @@ class Pki:
         self.other_ca = root / "other-ca.pem"
         self.cert = root / "server.pem"
         self.key = root / "server.key"
+        self.localhost_cert = root / "localhost.pem"     # names only DNS:localhost (no IP): 127.0.0.1 mismatches
+        self.localhost_key = root / "localhost.key"
 
     def make(self) -> Pki:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -72,12 +74,13 @@ class Pki:
         for name in ("ca", "other-ca"):
             _openssl("req", "-x509", *ec, "-keyout", str(self.root / f"{name}.key"), "-out",
                      str(self.root / f"{name}.pem"), "-days", "2", "-subj", f"/CN=unlearnd test {name}")
-        _openssl("req", *ec, "-keyout", str(self.key), "-out", str(self.root / "server.csr"), "-subj", "/CN=localhost")
-        ext = self.root / "server.ext"
-        ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-                       "extendedKeyUsage=serverAuth\n")
-        _openssl("x509", "-req", "-in", str(self.root / "server.csr"), "-CA", str(self.ca), "-CAkey",
-                 str(self.root / "ca.key"), "-CAcreateserial", "-out", str(self.cert), "-days", "2", "-extfile", str(ext))
+        for cert, key, names in ((self.cert, self.key, "DNS:localhost,IP:127.0.0.1"),
+                                 (self.localhost_cert, self.localhost_key, "DNS:localhost")):
+            csr, ext = cert.with_suffix(".csr"), cert.with_suffix(".ext")
+            _openssl("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost")
+            ext.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+            _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(self.root / "ca.key"),
+                     "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
         return self
 
 
@@ -95,8 +98,10 @@ def stunnel_binary() -> str | None:
 class Stunnel:
     """stunnel in TLS-server mode: accepts TLS on ``port`` and forwards the plain bytes to ``target_port``."""
 
-    def __init__(self, pki: Pki, target_port: int, port: int | None = None, log: Path | None = None) -> None:
+    def __init__(self, pki: Pki, target_port: int, port: int | None = None, log: Path | None = None, *,
+                 cert: Path | None = None, key: Path | None = None) -> None:
         self.pki, self.target_port = pki, target_port
+        self.cert, self.key = cert or pki.cert, key or pki.key
         self.port = port or free_port()
         self.log = log or pki.root / f"stunnel-{self.port}.log"
         self.proc: subprocess.Popen | None = None
@@ -108,7 +113,7 @@ class Stunnel:
         conf = self.pki.root / f"stunnel-{self.port}.conf"
         conf.write_text(f"foreground = yes\npid =\ndebug = 5\noutput = {self.log}\n[kafka]\n"
                         f"accept = 127.0.0.1:{self.port}\nconnect = 127.0.0.1:{self.target_port}\n"
-                        f"cert = {self.pki.cert}\nkey = {self.pki.key}\n")
+                        f"cert = {self.cert}\nkey = {self.key}\n")
         self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL)
         from daemon.pipeline.broker import wait_until_listening

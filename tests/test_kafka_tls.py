@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from daemon.pipeline.config import KafkaSection
 from daemon.pipeline.kafka_io import ensure_topics, make_consumer, make_producer
-from daemon.pipeline.kafka_security import KafkaSecurityError
-from tests.pipeline_harness import ROOT, Broker, Pki, TlsBroker
+from daemon.pipeline.kafka_security import KafkaSecurityError, probe_tls
+from tests.pipeline_harness import ROOT, Broker, Pki, Stunnel, TlsBroker
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,20 @@ def test_without_the_right_ca_every_client_refuses_the_broker_at_once(tls_broker
     k = _tls(tls_broker.bootstrap, pki, ssl_cafile="" if ca == "none" else str(pki.other_ca))
     with pytest.raises(KafkaSecurityError, match="kafka.ssl_cafile: the broker .* failed verification"):
         ensure_topics(k, ["never.created"])
+
+
+def test_a_certificate_that_does_not_name_the_host_is_refused_unless_the_check_is_off(tls_broker, pki):
+    tunnel = Stunnel(pki, tls_broker.port, cert=pki.localhost_cert, key=pki.localhost_key).start()
+    try:
+        k = _tls(f"127.0.0.1:{tunnel.port}", pki)
+        with pytest.raises(KafkaSecurityError, match="kafka.bootstrap: the certificate of .* does not name 127.0.0.1"):
+            probe_tls(k)
+        probe_tls(dataclasses.replace(k, bootstrap=f"localhost:{tunnel.port}"))       # the name it carries
+        probe_tls(dataclasses.replace(k, ssl_check_hostname=False))                  # the check off
+        with pytest.raises(KafkaSecurityError, match="failed verification"):        # the chain is still checked
+            probe_tls(dataclasses.replace(k, ssl_check_hostname=False, ssl_cafile=str(pki.other_ca)))
+    finally:
+        tunnel.stop()
 
 
 def test_tls_against_a_plain_listener_says_so_instead_of_hanging(pki, broker: Broker):

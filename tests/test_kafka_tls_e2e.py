@@ -44,3 +44,29 @@ def test_a_request_travels_over_tls_and_its_receipt_comes_back_over_tls(tmp_path
     finally:
         d.kill()
         broker.stop()
+
+
+def test_the_daemon_refuses_a_broker_whose_certificate_fails_and_says_why(tmp_path, mnist_registry):
+    """Wrong CA: `unlearnd run` logs the certificate error (not a bare timeout) and exits 1 after startup_wait_s."""
+    pki = Pki(tmp_path / "pki").make()
+    broker = TlsBroker(pki).start()
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg, state_dir=tmp_path / "state",
+                       kafka_extra=f'security_protocol = "SSL"\nssl_cafile = "{pki.other_ca}"\nstartup_wait_s = 3')
+    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        assert d.wait(timeout=120) == 1
+        unreachable = [e for e in d.events() if e.get("event") == "broker_unreachable"]
+        assert unreachable and "kafka.ssl_cafile: the broker" in unreachable[0]["error"], d.tail()
+        assert "failed verification" in d.log.read_text()
+    finally:
+        d.kill()
+        broker.stop()
+
+
+def test_the_daemon_does_not_start_on_a_contradictory_security_setting(tmp_path):
+    cfg = write_config(tmp_path / "u.toml", bootstrap="127.0.0.1:9", registry_dir=tmp_path / "r",
+                       state_dir=tmp_path / "s", kafka_extra='security_protocol = "SSL"\nssl_cafile = "/nonexistent.pem"')
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "kafka.ssl_cafile: no such file: /nonexistent.pem" in out.stderr

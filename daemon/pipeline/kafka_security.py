@@ -226,6 +226,10 @@ def probe_tls(s: SecuritySettings, timeout_s: float = 5.0, context: ssl.SSLConte
                 tls.getpeercert()
             return
         except ssl.SSLCertVerificationError as exc:
+            if "mismatch" in str(exc.verify_message):
+                raise KafkaSecurityError("kafka.bootstrap", f"the certificate of {server} does not name {host} "
+                                         f"({exc.verify_message}): connect by a name it carries (or, last resort, "
+                                         f"kafka.ssl_check_hostname = false)") from exc
             hint = (f"is {s.ssl_cafile} the CA that signed the broker's certificate?" if s.ssl_cafile
                     else "no kafka.ssl_cafile is set, so only the system's CAs are trusted")
             raise KafkaSecurityError("kafka.ssl_cafile", f"the broker {server} presented a certificate that failed "

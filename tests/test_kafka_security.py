@@ -138,7 +138,8 @@ def test_a_client_key_with_a_wrong_password_is_a_clear_error(tmp_path, pki):
     pw.write_text("wrong\n")
     k = dataclasses.replace(KafkaSection(), security_protocol="SSL", ssl_cafile=str(pki.ca),
                             ssl_certfile=str(pki.cert), ssl_keyfile=str(key), ssl_password_file=str(pw))
-    with pytest.raises(KafkaSecurityError, match=r"cannot load the client certificate .* \(wrong kafka.ssl_password\?\)"):
+    wrong = r"cannot load the client certificate .* \(wrong kafka.ssl_password\?\)"
+    with pytest.raises(KafkaSecurityError, match=wrong):
         client_kwargs(k)
     pw.write_text("right\n")
     assert isinstance(client_kwargs(k)["ssl_context"], ssl.SSLContext)

@@ -66,7 +66,32 @@ def test_the_daemon_refuses_a_broker_whose_certificate_fails_and_says_why(tmp_pa
 
 def test_the_daemon_does_not_start_on_a_contradictory_security_setting(tmp_path):
     cfg = write_config(tmp_path / "u.toml", bootstrap="127.0.0.1:9", registry_dir=tmp_path / "r",
-                       state_dir=tmp_path / "s", kafka_extra='security_protocol = "SSL"\nssl_cafile = "/nonexistent.pem"')
+                       state_dir=tmp_path / "s",
+                       kafka_extra='security_protocol = "SSL"\nssl_cafile = "/nonexistent.pem"')
     out = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "kafka.ssl_cafile: no such file: /nonexistent.pem" in out.stderr
+
+
+def test_the_daemon_logs_in_with_scram_over_tls_and_never_logs_the_password(tmp_path, mnist_registry):
+    """SASL_SSL + SCRAM-SHA-512 with the password from the environment, logging at debug: the daemon's admin client
+    runs the SCRAM exchange through stunnel, Tansu refuses the login (it keeps no credentials: docs/operations.md),
+    the daemon says so and exits 1; the password appears nowhere in its output."""
+    pki = Pki(tmp_path / "pki").make()
+    broker = TlsBroker(pki, authentication=True).start()
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg, state_dir=tmp_path / "state",
+                       kafka_extra=f'security_protocol = "SASL_SSL"\nssl_cafile = "{pki.ca}"\n'
+                                   f'sasl_mechanism = "SCRAM-SHA-512"\nsasl_username = "unlearnd"\nstartup_wait_s = 3\n'
+                                   f'request_timeout_ms = 3000',
+                       extra='[log]\nlevel = "debug"')
+    password = "s3cr3t-never-logged"
+    d = DaemonProcess(cfg, tmp_path / "daemon.log", env={"UNLEARND_KAFKA_SASL_PASSWORD": password}).start()
+    try:
+        assert d.wait(timeout=120) == 1
+        text = d.log.read_text()
+        assert "unlearnd run: cannot reach the broker" in text and "the broker refused the SCRAM login" in text, text
+        assert password not in text
+    finally:
+        d.kill()
+        broker.stop()

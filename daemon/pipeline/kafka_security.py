@@ -123,13 +123,15 @@ def check_security(s: SecuritySettings) -> tuple[str, str] | None:
     if not tls:
         for key in (*_SSL_FILES, "ssl_password", "ssl_password_file"):
             if getattr(s, key):
-                return f"kafka.{key}", f"is set but kafka.security_protocol is {proto}: TLS settings need SSL or SASL_SSL"
+                return f"kafka.{key}", (f"is set but kafka.security_protocol is {proto}: TLS settings need SSL "
+                                        f"or SASL_SSL")
     if sasl and not mech:
         return "kafka.sasl_mechanism", (f"{proto} needs a mechanism: one of {', '.join(m for m in MECHANISMS if m)}")
     if not sasl:
         for key in ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file", "sasl_oauth_token_file"):
             if getattr(s, key):
-                return f"kafka.{key}", f"is set but kafka.security_protocol is {proto}: SASL needs SASL_PLAINTEXT or SASL_SSL"
+                return f"kafka.{key}", (f"is set but kafka.security_protocol is {proto}: SASL needs "
+                                        f"SASL_PLAINTEXT or SASL_SSL")
     for key in _SSL_FILES + ("ssl_password_file", "sasl_password_file", "sasl_oauth_token_file"):
         path = getattr(s, key)
         if path and not Path(path).is_file():

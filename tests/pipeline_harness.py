@@ -55,6 +55,114 @@ class Broker:
         self.proc = None
 
 
+class Pki:
+    """A throw-away CA and a server certificate it signed (for 127.0.0.1 and localhost), made with the openssl CLI;
+    ``other_ca`` is a second CA that signed nothing here (a client trusting it must refuse the server)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca = root / "ca.pem"
+        self.other_ca = root / "other-ca.pem"
+        self.cert = root / "server.pem"
+        self.key = root / "server.key"
+        self.localhost_cert = root / "localhost.pem"     # names only DNS:localhost (no IP): 127.0.0.1 mismatches
+        self.localhost_key = root / "localhost.key"
+
+    def make(self) -> Pki:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        for name in ("ca", "other-ca"):
+            _openssl("req", "-x509", *ec, "-keyout", str(self.root / f"{name}.key"), "-out",
+                     str(self.root / f"{name}.pem"), "-days", "2", "-subj", f"/CN=unlearnd test {name}")
+        for cert, key, names in ((self.cert, self.key, "DNS:localhost,IP:127.0.0.1"),
+                                 (self.localhost_cert, self.localhost_key, "DNS:localhost")):
+            csr, ext = cert.with_suffix(".csr"), cert.with_suffix(".ext")
+            _openssl("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost")
+            ext.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+            _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(self.root / "ca.key"),
+                     "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+        return self
+
+
+def _openssl(*args: str) -> None:
+    out = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed: {out.stderr}")
+
+
+def stunnel_binary() -> str | None:
+    """Debian's stunnel4 (``make test-deps`` installs it), or None."""
+    return shutil.which("stunnel4") or shutil.which("stunnel")
+
+
+class Stunnel:
+    """stunnel in TLS-server mode: accepts TLS on ``port`` and forwards the plain bytes to ``target_port``."""
+
+    def __init__(self, pki: Pki, target_port: int, port: int | None = None, log: Path | None = None, *,
+                 cert: Path | None = None, key: Path | None = None) -> None:
+        self.pki, self.target_port = pki, target_port
+        self.cert, self.key = cert or pki.cert, key or pki.key
+        self.port = port or free_port()
+        self.log = log or pki.root / f"stunnel-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Stunnel:
+        binary = stunnel_binary()
+        if binary is None:
+            raise RuntimeError("stunnel is not installed (make test-deps installs Debian's stunnel4)")
+        conf = self.pki.root / f"stunnel-{self.port}.conf"
+        conf.write_text(f"foreground = yes\npid =\ndebug = 5\noutput = {self.log}\n[kafka]\n"
+                        f"accept = 127.0.0.1:{self.port}\nconnect = 127.0.0.1:{self.target_port}\n"
+                        f"cert = {self.cert}\nkey = {self.key}\n")
+        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL)
+        from daemon.pipeline.broker import wait_until_listening
+
+        try:
+            wait_until_listening("127.0.0.1", self.port, 10.0)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class TlsBroker(Broker):
+    """Tansu behind stunnel: clients reach it only by TLS on ``tls_port`` (``bootstrap``), which Tansu advertises
+    in its metadata, so no client is sent around the terminator; ``plain_bootstrap`` is Tansu itself."""
+
+    def __init__(self, pki: Pki, *, authentication: bool = False) -> None:
+        super().__init__()
+        self.pki, self.authentication = pki, authentication
+        self.plain_bootstrap = self.bootstrap
+        self.tunnel = Stunnel(pki, self.port)
+        self.bootstrap = f"127.0.0.1:{self.tunnel.port}"
+        self.log = pki.root / f"tansu-{self.port}.log"
+
+    def start(self) -> TlsBroker:
+        self.proc = start_broker(self.port, advertised_port=self.tunnel.port, authentication=self.authentication,
+                                 log_file=self.log)
+        try:
+            self.tunnel.start()
+        except Exception:
+            super().stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.tunnel.stop()
+        super().stop()
+
+
 def copy_registry(source: Path, dest: Path, names: Iterable[str] = ("mnist-cnn",), source_name: str = "mnist-cnn"
                   ) -> Path:
     """A private registry for one test, with the session's pretrained model under each name."""
@@ -77,9 +185,10 @@ def copy_registry(source: Path, dest: Path, names: Iterable[str] = ("mnist-cnn",
 def write_config(path: Path, *, bootstrap: str, registry_dir: Path, state_dir: Path, models: Iterable[str] = (
         "mnist-cnn",), instance: str = "unlearnd-1", metrics_port: int = 0, group: str = "unlearnd",
         extra: str = "", rounds: str = "", probe: str = "mnist-test:0-999", retention_max_drop: float = 0.1,
-        model_extra: str = "") -> Path:
+        model_extra: str = "", kafka_extra: str = "") -> Path:
     """A daemon configuration for tests (the 1-epoch test model is fragile: the retention gate is wide);
-    ``model_extra`` ends each [[models]] table (e.g. a [models.rebase] table)."""
+    ``model_extra`` ends each [[models]] table (e.g. a [models.rebase] table); ``kafka_extra`` ends [kafka]
+    (e.g. ``security_protocol = "SSL"``)."""
     model_tables = "\n".join(f'[[models]]\nname = "{m}"\nprobe = "{probe}"\n{model_extra}\n' for m in models)
     path.write_text(f"""
 [kafka]
@@ -89,6 +198,7 @@ instance_id = "{instance}"
 session_timeout_ms = 6000
 heartbeat_interval_ms = 1000
 poll_timeout_ms = 100
+{kafka_extra}
 [state]
 dir = "{state_dir}"
 [registry]

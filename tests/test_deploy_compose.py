@@ -225,7 +225,9 @@ def test_the_secure_overlay_mounts_secrets_the_daemon_and_server_load(compose, t
     env = {k: local.get(v, v) for k, v in {**_env(compose["services"]["daemon"]), **_env(daemon)}.items()}
     daemon["environment"] = env
     config = _daemon_config({"services": {"daemon": daemon}})
-    assert config.metrics.tls().client_auth_required and config.metrics.token() is not None
+    from daemon.pipeline.metrics_http import metrics_tls, metrics_token
+
+    assert metrics_tls(config.metrics).client_auth_required and metrics_token(config.metrics) is not None
     assert config.serving.notify_urls[0].startswith("https://serve:")
 
     serve = overlay["services"]["serve"]

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.pipeline.config import ConfigError, load_config
 from daemon.pipeline.metrics import DaemonMetrics
+from daemon.pipeline.metrics_http import metrics_tls, metrics_token
 from tests.test_serve_security import TOKEN, make_pki, pki, token_file  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs openssl")
@@ -43,12 +44,12 @@ def _scrape(url: str, ctx: ssl.SSLContext | None, token: str | None = None) -> t
 def test_daemon_metrics_over_mutual_tls_with_a_token(tmp_path: Path, pki: dict[str, Path],  # noqa: F811
                                                      token_file: Path) -> None:  # noqa: F811
     config = load_config(_config(tmp_path, token_file=str(token_file), tls_cert_file=str(pki["server.pem"]),
-                                 tls_key_file=str(pki["server.key"]), tls_client_ca_file=str(pki["ca.pem"]),
-                                 tls_client_auth_required=True), env={})
+                                 tls_key_file=str(pki["server.key"]), tls_client_ca_file=str(pki["ca.pem"])),
+                         env={})
     m = config.metrics
     metrics = DaemonMetrics()
     metrics.pending.set(3)
-    server, _ = metrics.serve("127.0.0.1", 0, tls=m.tls(), token=m.token())
+    server, _ = metrics.serve("127.0.0.1", 0, tls=metrics_tls(m), token=metrics_token(m))
     url = f"https://127.0.0.1:{server.server_address[1]}/metrics"
     try:
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):

@@ -30,16 +30,32 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
         raise _usage(f"configuration: {exc}") from exc
 
 
+def _check_folders(config: Any) -> list[str]:
+    """The folders the daemon writes: a usage error (exit 2) when the state folder is not writable; warnings."""
+    from daemon.pipeline.config import ConfigError
+    from daemon.pipeline.config_checks import check_folders
+
+    try:
+        return check_folders(config)
+    except ConfigError as exc:
+        raise _usage(f"configuration: {exc}") from exc
+
+
 # -- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     import threading
+
+    import structlog
 
     from daemon.logs import configure_logging
     from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
     from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)
+    warnings = _check_folders(config)           # before anything is set up: a refusal leaves nothing behind
     configure_logging(config.log.level, config.log.format)
+    for warning in warnings:
+        structlog.get_logger("unlearnd.daemon").warning("config_warning", detail=warning)
     stop = threading.Event()
     install_signal_handlers(stop)
     try:
@@ -64,11 +80,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from daemon.pipeline.broker import BrokerError, start_broker
 
     try:
-        proc = start_broker(args.port, args.host)
+        proc = start_broker(args.port, args.host, storage=args.storage)
     except BrokerError as exc:
         raise _usage(str(exc)) from exc
-    print(f"broker listening on {args.host}:{args.port} (in-memory storage: restarting it forgets all topics)",
-          file=sys.stderr, flush=True)
+    if args.storage.startswith("memory:"):
+        print(f"broker listening on {args.host}:{args.port}\nWARNING: in-memory storage: stopping it loses every "
+              f"topic, message and committed offset; requests published while the daemon is down are lost with it "
+              f"(those accepted but not applied get a failed receipt asking for a resubmission). For a durable "
+              f"broker: --storage s3://BUCKET/ (docs/operations.md)", file=sys.stderr, flush=True)
+    else:
+        print(f"broker listening on {args.host}:{args.port}, storage {args.storage}", file=sys.stderr, flush=True)
 
     def stop(*_: Any) -> None:
         proc.terminate()
@@ -84,14 +105,20 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 # -- config -------------------------------------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
-    from daemon.pipeline.config import example_toml, reference_rows
+    from daemon.pipeline.config import effective_toml, example_toml, reference_rows
 
     if args.action == "example":
         sys.stdout.write(example_toml())
     elif args.action == "check":
         config = _load(args)
-        print(f"ok: {len(config.models)} model(s), broker {config.kafka.bootstrap}, state {config.state.dir}, "
-              f"registry {config.registry.dir}")
+        for warning in _check_folders(config):
+            print(f"warning: {warning}", file=sys.stderr)
+        k = config.kafka
+        sasl = f" {k.sasl_mechanism}" if k.security_protocol.startswith("SASL_") else ""
+        print(f"ok: {len(config.models)} model(s), broker {k.bootstrap} ({k.security_protocol}{sasl}), "
+              f"state {config.state.dir}, registry {config.registry.dir}")
+    elif args.action == "show":
+        sys.stdout.write(effective_toml(_load(args)))
     else:
         print("| setting | environment | type | default | unit | meaning |")
         print("| --- | --- | --- | --- | --- | --- |")
@@ -154,19 +181,77 @@ def _requests_from_args(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]
         yield args.model, json.dumps(body).encode()
 
 
+# -- the Kafka connection of publish and receipts ---------------------------------------------------------
+_KAFKA_FLAGS = {   # flag -> [kafka] setting; each overrides --config (or the UNLEARND_KAFKA_* environment)
+    "--bootstrap": "bootstrap", "--security-protocol": "security_protocol", "--ssl-cafile": "ssl_cafile",
+    "--ssl-certfile": "ssl_certfile", "--ssl-keyfile": "ssl_keyfile", "--ssl-password-file": "ssl_password_file",
+    "--ssl-crlfile": "ssl_crlfile", "--sasl-mechanism": "sasl_mechanism", "--sasl-username": "sasl_username",
+    "--sasl-password-file": "sasl_password_file", "--sasl-oauth-token-file": "sasl_oauth_token_file",
+}
+
+
+def _add_kafka_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--config", help="read the [kafka] section (broker, topics, TLS, SASL) of this TOML file")
+    for flag, key in _KAFKA_FLAGS.items():
+        sp.add_argument(flag, dest=f"kafka_{key}", help=f"kafka.{key} (overrides --config)")
+    sp.add_argument("--no-ssl-check-hostname", dest="kafka_ssl_check_hostname", action="store_const", const=False,
+                    help="kafka.ssl_check_hostname = false")
+
+
+def _kafka_from_args(args: argparse.Namespace):  # noqa: ANN202 - KafkaSection
+    """The [kafka] section of --config (or defaults and UNLEARND_KAFKA_*), with the flags over it, checked: the
+    same settings, secrets and checks as the daemon's. Secrets come from files or the environment only
+    (UNLEARND_KAFKA_SASL_PASSWORD, UNLEARND_KAFKA_SSL_PASSWORD), never from a flag, which any user could read."""
+    import dataclasses
+
+    from daemon.pipeline.config import ConfigError
+    from daemon.pipeline.kafka_security import check_security
+
+    section = _load(args).kafka
+    given = {key: getattr(args, f"kafka_{key}") for key in (*_KAFKA_FLAGS.values(), "ssl_check_hostname")}
+    section = dataclasses.replace(section, **{k: v for k, v in given.items() if v is not None})
+    problem = check_security(section)
+    if problem is not None:
+        raise _usage(f"configuration: {ConfigError(*problem)}")
+    return section
+
+
+def _connect_error(what: str, kafka: Any, exc: Exception, seen: Any = None) -> str:
+    """Why a client could not talk to the broker: the error, the last reason kafka-python saw, the SASL in use."""
+    hint = f"; last failure: {seen.reasons[-1]}" if seen is not None and seen.reasons else ""
+    if kafka.security_protocol.startswith("SASL_"):
+        hint += (f" ({kafka.security_protocol}, {kafka.sasl_mechanism}"
+                f"{' as ' + repr(kafka.sasl_username) if kafka.sasl_username else ''}: a refused login ends like this "
+                f"too)")
+    return f"unlearnd {what}: cannot reach {kafka.bootstrap}: {exc}{hint}"
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
+    from daemon.pipeline.kafka_io import explained_bootstrap
+
+    messages = list(_requests_from_args(args))
+    kafka = _kafka_from_args(args)
+    topic = args.topic or kafka.requests_topic
+    with explained_bootstrap() as seen:
+        return _publish(kafka, topic, messages, seen)
+
+
+def _publish(kafka: Any, topic: str, messages: list[tuple[str, bytes]], seen: Any) -> int:
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
-    messages = list(_requests_from_args(args))
+    from daemon.pipeline.kafka_io import connection_kwargs
+    from daemon.pipeline.kafka_security import probe_tls
+
     try:
-        producer = KafkaProducer(bootstrap_servers=args.bootstrap.split(","), acks="all", linger_ms=5,
-                                 max_block_ms=10000)
+        kwargs = connection_kwargs(kafka)
+        probe_tls(kafka, 5.0, kwargs.get("ssl_context"))
+        producer = KafkaProducer(**kwargs, acks="all", linger_ms=5, max_block_ms=10000, bootstrap_timeout_ms=10000)
     except KafkaError as exc:
-        print(f"unlearnd publish: cannot reach {args.bootstrap}: {exc}", file=sys.stderr)
+        print(_connect_error("publish", kafka, exc, seen), file=sys.stderr)
         return 1
     try:
-        futures = [producer.send(args.topic, key=model.encode() if model else None, value=value)
+        futures = [producer.send(topic, key=model.encode() if model else None, value=value)
                    for model, value in messages]
         producer.flush(timeout=30)
         for (model, value), fut in zip(messages, futures, strict=True):
@@ -178,7 +263,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             print(json.dumps({"request_id": rid, "model": model, "partition": meta.partition,
                               "offset": meta.offset}))
     except KafkaError as exc:
-        print(f"unlearnd publish: {exc}", file=sys.stderr)
+        print(_connect_error("publish", kafka, exc, seen), file=sys.stderr)
         return 1
     finally:
         producer.close(timeout=5)
@@ -188,9 +273,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
 # -- receipts -----------------------------------------------------------------------------------------
 def cmd_receipts(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
 
-    consumer = KafkaConsumer(bootstrap_servers=args.bootstrap.split(","), enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=200)
+    from daemon.pipeline.kafka_io import connection_kwargs, explained_bootstrap
+    from daemon.pipeline.kafka_security import probe_tls
+
+    kafka = _kafka_from_args(args)
+    args.topic = args.topic or kafka.receipts_topic
+    with explained_bootstrap() as seen:
+        try:
+            kwargs = connection_kwargs(kafka)
+            probe_tls(kafka, 5.0, kwargs.get("ssl_context"))
+            consumer = KafkaConsumer(**kwargs, enable_auto_commit=False, auto_offset_reset="earliest",
+                                     consumer_timeout_ms=200, bootstrap_timeout_ms=10000)
+        except KafkaError as exc:
+            print(_connect_error("receipts", kafka, exc, seen), file=sys.stderr)
+            return 1
     deadline = time.monotonic() + args.timeout if args.timeout else None
     wanted = set(args.request_id or [])
     seen: set[tuple[str, int]] = set()
@@ -319,7 +417,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     from daemon.engine.kinds import KINDS, ForgetInstances
     from daemon.pipeline.broker import DEFAULT_PORT
 
-    bootstrap = f"127.0.0.1:{DEFAULT_PORT}"
     sp = sub.add_parser("run", help="run the daemon (Kafka requests in, unlearned versions out)")
     sp.add_argument("--config", help="TOML file (defaults and UNLEARND_* environment when omitted)")
     sp.set_defaults(func=cmd_run)
@@ -327,16 +424,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1")
     sp.add_argument("--port", type=int, default=DEFAULT_PORT)
     sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--storage", default="memory://tansu/",
+                    help="Tansu storage engine: memory://tansu/ (default; lost on stop) or s3://BUCKET/ (durable: "
+                         "an S3 endpoint from AWS_ENDPOINT, AWS_ACCESS_KEY_ID...; this build of Tansu has no "
+                         "sqlite, file or postgres engine)")
     sp.set_defaults(func=cmd_broker)
 
-    sp = sub.add_parser("config", help="print an example configuration, check one, or list every setting")
-    sp.add_argument("action", choices=("example", "check", "reference"))
+    sp = sub.add_parser("config", help="print an example configuration, check one, show the one in force (secrets "
+                                       "as ***), or list every setting")
+    sp.add_argument("action", choices=("example", "check", "show", "reference"))
     sp.add_argument("--config")
     sp.set_defaults(func=cmd_config)
 
     sp = sub.add_parser("publish", help="send forget requests (from arguments or a JSONL file)")
-    sp.add_argument("--bootstrap", default=bootstrap)
-    sp.add_argument("--topic", default="unlearn.requests")
+    _add_kafka_flags(sp)
+    sp.add_argument("--topic", help="default: kafka.requests_topic (unlearn.requests)")
     sp.add_argument("--file", help="JSONL of request objects ('-' for standard input)")
     sp.add_argument("--model")
     sp.add_argument("--kind", default=ForgetInstances.name, choices=tuple(KINDS))
@@ -351,8 +453,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.set_defaults(func=cmd_publish)
 
     sp = sub.add_parser("receipts", help="follow the receipts topic")
-    sp.add_argument("--bootstrap", default=bootstrap)
-    sp.add_argument("--topic", default="unlearn.receipts")
+    _add_kafka_flags(sp)
+    sp.add_argument("--topic", help="default: kafka.receipts_topic (unlearn.receipts)")
     sp.add_argument("--from-beginning", action="store_true")
     sp.add_argument("--request-id", action="append", help="only these requests (repeat)")
     sp.add_argument("--count", type=int, default=0, help="stop after this many receipts")

@@ -27,6 +27,7 @@ from daemon.data.sources import KNOWN_DATASETS, check_source_name
 from daemon.engine.config import PRESETS, parse_settings
 from daemon.engine.importance import ACCUMULATIONS
 from daemon.engine.methods import METHODS
+from daemon.pipeline.kafka_security import MECHANISMS, PROTOCOLS, check_security
 
 __all__ = [
     "Config",
@@ -43,6 +44,7 @@ __all__ = [
     "ServingSection",
     "SourceSection",
     "StateSection",
+    "effective_toml",
     "example_toml",
     "load_config",
     "parse_rebase_source",
@@ -70,6 +72,12 @@ def _opt(default: Any, doc: str, unit: str = "", *, minimum: float | None = None
     return field(default=default, metadata=meta)
 
 
+def _secret(doc: str) -> Any:
+    """A secret: never in the TOML file (refused there), never in a repr or ``config show``."""
+    meta = {"doc": doc, "unit": "", "minimum": None, "below": None, "choices": None, "secret": True}
+    return field(default="", repr=False, metadata=meta)
+
+
 @dataclass(frozen=True)
 class KafkaSection:
     """Where requests come from and receipts go."""
@@ -94,6 +102,20 @@ class KafkaSection:
                                  "s", minimum=0)
     request_timeout_ms: int = _opt(10000, "timeout of one broker request (producer and admin)", "ms",
                                    minimum=1000)
+    security_protocol: str = _opt("PLAINTEXT", "how clients reach the broker: TLS (SSL), SASL authentication, or "
+                                  "both (SASL_SSL)", choices=PROTOCOLS)
+    ssl_cafile: str = _opt("", "PEM file of the CA(s) the broker's certificate must chain to (empty: the system's)")
+    ssl_certfile: str = _opt("", "client certificate (PEM) for mutual TLS")
+    ssl_keyfile: str = _opt("", "the client certificate's private key (PEM; empty: inside ssl_certfile)")
+    ssl_password: str = _secret("the client key's password; only from the environment (UNLEARND_KAFKA_SSL_PASSWORD)")
+    ssl_password_file: str = _opt("", "file holding the client key's password")
+    ssl_check_hostname: bool = _opt(True, "check that the broker's certificate names the host connected to")
+    ssl_crlfile: str = _opt("", "PEM certificate revocation list checked against the broker's certificate")
+    sasl_mechanism: str = _opt("", "SASL mechanism (with SASL_PLAINTEXT or SASL_SSL)", choices=MECHANISMS)
+    sasl_username: str = _opt("", "SASL user (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+    sasl_password: str = _secret("the SASL password; only from the environment (UNLEARND_KAFKA_SASL_PASSWORD)")
+    sasl_password_file: str = _opt("", "file holding the SASL password")
+    sasl_oauth_token_file: str = _opt("", "OAUTHBEARER: file holding the token, re-read at each connection (rotation)")
 
 
 @dataclass(frozen=True)
@@ -158,27 +180,10 @@ class MetricsSection:
 
     host: str = _opt("127.0.0.1", "address /metrics listens on")
     port: int = _opt(9464, "port /metrics listens on (0 disables it)", minimum=0)
-    token_file: str = _opt("", "file holding the bearer token scrapes must send (Authorization: Bearer; 401 "
-                               "without it); empty: no token")
+    token_file: str = _opt("", "file of the bearer token scrapes must send (401 without it); empty: none")
     tls_cert_file: str = _opt("", "serve /metrics over HTTPS with this certificate chain (PEM); empty: plain HTTP")
     tls_key_file: str = _opt("", "the certificate's private key (PEM)")
-    tls_client_ca_file: str = _opt("", "accept scrapers' client certificates signed by this CA (mutual TLS)")
-    tls_client_auth_required: bool = _opt(False, "refuse scrapers without a client certificate from "
-                                                 "tls_client_ca_file")
-
-    def tls(self) -> Any:
-        """The TLS files as ``daemon.endpoint_auth.TlsFiles`` (ValueError when they do not fit together)."""
-        from daemon.endpoint_auth import TlsFiles
-
-        return TlsFiles(certfile=self.tls_cert_file or None, keyfile=self.tls_key_file or None,
-                        client_cafile=self.tls_client_ca_file or None,
-                        client_auth_required=self.tls_client_auth_required)
-
-    def token(self) -> str | None:
-        """The token read from ``token_file`` (None without one); ValueError naming the file, never the token."""
-        from daemon.endpoint_auth import read_token_file
-
-        return read_token_file(self.token_file, what="token file") if self.token_file else None
+    tls_client_ca_file: str = _opt("", "mutual TLS: scrapers need a client certificate signed by this CA")
 
 
 @dataclass(frozen=True)
@@ -188,10 +193,8 @@ class ServingSection:
     notify_urls: list[str] = _opt([], "reload URLs called after each publish "
                                       "(POST /v2/repository/models/{name}/load; {name} is filled in)")
     notify_timeout_s: float = _opt(2.0, "timeout of one notify call", "s", minimum=0)
-    notify_token_file: str = _opt("", "file holding the servers' bearer token (unlearnd serve --token-file), sent "
-                                      "with each notify call; empty: none")
-    notify_ca_file: str = _opt("", "CA that signs the servers' certificates, for https:// notify URLs (empty: the "
-                                   "system's CAs)")
+    notify_token_file: str = _opt("", "file of the servers' bearer token (serve --token-file) sent with each notify")
+    notify_ca_file: str = _opt("", "CA of the servers' certificates for https:// notify URLs (empty: the system's)")
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,10 @@ class DaemonSection:
     """Process-wide behaviour."""
 
     outbox_interval_s: float = _opt(0.5, "how often unacknowledged receipts are retried", "s", minimum=0.01)
+    stranded_after_s: float = _opt(30.0, "how long an accepted request that the broker can no longer redeliver "
+                                         "(its round lost with the daemon, its message lost with the broker) "
+                                         "waits before its failed receipt tells the publisher to resubmit it",
+                                   "s", minimum=0)
 
 
 SOURCE_KINDS = ("builtin", "folder", "array")
@@ -370,7 +377,7 @@ def _convert(setting: str, f: dataclasses.Field, value: Any, from_env: bool) -> 
     if meta.get("below") is not None and not value < meta["below"]:
         raise ConfigError(setting, f"must be < {meta['below']}, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(setting, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(setting, f"must be one of {', '.join(c or repr(c) for c in meta['choices'])}, got {value!r}")
     return value
 
 
@@ -389,6 +396,8 @@ def _build(cls: type, prefix: str, table: Mapping[str, Any], env: Mapping[str, s
             values[name] = _build_sources(setting, table.get(name, []), env, env_name)
         elif f.type == "RebaseSection":
             values[name] = _build(RebaseSection, setting, table.get(name, {}), env, env_name)
+        elif f.metadata.get("secret") and name in table:
+            raise ConfigError(setting, f"a secret is never read from the file: set {env_name} or {setting}_file")
         elif env_name in env:
             values[name] = _convert(f"{setting} (from {env_name})", f, env[env_name], True)
         elif name in table:
@@ -443,14 +452,9 @@ def _check(config: Config) -> None:
         raise ConfigError("kafka", "the four topics must have distinct names")
     if config.kafka.heartbeat_interval_ms * 3 > config.kafka.session_timeout_ms:
         raise ConfigError("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms")
-    _check_metrics(config.metrics)
-    if config.serving.notify_token_file:
-        from daemon.endpoint_auth import read_token_file
-
-        try:
-            read_token_file(config.serving.notify_token_file, what="token file")
-        except ValueError as exc:
-            raise ConfigError("serving.notify_token_file", str(exc)) from None
+    problem = check_security(config.kafka)
+    if problem is not None:
+        raise ConfigError(*problem)
     if not config.models:
         raise ConfigError("models", "at least one [[models]] table is needed")
     seen: set[str] = set()
@@ -465,26 +469,9 @@ def _check(config: Config) -> None:
             m.round_settings()
         except ValueError as exc:
             raise ConfigError(f"models[{i}].settings", str(exc)) from None
+    from daemon.pipeline.config_checks import check_values      # it imports this module
 
-
-def _check_metrics(m: MetricsSection) -> None:
-    """The TLS files fit together and load, and the token file holds a usable token (read, never shown)."""
-    try:
-        tls = m.tls()
-    except ValueError as exc:
-        key = "tls_key_file" if "key file" in str(exc) else "tls_client_ca_file"
-        raise ConfigError(f"metrics.{key}", str(exc)) from None
-    if tls.enabled:
-        from daemon.endpoint_auth import server_ssl_context
-
-        try:
-            server_ssl_context(tls)
-        except ValueError as exc:
-            raise ConfigError("metrics.tls_cert_file", str(exc)) from None
-    try:
-        m.token()
-    except ValueError as exc:
-        raise ConfigError("metrics.token_file", str(exc)) from None
+    check_values(config)
 
 
 def _check_model_sources(i: int, m: ModelSection) -> None:
@@ -573,7 +560,7 @@ def _describe(f: dataclasses.Field) -> str:
     if f.metadata.get("unit"):
         bits.append(f"unit: {f.metadata['unit']}")
     if f.metadata.get("choices"):
-        bits.append("one of " + ", ".join(f.metadata["choices"]))
+        bits.append("one of " + ", ".join(c or '""' for c in f.metadata["choices"]))
     return "; ".join(bits)
 
 
@@ -585,6 +572,10 @@ def example_toml() -> str:
         out.append(f"[{name}]  # {cls.__doc__}")
         for f in dataclasses.fields(cls):
             out.append(f"# {_describe(f)} (env {ENV_PREFIX}_{name.upper()}_{f.name.upper()})")
+            if f.metadata.get("secret"):   # refused in the file: commented out, the comment names the way in
+                out.append(f'# {f.name} = "..."   (never here: {ENV_PREFIX}_{name.upper()}_{f.name.upper()} or '
+                           f'{f.name}_file)')
+                continue
             out.append(f"{f.name} = {_toml_value(getattr(getattr(default, name), f.name))}")
         out.append("")
     for i, model in enumerate(default.models):
@@ -613,6 +604,32 @@ def example_toml() -> str:
                 "# [[models.sources]]", '# kind = "array"', '# name = "scans"',
                 '# path = "/data/scans.npz"   # images and labels; refs: scans:12']
     return "\n".join(out) + "\n"
+
+
+def effective_toml(config: Config) -> str:
+    """The configuration in force (file, environment and defaults together) as TOML, secrets shown as ``***``
+    (``unlearnd config show``): what the daemon will run with, safe to paste into a ticket."""
+    def table(header: str, obj: Any) -> list[str]:
+        lines = [header]
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in ("sources", "rebase"):
+                continue
+            if f.metadata.get("secret"):   # a comment: the output stays a loadable file (secrets are refused in one)
+                lines.append(f"# {f.name} = {'***' if value else '(not set)'}  (secret: from the environment only)")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        return lines + [""]
+
+    out: list[str] = []
+    for name in _SECTIONS:
+        out += table(f"[{name}]", getattr(config, name))
+    for model in config.models:
+        out += table("[[models]]", model)
+        for src in model.sources:
+            out += table("[[models.sources]]", src)
+        out += table("[models.rebase]", model.rebase)
+    return "\n".join(out)
 
 
 def reference_rows() -> list[dict[str, str]]:

@@ -21,9 +21,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from daemon.endpoint_auth import TlsFiles, check_bearer, server_ssl_context, unauthorized_header
+from daemon.endpoint_auth import TlsFiles, check_bearer, read_token_file, server_ssl_context, unauthorized_header
 
-__all__ = ["MetricsHttpServer", "start_metrics_server"]
+__all__ = ["MetricsHttpServer", "check_endpoint_settings", "metrics_tls", "metrics_token", "notify_token",
+           "start_metrics_server"]
 
 #: a connection that sends nothing (or stalls its TLS handshake) for this long is closed
 READ_TIMEOUT_S = 10.0
@@ -83,6 +84,44 @@ def _with_token(app: Callable[..., Iterable[bytes]], token: str) -> Callable[...
                                             ("WWW-Authenticate", unauthorized_header(presented, "unlearnd-daemon"))])
         return [body]
     return guarded
+
+
+def metrics_tls(section: Any) -> TlsFiles:
+    """``[metrics]``'s TLS files (a client CA means mutual TLS, required); ValueError when they do not fit."""
+    return TlsFiles(certfile=section.tls_cert_file or None, keyfile=section.tls_key_file or None,
+                    client_cafile=section.tls_client_ca_file or None,
+                    client_auth_required=bool(section.tls_client_ca_file))
+
+
+def metrics_token(section: Any) -> str | None:
+    """``[metrics] token_file``'s token (None without one); ValueError naming the file, never the token."""
+    return read_token_file(section.token_file, what="token file") if section.token_file else None
+
+
+def notify_token(section: Any) -> str | None:
+    """``[serving] notify_token_file``'s token (None without one)."""
+    return read_token_file(section.notify_token_file, what="token file") if section.notify_token_file else None
+
+
+def check_endpoint_settings(config: Any) -> tuple[str, str] | None:
+    """(setting, problem) of the first unusable TLS or token file of ``[metrics]`` and ``[serving]``, or None:
+    the files fit together, load, and hold a usable token (read, never shown)."""
+    try:
+        tls = metrics_tls(config.metrics)
+    except ValueError as exc:
+        return ("metrics.tls_key_file" if "key file" in str(exc) else "metrics.tls_cert_file"), str(exc)
+    if tls.enabled:
+        try:
+            server_ssl_context(tls)
+        except ValueError as exc:
+            return "metrics.tls_cert_file", str(exc)
+    for setting, read in (("metrics.token_file", lambda: metrics_token(config.metrics)),
+                          ("serving.notify_token_file", lambda: notify_token(config.serving))):
+        try:
+            read()
+        except ValueError as exc:
+            return setting, str(exc)
+    return None
 
 
 def start_metrics_server(registry: CollectorRegistry, host: str, port: int, *, tls: TlsFiles | None = None,

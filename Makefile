@@ -80,3 +80,9 @@ bench-lifetime: install
 .PHONY: bench-daemon
 bench-daemon: install
 	$(PY) benchmarks/daemon_bench.py
+
+# issue 23: `unlearnd serve` against 20,000 slow or oversized connections while a client sends inferences;
+# ~4 min; writes benchmarks/results/serve_exhaustion.json and .md
+.PHONY: bench-serve-exhaustion
+bench-serve-exhaustion: install
+	PYTHONPATH=. $(PY) benchmarks/serve_exhaustion.py

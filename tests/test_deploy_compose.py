@@ -203,3 +203,41 @@ def test_dockerignore_keeps_the_context_to_the_sources():
         if op == "COPY":
             for src in shlex.split(rest)[:-1]:
                 assert f"!{src.rstrip('/')}" in [e.rstrip("/") for e in ignore], f"{src} is ignored by the build"
+
+
+def test_the_secure_overlay_mounts_secrets_the_daemon_and_server_load(compose, tmp_path):
+    """deploy/compose/compose.secure.yaml (issue 23): with the files make-secrets.sh writes, the daemon's
+    configuration (file + overlay env) loads its TLS files and token, the server's flags name mounted secrets,
+    and Prometheus scrapes with prometheus-secure.yml."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    overlay = yaml.safe_load((COMPOSE_DIR / "compose.secure.yaml").read_text())
+    secrets = tmp_path / "secrets"
+    subprocess.run(["sh", str(COMPOSE_DIR / "make-secrets.sh"), str(secrets)], check=True, capture_output=True)
+    declared = overlay["secrets"]
+    assert {Path(s["file"]).name for s in declared.values()} <= {p.name for p in secrets.iterdir()}
+    local = {f"/run/secrets/{name}": str(secrets / Path(s["file"]).name) for name, s in declared.items()}
+
+    daemon = {**compose["services"]["daemon"], **overlay["services"]["daemon"]}
+    env = {k: local.get(v, v) for k, v in {**_env(compose["services"]["daemon"]), **_env(daemon)}.items()}
+    daemon["environment"] = env
+    config = _daemon_config({"services": {"daemon": daemon}})
+    from daemon.pipeline.metrics_http import metrics_tls, metrics_token
+
+    assert metrics_tls(config.metrics).client_auth_required and metrics_token(config.metrics) is not None
+    assert config.serving.notify_urls[0].startswith("https://serve:")
+
+    serve = overlay["services"]["serve"]
+    args = build_parser().parse_args(serve["command"])
+    for path in (args.token_file, args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file):
+        assert path in local and path.removeprefix("/run/secrets/") in serve["secrets"]
+    assert "https://" in " ".join(serve["healthcheck"]["test"])
+
+    prom = overlay["services"]["prometheus"]
+    [config_file] = [c.split("=", 1)[1] for c in prom["command"] if c.startswith("--config.file=")]
+    mounts = dict((dst, src) for src, dst in _mounts(compose["services"]["prometheus"]))
+    assert (COMPOSE_DIR / mounts["/etc/prometheus"] / Path(config_file).name).is_file()
+    assert ("./secrets", "/etc/prometheus/secrets") in _mounts(prom)

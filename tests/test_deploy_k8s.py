@@ -180,8 +180,8 @@ def test_servers_have_health_probes_and_serve_a_model_the_daemon_owns(docs):
     assert args.model in [m.name for m in config.models]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == args.port
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTPS"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http", "scheme": "HTTPS"}
     flags = container["args"]
     assert flags[flags.index("--server-id") + 1] == "$(POD_NAME)"     # one lease per replica
     assert "POD_NAME" in {e["name"] for e in container["env"]}
@@ -234,3 +234,19 @@ def write_prometheus_rule() -> None:
 if __name__ == "__main__":
     write_prometheus_rule()
     print(f"wrote {PROMETHEUS_RULE}")
+
+
+def test_servers_read_their_token_and_certificate_from_mounted_secrets(docs):
+    """Issue 23: serve runs HTTPS with a bearer token, both from Secrets mounted read-only; the serve monitor
+    scrapes over HTTPS with the same token."""
+    container = _container(_one(docs, "Deployment"))
+    args = _args(container)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in _one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    for flag, volume in ((args.token_file, "token"), (args.tls_cert_file, "tls"), (args.tls_key_file, "tls")):
+        assert flag.startswith(mounts[volume]["mountPath"] + "/") and mounts[volume]["readOnly"]
+        assert "secret" in volumes[volume] and volumes[volume]["secret"]["defaultMode"] & 0o004 == 0
+    [endpoint] = _one(docs, "ServiceMonitor", "unlearnd-serve")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["authorization"]["credentials"]["name"] == volumes["token"]["secret"]["secretName"]
+    assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == volumes["tls"]["secret"]["secretName"]

@@ -96,3 +96,29 @@ def test_the_deletion_deadline_is_read_from_its_recording_rules(name):
     deadlines = {r["labels"]["severity"]: r["expr"] for r in load_rules()
                  if r.get("record") == "unlearnd:deletion_deadline_seconds"}
     assert deadlines == {"warning": "vector(86400)", "critical": "vector(259200)"}
+
+
+def test_the_secure_scrape_configuration_uses_https_mutual_tls_and_a_token_file(tmp_path):
+    """deploy/prometheus/prometheus-secure.yml (issue 23): promtool accepts it once its secret files exist, and
+    it scrapes the same jobs as prometheus.yml, each over HTTPS with a CA, a client certificate and a token."""
+    secure = PROM / "prometheus-secure.yml"
+    doc = yaml.safe_load(secure.read_text())
+    plain = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    assert set(jobs) == {j["job_name"] for j in plain["scrape_configs"]}
+    assert doc["rule_files"] == plain["rule_files"]
+    for name in ("unlearnd-daemon", "unlearnd-serve"):
+        job = jobs[name]
+        assert job["scheme"] == "https"
+        assert set(job["tls_config"]) == {"ca_file", "cert_file", "key_file"}
+        assert job["authorization"] == {"credentials_file": "/etc/prometheus/secrets/token"}
+    # promtool checks that the files exist: give it a copy whose secrets live in tmp_path
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for f in ("ca.pem", "client.pem", "client.key", "token"):
+        (secrets / f).write_text("placeholder\n")
+    (tmp_path / "rules").symlink_to(PROM / "rules")
+    copy = tmp_path / "prometheus-secure.yml"
+    copy.write_text(secure.read_text().replace("/etc/prometheus/secrets", str(secrets)))
+    result = _promtool("check", "config", str(copy))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -180,6 +180,10 @@ class MetricsSection:
 
     host: str = _opt("127.0.0.1", "address /metrics listens on")
     port: int = _opt(9464, "port /metrics listens on (0 disables it)", minimum=0)
+    token_file: str = _opt("", "file of the bearer token scrapes must send (401 without it); empty: none")
+    tls_cert_file: str = _opt("", "serve /metrics over HTTPS with this certificate chain (PEM); empty: plain HTTP")
+    tls_key_file: str = _opt("", "the certificate's private key (PEM)")
+    tls_client_ca_file: str = _opt("", "mutual TLS: scrapers need a client certificate signed by this CA")
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class ServingSection:
     notify_urls: list[str] = _opt([], "reload URLs called after each publish "
                                       "(POST /v2/repository/models/{name}/load; {name} is filled in)")
     notify_timeout_s: float = _opt(2.0, "timeout of one notify call", "s", minimum=0)
+    notify_token_file: str = _opt("", "file of the servers' bearer token (serve --token-file) sent with each notify")
+    notify_ca_file: str = _opt("", "CA of the servers' certificates for https:// notify URLs (empty: the system's)")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ def parse_bootstrap(value: str) -> list[tuple[str, int]]:
 
 def check_values(config: Config) -> None:
     """Cross-field and syntax rules of single values; raises :class:`ConfigError` naming the setting."""
+    from daemon.pipeline.metrics_http import check_endpoint_settings
+
+    problem = check_endpoint_settings(config)     # TLS and token files of /metrics and the notify calls
+    if problem is not None:
+        raise ConfigError(*problem)
     for section, key in _PORT_SETTINGS:
         port = getattr(getattr(config, section), key)
         if not 0 <= port <= 65535:

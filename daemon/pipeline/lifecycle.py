@@ -206,7 +206,10 @@ class Daemon:
         for name in self.runtimes:
             self._export_loaded(name)
         if self.config.metrics.port:
-            self._metrics_server = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+            from daemon.pipeline.metrics_http import metrics_tls, metrics_token
+
+            m = self.config.metrics
+            self._metrics_server = self.metrics.serve(m.host, m.port, tls=metrics_tls(m), token=metrics_token(m))
         self._ensure_topics()
         self.outbox.start()
         k = self.config.kafka
@@ -452,10 +455,13 @@ class Daemon:
         urls = [u.replace("{name}", model) for u in self.config.serving.notify_urls]
         if not urls:
             return
-        from daemon.serving.notify import notify_reload
+        from daemon.pipeline.metrics_http import notify_token
+        from daemon.serving.notify import client_ssl_context, notify_reload
 
-        threading.Thread(target=notify_reload, args=(urls,), kwargs={"timeout": self.config.serving.notify_timeout_s},
-                         name="notify", daemon=True).start()
+        s = self.config.serving
+        kwargs = {"timeout": s.notify_timeout_s, "ssl_context": client_ssl_context(s.notify_ca_file or None),
+                  "token": notify_token(s)}
+        threading.Thread(target=notify_reload, args=(urls,), kwargs=kwargs, name="notify", daemon=True).start()
 
     # -- rebases -----------------------------------------------------------------------------------------
     def _rebase_finishing(self) -> bool:

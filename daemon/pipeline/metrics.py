@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from daemon.endpoint_auth import TlsFiles
+from daemon.pipeline.metrics_http import start_metrics_server
 from daemon.pipeline.receipts import RoundMetrics
 
 __all__ = ["DaemonMetrics", "memory_free_share"]
@@ -112,9 +114,10 @@ class DaemonMetrics:
         self.gate_floor.labels(model=model).set(floor)
         self.deletions_since_base.labels(model=model).set(deletions)
 
-    def serve(self, host: str, port: int):  # noqa: ANN201 - (server, thread) of prometheus_client
-        """Start /metrics on a background thread (prometheus-client's own WSGI server)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, *, tls: TlsFiles | None = None, token: str | None = None):  # noqa: ANN201
+        """Start /metrics on a background thread, over TLS with ``tls`` and behind ``token`` when given;
+        (server, thread) as prometheus-client's ``start_http_server`` (``daemon.pipeline.metrics_http``)."""
+        return start_metrics_server(self.registry, host, port, tls=tls, token=token)
 
 
 def memory_free_share(fill: Mapping[str, float]) -> float:

@@ -4,6 +4,16 @@ The event loop only moves bytes: each inference (parse, validate, run, encode) r
 thread pool, so a slow request never holds up the others' I/O, and a reload runs on its own thread so it
 never waits behind inference. Every response carries ``X-Model-Version`` (and ``X-Model-Sha256``): the
 version that answered it, or the one being served when no model was involved.
+
+With a token (``ServeSettings.token``) the repository endpoints (load, index) and ``/metrics`` need
+``Authorization: Bearer <token>``; inference and model metadata need it too with ``auth_inference``. The health
+endpoints (``/v2/health/live``, ``/v2/health/ready``) and server metadata (``/v2``) stay open: probes and load
+balancers call them without secrets, and they reveal nothing but liveness. A missing or wrong token is answered
+401 with ``WWW-Authenticate: Bearer`` (never 403: one token, one scope; ``daemon.endpoint_auth``).
+
+Every answer that is not 2xx, from any endpoint (auth failures, unknown routes, unexpected exceptions), is
+counted in ``unlearnd_serve_requests_total`` with its code (``_CountErrors``); inference answers are counted by
+the inference path itself, with their latency.
 """
 
 from __future__ import annotations
@@ -18,35 +28,40 @@ from typing import Any
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from daemon.endpoint_auth import check_bearer, unauthorized_header
 from daemon.serving.holder import ModelHolder, ServedVersion
 from daemon.serving.metrics import ServeMetrics
-from daemon.serving.protocol import ProtocolError, encode_response, parse_infer_request
+from daemon.serving.protocol import ProtocolError, encode_response, loads_json, parse_infer_request
 from daemon.serving.sched import set_thread_slice
 from daemon.serving.settings import INPUT_NAME, OUTPUT_NAME, ServeSettings
 from daemon.serving.verifier import VerifierUnavailable
 from daemon.serving.watcher import Watcher
 
-__all__ = ["ServeApp", "build_app"]
+__all__ = ["ServeApp", "build_app", "version_headers"]
 
 _log = structlog.get_logger("unlearnd.serve")
 _JSON = "application/json"
-# A body over the limit is read and discarded up to this many times the limit (so the client sees the
-# 413 instead of a reset connection), then the connection is dropped.
-_DRAIN_FACTOR = 4
+# set in a request's scope once its answer is counted (the inference path counts its own, with latency)
+_COUNTED = "unlearnd.counted"
+# the client went away before its answer: nothing is sent, nothing counted (nginx's "client closed request")
+_GONE = 499
+_REALM = "unlearnd"
 
 
-def _version_headers(served: ServedVersion | None) -> dict[str, str]:
+def version_headers(served: ServedVersion | None) -> dict[str, str]:
+    """``X-Model-Version`` (and ``X-Model-Sha256``) of an answer given while ``served`` is served."""
     if served is None:
         return {"X-Model-Version": "none"}
     return {"X-Model-Version": str(served.version), "X-Model-Sha256": served.sha256}
 
 
 def _json(status: int, body: Any, served: ServedVersion | None, extra: dict[str, str] | None = None) -> Response:
-    headers = _version_headers(served)
+    headers = version_headers(served)
     if extra:
         headers.update(extra)
     return Response(json.dumps(body, separators=(",", ":")).encode(), status_code=status, headers=headers,
@@ -91,15 +106,13 @@ class ServeApp:
                 size = int(declared)
             except ValueError:
                 raise ProtocolError(400, "Content-Length must be an integer") from None
-            if size > limit:
-                await self._drain(request)
+            if size > limit:        # answered before reading a byte of it; the connection then closes
                 raise ProtocolError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
         chunks: list[bytes] = []
         total = 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
-                await self._drain(request)
                 raise ProtocolError(413, f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
         body = b"".join(chunks)
@@ -117,16 +130,17 @@ class ServeApp:
             raise ProtocolError(413, f"decompressed request body exceeds the limit of {limit} bytes")
         return out
 
-    async def _drain(self, request: Request) -> None:
-        cap = _DRAIN_FACTOR * self.settings.max_body_bytes
-        seen = 0
-        try:
-            async for chunk in request.stream():
-                seen += len(chunk)
-                if seen > cap:
-                    break
-        except Exception:  # noqa: BLE001 - the client went away: there is nothing left to drain
-            pass
+    def _unauthorized(self, request: Request, scope: str) -> Response | None:
+        """None when the request may reach a ``scope`` endpoint ("admin" or "infer"), else its 401."""
+        token = self.settings.token
+        if token is None or (scope == "infer" and not self.settings.auth_inference):
+            return None
+        presented = request.headers.get("authorization")
+        if check_bearer(presented, token):
+            return None
+        message = ("wrong bearer token" if presented else "this endpoint needs Authorization: Bearer <token>") + \
+            " (the token of unlearnd serve --token-file)"
+        return self._error(401, message, extra={"WWW-Authenticate": unauthorized_header(presented, _REALM)})
 
     # -- health and metadata ----------------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -178,6 +192,10 @@ class ServeApp:
             status = 200
         except ProtocolError as exc:
             status, out, headers, media = exc.status, json.dumps({"error": exc.message}).encode(), {}, _JSON
+        except Exception as exc:  # noqa: BLE001 - answered and counted as 500, never an uncounted one
+            _log.exception("infer_failed", model=self.settings.model)
+            out = json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode()
+            status, headers, media = 500, {}, _JSON
         self.metrics.observe_request(served.version if served else None, status, time.perf_counter() - start)
         return status, out, headers, media, served
 
@@ -186,17 +204,21 @@ class ServeApp:
         try:
             self._check_model(request.path_params["name"])
             body = await self._read_body(request)
+        except ClientDisconnect:
+            return Response(status_code=_GONE)
         except ProtocolError as exc:
             served = self.holder.current
             self.metrics.observe_request(served.version if served else None, exc.status,
                                          time.perf_counter() - start)
+            request.scope[_COUNTED] = True
             extra = {"Connection": "close"} if exc.status == 413 else None
             return self._error(exc.status, exc.message, served, extra)
+        request.scope[_COUNTED] = True
         loop = asyncio.get_running_loop()
         status, out, headers, media, served = await loop.run_in_executor(
             self.pool, self._infer_sync, body, request.headers.get("inference-header-content-length"),
             request.path_params.get("version"), start)
-        headers.update(_version_headers(served))
+        headers.update(version_headers(served))
         return Response(out, status_code=status, headers=headers, media_type=media)
 
     # -- repository -------------------------------------------------------------------------------------
@@ -206,16 +228,16 @@ class ServeApp:
             self._check_model(request.path_params["name"])
             body = await self._read_body(request)
             if body.strip():
-                try:
-                    payload = json.loads(body)
-                except ValueError as exc:
-                    raise ProtocolError(400, f"malformed JSON in request body: {exc}") from None
+                payload = loads_json(body)
                 params = payload.get("parameters") if isinstance(payload, dict) else None
                 if params:
                     raise ProtocolError(400, "config and file overrides are not supported: unlearnd serves "
                                              "what the registry's LATEST names")
+        except ClientDisconnect:
+            return Response(status_code=_GONE)
         except ProtocolError as exc:
-            return self._error(exc.status, exc.message)
+            extra = {"Connection": "close"} if exc.status == 413 else None
+            return self._error(exc.status, exc.message, extra=extra)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.control_pool, lambda: self.watcher.check(force=True))
         served = self.holder.current
@@ -240,7 +262,7 @@ class ServeApp:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         data, content_type = self.metrics.render()
-        return Response(data, headers=_version_headers(self.holder.current), media_type=content_type)
+        return Response(data, headers=version_headers(self.holder.current), media_type=content_type)
 
     # -- errors -----------------------------------------------------------------------------------------
     async def http_error(self, request: Request, exc: Exception) -> Response:
@@ -256,22 +278,66 @@ class ServeApp:
         _log.exception("request_failed", path=request.url.path)
         return self._error(500, f"internal error: {type(exc).__name__}")
 
+    def _guarded(self, endpoint: Any, scope: str) -> Any:
+        """``endpoint`` behind the token check of ``scope`` ("admin" or "infer")."""
+        async def guarded(request: Request) -> Response:
+            denied = self._unauthorized(request, scope)
+            return denied if denied is not None else await endpoint(request)
+        return guarded
+
     def routes(self) -> list[Route]:
         m = "/v2/models/{name}"
+        admin = lambda e: self._guarded(e, "admin")    # noqa: E731 - two one-line adapters read best here
+        infer = lambda e: self._guarded(e, "infer")    # noqa: E731
         return [
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
-            Route(m, self.model_metadata, methods=["GET"]),
-            Route(m + "/versions/{version}", self.model_metadata, methods=["GET"]),
-            Route(m + "/ready", self.model_ready, methods=["GET"]),
-            Route(m + "/versions/{version}/ready", self.model_ready, methods=["GET"]),
-            Route(m + "/infer", self.infer, methods=["POST"]),
-            Route(m + "/versions/{version}/infer", self.infer, methods=["POST"]),
-            Route("/v2/repository/models/{name}/load", self.load, methods=["POST"]),
-            Route("/v2/repository/index", self.repository_index, methods=["POST"]),
-            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route(m, infer(self.model_metadata), methods=["GET"]),
+            Route(m + "/versions/{version}", infer(self.model_metadata), methods=["GET"]),
+            Route(m + "/ready", infer(self.model_ready), methods=["GET"]),
+            Route(m + "/versions/{version}/ready", infer(self.model_ready), methods=["GET"]),
+            Route(m + "/infer", infer(self.infer), methods=["POST"]),
+            Route(m + "/versions/{version}/infer", infer(self.infer), methods=["POST"]),
+            Route("/v2/repository/models/{name}/load", admin(self.load), methods=["POST"]),
+            Route("/v2/repository/index", admin(self.repository_index), methods=["POST"]),
+            Route("/metrics", admin(self.metrics_endpoint), methods=["GET"]),
         ]
+
+
+class _CountErrors:
+    """ASGI middleware: every answer of 400 or more that its endpoint did not count itself is counted in
+    ``unlearnd_serve_requests_total`` under the version being served, an exception as 500."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics, holder: ModelHolder) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.holder = holder
+
+    def _count(self, status: int) -> None:
+        served = self.holder.current
+        self.metrics.count(served.version if served else None, status)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:
+            if not scope.get(_COUNTED):
+                self._count(status or 500)
+            raise
+        if status is not None and status >= 400 and status != _GONE and not scope.get(_COUNTED):
+            self._count(status)
 
 
 def _package_version() -> str:
@@ -323,6 +389,7 @@ def build_app(settings: ServeSettings, holder: ModelHolder, watcher: Watcher, me
 
     return Starlette(
         routes=routes.routes(),
+        middleware=[Middleware(_CountErrors, metrics=metrics, holder=holder)],
         exception_handlers={HTTPException: routes.http_error, Exception: routes.server_error},
         lifespan=lifespan,
     )

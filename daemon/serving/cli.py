@@ -13,6 +13,8 @@ __all__ = ["add_commands"]
 
 REGISTRY_ENV = "UNLEARND_REGISTRY_DIR"
 NOTIFY_ENV = "UNLEARND_NOTIFY_URLS"
+TOKEN_FILE_ENV = "UNLEARND_SERVE_TOKEN_FILE"
+NOTIFY_TOKEN_FILE_ENV = "UNLEARND_NOTIFY_TOKEN_FILE"
 
 
 def _usage(message: str) -> Exception:
@@ -45,12 +47,40 @@ def _model(args: argparse.Namespace, registry_dir: Path, *, must_exist: bool = T
 
 
 # -- serve --------------------------------------------------------------------------------------------
+def _security(args: argparse.Namespace) -> tuple[str | None, object]:
+    """(token, TlsFiles) from the flags; the token file path may come from the environment (the env wins,
+    as the daemon's config overrides do). A world-readable token file gets a warning, not a refusal."""
+    from daemon.endpoint_auth import TlsFiles, read_token_file, token_file_is_shared
+
+    token_file = os.environ.get(TOKEN_FILE_ENV) or args.token_file
+    token = None
+    if token_file:
+        try:
+            token = read_token_file(token_file)
+        except ValueError as exc:
+            raise _usage(str(exc)) from exc
+        if token_file_is_shared(token_file):
+            print(f"unlearnd serve: warning: {token_file} is readable by every user (chmod 0400 or 0440 it)",
+                  file=sys.stderr)
+    try:
+        tls = TlsFiles(certfile=args.tls_cert_file, keyfile=args.tls_key_file, client_cafile=args.tls_client_ca_file,
+                       client_auth_required=args.tls_client_auth_required)
+        if tls.enabled:
+            from daemon.endpoint_auth import server_ssl_context
+
+            server_ssl_context(tls)         # unreadable or mismatched files fail here, with their names
+    except ValueError as exc:
+        raise _usage(str(exc)) from exc
+    return token, tls
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.serving.server import run
     from daemon.serving.settings import ServeSettings
 
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir, must_exist=False)   # the daemon may publish it after we start
+    token, tls = _security(args)
     try:
         settings = ServeSettings(
             registry=registry_dir, model=model, host=args.host, port=args.port,
@@ -59,7 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             load_nice=args.load_nice, verify_process=not args.verify_inline, verify_nice=args.verify_nice,
             verify_idle=not args.no_verify_idle, request_slice_us=args.request_slice_us,
             server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
-            log_format=args.log_format)
+            log_format=args.log_format, token=token, auth_inference=args.auth_inference, tls=tls,
+            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+            max_header_bytes=args.max_header_bytes, max_connections=args.max_connections)
     except ValueError as exc:
         raise _usage(str(exc)) from exc
     return run(settings)
@@ -178,7 +210,8 @@ def _notify_urls(args: argparse.Namespace) -> list[str]:
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
     from daemon import registry
     from daemon.registry import ops as registry_ops
-    from daemon.serving.notify import notify_reload
+    from daemon.endpoint_auth import read_token_file
+    from daemon.serving.notify import client_ssl_context, notify_reload
 
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir)
@@ -198,7 +231,14 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
               f"{rb['to']}" + ("" if rb["lineage_complete"] else " (at least: some manifests were pruned)")
               + "; re-submit them to forget again: " + ", ".join(reverted[:20])
               + (" ..." if len(reverted) > 20 else ""), file=sys.stderr)
-    for result in notify_reload(_notify_urls(args), timeout=args.notify_timeout, model=model):
+    token_file = os.environ.get(NOTIFY_TOKEN_FILE_ENV) or args.notify_token_file
+    try:
+        token = read_token_file(token_file, what="--notify-token-file") if token_file else None
+    except ValueError as exc:
+        raise _usage(str(exc)) from exc
+    ctx = client_ssl_context(args.notify_ca_file)
+    for result in notify_reload(_notify_urls(args), timeout=args.notify_timeout, model=model, token=token,
+                                ssl_context=ctx):
         state = "ok" if result.ok else f"failed ({result.status}): {result.detail}"
         print(f"notify {result.url}: {state} in {result.seconds * 1e3:.1f} ms")
     return 0
@@ -263,6 +303,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--access-log", action="store_true", help="log every request")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     sp.add_argument("--log-format", default="json", choices=("json", "console"))
+    sec = sp.add_argument_group("security (docs/operations.md, Securing the endpoints)")
+    sec.add_argument("--token-file", help=f"file holding the bearer token that load, index and /metrics then need "
+                                          f"(${TOKEN_FILE_ENV} overrides it); answered 401 without it")
+    sec.add_argument("--auth-inference", action="store_true",
+                     help="inference and model metadata need the token too (health endpoints stay open)")
+    sec.add_argument("--tls-cert-file", help="serve HTTPS with this certificate chain (PEM)")
+    sec.add_argument("--tls-key-file", help="the certificate's private key (PEM)")
+    sec.add_argument("--tls-client-ca-file", help="accept client certificates signed by this CA (mutual TLS)")
+    sec.add_argument("--tls-client-auth-required", action="store_true",
+                     help="refuse clients without a certificate from --tls-client-ca-file")
+    lim = sp.add_argument_group("connection limits (daemon.serving.guard)")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a request's headers may take to arrive, else 408 (10)")
+    lim.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds its body may take after the headers, else 408 (30)")
+    lim.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="largest request head, else 431 (64 KiB)")
+    lim.add_argument("--max-connections", type=int, default=0,
+                     help="connections held at once; over it the longest-waiting one is closed (0: the open-files "
+                          "limit less 256)")
     sp.set_defaults(func=cmd_serve)
 
     rp = sub.add_parser("registry", help="operate the model registry: list, show, verify, rollback, prune")
@@ -294,6 +353,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     p.add_argument("--notify", action="append", metavar="URL",
                    help=f"reload URL to call afterwards (repeatable; default ${NOTIFY_ENV}, comma-separated)")
     p.add_argument("--notify-timeout", type=float, default=2.0)
+    p.add_argument("--notify-token-file", help=f"the servers' bearer token file (${NOTIFY_TOKEN_FILE_ENV} overrides)")
+    p.add_argument("--notify-ca-file", help="CA of the servers' certificates, for https:// URLs")
     p.set_defaults(func=cmd_registry_rollback)
 
     p = rsub.add_parser("prune", help="delete all but the newest N versions (never LATEST or a served one)")

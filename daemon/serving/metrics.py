@@ -38,7 +38,8 @@ class ServeMetrics:
         self._lock = threading.Lock()
         self._codes: OrderedDict[str, set[str]] = OrderedDict()   # version -> codes seen, oldest first
         r = self.registry
-        self.requests = Counter("unlearnd_serve_requests", "Inference requests by answering version and HTTP code",
+        self.requests = Counter("unlearnd_serve_requests", "Inference requests by answering version and HTTP code, "
+                                "and every answer of 400 or more from any endpoint",
                                 ["version", "code"], registry=r)
         self.duration = Histogram("unlearnd_serve_request_duration_seconds",
                                   "Inference request latency in the server, by answering version", ["version"],
@@ -55,6 +56,11 @@ class ServeMetrics:
                              ["kind"], registry=r)
         self.model_version = Gauge("unlearnd_serve_model_version", "The version being served (0: none)",
                                    registry=r)
+        self.connections_dropped = Counter("unlearnd_serve_connections_dropped",
+                                           "Connections closed without an answer, by reason (evicted: the "
+                                           "longest-waiting one, for a new connection over the cap)", ["reason"],
+                                           registry=r)
+        self.connections_dropped.labels("evicted")
         for outcome in SWAP_OUTCOMES:
             self.swaps.labels(outcome)
         for reason in LOAD_FAILURE_REASONS:
@@ -63,10 +69,16 @@ class ServeMetrics:
             self.loads.labels(kind)
 
     def observe_request(self, version: int | None, code: int, seconds: float) -> None:
+        """An inference answer: counted, and its latency observed."""
+        self.count(version, code)
+        self.duration.labels(str(version) if version is not None else "none").observe(seconds)
+
+    def count(self, version: int | None, code: int) -> None:
+        """An answer outside the inference path (an error of any endpoint, or one the connection guard wrote):
+        counted in ``unlearnd_serve_requests_total``, no latency observed."""
         v = str(version) if version is not None else "none"
         c = str(code)
         self.requests.labels(v, c).inc()
-        self.duration.labels(v).observe(seconds)
         with self._lock:
             codes = self._codes.get(v)
             if codes is None:
@@ -75,12 +87,19 @@ class ServeMetrics:
             else:
                 codes.add(c)
 
+    def dropped(self, reason: str) -> None:
+        """A connection the guard closed without an answer (``evicted`` for a newer one, over the cap)."""
+        self.connections_dropped.labels(reason).inc()
+
     def _retire(self) -> None:
         while len(self._codes) > self._keep:
             old, codes = self._codes.popitem(last=False)
             for c in codes:
                 self.requests.remove(old, c)
-            self.duration.remove(old)
+            try:
+                self.duration.remove(old)
+            except KeyError:        # only errors were counted under it: no latency series
+                pass
 
     def swapped(self, version: int, seconds: float, kind: str = "full") -> None:
         if kind not in LOAD_KINDS:

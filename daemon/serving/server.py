@@ -8,6 +8,8 @@ behind a load balancer; each replica holds its own lease, so retention keeps eve
 from __future__ import annotations
 
 import gc
+import os
+import resource
 import sys
 
 import structlog
@@ -15,7 +17,8 @@ import torch
 import uvicorn
 
 from daemon.logs import configure_logging
-from daemon.serving.app import build_app
+from daemon.serving.app import build_app, version_headers
+from daemon.serving.guard import ConnectionLimits, GuardState, guarded_protocol
 from daemon.serving.holder import ModelHolder
 from daemon.serving.metrics import ServeMetrics
 from daemon.serving.sched import set_thread_slice, thread_slice_us
@@ -25,6 +28,11 @@ from daemon.serving.watcher import Watcher
 __all__ = ["run"]
 
 _SWITCH_INTERVAL_S = 0.0005
+# descriptors kept for everything but client connections: registry files, the verifier's pipes, logs
+_FD_RESERVE = 256
+# connections the kernel queues before the server accepts them; it caps this at net.core.somaxconn (4096 by
+# default): a burst of connects beyond it has its SYNs dropped, and those clients retry after 1 s
+_BACKLOG = 65535
 
 
 def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, metrics)
@@ -64,11 +72,59 @@ def _stack() -> tuple[str, str]:
     return http, loop
 
 
+def open_files_limit() -> int:
+    """Raise this process's open-files limit to its hard limit (as Go programs do) and return it: each
+    connection holds one descriptor, and the soft default (often 1024) is far below what a server needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def connection_limits(settings: ServeSettings, open_files: int) -> ConnectionLimits:
+    """The guard's limits; ``max_connections`` 0 means the open-files limit less a reserve."""
+    cap = settings.max_connections or max(64, open_files - _FD_RESERVE)
+    return ConnectionLimits(max_body_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes,
+                            header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
+                            max_connections=cap)
+
+
+def guard_state(settings: ServeSettings, holder: ModelHolder, metrics: ServeMetrics, open_files: int) -> GuardState:
+    """The connection guard, counting what it answers in the server's metrics."""
+    def on_reject(status: int) -> None:
+        served = holder.current
+        metrics.count(served.version if served else None, status)
+
+    return GuardState(connection_limits(settings, open_files), on_reject=on_reject, on_drop=metrics.dropped,
+                      headers=lambda: version_headers(holder.current))
+
+
+def _tls_options(settings: ServeSettings) -> dict[str, object]:
+    import ssl
+
+    tls = settings.tls
+    if not tls.enabled:
+        return {}
+    options: dict[str, object] = {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile)}
+    if tls.client_cafile is not None:
+        options["ssl_ca_certs"] = str(tls.client_cafile)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.client_auth_required else ssl.CERT_OPTIONAL
+    return options
+
+
 def run(settings: ServeSettings) -> int:
     """Serve until SIGTERM or SIGINT (uvicorn's handlers); returns the exit code."""
     configure_logging(settings.log_level, settings.log_format)
     torch.set_num_threads(settings.torch_threads)
-    app, _, _, _ = build(settings)
+    log = structlog.get_logger("unlearnd.serve")
+    open_files = open_files_limit()
+    app, holder, _, metrics = build(settings)
     # torch, numpy and the web stack leave ~180k long-lived objects; a full collection walks them all
     # (~100 ms on this CPU, every ~15 s under load: the worst latency spike). Freezing them after the
     # imports keeps them out of every collection; versions loaded later stay collectable.
@@ -78,17 +134,31 @@ def run(settings: ServeSettings) -> int:
     # loads on another thread, each hand-off can wait a whole switch interval (5 ms by default).
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     http, loop = _stack()
+    # libuv (uvloop) accepts every pending connection in one go, and each gets its protocol built before the loop
+    # turns to anything else: a burst of thousands of connects held every open request for over a second. One
+    # accept per loop turn interleaves them with the requests already open (benchmarks/results/
+    # serve_exhaustion_notes.md: attack p99 1.9 s -> 0.5 s, no SYN dropped). Read by libuv at listen time.
+    os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
     # The event loop (this thread) and the threads started from here on: a short scheduler slice, so a woken
     # request thread preempts other CPU work at once instead of waiting out its slice (daemon.serving.sched).
     slice_set = set_thread_slice(settings.request_slice_us) if settings.request_slice_us else False
-    structlog.get_logger("unlearnd.serve").info("request_slice", us=settings.request_slice_us, applied=slice_set,
-                                                slice_us=thread_slice_us())
+    log.info("request_slice", us=settings.request_slice_us, applied=slice_set, slice_us=thread_slice_us())
+    guard = guard_state(settings, holder, metrics, open_files)
+    # The guard (header and body deadlines, size limits before reading, the connection cap) wraps httptools;
+    # h11 (httptools missing) gets only uvicorn's own header-size bound.
+    protocol = guarded_protocol(guard) if http == "httptools" else http
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
         access_log=settings.access_log, log_level=settings.log_level, server_header=False,
-        timeout_keep_alive=30, timeout_graceful_shutdown=5, http=http, loop=loop,
+        timeout_keep_alive=30, timeout_graceful_shutdown=5, http=protocol, loop=loop,
+        h11_max_incomplete_event_size=settings.max_header_bytes, backlog=_BACKLOG, **_tls_options(settings),
     )
-    structlog.get_logger("unlearnd.serve").info("http_stack", http=http, loop=loop)
+    limits = guard.limits
+    log.info("http_stack", http=http, loop=loop, tls=settings.tls.enabled,
+             mutual_tls=settings.tls.client_cafile is not None, token=settings.token is not None,
+             auth_inference=settings.auth_inference, guarded=http == "httptools",
+             max_connections=limits.max_connections, open_files=open_files,
+             header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
     server = _Server(config)
     server.run()
     # uvicorn sets should_exit on a signal; a failed start (port in use) leaves started False.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import registry
+from daemon.endpoint_auth import TlsFiles
 from daemon.registry import ops as registry_ops
 
 __all__ = ["ServeSettings"]
@@ -39,6 +40,15 @@ class ServeSettings:
         access_log: log every request (uvicorn's access log).
         log_level: debug, info, warning or error.
         log_format: json or console.
+        token: the bearer token (read from ``--token-file``; never printed: ``repr`` leaves it out). With it, the
+            repository endpoints and ``/metrics`` need ``Authorization: Bearer <token>``.
+        auth_inference: inference and model metadata need the token too.
+        tls: certificate, key and optional client CA (mutual TLS) to serve HTTPS.
+        header_timeout_s: a request's headers must arrive within this (else 408, connection closed).
+        body_timeout_s: its body within this after the headers (else 408).
+        max_header_bytes: largest request head (else 431).
+        max_connections: connections held at once; over it the longest-waiting one is closed
+            (``daemon.serving.guard``). 0: the open-files limit less a reserve.
     """
 
     registry: Path
@@ -60,6 +70,13 @@ class ServeSettings:
     access_log: bool = False
     log_level: str = "info"
     log_format: str = "json"
+    token: str | None = field(default=None, repr=False)
+    auth_inference: bool = False
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "registry", Path(self.registry))
@@ -89,3 +106,15 @@ class ServeSettings:
             raise ValueError(f"log level must be debug, info, warning or error, got {self.log_level!r}")
         if self.log_format not in ("json", "console"):
             raise ValueError(f"log format must be json or console, got {self.log_format!r}")
+        if self.auth_inference and self.token is None:
+            raise ValueError("requiring a token for inference needs the token: give --token-file")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if isinstance(self.max_header_bytes, bool) or not isinstance(self.max_header_bytes, int) \
+                or self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be an integer >= 1024, got {self.max_header_bytes!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) \
+                or self.max_connections < 0:
+            raise ValueError(f"max_connections must be an integer >= 0 (0: from the open-files limit), "
+                             f"got {self.max_connections!r}")

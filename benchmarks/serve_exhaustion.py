@@ -1,0 +1,492 @@
+"""Can ``unlearnd serve`` be exhausted? 20,000 slow or oversized connections against a legitimate client.
+
+Processes: ``unlearnd serve`` with its default limits (the server under test, an MNIST CNN from a fresh
+registry), attacker processes (this file with ``--attack``: asyncio, their open-files limit raised), and this
+orchestrator, which is also the legitimate client: inference requests (JSON FP32 [1,1,28,28]) at ``--rate``
+per second, open loop, each on a fresh connection (what a client behind a load balancer does, and what an
+exhausted server refuses first), from a pool of threads.
+
+1. ``idle`` (``--idle-s``): the legitimate client alone -> ``idle_p99_ms``.
+2. ``attack`` (``--attack-s``): the attackers hold ``--connections`` connection slots, a third each of
+   - ``oversized``: ``Content-Length: 1073741824`` and 1 byte of body, then wait for the answer;
+   - ``slowloris``: a request line, then one header line every ``--trickle-s`` seconds, never ending the head;
+   - ``slowbody``: full headers claiming 100,000 bytes, then one byte every ``--trickle-s`` seconds;
+   a slot whose connection the server closes reconnects after ``--reconnect-s`` (a sustained attack, not one
+   burst). The legitimate client goes on -> ``attack_p99_ms``, ``legit_non_200`` (errors, timeouts and every
+   status but 200).
+
+The bar (issue 23): legitimate requests keep their 200s with ``attack_p99_ms <= 10 * idle_p99_ms``.
+
+Usage: ``.venv/bin/python benchmarks/serve_exhaustion.py [--out benchmarks/results]`` (about 4 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "bench-mnist"
+SHAPE = (1, 28, 28)
+KINDS = ("oversized", "slowloris", "slowbody")
+
+
+# -- attacker (its own processes) --------------------------------------------------------------------------
+class _Tally:
+    def __init__(self) -> None:
+        self.opened = 0
+        self.open_now = 0
+        self.peak_open = 0
+        self.connect_failed = 0
+        self.answers: dict[str, int] = {}
+        self.closed_without_answer = 0
+
+
+async def _slot(i: int, args: argparse.Namespace, tally: _Tally, stop: asyncio.Event, connects: asyncio.Semaphore) -> None:
+    kind = KINDS[i % len(KINDS)]
+    head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    while not stop.is_set():
+        try:
+            async with connects:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", args.port), 30)
+        except (OSError, asyncio.TimeoutError):
+            tally.connect_failed += 1
+            await asyncio.sleep(args.reconnect_s)
+            continue
+        tally.opened += 1
+        tally.open_now += 1
+        tally.peak_open = max(tally.peak_open, tally.open_now)
+        try:
+            if kind == "oversized":
+                writer.write((head + f"Content-Length: {1 << 30}\r\n\r\n").encode() + b"{")
+            elif kind == "slowloris":
+                writer.write((head + "X-Slow-0: 0\r\n").encode())
+            else:
+                writer.write((head + "Content-Length: 100000\r\n\r\n").encode() + b"{")
+            await writer.drain()
+            n = 0
+            while not stop.is_set():
+                try:
+                    data = await asyncio.wait_for(reader.read(4096), args.trickle_s)
+                except asyncio.TimeoutError:
+                    n += 1
+                    writer.write(f"X-Slow-{n}: {n}\r\n".encode() if kind == "slowloris" else b" ")
+                    await writer.drain()
+                    continue
+                if data.startswith(b"HTTP/1.1 "):
+                    code = data[9:12].decode("ascii", "replace")
+                    tally.answers[code] = tally.answers.get(code, 0) + 1
+                else:
+                    tally.closed_without_answer += 1
+                break
+        except (OSError, ConnectionError):
+            tally.closed_without_answer += 1
+        finally:
+            tally.open_now -= 1
+            writer.close()
+        await asyncio.sleep(args.reconnect_s)
+
+
+async def _attack(args: argparse.Namespace) -> None:
+    tally = _Tally()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    connects = asyncio.Semaphore(args.connect_parallel)
+    tasks = [asyncio.create_task(_slot(args.first_slot + i, args, tally, stop, connects))
+             for i in range(args.connections)]
+    report = Path(args.report)
+    while not stop.is_set():
+        report.write_text(json.dumps(vars(tally)))
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    report.write_text(json.dumps(vars(tally)))
+
+
+def _raise_open_files(n: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(n, soft), max(n, hard)))   # root may raise the hard limit
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- the legitimate client -----------------------------------------------------------------------------------
+_local = threading.local()
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes) -> int:
+    conn.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+def _infer_once(port: int, body: bytes, timeout: float, keep_alive: bool) -> tuple[float, float, int]:
+    """One inference: on a fresh connection, or on this thread's kept-alive one (reopened once when the server
+    closed it while idle, as a client pool does)."""
+    t0 = time.perf_counter()
+    try:
+        if not keep_alive:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            try:
+                status = _post(conn, body)
+            finally:
+                conn.close()
+        else:
+            conn = getattr(_local, "conn", None)
+            if conn is None:
+                conn = _local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            try:
+                status = _post(conn, body)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                conn = _local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                status = _post(conn, body)
+    except (OSError, http.client.HTTPException):
+        if keep_alive and getattr(_local, "conn", None) is not None:
+            _local.conn.close()
+            _local.conn = None
+        status = 0
+    return t0, time.perf_counter(), status
+
+
+def _legit(port: int, rate: float, seconds: float, timeout: float, keep_alive: bool = False) -> np.ndarray:
+    """(sent, received, status) of each request sent at ``rate`` per second for ``seconds``."""
+    body = json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1, *SHAPE], "datatype": "FP32",
+                                   "data": np.random.default_rng(0).random(784).round(4).tolist()}]}).encode()
+    n = int(rate * seconds)
+    start = time.perf_counter() + 0.1
+    with ThreadPoolExecutor(max_workers=32, thread_name_prefix="legit") as pool:
+        futures = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(_infer_once, port, body, timeout, keep_alive))
+        return np.array([f.result() for f in futures], dtype=float).reshape(-1, 3)
+
+
+def _both(port: int, args: argparse.Namespace, seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fresh-connection client and the keep-alive client side by side, each at ``args.rate``."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        fresh = pool.submit(_legit, port, args.rate, seconds, args.timeout, False)
+        kept = pool.submit(_legit, port, args.rate, seconds, args.timeout, True)
+        return fresh.result(), kept.result()
+
+
+def _summary(idle: np.ndarray, attack: np.ndarray) -> dict[str, object]:
+    lat = (attack[:, 1] - attack[:, 0]) * 1e3
+    return {"idle_p99_ms": round(_p99_ms(idle), 2), "attack_p99_ms": round(_p99_ms(attack), 2),
+            "ratio": round(_p99_ms(attack) / _p99_ms(idle), 2), "legit_requests": int(len(attack)),
+            "legit_non_200": int((attack[:, 2] != 200).sum()),
+            "idle_p50_ms": round(float(np.median((idle[:, 1] - idle[:, 0]) * 1e3)), 2),
+            "attack_p50_ms": round(float(np.median(lat)), 2), "attack_max_ms": round(float(lat.max()), 2),
+            # a connect whose SYN the kernel dropped (accept queue full) is retried after 1 s, then 3 s
+            "attack_over_900ms": int((lat > 900).sum()),
+            "attack_statuses": {str(int(k)): int(v) for k, v in zip(*np.unique(attack[:, 2], return_counts=True))}}
+
+
+def _p99_ms(rows: np.ndarray) -> float:
+    ok = rows[rows[:, 2] == 200]
+    return float(np.percentile((ok[:, 1] - ok[:, 0]) * 1e3, 99)) if len(ok) else float("nan")
+
+
+# -- orchestration ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _machine() -> dict[str, object]:
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "open_files_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+
+
+def _publish(registry_dir: Path) -> None:
+    import torch
+
+    from daemon import registry
+    from daemon.engine.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mnist_cnn", num_classes=10, input_shape=SHAPE, mean=[0.1307], std=[0.3081]).eval()
+    registry.write_version(registry_dir, MODEL, model, input_shape=SHAPE, classes=[str(c) for c in range(10)],
+                           parent=None, method={"name": "bench"}, extra_manifest={"arch": "mnist_cnn"})
+
+
+def _scrape_codes(port: int) -> dict[str, object]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:   # noqa: S310 - local
+        text = r.read().decode()
+    codes: dict[str, float] = {}
+    dropped: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "unlearnd_serve_requests_total":
+                codes[s.labels["code"]] = codes.get(s.labels["code"], 0) + s.value
+            elif s.name == "unlearnd_serve_connections_dropped_total":
+                dropped[s.labels["reason"]] = s.value
+    return {"requests_by_code": codes, "connections_dropped": dropped}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:  # noqa: S310
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("server not ready")
+
+
+def _attackers(args: argparse.Namespace, port: int, work: Path, env: dict[str, str]) -> list[tuple[subprocess.Popen, Path]]:
+    per = -(-args.connections // args.attackers)
+    procs = []
+    for k in range(args.attackers):
+        n = min(per, args.connections - k * per)
+        report = work / f"attacker-{k}.json"
+        procs.append((subprocess.Popen(
+            [sys.executable, __file__, "--attack", "--port", str(port), "--connections", str(n),
+             "--first-slot", str(k * per), "--trickle-s", str(args.trickle_s), "--reconnect-s", str(args.reconnect_s),
+             "--report", str(report)], env=env, preexec_fn=lambda: os.nice(args.attacker_nice)), report))
+    return procs
+
+
+def _sum_reports(reports: list[Path]) -> dict[str, object]:
+    total: dict[str, object] = {"opened": 0, "peak_open": 0, "connect_failed": 0, "closed_without_answer": 0,
+                                "answers": {}}
+    for path in reports:
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("opened", "peak_open", "connect_failed", "closed_without_answer"):
+            total[key] += r[key]    # type: ignore[operator]
+        for code, n in r["answers"].items():
+            total["answers"][code] = total["answers"].get(code, 0) + n   # type: ignore[union-attr]
+    return total
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="serve-exhaustion-"))
+    registry_dir = work / "registry"
+    _publish(registry_dir)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    log = open(work / "server.log", "w")   # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--registry", str(registry_dir),
+                               "--model", MODEL, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    attackers: list[tuple[subprocess.Popen, Path]] = []
+    try:
+        _wait_ready(port, server)
+        _both(port, args, 3.0)                                      # warm-up, not measured
+        idle, idle_kept = _both(port, args, args.idle_s)
+        attackers = _attackers(args, port, work, env)
+        attack_start = time.time()
+        cpu_start = {"server": _cpu_s(server.pid), "attackers": sum(_cpu_s(p.pid) for p, _ in attackers)}
+        samples: list[dict[str, object]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(5.0):
+                s = _sum_reports([r for _, r in attackers])
+                samples.append({"t_s": round(time.time() - attack_start, 1), "attacker_open": s["peak_open"],
+                                "server_fds": len(os.listdir(f"/proc/{server.pid}/fd"))})
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        time.sleep(args.ramp_s)                                     # the attackers open their connections
+        attack, attack_kept = _both(port, args, args.attack_s)
+        attack_elapsed = time.time() - attack_start
+        cpu = {"server": _cpu_s(server.pid) - cpu_start["server"],
+               "attackers": sum(_cpu_s(p.pid) for p, _ in attackers) - cpu_start["attackers"]}
+        stop.set()
+        server_counts = _scrape_codes(port)
+    finally:
+        for proc, _ in attackers:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in attackers:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    tally = _sum_reports([r for _, r in attackers])
+    machine = {**_machine(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    fresh, kept = _summary(idle, attack), _summary(idle_kept, attack_kept)
+    met = {name: bool(s["attack_p99_ms"] <= 10 * s["idle_p99_ms"] and s["legit_non_200"] == 0)
+           for name, s in (("fresh", fresh), ("keep_alive", kept))}
+    return {
+        "machine": machine,
+        "attack_connections": args.connections,
+        # the required fields: the fresh-connection client (the harder case: its connects queue with the attack's)
+        **{k: fresh[k] for k in ("idle_p99_ms", "attack_p99_ms", "ratio", "legit_requests", "legit_non_200")},
+        "bar_met": met["fresh"],
+        "bar_met_keep_alive": met["keep_alive"],
+        "fresh_connection_client": fresh,
+        "keep_alive_client": kept,
+        "attacker": {**tally, "processes": args.attackers, "nice": args.attacker_nice,
+                     "cpu_cores_used": round(cpu["attackers"] / attack_elapsed, 2),
+                     "connections_per_s": round(tally["opened"] / attack_elapsed, 1), "kinds": list(KINDS), "trickle_s": args.trickle_s,
+                     "reconnect_s": args.reconnect_s, "ramp_s": args.ramp_s},
+        "server": {**server_counts, "fd_samples": samples,
+                   "uv_tcp_single_accept": os.environ.get("UV_TCP_SINGLE_ACCEPT", "1 (serve's own default)"),
+                   # share of one core used during the attack (ramp and measured phase)
+                   "cpu_cores_used": round(cpu["server"] / attack_elapsed, 2),
+                   "cpu_ms_per_attack_connection": round(1e3 * cpu["server"] / max(1, tally["opened"]), 3),
+                   "settings": "unlearnd serve defaults: header timeout 10 s, body timeout 30 s, max body 16 MiB, "
+                               "max connections = open-files limit - 256"},
+        "legit_client": {"rate_per_s": args.rate, "idle_s": args.idle_s, "attack_s": args.attack_s,
+                         "clients": "two side by side, each at rate_per_s: a fresh connection per request, and a "
+                                    "pool of kept-alive connections", "timeout_s": args.timeout},
+    }
+
+
+def report(result: dict[str, object], out: Path, tag: str = "") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "serve_exhaustion" + (f"_{tag}" if tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    a, s, m = result["attacker"], result["server"], result["machine"]
+    fresh, kept = result["fresh_connection_client"], result["keep_alive_client"]
+
+    def verdict(ok: object) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = [
+        "# `unlearnd serve` under 20,000 slow or oversized connections (issue 23)",
+        "",
+        f"Written by `benchmarks/serve_exhaustion.py` (`make bench-serve-exhaustion`). Machine: {m['cores']} cores "
+        f"({m['cpu']}), load average {m['loadavg_at_start']} at the start: the CPU is shared with other work, so "
+        "the attack, the server and the legitimate clients compete with it and with each other.",
+        "",
+        f"**Bar (legitimate requests keep their 200s, p99 <= 10x idle): fresh connections {verdict(result['bar_met'])}, "
+        f"kept-alive connections {verdict(result['bar_met_keep_alive'])}.** What limits it: "
+        "`serve_exhaustion_notes.md`.",
+        "",
+        "| legitimate client | idle p50 ms | idle p99 ms | attack requests | non-200 | attack p50 ms | attack p99 ms "
+        "| ratio | over 900 ms | slowest ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in (("fresh connection per request", fresh), ("kept-alive connections", kept)):
+        lines.append(f"| {name} | {c['idle_p50_ms']} | {c['idle_p99_ms']} | {c['legit_requests']} | {c['legit_non_200']} "
+                     f"| {c['attack_p50_ms']} | {c['attack_p99_ms']} | {c['ratio']}x | {c['attack_over_900ms']} "
+                     f"| {c['attack_max_ms']} |")
+    lines += [
+        "",
+        f"Attack: {result['attack_connections']} connection slots in {a['processes']} processes, a third each "
+        f"{', '.join(a['kinds'])}; each slot reconnects {a['reconnect_s']} s after the server closes it; trickle "
+        f"every {a['trickle_s']} s; attacker processes at nice {a['nice']}. Connections opened in all: {a['opened']} "
+        f"({a['connections_per_s']} per second); at most {a['peak_open']} open at once (attacker's view); answers "
+        f"the attackers read: {a['answers']}; closed without an answer: {a['closed_without_answer']}; connects that "
+        f"failed: {a['connect_failed']}.",
+        "",
+        f"Server counters (`unlearnd_serve_requests_total` by code): {s['requests_by_code']}; connections dropped: "
+        f"{s['connections_dropped']}. CPU during the attack: the server {s['cpu_cores_used']} cores "
+        f"({s['cpu_ms_per_attack_connection']} ms per attacking connection), the attackers {a['cpu_cores_used']} "
+        f"cores; load average at the end {result['machine'].get('loadavg_at_end')}. Server file descriptors during the attack (every 5 s): "
+        f"{[x['server_fds'] for x in s['fd_samples']]}.",
+        "",
+        f"Legitimate clients: {result['legit_client']['clients']}; {result['legit_client']['rate_per_s']} inferences/s "
+        f"each (JSON FP32 [1,1,28,28]), {result['legit_client']['timeout_s']} s timeout; idle "
+        f"{result['legit_client']['idle_s']} s, under attack {result['legit_client']['attack_s']} s after a "
+        f"{a['ramp_s']} s ramp.",
+        "",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attack", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--first-slot", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--report", help=argparse.SUPPRESS)
+    p.add_argument("--connections", type=int, default=20_000, help="attack connection slots (20000)")
+    p.add_argument("--attackers", type=int, default=2, help="attacker processes (2)")
+    p.add_argument("--connect-parallel", type=int, default=256, help="connects in flight per attacker (256)")
+    p.add_argument("--trickle-s", type=float, default=5.0, help="seconds between an attacker's trickled bytes (5)")
+    p.add_argument("--reconnect-s", type=float, default=1.0, help="seconds before a closed slot reconnects (1)")
+    p.add_argument("--rate", type=float, default=20.0, help="legitimate inferences per second (20)")
+    p.add_argument("--idle-s", type=float, default=45.0, help="idle phase (45 s)")
+    p.add_argument("--ramp-s", type=float, default=15.0, help="attack ramp before measuring (15 s)")
+    p.add_argument("--attack-s", type=float, default=90.0, help="measured attack phase (90 s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="legitimate request timeout (10 s)")
+    p.add_argument("--attacker-nice", type=int, default=19,
+                   help="nice value of the attacker processes (19: they stand in for clients on other machines, "
+                        "taking only CPU the server leaves; 0: they compete with it as equals)")
+    p.add_argument("--tag", default="", help="suffix of the result files (serve_exhaustion_<tag>.json)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    if args.attack:
+        _raise_open_files(args.connections + 1024)
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(_attack(args))
+        return 0
+    result = run(args)
+    report(result, args.out, args.tag)
+    print(json.dumps({k: result[k] for k in ("attack_connections", "idle_p99_ms", "attack_p99_ms", "ratio",
+                                             "legit_requests", "legit_non_200", "bar_met")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

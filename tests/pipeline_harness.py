@@ -185,10 +185,10 @@ def copy_registry(source: Path, dest: Path, names: Iterable[str] = ("mnist-cnn",
 def write_config(path: Path, *, bootstrap: str, registry_dir: Path, state_dir: Path, models: Iterable[str] = (
         "mnist-cnn",), instance: str = "unlearnd-1", metrics_port: int = 0, group: str = "unlearnd",
         extra: str = "", rounds: str = "", probe: str = "mnist-test:0-999", retention_max_drop: float = 0.1,
-        model_extra: str = "", kafka_extra: str = "") -> Path:
+        model_extra: str = "", kafka_extra: str = "", metrics_extra: str = "") -> Path:
     """A daemon configuration for tests (the 1-epoch test model is fragile: the retention gate is wide);
     ``model_extra`` ends each [[models]] table (e.g. a [models.rebase] table); ``kafka_extra`` ends [kafka]
-    (e.g. ``security_protocol = "SSL"``)."""
+    (e.g. ``security_protocol = "SSL"``), ``metrics_extra`` ends [metrics] (e.g. ``token_file = "..."``)."""
     model_tables = "\n".join(f'[[models]]\nname = "{m}"\nprobe = "{probe}"\n{model_extra}\n' for m in models)
     path.write_text(f"""
 [kafka]
@@ -205,6 +205,7 @@ dir = "{state_dir}"
 dir = "{registry_dir}"
 [metrics]
 port = {metrics_port}
+{metrics_extra}
 [rounds]
 max_wait_s = 0.5
 threads = 1

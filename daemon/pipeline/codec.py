@@ -51,6 +51,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from daemon.keys import SecretKey
 from daemon.data.inline import InlineDataError, decode_inline
 from daemon.data.sources import RefError, resolve_refs
 from daemon.engine.kinds import KINDS, Kind
@@ -240,11 +241,15 @@ def check_request(
     key: bytes | None,
     models: Mapping[str, ModelSpec],
     limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
+    *,
+    id_key: SecretKey | None = None,
 ) -> CheckedRequest:
-    """Validate everything but the pixels (cheap); raise :class:`Rejection` on the first fault."""
+    """Validate everything but the pixels (cheap); raise :class:`Rejection` on the first fault.
+
+    ``id_key``: the daemon's id key; instance ids are kept as its HMAC (``codec_checks.id_digest``)."""
     ctx = _Context()
     try:
-        return _check(value, key, models, limits, ctx)
+        return _check(value, key, models, limits, ctx, id_key)
     except CheckFailed as fail:
         raise Rejection(
             fail.reason, fail.detail, request_id=ctx.request_id, model=ctx.model, kind=ctx.kind
@@ -387,6 +392,7 @@ def _check(
     models: Mapping[str, ModelSpec],
     limits: Limits,
     ctx: _Context,
+    id_key: SecretKey | None = None,
 ) -> CheckedRequest:
     doc, repeated = _parse(value, limits)
 
@@ -467,7 +473,7 @@ def _check(
 
     first_index: dict[str, int] = {}
     checked = [
-        check_instance(i, item, kind, forget_class, spec, first_index)
+        check_instance(i, item, kind, forget_class, spec, first_index, id_key)
         for i, item in enumerate(items)
     ]
     return CheckedRequest(

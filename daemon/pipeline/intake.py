@@ -20,6 +20,7 @@ import torch
 from kafka import TopicPartition
 
 from daemon.engine.kinds import get_kind
+from daemon.keys import SecretKey
 from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.codec import (
     CheckedRequest,
@@ -80,7 +81,7 @@ class Intake:
 
     def __init__(self, ledger: Ledger, *, specs: Mapping[str, ModelSpec], predictors: Mapping[str, Predict],
                  limits: Limits, batcher: Batcher, offsets: OffsetBook, receipts: ReceiptChain, dlq_topic: str,
-                 metrics: DaemonMetrics, log_each: bool = False) -> None:
+                 metrics: DaemonMetrics, log_each: bool = False, id_key: SecretKey | None = None) -> None:
         self.ledger = ledger
         self.specs = specs
         self.predictors = predictors
@@ -92,6 +93,7 @@ class Intake:
         self.metrics = metrics
         # one log line per rejected or duplicate message only at debug: a flood must not be rendered line by line
         self.log_each = log_each
+        self.id_key = id_key            # instance ids are kept as HMACs under it (issue 23)
 
     def process(self, records: Sequence[Any]) -> bool:
         """Decide one poll's records (kafka-python ``ConsumerRecord``-like); True when receipts were queued."""
@@ -105,7 +107,7 @@ class Intake:
             got = checks.get(k)
             if got is None:
                 try:
-                    got = check_request(rec.value, rec.key, self.specs, self.limits)
+                    got = check_request(rec.value, rec.key, self.specs, self.limits, id_key=self.id_key)
                 except Rejection as rej:
                     got = rej
                 checks[k] = got

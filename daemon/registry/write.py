@@ -141,7 +141,7 @@ def write_version(
     manifest["files"] = _file_table(files)
     manifest["sha256"] = manifest["files"][STATE_DICT_FILE]["sha256"]
 
-    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest)
+    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest, sealed_files)
 
 
 def copy_version(
@@ -189,7 +189,7 @@ def copy_version(
     manifest["parent"] = parent
 
     model_dir = _model_dir(registry, model_name)
-    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest, sealed_files)
+    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest)
 
 
 def _commit_version(registry: Path | str, model_name: str, model_dir: Path, files: Mapping[str, bytes],

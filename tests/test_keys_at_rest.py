@@ -254,3 +254,12 @@ def test_an_exact_rebase_excludes_exactly_the_forgotten_items_by_keyed_and_by_pr
     assert [ts.status_of(r) for r in forgotten] == ["excluded"] * 4 + ["not_in_source", "relabeled"]
     with pytest.raises(ForeignKeyError, match=f"hashed under id key {key.key_id}, the configured id key is"):
         build_training_set(source, "mnist-train", range(300), SHAPE, forgotten, key=_key(tmp_path, "x.key", "id"))
+
+
+def test_unlearnd_unlearn_on_a_sealed_version_asks_for_the_state_key(tmp_path, reg, capsys):
+    from daemon.cli import main
+
+    key = _key(tmp_path)
+    _publish(reg, model_store.load_live(reg, MODEL), key)
+    assert main(["unlearn", "--registry", str(reg), "--model", MODEL, "--forget-indices", "3"]) == 2
+    assert f"sealed with state key {key.key_id}; configure that key" in capsys.readouterr().err

@@ -263,3 +263,20 @@ def test_unlearnd_unlearn_on_a_sealed_version_asks_for_the_state_key(tmp_path, r
     _publish(reg, model_store.load_live(reg, MODEL), key)
     assert main(["unlearn", "--registry", str(reg), "--model", MODEL, "--forget-indices", "3"]) == 2
     assert f"sealed with state key {key.key_id}; configure that key" in capsys.readouterr().err
+
+
+def test_the_daemon_refuses_to_start_on_a_ledger_of_another_id_key_or_a_named_key_file_that_is_missing(tmp_path):
+    from daemon.pipeline.lifecycle import build_daemon
+    from daemon.pipeline.runtime import RuntimeError_
+
+    state = tmp_path / "state"
+    ledger = Ledger(state / "ledger.sqlite")
+    ledger.bind_id_key("0" * 16)                    # written under an id key this daemon does not have
+    ledger.close()
+    config = load_config(None, env={"UNLEARND_STATE_DIR": str(state), "UNLEARND_REGISTRY_DIR": str(tmp_path / "r")})
+    with pytest.raises(RuntimeError_, match=r"made under id key 0{16}, the configured id key is [0-9a-f]{16}"):
+        build_daemon(config)
+    named = load_config(None, env={"UNLEARND_STATE_DIR": str(tmp_path / "s2"),
+                                   "UNLEARND_KEYS_ID_KEY_FILE": str(tmp_path / "absent.key")})
+    with pytest.raises(RuntimeError_, match="absent.key: no such id key file"):
+        build_daemon(named)

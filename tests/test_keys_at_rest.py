@@ -280,3 +280,29 @@ def test_the_daemon_refuses_to_start_on_a_ledger_of_another_id_key_or_a_named_ke
                                    "UNLEARND_KEYS_ID_KEY_FILE": str(tmp_path / "absent.key")})
     with pytest.raises(RuntimeError_, match="absent.key: no such id key file"):
         build_daemon(named)
+
+
+def test_an_instance_forgotten_under_a_pre_schema_3_plain_digest_is_still_recognised_as_already_forgotten(tmp_path):
+    from daemon.data.sources import builtin_sources
+    from daemon.pipeline.batcher import Batcher
+    from daemon.pipeline.intake import Intake
+    from daemon.pipeline.metrics import DaemonMetrics
+    from daemon.pipeline.offsets import OffsetBook
+    from daemon.pipeline.receipts import ReceiptChain
+    from tests.test_pipeline_hardening import _forgotten, _receipts, _record
+
+    spec = ModelSpec(name=MODEL, input_shape=SHAPE, num_classes=10, sources=builtin_sources(load_mnist()))
+    key = _key(tmp_path, "id.key", "id")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    intake = Intake(ledger, specs={MODEL: spec}, predictors={MODEL: lambda x: [5] * len(x)}, limits=Limits(),
+                    batcher=Batcher(64, 1.0), offsets=OffsetBook(), receipts=ReceiptChain("d1", "receipts"),
+                    dlq_topic="dlq", metrics=DaemonMetrics(), versions=lambda _m: 7, id_key=key)
+    first = request("f-1", refs=["mnist-train:0"])
+    _forgotten(ledger, spec, first, label=3)            # recorded as schema 2 did: the plain SHA-256 of the id
+    again = request("f-2", refs=["mnist-train:0"])
+    again["instances"][0]["id"] = first["instances"][0]["id"]
+    intake.process([_record(0, json.dumps(again).encode())])
+    assert list(intake.batcher.waiting()) == []
+    [receipt] = _receipts(ledger)
+    assert receipt["reason"].startswith("already_forgotten") and receipt["instances"][0]["label"] == 3
+    assert receipt["instances"][0]["id_key"] == key.key_id          # answered with the keyed digest

@@ -69,7 +69,7 @@ def test_two_versions_numbering_latest_and_manifest(tmp_path: Path) -> None:
     assert manifest["input_shape"] == [1, 8, 8] and manifest["classes"] == CLASSES
     assert manifest["note"] == "second" and manifest["created_at"].endswith("Z")
     assert read_manifest(tmp_path, NAME, 1)["parent"] is None
-    assert set(manifest["files"]) == {"model.pt", "model.safetensors"}
+    assert set(manifest["files"]) == {"model.pt", "model.pt2", "model.safetensors"}
     for name, entry in manifest["files"].items():
         data = (second.path / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -269,7 +269,7 @@ def test_set_latest_false_and_rollback(tmp_path: Path) -> None:
 def test_extra_files_stored_and_hashed(tmp_path: Path) -> None:
     extras = {"session.safetensors": b"\x00\x01tensor-bytes", "session.json": b'{"rounds": 3}'}
     info = write(tmp_path, tiny_model(), extra_files=extras)
-    assert set(info.manifest["files"]) == {"model.pt", "model.safetensors", *extras}
+    assert set(info.manifest["files"]) == {"model.pt", "model.pt2", "model.safetensors", *extras}
     for name, data in extras.items():
         assert read_extra_file(info, name) == data
         assert info.manifest["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()

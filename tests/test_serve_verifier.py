@@ -32,7 +32,7 @@ def publish(root: Path, seed: int) -> registry.VersionInfo:
     torch.manual_seed(seed)
     module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
     return registry.write_version(root, NAME, module, input_shape=SHAPE, classes=["a", "b", "c"],
-                                  parent=registry.latest_version(root, NAME))
+                                  parent=registry.latest_version(root, NAME), export_pt2=False)
 
 
 def alone(info: registry.VersionInfo, x: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,13 @@ def test_the_helper_verifies_exactly_what_the_serving_process_would(tmp_path: Pa
     assert bytes(got.data) == want.data == (info.path / registry.TORCHSCRIPT_FILE).read_bytes()
     assert got.layout == want.layout is not None and got.crc_ok and want.crc_ok
     assert got.policy == "idle" and want.policy is None
-    flip_storage_byte_and_rehash(info)
-    got, want = verifier.verify(tmp_path, NAME, info.version), verify_for_load(tmp_path, NAME, info.version)
-    assert got.crc_ok is want.crc_ok is False and got.layout == want.layout
+    flip_storage_byte_and_rehash(info)                # the same refusal, with the same reason, either way
+    errors = []
+    for verify in (verifier.verify, verify_for_load):
+        with pytest.raises(registry.VerificationError, match="differs from model.safetensors") as caught:
+            verify(tmp_path, NAME, info.version)
+        errors.append((caught.value.code, caught.value.file, caught.value.reason))
+    assert errors[0] == errors[1] and errors[0][:2] == ("mismatch", registry.TORCHSCRIPT_FILE)
 
 
 def test_the_helper_runs_idle_at_nice_19(verifier: Verifier) -> None:
@@ -155,9 +159,11 @@ def test_swaps_through_the_helper_serve_exactly_each_version_and_refuse_bad_ones
         assert torch.equal(h.current.infer(X), alone(info, X))
     good = h.current.version
     bad = publish(tmp_path, seed=4)
-    flip_storage_byte_and_rehash(bad)                       # hashes agree, the zip's CRC-32 does not
+    flip_storage_byte_and_rehash(bad)                       # hashes agree; its tensors and the CRC-32 do not
     result = h.swap_to(bad.version)
-    assert result.outcome == "failed" and result.error.reason == "load" and "CRC-32" in result.error.detail
+    # refused before the CRC-32 is read: model.pt's tensors are not model.safetensors' (daemon.registry.trust)
+    assert result.outcome == "failed" and result.error.reason == "mismatch"
+    assert "differs from model.safetensors" in result.error.detail
     corrupt = publish(tmp_path, seed=5)
     (corrupt.path / registry.STATE_DICT_FILE).write_bytes(b"not the weights")
     result = h.swap_to(corrupt.version)

@@ -47,7 +47,7 @@ def publish(root: Path, seed: int, **kwargs: object) -> registry.VersionInfo:
         module.norm.running_mean.uniform_(-0.5, 0.5)
         module.norm.running_var.uniform_(0.5, 2.0)
     return registry.write_version(root, NAME, module, input_shape=SHAPE, classes=["a", "b", "c"],
-                                  parent=registry.latest_version(root, NAME))
+                                  parent=registry.latest_version(root, NAME), export_pt2=False)
 
 
 def holder(root: Path) -> tuple[ModelHolder, ServeMetrics]:
@@ -135,11 +135,11 @@ def test_a_corrupted_version_is_refused_and_the_old_one_keeps_serving(tmp_path: 
         path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     else:
         _flip_storage_byte(bad.path / registry.TORCHSCRIPT_FILE)
-        if fault == "model.pt rehashed":         # the manifest agrees; the zip's own CRC-32 does not
+        if fault == "model.pt rehashed":         # the manifest agrees; its tensors (and the zip's CRC-32) do not
             _rehash(bad, registry.TORCHSCRIPT_FILE)
     result = h.swap_to(bad.version)
     assert result.outcome == "failed"
-    assert result.error.reason == ("load" if fault == "model.pt rehashed" else "verification")
+    assert result.error.reason == ("mismatch" if fault == "model.pt rehashed" else "verification")
     assert h.current.version == good.version and torch.equal(served_output(h, X), alone(good, X))
     assert metrics.registry.get_sample_value("unlearnd_serve_swaps_total", {"outcome": "failed"}) == 1
     after = publish(tmp_path, seed=4)            # the next good version still swaps by its weights

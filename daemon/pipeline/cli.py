@@ -30,16 +30,32 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
         raise _usage(f"configuration: {exc}") from exc
 
 
+def _check_folders(config: Any) -> list[str]:
+    """The folders the daemon writes: a usage error (exit 2) when the state folder is not writable; warnings."""
+    from daemon.pipeline.config import ConfigError
+    from daemon.pipeline.config_checks import check_folders
+
+    try:
+        return check_folders(config)
+    except ConfigError as exc:
+        raise _usage(f"configuration: {exc}") from exc
+
+
 # -- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     import threading
+
+    import structlog
 
     from daemon.logs import configure_logging
     from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
     from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)
+    warnings = _check_folders(config)           # before anything is set up: a refusal leaves nothing behind
     configure_logging(config.log.level, config.log.format)
+    for warning in warnings:
+        structlog.get_logger("unlearnd.daemon").warning("config_warning", detail=warning)
     stop = threading.Event()
     install_signal_handlers(stop)
     try:
@@ -64,11 +80,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from daemon.pipeline.broker import BrokerError, start_broker
 
     try:
-        proc = start_broker(args.port, args.host)
+        proc = start_broker(args.port, args.host, storage=args.storage)
     except BrokerError as exc:
         raise _usage(str(exc)) from exc
-    print(f"broker listening on {args.host}:{args.port} (in-memory storage: restarting it forgets all topics)",
-          file=sys.stderr, flush=True)
+    if args.storage.startswith("memory:"):
+        print(f"broker listening on {args.host}:{args.port}\nWARNING: in-memory storage: stopping it loses every "
+              f"topic, message and committed offset; requests published while the daemon is down are lost with it "
+              f"(those accepted but not applied get a failed receipt asking for a resubmission). For a durable "
+              f"broker: --storage s3://BUCKET/ (docs/operations.md)", file=sys.stderr, flush=True)
+    else:
+        print(f"broker listening on {args.host}:{args.port}, storage {args.storage}", file=sys.stderr, flush=True)
 
     def stop(*_: Any) -> None:
         proc.terminate()
@@ -90,6 +111,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         sys.stdout.write(example_toml())
     elif args.action == "check":
         config = _load(args)
+        for warning in _check_folders(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"ok: {len(config.models)} model(s), broker {config.kafka.bootstrap}, state {config.state.dir}, "
               f"registry {config.registry.dir}")
     else:
@@ -328,6 +351,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1")
     sp.add_argument("--port", type=int, default=DEFAULT_PORT)
     sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--storage", default="memory://tansu/",
+                    help="Tansu storage engine: memory://tansu/ (default; lost on stop) or s3://BUCKET/ (durable: "
+                         "an S3 endpoint from AWS_ENDPOINT, AWS_ACCESS_KEY_ID...; this build of Tansu has no "
+                         "sqlite, file or postgres engine)")
     sp.set_defaults(func=cmd_broker)
 
     sp = sub.add_parser("config", help="print an example configuration, check one, or list every setting")

@@ -33,7 +33,9 @@ Policy where the contract is silent:
 - ``forget_class`` instances without a label get the class as their label (the contract lists
   "examples of that class"); a ``forget`` / ``relabel`` instance without a label gets ``None``, and
   the daemon uses the model's prediction at intake. A ref's dataset label is never used.
-- ``NaN`` / ``Infinity`` (not JSON) and nesting too deep for the parser are ``not_json``.
+- ``NaN`` / ``Infinity`` (not JSON) and nesting too deep for the parser are ``not_json``; a top-level
+  ``request_id`` such a document still shows plainly is read tolerantly (:mod:`daemon.pipeline.salvage`), so
+  it gets its ``rejected`` receipt.
 
 A rejection's ``detail`` names the field path (``instances[3].label``) and never holds raw input
 data or an instance id in clear. Its ``request_id`` is set once it has been read and is valid, its
@@ -71,6 +73,7 @@ from daemon.pipeline.codec_checks import (
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.model_spec import ModelSpec
 from daemon.pipeline.receipts import RECEIPT_SCHEMA
+from daemon.pipeline.salvage import salvage_fields
 
 __all__ = [
     "MAX_INSTANCE_ID_LENGTH",
@@ -204,7 +207,8 @@ class DecodedInstance:
     """One instance ready for a round; ``x`` is ``C×H×W`` float32 in [0, 1].
 
     ``label`` ``None``: the daemon uses the model's prediction at intake. ``target``: relabel only.
-    ``ref``: the ref string when the input came by ref, else ``None``. The clear id is never kept.
+    ``ref``: the ref string when the input came by ref, else ``None``. The clear id is never kept;
+    ``plain_id`` (in memory only) is its plain SHA-256 when ``id_sha256`` is keyed (pre-schema-3 ledger rows).
     """
 
     id_sha256: str
@@ -212,6 +216,7 @@ class DecodedInstance:
     label: int | None
     target: int | None
     ref: str | None
+    plain_id: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -251,9 +256,31 @@ def check_request(
     try:
         return _check(value, key, models, limits, ctx, id_key)
     except CheckFailed as fail:
+        if fail.reason == "not_json" and ctx.request_id is None:
+            _salvage(value, models, limits, ctx)
         raise Rejection(
             fail.reason, fail.detail, request_id=ctx.request_id, model=ctx.model, kind=ctx.kind
         ) from fail.__cause__
+
+
+_SALVAGED = frozenset({"request_id", "model", "kind"})
+
+
+def _salvage(value: bytes | None, models: Mapping[str, ModelSpec], limits: Limits, ctx: _Context) -> None:
+    """A document the strict reader refused (NaN, a huge integer, a BOM, deep nesting) may still name its request
+    plainly: read its top-level request_id (and model, kind) tolerantly, so it gets its ``rejected`` receipt
+    (contract §2). Each is kept only if it would pass the strict checks."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return
+    fields = salvage_fields(bytes(value).decode("utf-8"), _SALVAGED)     # UTF-8: the not_utf8 check came first
+    rid = fields.get("request_id")
+    if rid is None or not 1 <= len(rid) <= limits.max_request_id_length or not rid.isprintable():
+        return
+    ctx.request_id = rid
+    if fields.get("model") in models:
+        ctx.model = fields["model"]
+        if fields.get("kind") in KINDS:
+            ctx.kind = fields["kind"]
 
 
 def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
@@ -291,7 +318,7 @@ def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
             kind=checked.kind,
         ) from fail.__cause__
     instances = [
-        DecodedInstance(inst.id_sha256, xs[i], inst.label, inst.target, inst.ref)
+        DecodedInstance(inst.id_sha256, xs[i], inst.label, inst.target, inst.ref, inst.plain_id)
         for i, inst in enumerate(checked.instances)
     ]
     return DecodedRequest(

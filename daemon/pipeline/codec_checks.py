@@ -72,13 +72,15 @@ def id_digest(instance_id: str, id_key: keys.SecretKey | None) -> str:
 @dataclass(frozen=True)
 class CheckedInstance:
     """One instance after ``check_request``: validated, its input not decoded yet; ``id_sha256`` is the id's
-    digest (:func:`id_digest`: keyed when the daemon has an id key), never the id."""
+    digest (:func:`id_digest`: keyed when the daemon has an id key), never the id. ``plain_id``: with a key, the
+    id's plain SHA-256 too, held in memory only to find instances a ledger recorded before keyed digests."""
 
     id_sha256: str
     label: int | None
     target: int | None
     ref: str | None
     data: Mapping[str, Any] | None = field(default=None, repr=False)
+    plain_id: str | None = field(default=None, repr=False)
 
 
 def kinds_where(has: Callable[[Kind], bool]) -> str:
@@ -116,6 +118,7 @@ def check_instance(
         )
     try:
         id_sha256 = id_digest(instance_id, id_key)
+        plain_id = None if id_key is None else id_digest(instance_id, None)
     except UnicodeEncodeError:  # a lone surrogate from a \ud8xx escape
         fail("bad_instance_id", f"instances[{i}].id is not valid Unicode (a lone surrogate)")
     earlier = first_index.setdefault(instance_id, i)
@@ -155,9 +158,9 @@ def check_instance(
 
     if ref is not None:
         _check_ref(i, ref, spec)
-        return CheckedInstance(id_sha256, label, target, ref, None)
+        return CheckedInstance(id_sha256, label, target, ref, None, plain_id)
     _check_data_object(i, data)
-    return CheckedInstance(id_sha256, label, target, None, data)
+    return CheckedInstance(id_sha256, label, target, None, data, plain_id)
 
 
 def check_class_field(value: object, where: str, out_of_range: str, num_classes: int) -> int:

@@ -183,6 +183,10 @@ class DaemonSection:
     """Process-wide behaviour."""
 
     outbox_interval_s: float = _opt(0.5, "how often unacknowledged receipts are retried", "s", minimum=0.01)
+    stranded_after_s: float = _opt(30.0, "how long an accepted request that the broker can no longer redeliver "
+                                         "(its round lost with the daemon, its message lost with the broker) "
+                                         "waits before its failed receipt tells the publisher to resubmit it",
+                                   "s", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -456,6 +460,9 @@ def _check(config: Config) -> None:
             m.round_settings()
         except ValueError as exc:
             raise ConfigError(f"models[{i}].settings", str(exc)) from None
+    from daemon.pipeline.config_checks import check_values      # it imports this module
+
+    check_values(config)
 
 
 def _check_model_sources(i: int, m: ModelSection) -> None:

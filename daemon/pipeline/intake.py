@@ -36,7 +36,13 @@ from daemon.pipeline.ledger import Ledger, LedgerTransaction
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
 from daemon.pipeline.pending import PendingRequest
-from daemon.pipeline.receipts import DuplicateReceipt, ReceiptChain, RejectedReceipt
+from daemon.pipeline.receipts import (
+    AlreadyForgottenReceipt,
+    DuplicateReceipt,
+    ReceiptChain,
+    RejectedReceipt,
+    instance_outcomes,
+)
 
 __all__ = ["Intake", "fill_labels", "fingerprint"]
 
@@ -81,7 +87,8 @@ class Intake:
 
     def __init__(self, ledger: Ledger, *, specs: Mapping[str, ModelSpec], predictors: Mapping[str, Predict],
                  limits: Limits, batcher: Batcher, offsets: OffsetBook, receipts: ReceiptChain, dlq_topic: str,
-                 metrics: DaemonMetrics, log_each: bool = False, id_key: SecretKey | None = None) -> None:
+                 metrics: DaemonMetrics, log_each: bool = False,
+                 versions: Callable[[str], int | None] = lambda _model: None, id_key: SecretKey | None = None) -> None:
         self.ledger = ledger
         self.specs = specs
         self.predictors = predictors
@@ -93,6 +100,7 @@ class Intake:
         self.metrics = metrics
         # one log line per rejected or duplicate message only at debug: a flood must not be rendered line by line
         self.log_each = log_each
+        self.versions = versions        # a model's published version (named by an already_forgotten receipt)
         self.id_key = id_key            # instance ids are kept as HMACs under it (issue 23)
 
     def process(self, records: Sequence[Any]) -> bool:
@@ -149,7 +157,9 @@ class Intake:
         if isinstance(checked, Rejection):
             return self._reject(tx, rec, fp, checked, now)
         existing = tx.request(checked.request_id)
-        if existing is not None and not redelivered:
+        # a stranded request's failed receipt asked for this resubmission (daemon/pipeline/stranded.py): accepted anew
+        resubmitted = existing is not None and existing["status"] == "stranded"
+        if existing is not None and not redelivered and not resubmitted:
             self.receipts.append(tx, DuplicateReceipt.of(request_id=checked.request_id, model=checked.model,
                                                          kind=checked.kind, original=existing, received_at=now))
             tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, checked.request_id, "duplicate")
@@ -158,6 +168,9 @@ class Intake:
             return checked.kind, "duplicate", ""
         try:
             decoded = decode_inputs(checked)
+            if self._already_forgotten(tx, decoded, now):
+                tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, decoded.request_id, "accepted")
+                return decoded.kind, "applied", ""
             labels, targets = fill_labels(decoded, self.predictors[decoded.model])
         except Rejection as rej:
             return self._reject(tx, rec, fp, rej, now)
@@ -170,6 +183,54 @@ class Intake:
         log.info("request_accepted", request_id=decoded.request_id, model=decoded.model, kind=decoded.kind,
                  instances=len(decoded.instances))
         return _NOTHING
+
+    def _already_forgotten(self, tx: LedgerTransaction, decoded: DecodedRequest, now: float) -> bool:
+        """A ``forget`` request for instances this model already forgot (same id hash, in the ledger).
+
+        An instance without a label takes the label it was forgotten as (today's prediction is already another
+        class: forgetting *that* would push the instance on, and fill the memory for nothing). When every instance
+        was forgotten before and the published model predicts none of them as its label, the request is answered
+        at once with an ``applied`` receipt, reason ``already_forgotten``, naming the earlier round: True.
+        """
+        if decoded.kind != "forget":
+            return False
+        before = self._forgotten_before(tx, decoded)
+        if not before:
+            return False
+        for inst in decoded.instances:
+            if inst.label is None and inst.id_sha256 in before:
+                inst.label = before[inst.id_sha256][0]
+        if any(i.id_sha256 not in before for i in decoded.instances):
+            return False                        # a new instance among them: a round runs (with the labels above)
+        preds = self.predictors[decoded.model](torch.stack([i.x for i in decoded.instances]))
+        labels = [int(i.label) for i in decoded.instances if i.label is not None]
+        if any(int(p) == lab for p, lab in zip(preds, labels, strict=True)):
+            return False                        # no longer forgotten (a rollback, a rebase): forget it again
+        _, round_id, version = max((before[i.id_sha256] for i in decoded.instances),
+                                   key=lambda b: (b[2] or 0, b[1] or ""))
+        receipt = AlreadyForgottenReceipt(
+            request_id=decoded.request_id, model=decoded.model, kind=decoded.kind, round_id=round_id,
+            model_version=version, current_version=self.versions(decoded.model),
+            instances=instance_outcomes([i.id_sha256 for i in decoded.instances], labels, preds, preds, None),
+            received_at=now)
+        tx.finish(decoded.request_id, "applied", model=decoded.model, kind=decoded.kind,
+                  reason=AlreadyForgottenReceipt.REASON, round_id=round_id, model_version=version, received_at=now)
+        self.receipts.append(tx, receipt)
+        log.info("request_already_forgotten", request_id=decoded.request_id, model=decoded.model, round_id=round_id)
+        return True
+
+    @staticmethod
+    def _forgotten_before(tx: LedgerTransaction, decoded: DecodedRequest) -> dict[str, tuple[int, str, int | None]]:
+        """``tx.forgotten_before`` by the instances' digests, rows of a pre-schema-3 ledger (plain SHA-256 of the
+        id) found too and keyed by the instance's own digest; the newest round wins when both exist."""
+        plain = {i.plain_id: i.id_sha256 for i in decoded.instances if i.plain_id}
+        found = tx.forgotten_before(decoded.model, [i.id_sha256 for i in decoded.instances] + list(plain))
+        before: dict[str, tuple[int, str, int | None]] = {}
+        for digest, row in found.items():
+            own = plain.get(digest, digest)
+            if own not in before or (row[2] or 0, row[1] or "") > (before[own][2] or 0, before[own][1] or ""):
+                before[own] = row
+        return before
 
     def _reject(self, tx: LedgerTransaction, rec: Any, fp: str, rej: Rejection, now: float) -> _Effect:
         headers = [("error.reason", rej.reason.encode()), ("error.detail", rej.detail.encode()),

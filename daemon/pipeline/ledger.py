@@ -55,13 +55,19 @@ __all__ = [
 ]
 
 GENESIS_HASH = "0" * 64
-FINAL_STATUSES = ("applied", "rejected", "failed")
+# "stranded": accepted, then its round was lost and the broker could no longer redeliver its message
+# (:mod:`daemon.pipeline.stranded`); its receipt is ``failed`` and a resubmission of its id is accepted anew
+FINAL_STATUSES = ("applied", "rejected", "failed", "stranded")
 
 
 _SQL_DELIVERY = 'INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?, ?)'
 _SQL_ACCEPT = ("INSERT INTO requests (request_id, model, kind, status, instances, received_at) "
                "VALUES (?, ?, ?, 'accepted', ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
-               "received_at=MIN(received_at, excluded.received_at)")
+               "received_at=MIN(received_at, excluded.received_at), "
+               # a stranded request resubmitted waits again (its deletion clock runs from the first receipt)
+               "status='accepted', reason=NULL, round_id=NULL, model_version=NULL, finished_at=NULL, "
+               "instances=excluded.instances, attempts=attempts + (status='stranded') "
+               "WHERE requests.status IN ('accepted', 'stranded')")
 _SQL_FINISH = ("INSERT INTO requests (request_id, model, kind, status, reason, round_id, model_version, "
                "received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
                "status=excluded.status, reason=excluded.reason, round_id=excluded.round_id, "
@@ -237,6 +243,36 @@ class Ledger:
                     f"({','.join('?' * len(chunk))}) AND instances > 0", chunk).fetchone()
                 known, total = known + int(row[0]), total + int(row[1])
         return total if known == len(ids) else None
+
+    def accepted_requests(self) -> list[dict[str, Any]]:
+        """Every request accepted and not yet decided (request_id, model, kind, received_at): the ones a round,
+        or a redelivery of their message, still owes an outcome (:mod:`daemon.pipeline.stranded`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT request_id, model, kind, received_at FROM requests "
+                                    "WHERE status='accepted'").fetchall()
+        return [{"request_id": r[0], "model": r[1], "kind": r[2], "received_at": float(r[3])} for r in rows]
+
+    def accepted_deliveries(self, request_ids: Sequence[str]) -> dict[str, tuple[str, int, int, str]]:
+        """Where each request's accepting message was: (topic, partition, offset, fingerprint), the newest row when
+        a resubmission was accepted too; a request absent from the answer lost its row to a new message at the same
+        offset (a broker that lost its log).
+        A scan of the deliveries (no index on request_id): called for new orphans only, not per poll."""
+        ids, out = list(dict.fromkeys(request_ids)), {}
+        with self._lock:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                for topic, partition, offset, fp, rid in self._db.execute(
+                        f'SELECT topic, partition, "offset", fingerprint, request_id FROM deliveries WHERE '
+                        f"effect='accepted' AND request_id IN ({', '.join('?' * len(chunk))}) ORDER BY rowid", chunk):
+                    out[rid] = (topic, int(partition), int(offset), fp)
+        return out
+
+    def last_round_of(self, request_id: str) -> str | None:
+        """The newest round that held the request (none: it never reached one)."""
+        with self._lock:
+            row = self._db.execute("SELECT round_id FROM rounds WHERE instr(request_ids, ?) > 0 "
+                                   "ORDER BY started_at DESC LIMIT 1", (json.dumps(request_id),)).fetchone()
+        return None if row is None else row[0]
 
     # -- rounds -------------------------------------------------------------------------------------
     def allocate_round(self, model: str, owner: str, request_ids: Sequence[str]) -> str:
@@ -469,6 +505,19 @@ class LedgerTransaction:
             for row in cur.fetchall():
                 self._requests[row[0]] = dict(zip(_REQUEST_COLUMNS, row, strict=True))
 
+    def forgotten_before(self, model: str, id_hashes: Sequence[str]) -> dict[str, tuple[int, str, int | None]]:
+        """Instances of ``model`` a committed round already forgot, by id hash: (the label it was forgotten as, that
+        round, the version it made), the newest when several did. One indexed lookup (model, id_sha256)."""
+        ids, out = list(dict.fromkeys(id_hashes)), {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start:start + _IN_CHUNK]
+            for h, label, round_id, version in self.db.execute(
+                    f"SELECT c.id_sha256, c.label, c.round_id, r.version FROM forgotten_content c LEFT JOIN rounds r "
+                    f"ON r.round_id = c.round_id WHERE c.model=? AND c.id_sha256 IN ({', '.join('?' * len(chunk))}) "
+                    f"ORDER BY c.seq", [model, *chunk]):
+                out[h] = (int(label), round_id, None if version is None else int(version))
+        return out
+
     def delivery(self, topic: str, partition: int, offset: int) -> Delivery | None:
         """What :meth:`load` found (or this transaction recorded) for that offset; None if nothing."""
         return self._deliveries.get((topic, partition, offset))
@@ -495,8 +544,9 @@ class LedgerTransaction:
             row = dict.fromkeys(_REQUEST_COLUMNS)
             row.update(request_id=request_id, model=model, kind=kind, status="accepted", instances=instances,
                        attempts=0, received_at=received_at)
-        else:
-            row["received_at"] = min(row["received_at"], received_at)
+        elif row["status"] in ("accepted", "stranded"):
+            row.update(received_at=min(row["received_at"], received_at), status="accepted", reason=None,
+                       round_id=None, model_version=None, finished_at=None, instances=instances)
         self._requests[request_id] = row
 
     def finish(self, request_id: str, status: str, *, model: str | None = None, kind: str | None = None,

@@ -48,6 +48,7 @@ from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
 from daemon.pipeline.receipts import ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime, RuntimeError_
+from daemon.pipeline.stranded import PartitionView, StrandedWatch
 
 __all__ = ["BrokerUnavailable", "Daemon", "StartupError", "build_daemon", "install_signal_handlers",
            "round_executor"]
@@ -59,6 +60,8 @@ OFFSET_COMMIT_INTERVAL_S = 1.0
 # gauges follow the served version without waiting for the next request; a round due reloads at once anyway.
 LATEST_CHECK_INTERVAL_S = 10.0
 REBASE_CHECK_INTERVAL_S = 1.0       # how often the loop looks for a requested rebase or a policy that asks for one
+STRANDED_CHECK_INTERVAL_S = 1.0     # how often the loop looks for accepted requests it no longer holds
+QUIET_S = 2.0                       # polls empty (nothing paused) this long: the consumer has read its partitions
 
 
 class BrokerUnavailable(RuntimeError):
@@ -122,7 +125,8 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
                     limits=Limits(max_instances=config.limits.max_instances,
                                   max_message_bytes=config.limits.max_message_bytes),
                     batcher=batcher, offsets=offsets, receipts=chain, dlq_topic=k.dlq_topic, metrics=metrics,
-                    log_each=config.log.level.lower() == "debug", id_key=secrets.ids)
+                    log_each=config.log.level.lower() == "debug",
+                    versions=lambda m: runtimes[m].version if m in runtimes else None, id_key=secrets.ids)
     committer = RoundCommitter(ledger, registry_dir, chain, models_topic=k.models_topic,
                                method={"name": r.method, "preset": r.preset, "accumulation": r.accumulation,
                                        "memory_energy": r.memory_energy, "memory_copies": r.memory_copies},
@@ -199,6 +203,10 @@ class Daemon:
         self._rebase_executor = rebase_executor
         self._rebase: _RunningRebase | None = None
         self._rebase_check = 0.0
+        self.stranded = StrandedWatch(ledger, intake.receipts, after_s=config.daemon.stranded_after_s,
+                                      versions=lambda m: self.runtimes[m].version if m in self.runtimes else None)
+        self._stranded_check = 0.0
+        self._empty_since: float | None = None      # monotonic: since when polls come back empty, nothing paused
 
     # -- start-up -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -266,6 +274,8 @@ class Daemon:
                 self._start_round_if_due()
             if not self._stop.is_set() and self._round is None and not self._rebase_finishing():
                 self._follow_latest()       # never beside a rebase's finish: it reloads the model itself
+            if not self._stop.is_set():
+                self._stranded_step()
             self._update_gauges()
         self.shutdown()
         return 0
@@ -298,6 +308,10 @@ class Daemon:
             time.sleep(0.5)
             return
         records = [rec for recs in batches.values() for rec in recs]
+        if records or self.consumer.paused():
+            self._empty_since = None
+        elif self._empty_since is None:
+            self._empty_since = time.monotonic()
         if not records:
             self._commit_offsets()
             return
@@ -547,8 +561,39 @@ class Daemon:
         if job is not None and job.finish is None and self.rebaser is not None:
             self.rebaser.aborted(job.rebase_id, job.model, "the daemon stopped")
 
+    # -- accepted requests no longer held (daemon/pipeline/stranded.py) ----------------------------------------
+    def _stranded_step(self) -> None:
+        """Every STRANDED_CHECK_INTERVAL_S: find accepted requests this daemon does not hold and the broker can no
+        longer redeliver; those stranded for ``daemon.stranded_after_s`` get a failed receipt (resubmit)."""
+        now = time.monotonic()
+        if now - self._stranded_check < STRANDED_CHECK_INTERVAL_S:
+            return
+        self._stranded_check = now
+        topic = self.config.kafka.requests_topic
+        view = PartitionView(
+            assigned=frozenset(tp for tp in self.consumer.assignment() if tp.topic == topic),
+            next_offset=dict(self.offsets.next_offset),
+            quiet=self._empty_since is not None and now - self._empty_since >= QUIET_S,
+            position=self._position, partitions=lambda t: self.consumer.partitions_for_topic(t))
+        try:
+            failed = self.stranded.step({p.request_id for p in self.batcher.waiting()}, view)
+        except Exception as exc:  # noqa: BLE001 - a failed look is retried at the next interval; never fatal
+            log.warning("stranded_check_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        for r in failed:
+            self.metrics.requests.labels(kind=r.kind or "unknown", status="failed").inc()
+        if failed:
+            self.outbox.wake()
+
+    def _position(self, tp: TopicPartition) -> int | None:
+        try:
+            return int(self.consumer.position(tp, timeout_ms=1000))
+        except (KafkaError, AssertionError, TypeError, ValueError):
+            return None
+
     def _update_gauges(self) -> None:
-        waiting = list(self.batcher.waiting())
+        waiting: list[Any] = list(self.batcher.waiting())
+        waiting += self.stranded.counted(self.consumer.assignment())     # orphans: counted while they wait
         self.metrics.pending.set(len(waiting))
         now = time.time()
         self.metrics.oldest_pending_age.set(max((now - p.received_at for p in waiting), default=0.0))

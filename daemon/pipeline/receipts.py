@@ -22,6 +22,7 @@ from daemon.pipeline.ledger import LedgerTransaction
 
 __all__ = [
     "RECEIPT_SCHEMA",
+    "AlreadyForgottenReceipt",
     "AppliedReceipt",
     "DuplicateReceipt",
     "ExactReceipt",
@@ -31,6 +32,7 @@ __all__ = [
     "ReceiptChain",
     "RejectedReceipt",
     "RoundMetrics",
+    "StrandedReceipt",
     "id_fields",
     "instance_outcomes",
     "iso",
@@ -216,6 +218,69 @@ class FailedReceipt(_RoundReceipt):
 
 
 @dataclass(frozen=True)
+class AlreadyForgottenReceipt:
+    """An ``applied`` receipt with reason ``already_forgotten``: every instance of a ``forget`` request was forgotten
+    by an earlier round of this model (same id hash) and the published model still does not predict the label it
+    was forgotten as. Nothing new runs: ``round_id`` / ``model_version`` name that earlier round and its version
+    (the newest, when instances came from several), and each instance shows its label and current prediction."""
+
+    request_id: str
+    model: str
+    kind: str
+    round_id: str | None
+    model_version: int | None
+    current_version: int | None
+    instances: tuple[InstanceOutcome, ...]
+    received_at: float
+
+    REASON = "already_forgotten"
+
+    def to_dict(self) -> dict[str, Any]:
+        r = _base(self.request_id, self.model, "applied",
+                  f"{self.REASON}: every instance was forgotten before (round {self.round_id}) and the published "
+                  f"model (version {self.current_version}) still does not predict its label; no new version",
+                  self.kind)
+        r.update({"round_id": self.round_id, "model_version": self.model_version,
+                  "previous_version": self.current_version, "model_sha256": None,
+                  "instances": [i.to_dict() for i in self.instances],
+                  "timings": {"received_at": iso(self.received_at), "applied_at": iso(self.received_at),
+                              "time_to_forget_s": 0.0}})
+        return r
+
+
+@dataclass(frozen=True)
+class StrandedReceipt:
+    """A ``failed`` receipt for a request that was accepted but whose round was lost with the daemon while the
+    broker lost its message: nothing of it was applied, no round can run it (its inputs were only ever in the
+    lost message), and the publisher must send it again; a resubmission of the same ``request_id`` is accepted.
+
+    ``round_id``: the round that held it when the daemon stopped (None: it never reached one); ``evidence``:
+    why the broker cannot redeliver it."""
+
+    request_id: str
+    model: str | None
+    kind: str | None
+    round_id: str | None
+    evidence: str
+    current_version: int | None
+    received_at: float
+    failed_at: float
+
+    REASON = "stranded"
+
+    def to_dict(self) -> dict[str, Any]:
+        r = _base(self.request_id, self.model, "failed",
+                  f"{self.REASON}: accepted, but the daemon stopped before it was applied and the broker can no "
+                  f"longer redeliver it ({self.evidence}); nothing was applied: resubmit it with the same "
+                  f"request_id", self.kind)
+        r.update({"round_id": self.round_id, "model_version": self.current_version,
+                  "previous_version": self.current_version, "model_sha256": None, "resubmit": True,
+                  "instances": [],
+                  "timings": {"received_at": iso(self.received_at), "failed_at": iso(self.failed_at)}})
+        return r
+
+
+@dataclass(frozen=True)
 class RejectedReceipt:
     """A ``rejected`` receipt: the message named a request id but could not be accepted (``reason``: contract §5)."""
 
@@ -308,7 +373,8 @@ class ExactReceipt:
                    instances=tuple((_digest_of(i), i["rebase"]) for i in d["instances"]))
 
 
-Receipt = Union[AppliedReceipt, FailedReceipt, RejectedReceipt, DuplicateReceipt, ExactReceipt]
+Receipt = Union[AppliedReceipt, AlreadyForgottenReceipt, FailedReceipt, StrandedReceipt, RejectedReceipt,
+                DuplicateReceipt, ExactReceipt]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Layout::
     <registry>/<model>/labels.txt                   class names, one a line (Triton's label_filename; models
                                                     published through model_store)
     <registry>/<model>/<version>/model.pt           TorchScript, CPU, float32 NCHW in [0, 1] -> logits
+    <registry>/<model>/<version>/model.pt2          the same as a torch.export archive, where the model exports
     <registry>/<model>/<version>/model.safetensors  the state dict
     <registry>/<model>/<version>/manifest.json      provenance and the sha256 of every other file
     <registry>/<model>/LATEST                       the current version number
@@ -28,7 +29,8 @@ The package, one job a module: ``layout`` (file names, safe names, version direc
 ``files`` (atomic, durable writes and hashing), ``manifest`` (building, serialising and reading
 manifests), ``read`` (``LATEST``, listing, verification, loading), ``write`` (new versions, ``LATEST``,
 clean-up), ``export`` (TorchScript with its cache, Triton's ``config.pbtxt``), ``archive`` (the layout of a
-TorchScript archive, for weight-only swaps). On top of them, not imported here: ``ops`` (leases, retention,
+TorchScript or torch.export archive, for weight-only swaps), ``trust`` (what a version must be beyond its
+hashes: inside the registry, finite, serving files that compute what its weights say). On top of them, not imported here: ``ops`` (leases, retention,
 rollback, whole-model verification) and ``model_store`` (the live model and its session state, glue to
 ``daemon.engine``).
 """
@@ -39,6 +41,7 @@ from daemon.registry.export import DEFAULT_MAX_BATCH_SIZE
 from daemon.registry.files import atomic_write_bytes
 from daemon.registry.layout import (
     CONFIG_FILE,
+    EXPORT_FILE,
     LABELS_FILE,
     LATEST_FILE,
     MANIFEST_FILE,
@@ -64,6 +67,7 @@ from daemon.registry.write import Sealer, clean_temporaries, copy_version, set_l
 __all__ = [
     "CONFIG_FILE",
     "DEFAULT_MAX_BATCH_SIZE",
+    "EXPORT_FILE",
     "LABELS_FILE",
     "LATEST_FILE",
     "MANIFEST_FILE",

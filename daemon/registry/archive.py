@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ArchiveLayout", "copy_storages", "read_layout"]
+__all__ = ["ArchiveLayout", "copy_state", "copy_storages", "pt2_layout", "read_layout"]
 
 # A pickle GLOBAL opcode naming a TorchScript class: b"c" module "\n" name "\n".
 _PKL_CLASS = re.compile(rb"c(__torch__(?:\.[A-Za-z_]\w*)*)\n([A-Za-z_]\w*)\n")
@@ -258,3 +258,44 @@ def copy_storages(module: torch.jit.ScriptModule, layout: ArchiveLayout, data: b
         for target, start, size in targets:
             if size:
                 target.copy_(torch.frombuffer(view[start:start + size], dtype=torch.uint8).untyped_storage())
+
+
+# -- torch.export archives (model.pt2) ---------------------------------------------------------------------
+# Entries of a torch.export.save archive that carry no computation: the weights' bytes (their names, dtypes
+# and shapes are in model_weights_config.json, which is signed), a per-save random id, the example inputs.
+_PT2_IGNORED = re.compile(r"[^/]+/(data/weights/weight_[0-9]+|\.data/serialization_id|data/sample_inputs/.*)")
+
+
+def pt2_layout(data: bytes | bytearray) -> ArchiveLayout | None:
+    """The layout of a ``torch.export`` archive: a signature over everything but its weights' bytes.
+
+    Two ``model.pt2`` with equal signatures run the same graph on tensors of the same names and shapes, so
+    the second is served by copying its weights (``model.safetensors``, which ``daemon.registry.trust``
+    checked it agrees with) into a copy of the first. ``None``: not a zip archive (load it in full, which
+    refuses it).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+            digest = hashlib.sha256(b"pt2\0")
+            for name in sorted(archive.namelist()):
+                if _PT2_IGNORED.fullmatch(name):
+                    continue
+                digest.update(name.encode() + b"\0" + archive.read(name) + b"\0")
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
+        return None
+    return ArchiveLayout(signature="pt2:" + digest.hexdigest(), tensors=(), entries=())
+
+
+def copy_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``module``'s same-named parameters and buffers, shapes equal. Every name of ``state``
+    must be the module's; the module's others are the graph's constants (signed with its layout)."""
+    targets = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    unknown = sorted(set(state) - set(targets))
+    if unknown:
+        raise ValueError(f"the module has no tensor {unknown[:3]}")
+    for key, value in state.items():
+        if targets[key].shape != value.shape:
+            raise ValueError(f"tensor {key!r} is {tuple(value.shape)}, the module's {tuple(targets[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value)

@@ -216,6 +216,38 @@ def _export_torchscript(module: nn.Module, input_shape: tuple[int, int, int], nu
     return ts_bytes
 
 
+def _export_pt2(module: nn.Module, input_shape: tuple[int, int, int]) -> tuple[bytes | None, str | None]:
+    """A ``torch.export`` archive of a CPU copy of ``module`` with a dynamic batch dimension, checked against
+    the eager copy after a save/load round trip: (bytes, None), or (None, why) when the model does not export.
+
+    TorchScript is deprecated (torch 2.13's ``torch.jit.load`` warns); ``model.pt2`` is its successor, and the
+    server prefers it. A model ``torch.export`` cannot capture (data-dependent control flow, unsupported
+    Python) still publishes, with ``model.pt`` alone.
+    """
+    from daemon.registry.trust import load_pt2, outputs_agree, probe_inputs
+
+    if isinstance(module, torch.jit.ScriptModule):
+        return None, "a TorchScript module cannot be exported with torch.export"
+    probe = probe_inputs(input_shape)
+    try:
+        cpu = copy.deepcopy(module).to("cpu").eval()
+        with torch.no_grad():
+            expected = cpu(probe)
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(cpu, (torch.zeros((2, *input_shape)),), dynamic_shapes=({0: batch},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        data = buffer.getvalue()
+        with torch.no_grad():
+            got = load_pt2(data)(probe)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types for a model it cannot capture
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+    ok, diff = outputs_agree(got, expected.detach().float())
+    if not ok:
+        return None, f"the exported program disagrees with the eager module (max abs diff {diff:.3g})"
+    return data, None
+
+
 def _triton_config(model_name: str, input_shape: tuple[int, int, int], num_classes: int,
                    max_batch_size: int, *, label_file: bool = False) -> bytes:
     """Triton's model configuration; the default version policy serves the newest version.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"                 # Triton label file beside config.pbtxt
 LATEST_FILE = "LATEST"
 TORCHSCRIPT_FILE = "model.pt"
+EXPORT_FILE = "model.pt2"                  # torch.export archive, beside model.pt where the model exports
 STATE_DICT_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-STANDARD_FILES = (TORCHSCRIPT_FILE, STATE_DICT_FILE, MANIFEST_FILE)
+STANDARD_FILES = (TORCHSCRIPT_FILE, EXPORT_FILE, STATE_DICT_FILE, MANIFEST_FILE)
 
 _TMP_PREFIX = ".tmp-"
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
@@ -40,15 +42,20 @@ class VerificationError(RegistryError):
         version: the version that failed.
         file: the file at fault (``None`` when the version as a whole is at fault).
         reason: what was wrong, in words.
+        code: what kind of fault, a metric label: ``verification`` (files do not match the manifest),
+            ``outside`` (a path resolves outside the registry), ``nonfinite`` (weights), ``mismatch`` (a serving
+            file does not compute what the weights say), ``load`` (a serving file does not load).
     """
 
-    def __init__(self, model: str, version: int, file: str | None, reason: str) -> None:
+    def __init__(self, model: str, version: int, file: str | None, reason: str, *,
+                 code: str = "verification") -> None:
         where = f"{file}: " if file else ""
         super().__init__(f"model {model!r} version {version}: {where}{reason}")
         self.model = model
         self.version = version
         self.file = file
         self.reason = reason
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,18 @@ def _model_dir(registry: Path | str, model_name: str) -> Path:
 
 def _version_dir(registry: Path | str, model_name: str, version: int) -> Path:
     return _model_dir(registry, model_name) / str(_check_version(version))
+
+
+def _check_inside(registry: Path | str, model_name: str, version: int, names: Iterable[str | None]) -> None:
+    """Refuse the version directory (``None``) or a file of it that resolves, through symlinks, outside the
+    registry: a version is what the registry holds, not what a link points at."""
+    root = Path(os.path.realpath(registry))
+    vdir = _version_dir(registry, model_name, version)
+    for name in names:
+        real = Path(os.path.realpath(vdir if name is None else vdir / name))
+        if root not in real.parents:
+            raise VerificationError(model_name, version, name, f"resolves outside the registry, to {real}",
+                                    code="outside")
 
 
 def _numeric_entries(model_dir: Path) -> list[int]:

@@ -26,7 +26,7 @@ MANIFEST_SCHEMA = "unlearn.manifest/v1"
 # Standard manifest keys: extra_manifest may not override them.
 _MANIFEST_KEYS = frozenset({
     "schema", "model", "version", "parent", "created_at", "round_id", "request_ids", "method",
-    "metrics", "input_shape", "classes", "files", "sha256", "torch_version",
+    "metrics", "input_shape", "classes", "files", "sha256", "torch_version", "export",
 })
 
 

@@ -41,6 +41,8 @@ __all__ = [
     "Lease",
     "PruneResult",
     "VerifyResult",
+    "check_deep",
+    "check_latest",
     "default_server_id",
     "forgotten_request_ids",
     "live_leases",
@@ -216,22 +218,65 @@ def prune(registry_dir: Path | str, model: str, *, keep: int = DEFAULT_KEEP, now
 # -- verification -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VerifyResult:
+    """One version's verdict: ``ok``, or what failed (``code``: a ``VerificationError`` code) and why."""
+
     version: int
     ok: bool
     detail: str
+    code: str | None = None
+
+
+def check_deep(registry_dir: Path | str, model: str, version: int) -> tuple[VersionInfo, dict[str, bytes], Any]:
+    """Every hash of ``version``, then ``daemon.registry.trust.check_version``; raises ``VerificationError``."""
+    from daemon.registry import trust
+
+    manifest = registry.read_manifest(registry_dir, model, version)
+    wanted = [n for n in (registry.TORCHSCRIPT_FILE, registry.EXPORT_FILE, registry.STATE_DICT_FILE)
+              if n in manifest["files"]]
+    info, files = registry.read_verified(registry_dir, model, version, read=wanted)
+    return info, files, trust.check_version(info, files, registry_dir=registry_dir)
 
 
 def verify_all(registry_dir: Path | str, model: str, versions: Iterable[int] | None = None) -> list[VerifyResult]:
-    """Recompute every hash of every (or the given) version; one result per version, never raising."""
+    """Check every (or the given) version as a server would before serving it; one result each, never raising.
+
+    Every hash, then ``daemon.registry.trust.check_version``: nothing resolving outside the registry, finite
+    weights, and ``model.pt`` / ``model.pt2`` loading and computing what ``model.safetensors`` rebuilt from
+    the manifest computes on the probe inputs.
+    """
     out: list[VerifyResult] = []
     for v in (registry.list_versions(registry_dir, model) if versions is None else versions):
         try:
-            info = registry.verify_version(registry_dir, model, v)
-        except RegistryError as exc:
-            out.append(VerifyResult(v, False, str(exc)))
+            info, files, checked = check_deep(registry_dir, model, v)
+        except registry.VerificationError as exc:
+            out.append(VerifyResult(v, False, str(exc), exc.code))
+        except (RegistryError, OSError) as exc:
+            out.append(VerifyResult(v, False, str(exc), "missing"))
         else:
-            out.append(VerifyResult(v, True, f"{len(info.manifest['files'])} files, sha256 {info.sha256}"))
+            served = "model.pt2 + model.pt" if registry.EXPORT_FILE in files else "model.pt"
+            out.append(VerifyResult(v, True, f"{len(info.manifest['files'])} files, sha256 {info.sha256}; {served} "
+                                             f"agree with the weights (reference: {checked.reference_from})"))
     return out
+
+
+def check_latest(registry_dir: Path | str, model: str) -> str | None:
+    """Why ``LATEST`` is wrong, or ``None``: it must name the newest complete version (history only grows; a
+    rollback is a new version), and a server lease must not name a newer one (``LATEST`` moved back)."""
+    try:
+        latest = registry.latest_version(registry_dir, model)
+    except RegistryError as exc:
+        return str(exc)
+    versions = registry.list_versions(registry_dir, model)
+    if latest is None:
+        return "no LATEST" if versions else None
+    if latest not in versions:
+        return f"LATEST names version {latest}, which does not exist"
+    served = [lease.version for lease in read_leases(registry_dir, model) if lease.version is not None]
+    newest = max([*versions, *served])
+    if latest < newest:
+        return (f"LATEST names version {latest} but version {newest} exists or was served: it went backwards "
+                f"(servers refuse it); publish a rollback as a new version: unlearnd registry rollback --to {latest}")
+    return None
 
 
 # -- rollback -----------------------------------------------------------------------------------------
@@ -261,19 +306,23 @@ def forgotten_request_ids(registry_dir: Path | str, model: str, version: int) ->
 
 
 def rollback(registry_dir: Path | str, model: str, to: int, *, reason: str | None = None) -> VersionInfo:
-    """Serve version ``to`` again, as a new version whose parent is the current ``LATEST``.
+    """Serve version ``to`` again, as a new version whose parent is the current ``LATEST`` (or the newest
+    version, if ``LATEST`` was moved back by hand: servers kept serving that one).
 
     Raises:
         ValueError: ``to`` is not a version of the model, or it is what ``LATEST`` already names.
-        VerificationError: version ``to`` does not match its manifest (nothing is written).
+        VerificationError: version ``to`` does not match its manifest, or fails ``daemon.registry.trust``'s
+            checks (nothing is written).
     """
     versions = registry.list_versions(registry_dir, model)
     if to not in versions:
         raise ValueError(f"model {model!r} has no version {to} (versions: "
                          f"{', '.join(map(str, versions[-10:])) or 'none'})")
-    current = registry.latest_version(registry_dir, model)
+    # What servers serve: LATEST, or a newer version when LATEST was moved back by hand (servers refuse that).
+    current = max([v for v in (registry.latest_version(registry_dir, model),) if v is not None] + versions[-1:])
     if current == to:
-        raise ValueError(f"LATEST already names version {to}; nothing to roll back")
+        raise ValueError(f"LATEST already names version {to} (the newest); nothing to roll back")
+    check_deep(registry_dir, model, to)          # never propagate a version a server would refuse
     now_held, complete_now = (forgotten_request_ids(registry_dir, model, current) if current is not None
                               else (set(), True))
     then_held, complete_then = forgotten_request_ids(registry_dir, model, to)

@@ -23,6 +23,7 @@ from daemon.registry.layout import (
     VerificationError,
     VersionInfo,
     _check_file_name,
+    _check_inside,
     _check_version,
     _model_dir,
     _numeric_entries,
@@ -72,7 +73,9 @@ def read_verified(registry: Path | str, model_name: str, version: int,
     Each of those is read once and hashed from memory, so the bytes returned are the very bytes whose
     sha256 matched the manifest (a file replaced after the check cannot slip in), with no second read.
     """
+    _check_inside(registry, model_name, version, (None, MANIFEST_FILE))
     manifest = read_manifest(registry, model_name, version)
+    _check_inside(registry, model_name, version, sorted(manifest["files"]))
     if manifest.get("model") != model_name or manifest.get("version") != version:
         raise VerificationError(
             model_name, version, MANIFEST_FILE,

@@ -15,11 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import structlog
 from torch import nn
 
-from daemon.registry.export import DEFAULT_MAX_BATCH_SIZE, _export, _labels, _triton_config, _write_config
+from daemon.registry.export import DEFAULT_MAX_BATCH_SIZE, _export, _export_pt2, _labels, _triton_config, _write_config
 from daemon.registry.files import _atomic_write_bytes, _ensure_dir, _fsync_dir, _write_durable
 from daemon.registry.layout import (
+    EXPORT_FILE,
     LABELS_FILE,
     LATEST_FILE,
     MANIFEST_FILE,
@@ -46,6 +48,7 @@ from daemon.registry.manifest import (
 from daemon.registry.read import _get_info, latest_version, list_versions, verify_version
 
 _RENAME_ATTEMPTS = 100
+_log = structlog.get_logger("unlearnd.registry")
 
 #: files written once the version number is known (issue 23: sealed per version): called with the number, it
 #: returns the files to add and the manifest keys to set
@@ -77,6 +80,7 @@ def write_version(
     set_latest: bool = True,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     label_file: bool = False,
+    export_pt2: bool = True,
     sealed_files: Sealer | None = None,
 ) -> VersionInfo:
     """Write ``module`` as the model's next version, crash-safely, and (by default) make it ``LATEST``.
@@ -98,6 +102,8 @@ def write_version(
         max_batch_size: Triton's ``max_batch_size`` in ``config.pbtxt``.
         label_file: also write the class names as Triton's ``labels.txt`` beside ``config.pbtxt`` and
             name it on the output (``label_filename``), for Triton's classification extension.
+        export_pt2: also write a ``torch.export`` archive (``model.pt2``) when the model exports; the manifest's
+            ``export`` says whether it did (and why not).
         sealed_files: files that depend on the version number (encrypted with it as authenticated data),
             made once the number is chosen (again if a concurrent writer took it); hashed in the manifest.
 
@@ -129,6 +135,10 @@ def write_version(
     if parent is not None and parent not in list_versions(registry, model_name):
         raise ValueError(f"parent version {parent} of model {model_name!r} does not exist")
     ts_bytes, st_bytes = _export(module, shape, len(class_names))
+    pt2_bytes, pt2_error = _export_pt2(module, shape) if export_pt2 else (None, "not requested")
+    if pt2_bytes is None and export_pt2:
+        _log.warning("pt2_export_failed", model=model_name, detail=pt2_error)
+    manifest["export"] = {"pt2": pt2_bytes is not None, **({"error": pt2_error} if pt2_bytes is None else {})}
 
     labels = _labels(class_names) if label_file else None
     _ensure_dir(model_dir)
@@ -138,6 +148,8 @@ def write_version(
                                             label_file=label_file))
 
     files = {TORCHSCRIPT_FILE: ts_bytes, STATE_DICT_FILE: st_bytes, **extras}
+    if pt2_bytes is not None:
+        files[EXPORT_FILE] = pt2_bytes
     manifest["files"] = _file_table(files)
     manifest["sha256"] = manifest["files"][STATE_DICT_FILE]["sha256"]
 

@@ -154,10 +154,14 @@ def cmd_registry_verify(args: argparse.Namespace) -> int:
     versions = None if args.version is None else [_version_arg(registry_dir, model, args.version)]
     results = registry_ops.verify_all(registry_dir, model, versions)
     for r in results:
-        print(f"{model} v{r.version}: {'ok' if r.ok else 'FAILED'}: {r.detail}")
+        print(f"{model} v{r.version}: {'ok' if r.ok else f'FAILED ({r.code})'}: {r.detail}")
     bad = [r.version for r in results if not r.ok]
-    if bad:
-        print(f"{len(bad)} of {len(results)} versions failed verification: {', '.join(map(str, bad))}",
+    latest_problem = registry_ops.check_latest(registry_dir, model) if args.version is None else None
+    if latest_problem:
+        print(f"{model} LATEST: FAILED (backwards): {latest_problem}")
+    if bad or latest_problem:
+        print(f"{len(bad)} of {len(results)} versions failed verification"
+              + (f": {', '.join(map(str, bad))}" if bad else "") + ("; LATEST is wrong" if latest_problem else ""),
               file=sys.stderr)
         return 1
     print(f"{len(results)} versions verified")
@@ -278,7 +282,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     p.add_argument("version", nargs="?", type=_positive_int)
     p.set_defaults(func=cmd_registry_show)
 
-    p = rsub.add_parser("verify", help="recompute every hash of every version (or one); exit 1 on a mismatch")
+    p = rsub.add_parser("verify", help="check every version (or one) as a server would, and LATEST; exit 1 on any failure")
     common(p)
     p.add_argument("version", nargs="?", type=_positive_int)
     p.set_defaults(func=cmd_registry_verify)

@@ -16,30 +16,36 @@ the requests it serves, almost nothing; see ``daemon.serving.verifier``):
   else a copy of the served module. The module serving is never written.
 * ``full``: otherwise (a new architecture, the first version, an archive the reader does not understand),
   ``torch.jit.load`` of the very bytes hashed, then warm-up until TorchScript has optimised the graph.
+
+A version with a ``model.pt2`` (torch.export) is served from it instead: ``torch.export.load(...).module()`` for a
+full load; for a weight-only one, when its graph (everything in the archive but its weights' bytes,
+``archive.pt2_layout``) is the served one's, its ``model.safetensors`` is copied into the standby. Either way the
+loaded module must reproduce, on ``trust.probe_inputs``, the logits the verifier computed from the weights
+rebuilt from the manifest (``daemon.registry.trust``), or the version is refused (``mismatch``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import math
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import structlog
 import torch
 
 from daemon import registry
-from daemon.registry.archive import ArchiveLayout, copy_storages
-from daemon.serving.metrics import ServeMetrics
+from daemon.registry import trust
+from daemon.registry.archive import ArchiveLayout, copy_state, copy_storages
+from daemon.serving.metrics import LOAD_FAILURE_REASONS, ServeMetrics
 from daemon.serving.verifier import Verified, Verifier, VerifierUnavailable, verify_for_load
 
 __all__ = ["LoadError", "ModelHolder", "ServedVersion", "SwapResult"]
@@ -77,7 +83,7 @@ class LoadError(Exception):
 
     Attributes:
         version: the version refused.
-        reason: one of ``missing``, ``verification``, ``load``, ``warmup``, ``registry`` (a metric label).
+        reason: one of ``metrics.LOAD_FAILURE_REASONS`` (a metric label).
         detail: what was wrong, in words.
     """
 
@@ -94,13 +100,14 @@ class ServedVersion:
 
     model: str
     version: int
-    module: torch.jit.ScriptModule
+    module: torch.nn.Module               # a ScriptModule (model.pt) or torch.export's GraphModule (model.pt2)
     input_shape: tuple[int, int, int]
     classes: tuple[str, ...]
     sha256: str
     loaded_at: float
-    layout: ArchiveLayout | None = None   # of its model.pt; None: not understood (no weight-only swaps)
+    layout: ArchiveLayout | None = None   # of its served file; None: not understood (no weight-only swaps)
     load_kind: str = "full"                # how it was loaded: "full" or "weights"
+    served_file: str = registry.TORCHSCRIPT_FILE   # model.pt2 when the version has one, else model.pt
 
     @property
     def num_classes(self) -> int:
@@ -148,6 +155,7 @@ class ModelHolder:
         # The module the previous version served with, once no request holds that version any more.
         self._retired: tuple[weakref.ref[ServedVersion], str, torch.jit.ScriptModule] | None = None
         self._stages_ms: dict[str, float] = {}     # of the last load: where its time went
+        trust.prime()     # model.pt2's loader imports now (once a process), not in the first swap
 
     @property
     def current(self) -> ServedVersion | None:
@@ -155,7 +163,8 @@ class ModelHolder:
 
     def load(self, version: int, *,
              run_full: Callable[[Callable[[], ServedVersion]], ServedVersion] | None = None) -> ServedVersion:
-        """Verify every file of ``version`` against its manifest, load its TorchScript, and warm it up.
+        """Verify ``version`` (its files against the manifest, then beyond: ``daemon.registry.trust``), load its
+        ``model.pt2`` or TorchScript, warm it up and check it reproduces the reference outputs.
 
         Nothing is swapped; raises ``LoadError`` with a reason on any failure. A weight-only load uses up
         the standby, so call this through ``swap_to`` (which holds the load lock). ``run_full`` runs the
@@ -178,36 +187,40 @@ class ModelHolder:
         _pause()
         base = self._take_standby(layout)
         marks.append(time.perf_counter())
+        file = verified.served_file
         if base is not None:
             _pause()
             try:
-                if not verified.crc_ok:
-                    raise ValueError("a storage's bytes do not match the CRC-32 the archive records")
-                copy_storages(base, layout, data, check_crc=False)    # checked with the layout
+                if file == registry.EXPORT_FILE:
+                    copy_state(base, safetensors.torch.load(bytes(verified.state_data)))
+                else:
+                    if not verified.crc_ok:
+                        raise ValueError("a storage's bytes do not match the CRC-32 the archive records")
+                    copy_storages(base, layout, data, check_crc=False)    # checked with the layout
             except Exception as exc:  # noqa: BLE001 - the archive's entries are unreadable: refuse it
-                raise LoadError(version, "load", f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
+                raise LoadError(version, "load", f"{file}: {type(exc).__name__}: {exc}") from exc
             marks.append(time.perf_counter())
             _pause()
             served = ServedVersion(model=self.model, version=version, module=base, input_shape=shape,
                                    classes=classes, sha256=info.sha256, loaded_at=time.time(), layout=layout,
-                                   load_kind="weights")
+                                   load_kind="weights", served_file=file)
             self._warm_up(served, _PROBE_CALLS)
+            self._check_reference(served, verified.reference)
         else:
             def full() -> ServedVersion:
                 try:
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated",
-                                                category=DeprecationWarning)
-                        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-                    module.eval()
+                    if file == registry.EXPORT_FILE:
+                        module = trust.load_pt2(data)
+                    else:
+                        module = trust.load_torchscript_bytes(data)
                 except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive: refuse
-                    raise LoadError(version, "load",
-                                    f"{registry.TORCHSCRIPT_FILE}: {type(exc).__name__}: {exc}") from exc
+                    raise LoadError(version, "load", f"{file}: {type(exc).__name__}: {exc}") from exc
                 marks.append(time.perf_counter())
                 loaded = ServedVersion(model=self.model, version=version, module=module, input_shape=shape,
                                        classes=classes, sha256=info.sha256, loaded_at=time.time(), layout=layout,
-                                       load_kind="full")
+                                       load_kind="full", served_file=file)
                 self._warm_up(loaded, _WARMUP_CALLS)
+                self._check_reference(loaded, verified.reference)
                 return loaded
 
             served = run_full(full) if run_full is not None else full()
@@ -231,7 +244,9 @@ class ModelHolder:
                     _log.warning("verifier_unavailable", model=self.model, version=version, detail=str(exc))
             return verify_for_load(self.registry_dir, self.model, version)
         except registry.VerificationError as exc:
-            reason = "missing" if exc.file == registry.MANIFEST_FILE and exc.reason == "missing" else "verification"
+            reason = exc.code if exc.code in LOAD_FAILURE_REASONS else "verification"
+            if exc.file == registry.MANIFEST_FILE and exc.reason == "missing":
+                reason = "missing"
             raise LoadError(version, reason, str(exc)) from exc
         except (registry.RegistryError, OSError) as exc:
             raise LoadError(version, "missing", str(exc)) from exc
@@ -310,6 +325,22 @@ class ModelHolder:
             raise LoadError(served.version, "warmup", f"output is {out.dtype} or not finite")
         if not all(torch.equal(o, out) for o in outs):
             raise LoadError(served.version, "warmup", "the same input gave different outputs")
+
+    @staticmethod
+    def _check_reference(served: ServedVersion, reference: torch.Tensor | None) -> None:
+        """The loaded module must give, on the probe inputs, the logits of the weights rebuilt from the manifest
+        (``daemon.registry.trust``; the verifier computed them): the module served is the one checked."""
+        if reference is None:
+            raise LoadError(served.version, "verification", "no reference outputs to check the module against")
+        try:
+            out = served.infer(trust.probe_inputs(served.input_shape))
+        except Exception as exc:  # noqa: BLE001 - any failure of the model's own code refuses the version
+            raise LoadError(served.version, "warmup", f"{type(exc).__name__}: {exc}") from exc
+        ok, diff = trust.outputs_agree(out, reference)
+        if not ok:
+            raise LoadError(served.version, "mismatch",
+                            f"{served.served_file}: outputs disagree with {registry.STATE_DICT_FILE} rebuilt from "
+                            f"the manifest (max abs diff {diff:.3g})")
 
     def swap_to(self, version: int, *,
                 run_full: Callable[[Callable[[], ServedVersion]], ServedVersion] | None = None) -> SwapResult:

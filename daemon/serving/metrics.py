@@ -17,7 +17,10 @@ __all__ = ["LOAD_FAILURE_REASONS", "LOAD_KINDS", "SWAP_OUTCOMES", "ServeMetrics"
 
 SWAP_OUTCOMES = ("swapped", "failed")
 LOAD_KINDS = ("full", "weights")
-LOAD_FAILURE_REASONS = ("missing", "verification", "load", "warmup", "registry")
+# outside: a path resolves outside the registry; nonfinite: NaN/inf weights; mismatch: a serving file's outputs
+# disagree with the weights (daemon.registry.trust); backwards: LATEST names a version older than one served.
+LOAD_FAILURE_REASONS = ("missing", "verification", "load", "warmup", "registry", "outside", "nonfinite",
+                        "mismatch", "backwards")
 # Latency of one tiny-model request is sub-millisecond; a swap's load is tens of milliseconds.
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5)

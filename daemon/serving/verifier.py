@@ -1,6 +1,8 @@
 """Verify a version in a helper process, so that a load costs the serving process almost no CPU or GIL time.
 
-Before a version is served, every file of its manifest is read and hashed, and its ``model.pt`` archive's
+Before a version is served, every file of its manifest is read and hashed, the version is checked beyond the
+hashes (``daemon.registry.trust``: nothing outside the registry, finite weights, serving files whose outputs
+agree with the weights rebuilt from the manifest, which loads each of them here), and its served archive's
 layout is read (``daemon.registry.archive``: is it the served architecture with new weights?) with the CRC-32
 of every tensor storage checked. In the serving process that is a few milliseconds of CPU, much of it
 Python holding the GIL (the manifest, the archive's directory and pickles), and requests queued behind it.
@@ -11,8 +13,10 @@ replaced after the check cannot slip in. What is verified is exactly what ``regi
 
 Protocol (binary, on the child's stdin and stdout): a request is one JSON line
 ``{"registry": DIR, "model": NAME, "version": N}``; the answer is a 16-byte prefix (the JSON header's length
-and the payload's, 8 bytes each, big-endian), the JSON header, then the payload (``model.pt``, when the
-header says ``"ok": true``). The child says ``{"ready": true}`` the same way once it has imported everything.
+and the payload's, 8 bytes each, big-endian), the JSON header, then the payload when the header says
+``"ok": true``: the served file (``model.pt2`` when the version has one, else ``model.pt``; ``data_bytes`` long),
+then, for ``model.pt2``, ``model.safetensors``. The header also carries the reference logits on the probe
+inputs (``daemon.registry.trust``), which the server's warm-up must reproduce. The child says ``{"ready": true}`` the same way once it has imported everything.
 
 ``Verifier`` (the serving side) starts the child, restarts it if it dies, and reports a child that cannot be
 used (no answer within ``timeout_s``, a broken pipe) as ``VerifierUnavailable`` so the caller can verify
@@ -47,14 +51,19 @@ class VerifierUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Verified:
-    """What a load needs from verification: the version's manifest (checked), ``model.pt``'s bytes (hashed),
-    its layout (``None``: not understood, load it in full) and whether its storages' CRC-32s are right."""
+    """What a load needs from verification: the version's manifest (checked), the served file's bytes (hashed:
+    ``model.pt2`` when the version has one, else ``model.pt``), its layout (``None``: not understood, load it in
+    full), whether its storages' CRC-32s are right, and the logits it must give on the probe inputs
+    (``daemon.registry.trust``: rebuilt from the manifest and ``model.safetensors``)."""
 
     info: Any                  # registry.VersionInfo
-    data: bytes | bytearray    # model.pt, the bytes whose sha256 matched the manifest
+    data: bytes | bytearray    # the served file, the bytes whose sha256 matched the manifest
     layout: Any                # weights.ArchiveLayout | None
     crc_ok: bool               # every storage entry of the layout matches the CRC-32 the zip records
     policy: str | None = None  # the helper's scheduling policy when it answered ("idle", "other"); None: in-process
+    served_file: str = "model.pt"
+    reference: Any = None      # torch.Tensor: the logits on trust.probe_inputs; None only for hand-built ones
+    state_data: bytes | bytearray = b""   # model.safetensors, for a weight-only load of a model.pt2
 
 
 def _crc_ok(data: bytes | bytearray, layout: Any) -> bool:
@@ -63,17 +72,29 @@ def _crc_ok(data: bytes | bytearray, layout: Any) -> bool:
 
 
 def verify_for_load(registry_dir: Path | str, model: str, version: int) -> Verified:
-    """Verify ``version`` (every file against the manifest) and read ``model.pt``'s layout, in this process.
+    """Verify ``version`` (every file against the manifest, then ``trust.check_version``: nothing outside the
+    registry, finite weights, serving files that compute what the weights say) and read the served file's
+    layout, in this process.
 
     Raises ``registry.RegistryError`` / ``registry.VerificationError`` / ``OSError`` as ``read_verified``.
     """
     from daemon import registry
-    from daemon.registry.archive import read_layout
+    from daemon.registry import trust
+    from daemon.registry.archive import pt2_layout, read_layout
 
-    info, contents = registry.read_verified(registry_dir, model, version, read=(registry.TORCHSCRIPT_FILE,))
+    manifest = registry.read_manifest(registry_dir, model, version)
+    has_pt2 = registry.EXPORT_FILE in manifest["files"]
+    wanted = (registry.TORCHSCRIPT_FILE, registry.STATE_DICT_FILE, *((registry.EXPORT_FILE,) if has_pt2 else ()))
+    info, contents = registry.read_verified(registry_dir, model, version, read=wanted)
+    checked = trust.check_version(info, contents, registry_dir=registry_dir)
+    if has_pt2:
+        data = contents[registry.EXPORT_FILE]
+        return Verified(info=info, data=data, layout=pt2_layout(data), crc_ok=True, served_file=registry.EXPORT_FILE,
+                        reference=checked.reference, state_data=contents[registry.STATE_DICT_FILE])
     data = contents[registry.TORCHSCRIPT_FILE]
     layout = read_layout(data)
-    return Verified(info=info, data=data, layout=layout, crc_ok=layout is None or _crc_ok(data, layout))
+    return Verified(info=info, data=data, layout=layout, crc_ok=layout is None or _crc_ok(data, layout),
+                    reference=checked.reference)
 
 
 # -- the child ------------------------------------------------------------------------------------------
@@ -91,7 +112,8 @@ def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     try:
         v = verify_for_load(request["registry"], request["model"], int(request["version"]))
     except registry.VerificationError as exc:
-        return {"ok": False, "kind": "verification", "file": exc.file, "reason": exc.reason, "message": str(exc)}, b""
+        return {"ok": False, "kind": "verification", "file": exc.file, "reason": exc.reason, "code": exc.code,
+                "message": str(exc)}, b""
     except registry.RegistryError as exc:
         return {"ok": False, "kind": "registry", "message": str(exc)}, b""
     except OSError as exc:
@@ -102,7 +124,9 @@ def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
                   "entries": [list(e) for e in v.layout.entries]}
     info = v.info
     return {"ok": True, "model": info.model, "version": info.version, "path": str(info.path),
-            "manifest": info.manifest, "sha256": info.sha256, "layout": layout, "crc_ok": v.crc_ok}, bytes(v.data)
+            "manifest": info.manifest, "sha256": info.sha256, "layout": layout, "crc_ok": v.crc_ok,
+            "served_file": v.served_file, "data_bytes": len(v.data),
+            "reference": v.reference.tolist()}, bytes(v.data) + bytes(v.state_data)
 
 
 def _policy() -> str:
@@ -130,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr                 # nothing else may write into the protocol
     import daemon.registry  # noqa: F401 - imported before saying ready, not during the first load
+    from daemon.registry import trust
+
+    trust.prime()
 
     if args.idle:
         set_thread_policy("idle")
@@ -293,7 +320,8 @@ class Verifier:
         if not header.get("ok"):
             kind, message = header.get("kind"), str(header.get("message"))
             if kind == "verification":
-                raise registry.VerificationError(model, version, header.get("file"), str(header.get("reason")))
+                raise registry.VerificationError(model, version, header.get("file"), str(header.get("reason")),
+                                                 code=str(header.get("code") or "verification"))
             if kind == "registry":
                 raise registry.RegistryError(message)
             if kind == "os":
@@ -307,8 +335,14 @@ class Verifier:
         layout = None if raw is None else ArchiveLayout(
             signature=raw["signature"], tensors=tuple((k, tuple(p)) for k, p in raw["tensors"]),
             entries=tuple((k, int(a), int(b), int(c)) for k, a, b, c in raw["entries"]))
-        return Verified(info=info, data=payload, layout=layout, crc_ok=bool(header.get("crc_ok")),
-                        policy=header.get("policy"))
+        import torch
+
+        split = int(header["data_bytes"])
+        data, state_data = (payload, b"") if split == len(payload) else (payload[:split], payload[split:])
+        return Verified(info=info, data=data, layout=layout, crc_ok=bool(header.get("crc_ok")),
+                        policy=header.get("policy"), served_file=str(header["served_file"]),
+                        reference=torch.tensor(header["reference"], dtype=torch.float32),
+                        state_data=state_data)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 The watcher also keeps this server's lease in the registry (``daemon.registry.ops``): it names the version
 served and, while a load is in progress, the version being loaded, so retention deletes neither.
 
+``LATEST`` only moves forward: one that names a version older than the newest served (by this server, or,
+before its first swap, by any server whose lease is in the registry) is refused with reason ``backwards``,
+and the newer version keeps serving; a rollback is published as a new version (``registry_ops.rollback``).
+
 A version that failed to load is not retried by polling (that would reload and log it every interval);
 an explicit reload (``POST /v2/repository/models/{name}/load``) retries it, and a newer ``LATEST`` moves on.
 """
@@ -75,6 +79,8 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._lease_due = 0.0
         self._latest_error: str | None = None
+        self._backwards: int | None = None        # the backwards LATEST refused last (logged once)
+        self._lease_floor: int | None = None      # before the first swap: the newest version a lease names
         self._loader: ThreadPoolExecutor | None = None      # started by the first full load found by polling
 
     # -- one check --------------------------------------------------------------------------------------
@@ -96,7 +102,12 @@ class Watcher:
                 return SwapResult("failed", served, error=LoadError(None, "registry", str(exc)))
             self._latest_error = None
             if latest is None or latest == served:
+                self._backwards = None
                 return SwapResult("unchanged", served, attempted=latest)
+            floor = self._high_water(served)
+            if floor is not None and latest < floor:
+                return self._refuse_backwards(latest, floor, served)
+            self._backwards = None
             if not force and latest in self._failed:
                 return SwapResult("failed", served, attempted=latest,
                                   error=LoadError(latest, "skipped", self._failed[latest]))
@@ -108,6 +119,29 @@ class Watcher:
                 self._failed.pop(latest, None)
             self._lease(result.version)
             return result
+
+    def _high_water(self, served: int | None) -> int | None:
+        """The newest version known to have been served: this server's, else any lease's in the registry (so a
+        restarted server still knows how far ``LATEST`` had got)."""
+        if served is not None:
+            return served
+        if self._lease_floor is None:
+            versions = [lease.version for lease in registry_ops.read_leases(self.holder.registry_dir,
+                                                                             self.holder.model)
+                        if lease.version is not None]
+            self._lease_floor = max(versions, default=0)
+        return self._lease_floor or None
+
+    def _refuse_backwards(self, latest: int, floor: int, served: int | None) -> SwapResult:
+        """``LATEST`` names a version older than one served: refuse it (counted and logged once per value)."""
+        detail = (f"LATEST names version {latest}, older than version {floor} already served; a rollback is "
+                  f"published as a new version (unlearnd registry rollback --to {latest})")
+        if self._backwards != latest:
+            self._backwards = latest
+            self.holder.metrics.refused("backwards")
+            _log.error("version_refused", model=self.holder.model, version=latest, reason="backwards",
+                       detail=detail, serving=served)
+        return SwapResult("failed", served, attempted=latest, error=LoadError(latest, "backwards", detail))
 
     def _run_full(self, load: Callable[[], ServedVersion]) -> ServedVersion:
         """Run a full load found by polling on the low-priority loader thread (and wait for it)."""

@@ -122,11 +122,19 @@ def build_cases() -> list[dict[str, Any]]:
     # The JSON.
     add("not_json", b"forget user-42 please", "not_json", None)
     add("truncated_json", _json(_request("truncated_json"))[:60], "not_json", None)
-    add("nan_label", _json(_request("nan_label")).replace(b'"ref"', b'"label": NaN, "ref"'), "not_json", None)
+    # Not JSON to the strict reader, but the request id is plain to see: still named (daemon.pipeline.salvage),
+    # so the message gets its rejected receipt (issue 23).
+    add("nan_label", _json(_request("nan_label")).replace(b'"ref"', b'"label": NaN, "ref"'), "not_json")
+    add("infinity_label", _json(_request("infinity_label")).replace(b'"ref"', b'"label": -Infinity, "ref"'),
+        "not_json")
     add("huge_integer", _json(_request("huge_integer")).replace(b'"ref"', b'"label": ' + b"9" * 5000 + b', "ref"'),
-        "not_json", None)
+        "not_json")
     add("deeply_nested", b"[" * 100_000 + b"]" * 100_000, "not_json", None)
-    add("utf8_bom", b"\xef\xbb\xbf" + _json(_request("utf8_bom")), "not_json", None)
+    for depth in (2_000, 100_000):
+        name = f"nested_{depth}_deep"
+        add(name, _json(_request(name)).replace(b'"submitted_at"', b'"x": ' + b"[" * depth + b"]" * depth
+                                                + b', "submitted_at"'), "not_json")
+    add("utf8_bom", b"\xef\xbb\xbf" + _json(_request("utf8_bom")), "not_json")
     add("json_array", _json([_request("json_array")]), "not_object", None)
     add("json_string", _json("unlearn.request/v1"), "not_object", None)
 

@@ -1,0 +1,94 @@
+"""Checks of a configuration's values that the per-field ranges cannot express, and of the folders it names.
+
+:func:`check_values` runs inside :func:`daemon.pipeline.config.load_config` (pure: no I/O), so every command
+refuses a value the daemon would die on later with a traceback: a port outside 1-65535, a bootstrap entry that
+is not ``host:port``, a partition count that would make a broker allocate without bound.
+
+:func:`check_folders` looks at the disk and is run by ``unlearnd config check`` and by the daemon's start
+(not by every command: ``unlearnd audit verify`` may run where the state is read-only). It refuses a state
+folder the daemon cannot write (``/proc/self``, a file, a read-only mount) and returns warnings for a state or
+registry folder that every local user may write (anyone could then replace the ledger or a model version).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from daemon.pipeline.config import Config, ConfigError
+
+__all__ = ["MAX_PARTITIONS", "check_folders", "check_values", "parse_bootstrap"]
+
+#: The requests topic's partitions at most: each is a consumer's unit of work (one per daemon is enough to spread
+#: the models); the embedded broker allocates per partition, so an unbounded count grows it without bound.
+MAX_PARTITIONS = 1024
+_PORT_SETTINGS = (("metrics", "port"),)
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>[0-9]{1,5})$")
+
+
+def parse_bootstrap(value: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]`` (an IPv6 host in brackets) as pairs; ValueError saying which entry is wrong."""
+    out = []
+    for entry in (e.strip() for e in value.split(",")):
+        m = _HOST_PORT.match(entry)
+        if m is None:
+            raise ValueError(f"{entry!r} is not host:port (e.g. 127.0.0.1:19092, broker.example:9092, [::1]:9092)")
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{entry!r}: port {port} is outside 1-65535")
+        out.append((m["v6"] or m["host"], port))
+    return out
+
+
+def check_values(config: Config) -> None:
+    """Cross-field and syntax rules of single values; raises :class:`ConfigError` naming the setting."""
+    for section, key in _PORT_SETTINGS:
+        port = getattr(getattr(config, section), key)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{section}.{key}", f"must be a TCP port, 1-65535 (0 disables it), got {port}")
+    try:
+        parse_bootstrap(config.kafka.bootstrap)
+    except ValueError as exc:
+        raise ConfigError("kafka.bootstrap", str(exc)) from None
+    if config.kafka.partitions > MAX_PARTITIONS:
+        raise ConfigError("kafka.partitions", f"must be at most {MAX_PARTITIONS} (one per daemon sharing the "
+                                              f"models is enough), got {config.kafka.partitions}")
+
+
+def check_folders(config: Config) -> list[str]:
+    """Refuse a state folder the daemon cannot create or write; return warnings for world-writable folders."""
+    state = Path(config.state.dir)
+    _check_writable_dir("state.dir", state)
+    warnings = []
+    for setting, path in (("state.dir", state), ("registry.dir", Path(config.registry.dir))):
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue                            # created later by the daemon, with its umask
+        if stat.S_ISDIR(mode) and mode & stat.S_IWOTH:
+            warnings.append(f"{setting}: {path} is world-writable (mode {stat.filemode(mode)}): any local user "
+                            f"could replace {'the ledger' if setting == 'state.dir' else 'a model version'}; "
+                            f"chmod o-w {path}")
+    return warnings
+
+
+def _check_writable_dir(setting: str, path: Path) -> None:
+    """``path`` is a writable directory, or can be made one (its nearest existing ancestor is)."""
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(setting, f"{path}: {probe} is a dangling symbolic link")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(setting, f"{path} is not a directory ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(setting, f"{path} is not writable by this user ({probe} refuses writes)")
+    try:                                        # access() trusts mode bits: root, /proc and read-only mounts lie
+        os.rmdir(tempfile.mkdtemp(prefix=".unlearnd-check-", dir=probe))
+    except OSError as exc:
+        raise ConfigError(setting, f"{path} is not a writable directory ({probe}: {exc.strerror or exc})") from None

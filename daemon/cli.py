@@ -204,7 +204,7 @@ def _build_request(args: argparse.Namespace, splits, num_classes: int):  # noqa:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from daemon import registry
+    from daemon import keys, registry
     from daemon.bench.evaluation import EvalContext, drift_report, evaluate_model
     from daemon.engine.config import preset
     from daemon.engine.evaluate import predict
@@ -220,8 +220,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         raise UsageError(f"--method {method.name} is a benchmark oracle; use unlearnd bench")
     splits = _load_splits(args)
     try:
+        state_key = keys.read_key(args.state_key, "state") if args.state_key else None
         live = model_store.load_live(Path(args.registry), args.model, device=_device(args.device),
-                                     head=args.head or None)
+                                     head=args.head or None, state_key=state_key)
     except (registry.RegistryError, FileNotFoundError, ValueError) as exc:
         raise UsageError(f"cannot load {args.model} from {args.registry}: {exc}") from exc
     if tuple(splits.train_x.shape[1:]) != live.input_shape:
@@ -260,7 +261,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             dataset=splits.name,
             round_id=f"unlearn-{int(time.time() * 1000):x}",      # not a daemon's r-NNNNNN: see check_consistency
             method={"name": method.name, "preset": args.preset, "params": config.to_dict()}, metrics=metrics,
-            instances=len(request))
+            instances=len(request), state_key=state_key)
         row["model_version"] = info.version
         print(f"published {args.model} v{info.version} (parent v{live.version})")
     if args.json:
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset setting")
     sp.add_argument("--json", help="write the round's evaluation as one benchmark row")
     sp.add_argument("--head", help=HEAD_HELP + "; must agree with the one unlearnd import recorded, if any")
+    sp.add_argument("--state-key", help="the state key file (keys.state_key_file) that opens the version's sealed "
+                    "continual state and seals the one published; without it the state is read and written in clear")
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("bench", help="the unlearning benchmark (benchmarks/results/<dataset>.json)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -132,10 +133,13 @@ def test_all_kinds_are_applied_and_the_published_versions_forget(tmp_path, broke
             assert r["model_version"] == r["previous_version"] + 1
             info = registry.verify_version(reg, "mnist-cnn", r["model_version"])
             assert r["model_sha256"] == info.sha256 and r["round_id"] == info.manifest["round_id"]
-            assert all(len(i["id_sha256"]) == 64 for i in r["instances"])
+            # keyed digests of the ids (issue 23), the daemon's id key named: never a plain hash of the id
+            assert all(len(i["id_hmac"]) == 64 and len(i["id_key"]) == 16 and "id_sha256" not in i
+                       for i in r["instances"])
             assert r["timings"]["time_to_forget_s"] > 0 and r["metrics"]["forget_accuracy"] is not None
         raw = b"".join(rec.value for rec in recs)
         assert b"user-9/photo-1" not in raw and b"e2e-forget/0" not in raw
+        assert hashlib.sha256(b"user-9/photo-1").hexdigest().encode() not in raw     # a guessable id stays unconfirmed
 
         # unlearn.models announces every version
         events = [json.loads(rec.value) for rec in read_topic(broker.bootstrap, "unlearn.models", timeout=30,

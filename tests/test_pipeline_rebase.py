@@ -67,11 +67,11 @@ def test_a_schema_1_ledger_is_migrated_on_open_and_a_newer_one_refused(tmp_path)
     assert ledger.content_seq(MODEL) == 0 and ledger.rebases() == []
     ledger.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
-    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(LedgerError, match="ledger schema 3"):
+    with pytest.raises(LedgerError, match="ledger schema 4"):
         Ledger(path)
 
 

@@ -9,13 +9,14 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import registry
+from daemon import keys, registry
 from daemon.cli import main
 from daemon.data.content import content_sha256_rows
 from daemon.data.mnist import load_mnist
 from daemon.pipeline.failpoints import REBASE_POINTS
 from daemon.pipeline.ledger import Ledger
 from daemon.pipeline.rebase_set import snapshot_digest
+from daemon.registry import model_store
 from tests.pipeline_harness import (
     DaemonProcess,
     copy_registry,
@@ -88,7 +89,9 @@ def test_a_rebase_trains_beside_rounds_re_applies_them_in_order_and_upgrades_rec
     assert manifest["round_id"] == committed["rebase_id"] and method["name"] == "rebase"
     assert method["reapplied"] == during            # re-applied after it, in their order
     assert method["excluded"] == 3 and method["forgotten"] == 3 and trained["excluded"] == 3
-    session = json.loads(registry.read_extra_file(registry.verify_version(reg, MODEL, version), "session.json"))
+    state_key = keys.read_key(tmp_path / "state" / "keys" / "state.key", "state")     # made by the daemon
+    files = model_store.session_files(registry.verify_version(reg, MODEL, version), state_key)
+    session = json.loads(files[model_store.SESSION_META])
     assert session["rounds_applied"] == 2           # a fresh continual state: only the re-applied rounds in it
     # c-1 came once training was over: applied after the rebase, on its lineage
     c1 = next(r for r in by["c-1"] if r["status"] == "applied")
@@ -106,7 +109,8 @@ def test_a_rebase_trains_beside_rounds_re_applies_them_in_order_and_upgrades_rec
     rows = ledger.forgotten_content(MODEL, upto_seq=job["snapshot_seq"])
     assert {r.request_id for r in rows} == set(before) and method["digest"] == snapshot_digest(rows)
     m = load_mnist()
-    assert {r.content_sha256 for r in rows} == set(content_sha256_rows(m.train_x[100:103]))
+    id_key = keys.read_key(tmp_path / "state" / "keys" / "id.key", "id")
+    assert {r.content_sha256 for r in rows} == set(content_sha256_rows(m.train_x[100:103], id_key))   # keyed
     assert ledger.verify_audit()[1] is None
 
 

@@ -337,10 +337,11 @@ def _receipt_line(r: dict[str, Any]) -> str:
     if r.get("status") == "exact":
         bits.append(f"rebase {r.get('rebase_id')}")
     for inst in r.get("instances") or []:
+        digest = str(inst.get("id_hmac") or inst.get("id_sha256") or "?")[:8]     # keyed (issue 23) or plain
         if "rebase" in inst:        # an exact receipt: what the rebase did with the instance
-            bits.append(f"{inst['id_sha256'][:8]} {inst['rebase']}")
+            bits.append(f"{digest} {inst['rebase']}")
         else:
-            bits.append(f"{inst['id_sha256'][:8]} {inst['prediction_before']}->{inst['prediction_after']}")
+            bits.append(f"{digest} {inst['prediction_before']}->{inst['prediction_after']}")
     if r.get("reason"):
         bits.append(f"reason: {r['reason']}")
     if (r.get("timings") or {}).get("time_to_forget_s") is not None:

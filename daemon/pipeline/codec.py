@@ -53,6 +53,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from daemon.keys import SecretKey
 from daemon.data.inline import InlineDataError, decode_inline
 from daemon.data.sources import RefError, resolve_refs
 from daemon.engine.kinds import KINDS, Kind
@@ -206,7 +207,8 @@ class DecodedInstance:
     """One instance ready for a round; ``x`` is ``C×H×W`` float32 in [0, 1].
 
     ``label`` ``None``: the daemon uses the model's prediction at intake. ``target``: relabel only.
-    ``ref``: the ref string when the input came by ref, else ``None``. The clear id is never kept.
+    ``ref``: the ref string when the input came by ref, else ``None``. The clear id is never kept;
+    ``plain_id`` (in memory only) is its plain SHA-256 when ``id_sha256`` is keyed (pre-schema-3 ledger rows).
     """
 
     id_sha256: str
@@ -214,6 +216,7 @@ class DecodedInstance:
     label: int | None
     target: int | None
     ref: str | None
+    plain_id: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -243,11 +246,15 @@ def check_request(
     key: bytes | None,
     models: Mapping[str, ModelSpec],
     limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
+    *,
+    id_key: SecretKey | None = None,
 ) -> CheckedRequest:
-    """Validate everything but the pixels (cheap); raise :class:`Rejection` on the first fault."""
+    """Validate everything but the pixels (cheap); raise :class:`Rejection` on the first fault.
+
+    ``id_key``: the daemon's id key; instance ids are kept as its HMAC (``codec_checks.id_digest``)."""
     ctx = _Context()
     try:
-        return _check(value, key, models, limits, ctx)
+        return _check(value, key, models, limits, ctx, id_key)
     except CheckFailed as fail:
         if fail.reason == "not_json" and ctx.request_id is None:
             _salvage(value, models, limits, ctx)
@@ -311,7 +318,7 @@ def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
             kind=checked.kind,
         ) from fail.__cause__
     instances = [
-        DecodedInstance(inst.id_sha256, xs[i], inst.label, inst.target, inst.ref)
+        DecodedInstance(inst.id_sha256, xs[i], inst.label, inst.target, inst.ref, inst.plain_id)
         for i, inst in enumerate(checked.instances)
     ]
     return DecodedRequest(
@@ -412,6 +419,7 @@ def _check(
     models: Mapping[str, ModelSpec],
     limits: Limits,
     ctx: _Context,
+    id_key: SecretKey | None = None,
 ) -> CheckedRequest:
     doc, repeated = _parse(value, limits)
 
@@ -492,7 +500,7 @@ def _check(
 
     first_index: dict[str, int] = {}
     checked = [
-        check_instance(i, item, kind, forget_class, spec, first_index)
+        check_instance(i, item, kind, forget_class, spec, first_index, id_key)
         for i, item in enumerate(items)
     ]
     return CheckedRequest(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from daemon import keys
 from daemon.data.inline import INLINE_FORMATS
 from daemon.data.sources import RefError, parse_ref
 from daemon.engine.kinds import KINDS, Kind
@@ -32,6 +33,7 @@ __all__ = [
     "check_instance",
     "clip",
     "fail",
+    "id_digest",
     "json_type",
     "kinds_where",
     "quote",
@@ -57,15 +59,28 @@ def fail(reason: str, detail: str) -> NoReturn:
     raise CheckFailed(reason, detail)
 
 
+def id_digest(instance_id: str, id_key: keys.SecretKey | None) -> str:
+    """What the daemon keeps of an instance id: its HMAC-SHA256 under the id key (``hmac-sha256:<key id>:<hex>``),
+    so a guessable id cannot be confirmed from a receipt; a plain SHA-256 only without a key (tools, tests).
+    Raises UnicodeEncodeError for a lone surrogate."""
+    data = instance_id.encode("utf-8")
+    if id_key is None:
+        return hashlib.sha256(data).hexdigest()
+    return keys.keyed_digest(id_key, b"unlearnd.id", data)
+
+
 @dataclass(frozen=True)
 class CheckedInstance:
-    """One instance after ``check_request``: validated, its input not decoded yet."""
+    """One instance after ``check_request``: validated, its input not decoded yet; ``id_sha256`` is the id's
+    digest (:func:`id_digest`: keyed when the daemon has an id key), never the id. ``plain_id``: with a key, the
+    id's plain SHA-256 too, held in memory only to find instances a ledger recorded before keyed digests."""
 
     id_sha256: str
     label: int | None
     target: int | None
     ref: str | None
     data: Mapping[str, Any] | None = field(default=None, repr=False)
+    plain_id: str | None = field(default=None, repr=False)
 
 
 def kinds_where(has: Callable[[Kind], bool]) -> str:
@@ -80,10 +95,12 @@ def check_instance(
     forget_class: int | None,
     spec: ModelSpec,
     first_index: dict[str, int],
+    id_key: keys.SecretKey | None = None,
 ) -> CheckedInstance:
     """Check ``instances[i]`` of a request of ``kind``.
 
-    ``first_index`` maps every id seen so far to its index (a repeat is ``duplicate_instance``).
+    ``first_index`` maps every id seen so far to its index (a repeat is ``duplicate_instance``); ``id_key``
+    keys the id's digest (:func:`id_digest`).
     """
     if not isinstance(item, dict):
         fail("bad_type", f"instances[{i}] must be an object, got {json_type(item)}")
@@ -100,7 +117,8 @@ def check_instance(
             f"got {len(instance_id)}",
         )
     try:
-        id_sha256 = hashlib.sha256(instance_id.encode("utf-8")).hexdigest()
+        id_sha256 = id_digest(instance_id, id_key)
+        plain_id = None if id_key is None else id_digest(instance_id, None)
     except UnicodeEncodeError:  # a lone surrogate from a \ud8xx escape
         fail("bad_instance_id", f"instances[{i}].id is not valid Unicode (a lone surrogate)")
     earlier = first_index.setdefault(instance_id, i)
@@ -140,9 +158,9 @@ def check_instance(
 
     if ref is not None:
         _check_ref(i, ref, spec)
-        return CheckedInstance(id_sha256, label, target, ref, None)
+        return CheckedInstance(id_sha256, label, target, ref, None, plain_id)
     _check_data_object(i, data)
-    return CheckedInstance(id_sha256, label, target, None, data)
+    return CheckedInstance(id_sha256, label, target, None, data, plain_id)
 
 
 def check_class_field(value: object, where: str, out_of_range: str, num_classes: int) -> int:

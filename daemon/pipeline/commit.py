@@ -142,7 +142,7 @@ class RoundCommitter:
             probe_accuracy_before=metrics.probe_accuracy_before if metrics else None,
             probe_accuracy_after=metrics.probe_accuracy_after if metrics else None,
             received_at=p.received_at, forget_class=p.decoded.forget_class,
-            content_hashes=tuple(content_sha256_rows(torch.stack([i.x for i in p.decoded.instances]))))
+            content_hashes=tuple(content_sha256_rows(torch.stack([i.x for i in p.decoded.instances]), rt.id_key)))
             for p, b, a in zip(c.requests, before, after, strict=True)]
 
     def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt]

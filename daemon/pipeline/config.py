@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DaemonSection",
     "KafkaSection",
+    "KeysSection",
     "LimitsSection",
     "LogSection",
     "MetricsSection",
@@ -216,6 +217,28 @@ class DaemonSection:
                                    "s", minimum=0)
 
 
+@dataclass(frozen=True)
+class KeysSection:
+    """The daemon's secrets at rest (issue 23): a key file holds 64 hex characters (openssl rand -hex 32)."""
+
+    state_key_file: str = _opt("", "AES-256-GCM key that seals each version's continual state (session files) in "
+                               "the registry, so a server cannot read which instances a round forgot; every "
+                               "daemon resuming a model needs the key that sealed it. Empty: "
+                               "<state.dir>/keys/state.key, made (mode 0600) on first start")
+    id_key_file: str = _opt("", "HMAC-SHA256 key of instance ids (receipts, ledger) and content hashes (rebase "
+                            "exclusion); a ledger keeps the one it was first opened with. Empty: "
+                            "<state.dir>/keys/id.key, made (mode 0600) on first start")
+
+    def state_key_path(self, state_dir: str) -> tuple[Path, bool]:
+        """The state key's file, and True when it is the default one (made when missing)."""
+        return (Path(self.state_key_file), False) if self.state_key_file else (Path(state_dir) / "keys" /
+                                                                               "state.key", True)
+
+    def id_key_path(self, state_dir: str) -> tuple[Path, bool]:
+        """The id key's file, and True when it is the default one (made when missing)."""
+        return (Path(self.id_key_file), False) if self.id_key_file else (Path(state_dir) / "keys" / "id.key", True)
+
+
 SOURCE_KINDS = ("builtin", "folder", "array")
 
 
@@ -314,6 +337,7 @@ class Config:
     serving: ServingSection = field(default_factory=ServingSection)
     log: LogSection = field(default_factory=LogSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
+    keys: KeysSection = field(default_factory=KeysSection)
     models: list[ModelSection] = field(default_factory=lambda: [ModelSection()])
 
     def model(self, name: str) -> ModelSection | None:

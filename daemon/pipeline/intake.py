@@ -20,6 +20,7 @@ import torch
 from kafka import TopicPartition
 
 from daemon.engine.kinds import get_kind
+from daemon.keys import SecretKey
 from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.codec import (
     CheckedRequest,
@@ -87,7 +88,7 @@ class Intake:
     def __init__(self, ledger: Ledger, *, specs: Mapping[str, ModelSpec], predictors: Mapping[str, Predict],
                  limits: Limits, batcher: Batcher, offsets: OffsetBook, receipts: ReceiptChain, dlq_topic: str,
                  metrics: DaemonMetrics, log_each: bool = False,
-                 versions: Callable[[str], int | None] = lambda _model: None) -> None:
+                 versions: Callable[[str], int | None] = lambda _model: None, id_key: SecretKey | None = None) -> None:
         self.ledger = ledger
         self.specs = specs
         self.predictors = predictors
@@ -100,6 +101,7 @@ class Intake:
         # one log line per rejected or duplicate message only at debug: a flood must not be rendered line by line
         self.log_each = log_each
         self.versions = versions        # a model's published version (named by an already_forgotten receipt)
+        self.id_key = id_key            # instance ids are kept as HMACs under it (issue 23)
 
     def process(self, records: Sequence[Any]) -> bool:
         """Decide one poll's records (kafka-python ``ConsumerRecord``-like); True when receipts were queued."""
@@ -113,7 +115,7 @@ class Intake:
             got = checks.get(k)
             if got is None:
                 try:
-                    got = check_request(rec.value, rec.key, self.specs, self.limits)
+                    got = check_request(rec.value, rec.key, self.specs, self.limits, id_key=self.id_key)
                 except Rejection as rej:
                     got = rej
                 checks[k] = got
@@ -192,7 +194,7 @@ class Intake:
         """
         if decoded.kind != "forget":
             return False
-        before = tx.forgotten_before(decoded.model, [i.id_sha256 for i in decoded.instances])
+        before = self._forgotten_before(tx, decoded)
         if not before:
             return False
         for inst in decoded.instances:
@@ -216,6 +218,19 @@ class Intake:
         self.receipts.append(tx, receipt)
         log.info("request_already_forgotten", request_id=decoded.request_id, model=decoded.model, round_id=round_id)
         return True
+
+    @staticmethod
+    def _forgotten_before(tx: LedgerTransaction, decoded: DecodedRequest) -> dict[str, tuple[int, str, int | None]]:
+        """``tx.forgotten_before`` by the instances' digests, rows of a pre-schema-3 ledger (plain SHA-256 of the
+        id) found too and keyed by the instance's own digest; the newest round wins when both exist."""
+        plain = {i.plain_id: i.id_sha256 for i in decoded.instances if i.plain_id}
+        found = tx.forgotten_before(decoded.model, [i.id_sha256 for i in decoded.instances] + list(plain))
+        before: dict[str, tuple[int, str, int | None]] = {}
+        for digest, row in found.items():
+            own = plain.get(digest, digest)
+            if own not in before or (row[2] or 0, row[1] or "") > (before[own][2] or 0, before[own][1] or ""):
+                before[own] = row
+        return before
 
     def _reject(self, tx: LedgerTransaction, rec: Any, fp: str, rej: Rejection, now: float) -> _Effect:
         headers = [("error.reason", rej.reason.encode()), ("error.detail", rej.detail.encode()),

@@ -39,6 +39,7 @@ from typing import Any
 
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.ledger_schema import MIGRATABLE as _MIGRATABLE, SCHEMA as _SCHEMA, SCHEMA_VERSION
+from daemon.pipeline.ledger_schema import bind_id_key as _bind_id_key, migrate as _migrate
 
 __all__ = [
     "GENESIS_HASH",
@@ -176,7 +177,9 @@ class Ledger:
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) in _MIGRATABLE:
-                self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+                with self._immediate():
+                    _migrate(self._db, int(row[0]))
+                    self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: ledger schema {row[0]}, this unlearnd reads {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -185,6 +188,12 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def bind_id_key(self, key_id: str) -> int:
+        """Issue 23: the id key this ledger's digests are made under (recorded on first use; another one raises
+        ``ledger_schema.IdKeyMismatch``); returns how many rows keep plain digests from before schema 3."""
+        with self._immediate() as db:
+            return _bind_id_key(db, key_id, str(self.path))
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:

@@ -2,15 +2,54 @@
 
 Kept apart from :mod:`daemon.pipeline.ledger` (the operations on it) so the schema reads as one document;
 ``SCHEMA_VERSION`` is what a ledger file records, and a file of a version in ``_MIGRATABLE`` is brought up to it
-on open by creating what it lacks (nothing is rewritten).
+on open by creating what it lacks (nothing is rewritten) and :func:`migrate`.
+
+Schema 3 (issue 23): the digests in ``forgotten`` and ``forgotten_content`` (columns ``id_sha256`` and
+``content_sha256``, names kept) are HMAC-SHA256 under the daemon's id key, written ``hmac-sha256:<key id>:<hex>``
+(:mod:`daemon.keys`); a bare 64-hex digest is a plain SHA-256 written before schema 3. ``meta`` records the id
+key's id (``id_key``, bound by :func:`bind_id_key` on the first open with a key: a ledger never mixes two keys)
+and, for a migrated file, how many rows keep plain digests (``plain_digests``: they cannot be re-keyed, the
+clear ids were never kept; a rebase still matches their content by hashing its source both ways).
 """
 
 from __future__ import annotations
 
-__all__ = ["MIGRATABLE", "SCHEMA", "SCHEMA_VERSION"]
+import sqlite3
 
-SCHEMA_VERSION = 2
-MIGRATABLE = {1}           # schema 1 lacks forgotten_content, rebases and exact: created on open
+__all__ = ["MIGRATABLE", "SCHEMA", "SCHEMA_VERSION", "IdKeyMismatch", "bind_id_key", "migrate"]
+
+SCHEMA_VERSION = 3
+MIGRATABLE = {1, 2}        # schema 1 lacks forgotten_content, rebases and exact: created on open; 1 and 2: migrate()
+
+
+class IdKeyMismatch(ValueError):
+    """The ledger's digests were made under another id key than the configured one."""
+
+
+def migrate(db: sqlite3.Connection, from_version: int) -> None:
+    """Bring a schema-1 or -2 file (its missing tables already created) up to schema 3: record how many of its
+    rows keep plain SHA-256 digests, so the daemon can say so (its digests are not rewritten: they cannot be)."""
+    if from_version not in MIGRATABLE:
+        raise ValueError(f"no migration from ledger schema {from_version}")
+    plain = db.execute("SELECT (SELECT COUNT(*) FROM forgotten WHERE id_sha256 NOT LIKE 'hmac-sha256:%') + "
+                       "(SELECT COUNT(*) FROM forgotten_content WHERE content_sha256 NOT LIKE 'hmac-sha256:%')"
+                       ).fetchone()[0]
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('plain_digests', ?)", (str(int(plain)),))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('migrated_from', ?)", (str(from_version),))
+
+
+def bind_id_key(db: sqlite3.Connection, key_id: str, where: str) -> int:
+    """Record ``key_id`` as the ledger's id key on first use; :class:`IdKeyMismatch` when another was recorded.
+    Returns how many rows keep plain digests (from before schema 3)."""
+    row = db.execute("SELECT value FROM meta WHERE key='id_key'").fetchone()
+    if row is None:
+        db.execute("INSERT INTO meta VALUES ('id_key', ?)", (key_id,))
+    elif row[0] != key_id:
+        raise IdKeyMismatch(f"{where}: its instance and content digests were made under id key {row[0]}, the "
+                            f"configured id key is {key_id} (keys.id_key_file): configure the key this ledger "
+                            f"was written with (a new key would make exact rebases miss forgotten instances)")
+    plain = db.execute("SELECT value FROM meta WHERE key='plain_digests'").fetchone()
+    return int(plain[0]) if plain is not None else 0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -31,20 +31,23 @@ from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from daemon.cpu_policy import set_thread_policy
+from daemon.keys import KeyFileError
 from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.codec import Limits
 from daemon.pipeline.commit import RoundCommitter, RoundOutcome, StartupError
 from daemon.pipeline.config import Config
 from daemon.pipeline.intake import Intake
 from daemon.pipeline.kafka_io import ensure_topics, make_consumer
+from daemon.pipeline.keyring import open_keys
 from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.ledger_schema import IdKeyMismatch
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
 from daemon.pipeline.outbox import OutboxPublisher, kafka_producer_factory
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
 from daemon.pipeline.receipts import ReceiptChain
-from daemon.pipeline.runtime import ModelRuntime
+from daemon.pipeline.runtime import ModelRuntime, RuntimeError_
 from daemon.pipeline.stranded import PartitionView, StrandedWatch
 
 __all__ = ["BrokerUnavailable", "Daemon", "StartupError", "build_daemon", "install_signal_handlers",
@@ -100,9 +103,18 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     metrics = metrics or DaemonMetrics()
     registry_dir = Path(config.registry.dir)
     ledger = Ledger(Path(config.state.dir) / "ledger.sqlite")
+    try:                                            # issue 23: the state and id keys (made on first start)
+        secrets = open_keys(config)
+        plain = ledger.bind_id_key(secrets.ids.key_id)
+    except (KeyFileError, IdKeyMismatch) as exc:
+        ledger.close()
+        raise RuntimeError_(str(exc)) from None
+    if plain:
+        log.warning("ledger_plain_digests", rows=plain, detail="rows written before schema 3 keep plain SHA-256 "
+                    "digests of their ids and contents (they cannot be re-keyed); see docs/operations.md")
     runtimes: dict[str, ModelRuntime] = {}
     for section in config.models:
-        rt = ModelRuntime.open(section, registry_dir, config.rounds, instances_of=ledger.instances_of)
+        rt = ModelRuntime.open(section, registry_dir, config.rounds, instances_of=ledger.instances_of, keys=secrets)
         rt.ensure_model()
         runtimes[rt.name] = rt
     k, r = config.kafka, config.rounds
@@ -114,7 +126,7 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
                                   max_message_bytes=config.limits.max_message_bytes),
                     batcher=batcher, offsets=offsets, receipts=chain, dlq_topic=k.dlq_topic, metrics=metrics,
                     log_each=config.log.level.lower() == "debug",
-                    versions=lambda m: runtimes[m].version if m in runtimes else None)
+                    versions=lambda m: runtimes[m].version if m in runtimes else None, id_key=secrets.ids)
     committer = RoundCommitter(ledger, registry_dir, chain, models_topic=k.models_topic,
                                method={"name": r.method, "preset": r.preset, "accumulation": r.accumulation,
                                        "memory_energy": r.memory_energy, "memory_copies": r.memory_copies},

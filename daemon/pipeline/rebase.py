@@ -56,7 +56,7 @@ from daemon.pipeline.config import parse_rebase_source
 from daemon.pipeline.failpoints import failpoint
 from daemon.pipeline.ledger import ForgottenContent, Ledger
 from daemon.pipeline.pending import PendingRequest
-from daemon.pipeline.rebase_set import TrainingSet, build_training_set
+from daemon.pipeline.rebase_set import ForeignKeyError, TrainingSet, build_training_set
 from daemon.pipeline.receipts import ExactReceipt, ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime
 from daemon.registry import model_store
@@ -176,7 +176,11 @@ class Rebaser:
         base_version, manifest = live.version, live.info.manifest
         classes = set(rt.forgotten_classes) | {r.forget_class for r in rows
                                                if r.kind == "forget_class" and r.forget_class is not None}
-        training = build_training_set(source, section.source, range(first, end), live.input_shape, rows, classes)
+        try:
+            training = build_training_set(source, section.source, range(first, end), live.input_shape, rows, classes,
+                                          key=rt.id_key)
+        except ForeignKeyError as exc:
+            raise RebaseRefused(str(exc)) from None
         lost = sorted({r.request_id for r in rows if r.kind == "relabel" and training.status_of(r) == "not_in_source"})
         if lost:
             raise RebaseRefused(f"relabel request(s) {', '.join(lost[:5])} name instances that are not items of the "
@@ -305,7 +309,7 @@ class Rebaser:
                                    arch=base.arch, head=base.head, input_shape=base.input_shape,
                                    classes=base.classes, parent=base.version,
                                    dataset=rt.splits.name if rt.splits else None, round_id=trained.rebase_id,
-                                   method=method, metrics=metrics)
+                                   method=method, metrics=metrics, state_key=rt.state_key)
         failpoint("rebase_after_publish")
         self._commit(trained.rebase_id, rt.name, info, drafts, event)
         rt.reload()

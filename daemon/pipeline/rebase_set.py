@@ -13,6 +13,11 @@ source as surely as one named by ``ref``. The rules, one per kind of request:
 
 Hashing the source is the cost (MNIST's 60,000 training digits: under a second); the hash of every item of
 the slice is kept (``by_hash``) because the re-application after training reads instances back by hash.
+
+The hashes are keyed with the daemon's id key (:mod:`daemon.keys`, issue 23), as the commit wrote them; rows
+written before keyed hashes hold plain SHA-256 digests, so when the snapshot has any, the source is hashed
+both ways (each item is then found under either digest). A row keyed under another id key cannot be matched:
+the rebase refuses to run rather than leave a forgotten instance in.
 """
 
 from __future__ import annotations
@@ -23,11 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
+from daemon import keys
 from daemon.data.content import source_hashes
 from daemon.data.sources import Source
 from daemon.pipeline.ledger import ForgottenContent
 
-__all__ = ["TrainingSet", "build_training_set", "snapshot_digest"]
+__all__ = ["ForeignKeyError", "TrainingSet", "build_training_set", "snapshot_digest"]
+
+
+class ForeignKeyError(ValueError):
+    """Forgotten instances were hashed under an id key other than the configured one: they cannot be found."""
 
 
 @dataclass(frozen=True)
@@ -62,19 +72,34 @@ def snapshot_digest(rows: Iterable[ForgottenContent]) -> str:
     return h.hexdigest()
 
 
+def _check_keys(forgotten: Sequence[ForgottenContent], key: keys.SecretKey | None) -> bool:
+    """True when some rows hold plain digests; :class:`ForeignKeyError` when some were keyed by another key."""
+    ids = {keys.digest_key_id(r.content_sha256)[0] for r in forgotten}
+    foreign = sorted(k for k in ids if k is not None and (key is None or k != key.key_id))
+    if foreign:
+        have = key.key_id if key is not None else "none"
+        raise ForeignKeyError(f"{sum(1 for r in forgotten if keys.digest_key_id(r.content_sha256)[0] in foreign)} "
+                              f"forgotten instances were hashed under id key {', '.join(foreign)}, the configured "
+                              f"id key is {have} (keys.id_key_file): restore that key, or no rebase can exclude them")
+    return None in ids
+
+
 def build_training_set(source: Source, spec: str, rows: Sequence[int] | range, shape: tuple[int, int, int],
-                       forgotten: Sequence[ForgottenContent], forgotten_classes: Iterable[int] = ()) -> TrainingSet:
+                       forgotten: Sequence[ForgottenContent], forgotten_classes: Iterable[int] = (),
+                       key: keys.SecretKey | None = None) -> TrainingSet:
     """The items of ``rows`` (indices into ``source``) left after the forgotten instances (see the module rules).
 
     ``forgotten`` are the ledger's rows up to the snapshot, in commit order; ``forgotten_classes`` the classes
-    the model's version records (``forget_class`` rows add theirs).
+    the model's version records (``forget_class`` rows add theirs); ``key`` the id key the rows' digests were
+    made with (plain digests, from before keyed hashes, are matched too).
     """
+    plain_too = _check_keys(forgotten, key)
     forget: set[str] = set()
-    targets: dict[str, int] = {}
+    targets: dict[str, tuple[int, int]] = {}        # digest -> (commit order, target)
     classes = set(forgotten_classes)
-    for r in forgotten:
+    for order, r in enumerate(forgotten):
         if r.kind == "relabel" and r.target is not None:
-            targets[r.content_sha256] = int(r.target)       # commit order: the last target wins
+            targets[r.content_sha256] = (order, int(r.target))     # commit order: the last target wins
         else:
             forget.add(r.content_sha256)
             if r.kind == "forget_class" and r.forget_class is not None:
@@ -86,13 +111,15 @@ def build_training_set(source: Source, spec: str, rows: Sequence[int] | range, s
     relabeled = 0
     class_tensor = torch.tensor(sorted(classes), dtype=labels.dtype)
     gone_by_class = torch.isin(labels, class_tensor) if classes else None
-    for index, content in source_hashes(source, rows, shape):
-        by_hash.setdefault(content, index)
-        if content in forget or (gone_by_class is not None and bool(gone_by_class[index])):
+    for index, contents in source_hashes(source, rows, shape, key, plain_too=plain_too and key is not None):
+        for content in contents:
+            by_hash.setdefault(content, index)
+        if any(c in forget for c in contents) or (gone_by_class is not None and bool(gone_by_class[index])):
             continue
         keep.append(index)
-        if content in targets:
-            keep_labels.append(targets[content])
+        relabels = [targets[c] for c in contents if c in targets]
+        if relabels:
+            keep_labels.append(max(relabels)[1])
             relabeled += 1
         else:
             keep_labels.append(int(labels[index]))

@@ -3,7 +3,9 @@
 Each receipt record has one :meth:`to_dict`, the receipt's body exactly as the contract has it; the
 ledger chains that body into the audit trail and the outbox (:class:`ReceiptChain`), so the
 canonical JSON bytes follow from these records alone. A receipt never holds raw input or a clear
-instance id: instances appear as ``id_sha256`` only.
+instance id: an instance appears as ``id_hmac`` (HMAC-SHA256 of its id under the daemon's id key) with
+``id_key`` (that key's id), issue 23; an instance forgotten before keyed digests (a ledger of schema 1 or 2,
+in a later ``exact`` receipt) keeps the plain ``id_sha256`` it was recorded with.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any, Union
 
+from daemon.keys import DIGEST_PREFIX, digest_key_id
 from daemon.pipeline.ledger import LedgerTransaction
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "RejectedReceipt",
     "RoundMetrics",
     "StrandedReceipt",
+    "id_fields",
     "instance_outcomes",
     "iso",
 ]
@@ -53,18 +57,32 @@ def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
 
 
+def id_fields(digest: str) -> dict[str, str]:
+    """An instance's id digest as receipt fields: ``{"id_hmac", "id_key"}`` for a keyed digest, ``{"id_sha256"}``
+    for a plain one (recorded before keyed digests)."""
+    key_id, mac = digest_key_id(digest)
+    return {"id_sha256": mac} if key_id is None else {"id_hmac": mac, "id_key": key_id}
+
+
+def _digest_of(row: Mapping[str, Any]) -> str:
+    """The stored digest back from a receipt's (or draft's) instance fields (:func:`id_fields`' inverse)."""
+    if "id_hmac" in row:
+        return f"{DIGEST_PREFIX}:{row['id_key']}:{row['id_hmac']}"
+    return str(row["id_sha256"])
+
+
 @dataclass(frozen=True)
 class InstanceOutcome:
     """One instance of a decided request: its id's hash, the label used, the predictions around the round."""
 
-    id_sha256: str
+    id_sha256: str                          # the id's digest as stored (keyed: daemon.keys.keyed_digest)
     label: int
     prediction_before: int
     prediction_after: int | None = None     # None: the round changed nothing (failed)
     target: int | None = None               # relabel only
 
     def to_dict(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"id_sha256": self.id_sha256, "label": self.label,
+        row: dict[str, Any] = {**id_fields(self.id_sha256), "label": self.label,
                                "prediction_before": self.prediction_before,
                                "prediction_after": self.prediction_after}
         if self.target is not None:
@@ -73,7 +91,7 @@ class InstanceOutcome:
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> InstanceOutcome:
-        return cls(row["id_sha256"], row["label"], row["prediction_before"], row["prediction_after"],
+        return cls(_digest_of(row), row["label"], row["prediction_before"], row["prediction_after"],
                    row.get("target"))
 
 
@@ -344,7 +362,7 @@ class ExactReceipt:
         r.update({"rebase_id": self.rebase_id, "model_version": self.model_version,
                   "previous_version": self.previous_version, "model_sha256": self.model_sha256,
                   "rebase": dict(self.rebase),
-                  "instances": [{"id_sha256": h, "rebase": what} for h, what in self.instances],
+                  "instances": [{**id_fields(h), "rebase": what} for h, what in self.instances],
                   "timings": {"exact_at": None if self.exact_at is None else iso(self.exact_at)}})
         return r
 
@@ -352,7 +370,7 @@ class ExactReceipt:
     def from_draft(cls, d: Mapping[str, Any]) -> ExactReceipt:
         return cls(request_id=d["request_id"], model=d["model"], kind=d["kind"], rebase_id=d["rebase_id"],
                    previous_version=d["previous_version"], rebase=d["rebase"],
-                   instances=tuple((i["id_sha256"], i["rebase"]) for i in d["instances"]))
+                   instances=tuple((_digest_of(i), i["rebase"]) for i in d["instances"]))
 
 
 Receipt = Union[AppliedReceipt, AlreadyForgottenReceipt, FailedReceipt, StrandedReceipt, RejectedReceipt,

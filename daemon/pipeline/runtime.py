@@ -22,7 +22,7 @@ import structlog
 import torch
 from torch import nn
 
-from daemon import registry
+from daemon import keys, registry
 from daemon.registry import lineage, model_store
 from daemon.data.arrays import ArraySource
 from daemon.data.folder import ImageFolderSource
@@ -85,11 +85,14 @@ class ModelRuntime:
     """Everything the daemon keeps about one model; :meth:`open` opens its sources, :meth:`ensure_model` its weights.
 
     ``splits`` is the first built-in dataset among the sources (what pretraining trains on), or ``None``.
+    ``keys``: the daemon's keys (the state key seals the session it publishes, the id key keys content hashes);
+    without them (tools, tests) sessions are written in clear and hashes are plain.
     """
 
     def __init__(self, section: ModelSection, registry_dir: Path, rounds: RoundsSection,
                  sources: Mapping[str, Source], splits: DatasetSplits | None = None, *,
-                 instances_of: Callable[[Sequence[str]], int | None] | None = None) -> None:
+                 instances_of: Callable[[Sequence[str]], int | None] | None = None,
+                 keys: keys.DaemonKeys | None = None) -> None:
         self.section = section
         self.name = section.name
         self.registry_dir = registry_dir
@@ -124,13 +127,25 @@ class ModelRuntime:
         # forward by publish(); instances_of tells a pre-count version's request ids in instances (the ledger)
         self.deletions_since_base = 0
         self._instances_of = instances_of
+        self.keys = keys
 
     @classmethod
     def open(cls, section: ModelSection, registry_dir: Path, rounds: RoundsSection, *,
-             instances_of: Callable[[Sequence[str]], int | None] | None = None) -> ModelRuntime:
+             instances_of: Callable[[Sequence[str]], int | None] | None = None,
+             keys: keys.DaemonKeys | None = None) -> ModelRuntime:
         """The runtime of ``section``, its sources opened (its weights are not loaded yet: :meth:`ensure_model`)."""
         sources, splits = open_sources(section)
-        return cls(section, registry_dir, rounds, sources, splits, instances_of=instances_of)
+        return cls(section, registry_dir, rounds, sources, splits, instances_of=instances_of, keys=keys)
+
+    @property
+    def state_key(self) -> keys.SecretKey | None:
+        """The key that seals the continual state this runtime publishes and opens (None: in clear)."""
+        return self.keys.state if self.keys is not None else None
+
+    @property
+    def id_key(self) -> keys.SecretKey | None:
+        """The key of instance-id and content digests (None: plain SHA-256)."""
+        return self.keys.ids if self.keys is not None else None
 
     def _check_sources(self, shape: tuple[int, int, int]) -> None:
         """Every source can feed the model, and the probe reads (a start-up refusal naming the setting)."""
@@ -178,23 +193,31 @@ class ModelRuntime:
         session = UnlearningSession(model, num_classes=splits.num_classes)
         model_store.publish(self.registry_dir, self.name, model, session, arch=arch,
                             input_shape=splits.input_shape, classes=splits.classes, parent=None,
-                            dataset=splits.name, method={"name": "pretrain", "epochs": self.section.pretrain_epochs})
+                            dataset=splits.name, method={"name": "pretrain", "epochs": self.section.pretrain_epochs},
+                            state_key=self.state_key)
 
     def reload(self) -> None:
         """Load LATEST (after a restart, a rollback, or a version another daemon published)."""
         registry.clean_temporaries(self.registry_dir, self.name)
         try:
             live = model_store.load_live(self.registry_dir, self.name, device=self.rounds.device,
-                                         head=self.section.head or None)
+                                         head=self.section.head or None, state_key=self.state_key)
         except model_store.HeadError as exc:
             raise RuntimeError_(f"models.{self.name}.head: {exc}") from None
+        except model_store.StateKeyError as exc:
+            raise RuntimeError_(f"model {self.name!r}: {exc}") from None
+        manifest = live.info.manifest
+        if model_store.STATE_SEAL not in manifest and model_store.SESSION_TENSORS in manifest["files"]:
+            log.warning("session_in_clear", model=self.name, version=live.version,
+                        detail="this version's continual state was written unsealed; the next version is sealed "
+                               "(older versions keep theirs until pruned: registry.keep_versions)")
         self._check_sources(live.input_shape)
         self._adopt(live, _forgotten_classes(live.info.manifest))
 
     def sibling(self, live: model_store.LiveModel, forgotten_classes: frozenset[int]) -> ModelRuntime:
         """A runtime over the same sources and probe whose live state is ``live``: a rebase's weights and fresh
         session, on which the requests applied while it trained are re-applied before anything is published."""
-        other = ModelRuntime(self.section, self.registry_dir, self.rounds, self.sources, self.splits)
+        other = ModelRuntime(self.section, self.registry_dir, self.rounds, self.sources, self.splits, keys=self.keys)
         other.probe_x = self.probe_x
         other._adopt(live, forgotten_classes)
         return other
@@ -362,7 +385,8 @@ class ModelRuntime:
                 dataset=self.splits.name if self.splits else None, round_id=round_id,
                 request_ids=[p.request_id for p in candidate.requests], method=dict(method),
                 metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes),
-                instances=sum(p.size for p in candidate.requests), parent_deletions=self.deletions_since_base)
+                instances=sum(p.size for p in candidate.requests), parent_deletions=self.deletions_since_base,
+                state_key=self.state_key)
         except BaseException:
             live.session.undo(previous)          # the live model and session stay what LATEST says
             raise

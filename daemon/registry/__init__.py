@@ -62,7 +62,7 @@ from daemon.registry.read import (
     read_verified,
     verify_version,
 )
-from daemon.registry.write import clean_temporaries, copy_version, set_latest, write_version
+from daemon.registry.write import Sealer, clean_temporaries, copy_version, set_latest, write_version
 
 __all__ = [
     "CONFIG_FILE",
@@ -74,6 +74,7 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "STANDARD_FILES",
     "STATE_DICT_FILE",
+    "Sealer",
     "TORCHSCRIPT_FILE",
     "RegistryError",
     "VerificationError",

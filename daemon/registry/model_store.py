@@ -13,6 +13,14 @@ The engine's session is saved beside each version (``session.safetensors`` for t
 ``session.json`` for the rest), so a restart — or an operator's rollback — continues exactly
 where that version left off. This module is the only glue between ``daemon.registry`` (files) and
 ``daemon.engine`` (tensors).
+
+The session is a membership oracle in clear (its subspace memory spans the features of exactly the
+instances its rounds forgot: issue 23), so with a state key (:mod:`daemon.keys`) both files are sealed
+with AES-256-GCM, the authenticated data naming the model, the version and the file; the manifest's
+``state_seal`` records the algorithm, the key id, the files and the version they were sealed for (a
+rollback copies them: its ``rollback.to`` is that version or a later one). The manifest's sha256 covers the
+ciphertext, so servers verify a version without the key. A version written before sealing (or without a
+key) is read in clear once; the next version the daemon writes is sealed.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from daemon import registry
+from daemon import keys, registry
 from daemon.engine.heads import find_head
 from daemon.engine.models import (
     BUILTIN_FACTORIES,
@@ -40,10 +48,17 @@ from daemon.engine.models import (
 from daemon.engine.session import UnlearningSession
 from daemon.registry import lineage
 
-__all__ = ["HeadError", "LiveModel", "check_head", "load_live", "manifest_factory", "manifest_head", "publish"]
+__all__ = ["HeadError", "LiveModel", "StateKeyError", "check_head", "load_live", "manifest_factory", "manifest_head",
+           "publish", "session_files"]
 
 SESSION_TENSORS = "session.safetensors"
 SESSION_META = "session.json"
+STATE_SEAL = "state_seal"           # the manifest key that says the session files are sealed, and how
+SEAL_ALG = "AES-256-GCM"
+
+
+class StateKeyError(registry.RegistryError):
+    """A version's continual state cannot be opened: no key, another key, or a sealed file altered or moved."""
 
 
 class HeadError(registry.RegistryError):
@@ -82,6 +97,50 @@ class LiveModel:
 def _session_files(session: UnlearningSession) -> dict[str, bytes]:
     tensors, meta = session.state()
     return {SESSION_TENSORS: st_save(tensors), SESSION_META: json.dumps(meta, sort_keys=True).encode()}
+
+
+def _state_aad(model: str, version: int, file: str) -> bytes:
+    """What a sealed session file is bound to: a ciphertext opens only as this file of this model's version."""
+    return b"\0".join([b"unlearnd.state/v1", model.encode("utf-8"), str(version).encode("ascii"),
+                        file.encode("utf-8")])
+
+
+def _sealer(model: str, session: UnlearningSession, key: keys.SecretKey) -> registry.Sealer:
+    """The session files sealed for the version number the registry picks (see ``write_version``)."""
+    plain = _session_files(session)
+
+    def sealed(version: int) -> tuple[dict[str, bytes], dict[str, Any]]:
+        files = {name: keys.seal(key, data, _state_aad(model, version, name)) for name, data in plain.items()}
+        return files, {STATE_SEAL: {"alg": SEAL_ALG, "key_id": key.key_id, "files": sorted(files),
+                                    "version": version}}
+    return sealed
+
+
+def session_files(info: registry.VersionInfo, state_key: keys.SecretKey | None) -> dict[str, bytes] | None:
+    """A version's session files in clear (verified against the manifest, opened with ``state_key`` when
+    sealed), or None when it has none. Raises :class:`StateKeyError` saying what is wrong and the fix."""
+    manifest, where = info.manifest, f"{info.model} v{info.version}"
+    if SESSION_TENSORS not in manifest["files"]:
+        return None
+    raw = {n: registry.read_extra_file(info, n) for n in (SESSION_TENSORS, SESSION_META)}
+    seal = manifest.get(STATE_SEAL)
+    if seal is None:
+        return raw          # written before sealing (or without a key): read in clear, sealed from the next version
+    if not isinstance(seal, dict) or seal.get("alg") != SEAL_ALG or not isinstance(seal.get("version"), int):
+        raise StateKeyError(f"{where}: the manifest's {STATE_SEAL} is malformed: {seal!r}")
+    sealed_for = seal["version"]
+    rollback_to = (manifest.get("rollback") or {}).get("to")
+    if sealed_for != info.version and not (isinstance(rollback_to, int) and sealed_for <= rollback_to):
+        raise StateKeyError(f"{where}: its session files were sealed for version {sealed_for} and it is no "
+                            f"rollback to it: refusing another version's continual state")
+    if state_key is None:
+        raise StateKeyError(f"{where}: its continual state is sealed with state key {seal.get('key_id')}; "
+                            f"configure that key (keys.state_key_file) to resume from it")
+    try:
+        return {n: keys.open_sealed(state_key, data, _state_aad(info.model, sealed_for, n), f"{where} {n}")
+                for n, data in raw.items()}
+    except keys.SealError as exc:
+        raise StateKeyError(str(exc)) from None
 
 
 def manifest_factory(manifest: Mapping[str, Any], where: str) -> ModelFactory:
@@ -165,6 +224,7 @@ def publish(
     metrics: Mapping[str, Any] | None = None,
     instances: int = 0,
     parent_deletions: int | None = None,
+    state_key: keys.SecretKey | None = None,
 ) -> registry.VersionInfo:
     """Write the model and its session as the next version (atomic; ``LATEST`` moves last). ``head``: the
     declared classifier head (the operator's module name), else the parent's.
@@ -172,7 +232,8 @@ def publish(
     The manifest records ``deletions_since_base`` (:mod:`daemon.registry.lineage`): 0 for a base (``method.name``
     pretrain, import or rebase, or no parent), else the parent's count plus ``instances``, the instances this
     version's round unlearned. ``parent_deletions`` is the parent's count when the caller holds it (the daemon
-    does); without it, it is read from the registry.
+    does); without it, it is read from the registry. ``state_key``: seal the session files with it (the daemon
+    always does); without one they are written in clear (a fresh import's empty session, offline tools).
     """
     if instances < 0:
         raise ValueError(f"instances must be >= 0, got {instances}")
@@ -187,17 +248,19 @@ def publish(
     return registry.write_version(
         registry_dir, name, model, input_shape=tuple(input_shape), classes=list(classes), parent=parent,
         round_id=round_id, request_ids=list(request_ids), method=dict(method or {}), metrics=dict(metrics or {}),
-        extra_files=_session_files(session),
+        extra_files=_session_files(session) if state_key is None else None,
+        sealed_files=None if state_key is None else _sealer(name, session, state_key),
         extra_manifest={**spec, "dataset": dataset, lineage.DELETIONS_KEY: deletions}, label_file=True,
     )
 
 
 def load_live(registry_dir: Path, name: str, version: int | None = None, *, device: str = "cpu",
-              head: str | None = None) -> LiveModel:
+              head: str | None = None, state_key: keys.SecretKey | None = None) -> LiveModel:
     """Rebuild the eager model from its manifest's factory, its weights and its session from a verified version.
 
     ``head``: the operator's declared classifier head (config or command line); it must agree with the one
     the manifest declares, if any — the head belongs to the model, and two answers mean a mistake.
+    ``state_key``: the key that sealed the version's session files (:class:`StateKeyError` without it).
     """
     state, info = registry.load_state_dict(registry_dir, name, version)
     manifest = info.manifest
@@ -219,9 +282,10 @@ def load_live(registry_dir: Path, name: str, version: int | None = None, *, devi
             engine_head = check_head(model, len(classes), head, where)
         except ValueError as exc:
             raise HeadError(str(exc)) from None
-    if SESSION_TENSORS in manifest["files"]:
-        tensors = st_load(registry.read_extra_file(info, SESSION_TENSORS))
-        meta = json.loads(registry.read_extra_file(info, SESSION_META))
+    files = session_files(info, state_key)
+    if files is not None:
+        tensors = st_load(files[SESSION_TENSORS])
+        meta = json.loads(files[SESSION_META])
         session = UnlearningSession.restore(model, tensors, meta, head=engine_head)
     else:
         session = UnlearningSession(model, num_classes=len(classes), head=engine_head)

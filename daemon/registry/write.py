@@ -10,7 +10,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,10 @@ from daemon.registry.read import _get_info, latest_version, list_versions, verif
 _RENAME_ATTEMPTS = 100
 _log = structlog.get_logger("unlearnd.registry")
 
+#: files written once the version number is known (issue 23: sealed per version): called with the number, it
+#: returns the files to add and the manifest keys to set
+Sealer = Callable[[int], tuple[Mapping[str, bytes], Mapping[str, Any]]]
+
 
 def set_latest(registry: Path | str, model_name: str, version: int, *, verify: bool = True) -> VersionInfo:
     """Point ``LATEST`` at ``version`` atomically, after verifying it (also the operator's rollback)."""
@@ -77,6 +81,7 @@ def write_version(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     label_file: bool = False,
     export_pt2: bool = True,
+    sealed_files: Sealer | None = None,
 ) -> VersionInfo:
     """Write ``module`` as the model's next version, crash-safely, and (by default) make it ``LATEST``.
 
@@ -99,6 +104,8 @@ def write_version(
             name it on the output (``label_filename``), for Triton's classification extension.
         export_pt2: also write a ``torch.export`` archive (``model.pt2``) when the model exports; the manifest's
             ``export`` says whether it did (and why not).
+        sealed_files: files that depend on the version number (encrypted with it as authenticated data),
+            made once the number is chosen (again if a concurrent writer took it); hashed in the manifest.
 
     Raises:
         ValueError: a bad argument (nothing written).
@@ -146,7 +153,7 @@ def write_version(
     manifest["files"] = _file_table(files)
     manifest["sha256"] = manifest["files"][STATE_DICT_FILE]["sha256"]
 
-    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest)
+    return _commit_version(registry, model_name, model_dir, files, manifest, set_latest, sealed_files)
 
 
 def copy_version(
@@ -198,14 +205,14 @@ def copy_version(
 
 
 def _commit_version(registry: Path | str, model_name: str, model_dir: Path, files: Mapping[str, bytes],
-                    manifest: dict[str, Any], set_latest: bool) -> VersionInfo:
+                    manifest: dict[str, Any], set_latest: bool, sealed_files: Sealer | None = None) -> VersionInfo:
     """Write the files into a hidden temporary, rename it to the next number, verify, then move LATEST."""
     tmp = model_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         tmp.mkdir()
         for name, data in files.items():
             _write_durable(tmp / name, data)
-        version = _rename_into_place(tmp, model_dir, manifest)
+        version = _rename_into_place(tmp, model_dir, manifest, sealed_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -223,7 +230,8 @@ def _next_version(model_dir: Path) -> int:
     return max([0, *used, *([latest] if latest is not None else [])]) + 1
 
 
-def _rename_into_place(tmp: Path, model_dir: Path, manifest: dict[str, Any]) -> int:
+def _rename_into_place(tmp: Path, model_dir: Path, manifest: dict[str, Any], sealed_files: Sealer | None = None
+                       ) -> int:
     """Write the manifest for the next free number, fsync, and rename ``tmp`` to that number.
 
     A rename onto an existing version fails (the target is not empty), so a number taken in between
@@ -232,6 +240,13 @@ def _rename_into_place(tmp: Path, model_dir: Path, manifest: dict[str, Any]) -> 
     for _ in range(_RENAME_ATTEMPTS):
         version = _next_version(model_dir)
         manifest["version"] = version
+        if sealed_files is not None:
+            sealed, keys = sealed_files(version)
+            for name, data in sealed.items():
+                (tmp / _check_file_name(name)).unlink(missing_ok=True)
+                _write_durable(tmp / name, bytes(data))
+            manifest["files"] = {**manifest["files"], **_file_table(sealed)}
+            manifest.update(keys)
         manifest["created_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace(
             "+00:00", "Z")
         (tmp / MANIFEST_FILE).unlink(missing_ok=True)

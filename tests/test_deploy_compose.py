@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from daemon.cli import build_parser
-from daemon.pipeline.config import load_config, reference_rows
+from daemon.pipeline.config import load_config
+from daemon.pipeline.config_docs import reference_rows
 from tests.test_deploy_promql import DEPLOY, ROOT
 
 COMPOSE_DIR = DEPLOY / "compose"

@@ -15,7 +15,7 @@ if __name__ == "__main__":    # `python tests/test_deploy_docs.py`: make the pro
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import main
-from daemon.pipeline.config import reference_rows
+from daemon.pipeline.config_docs import reference_rows
 from tests.test_deploy_promql import ROOT
 
 CONFIGURATION = ROOT / "docs" / "configuration.md"

@@ -18,7 +18,8 @@ if __name__ == "__main__":    # `python tests/test_deploy_k8s.py`: make the proj
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import build_parser
-from daemon.pipeline.config import load_config, reference_rows
+from daemon.pipeline.config import load_config
+from daemon.pipeline.config_docs import reference_rows
 from tests.test_deploy_promql import DEPLOY, RULES
 
 K8S = DEPLOY / "k8s"

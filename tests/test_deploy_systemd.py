@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import build_parser
-from daemon.pipeline.config import load_config, reference_rows
+from daemon.pipeline.config import load_config
+from daemon.pipeline.config_docs import reference_rows
 from tests.test_deploy_promql import DEPLOY
 
 SYSTEMD = DEPLOY / "systemd"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.pipeline.config import ConfigError, KafkaSection, effective_toml, example_toml, load_config
+from daemon.pipeline.config import ConfigError, KafkaSection, load_config
+from daemon.pipeline.config_docs import effective_toml, example_toml
 from daemon.pipeline.kafka_io import connection_kwargs
 from daemon.pipeline.kafka_security import FileTokenProvider, KafkaSecurityError, Secret, client_kwargs
 from tests.pipeline_harness import ROOT, Pki

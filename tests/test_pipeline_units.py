@@ -8,7 +8,8 @@ import sqlite3
 
 import pytest
 
-from daemon.pipeline.config import ConfigError, example_toml, load_config, parse_probe, reference_rows
+from daemon.pipeline.config import ConfigError, load_config, parse_probe
+from daemon.pipeline.config_docs import example_toml, reference_rows
 from daemon.pipeline.ledger import GENESIS_HASH, Ledger, LedgerError, chain_hash
 from daemon.pipeline.receipts import AppliedReceipt, DuplicateReceipt, RejectedReceipt, instance_outcomes
 

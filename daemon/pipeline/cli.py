@@ -105,7 +105,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 # -- config -------------------------------------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
-    from daemon.pipeline.config import effective_toml, example_toml, reference_rows
+    from daemon.pipeline.config_docs import effective_toml, example_toml, reference_rows
 
     if args.action == "example":
         sys.stdout.write(example_toml())

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from daemon.pipeline.broker import DEFAULT_PORT, wait_until_listening
-from daemon.pipeline.config import example_toml
+from daemon.pipeline.config_docs import example_toml
 
 __all__ = ["run_quickstart"]
 

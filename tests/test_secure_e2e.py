@@ -95,8 +95,9 @@ def test_tls_everywhere_and_a_token_on_every_control_endpoint(tmp_path: Path, mn
         out = _cli("publish", "--config", str(cfg), "--model", MODEL, "--ref", "mnist-train:0", "--label", str(label),
                    "--request-id", "secure-e2e")
         assert out.returncode == 0, out.stderr
-        out = _cli("receipts", "--config", str(cfg), "--from-beginning", "--json", "--request-id", "secure-e2e",
-                   "--count", "1", "--timeout", "240", timeout=300)
+        out = _cli("receipts", "--bootstrap", broker.bootstrap, "--security-protocol", "SSL", "--ssl-cafile",
+                   str(pki.ca), "--from-beginning", "--json", "--request-id", "secure-e2e", "--count", "1",
+                   "--timeout", "240", timeout=300)      # the flags, where publish above took --config
         assert out.returncode == 0, (out.stderr, d.tail())
         receipt = json.loads(out.stdout.splitlines()[0])
         assert receipt["status"] == "applied" and receipt["model_version"] == 2, (receipt, d.tail())

@@ -23,7 +23,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from daemon.pipeline.config import KafkaSection
 from daemon.pipeline.kafka_security import client_kwargs, probe_tls
 
-__all__ = ["connection_kwargs", "ensure_topics", "explained_bootstrap", "make_consumer", "make_producer"]
+__all__ = ["check_broker_tls", "connection_kwargs", "ensure_topics", "explained_bootstrap", "make_consumer", "make_producer"]
 
 
 def connection_kwargs(cfg: KafkaSection) -> dict[str, Any]:
@@ -103,11 +103,19 @@ def make_producer(cfg: KafkaSection, *, client: str = "producer", max_request_si
     )
 
 
+def check_broker_tls(cfg: KafkaSection, kwargs: dict | None = None) -> None:
+    """The broker's certificate, checked as the clients will check it: a refusal raises ``KafkaSecurityError`` at
+    once, naming the setting (kafka-python alone would retry until its bootstrap timeout and say only "Unable to
+    bootstrap"). Run before the first client connects, also when the daemon creates no topics."""
+    kwargs = connection_kwargs(cfg) if kwargs is None else kwargs
+    probe_tls(cfg, cfg.request_timeout_ms / 1000, kwargs.get("ssl_context"))
+
+
 def ensure_topics(cfg: KafkaSection, names: Iterable[str], partitions: dict[str, int] | None = None) -> list[str]:
     """Create the topics that are missing; returns those created. Errors other than 'exists' raise (a refused TLS
     certificate as ``KafkaSecurityError``, at once, naming the setting)."""
     kwargs = connection_kwargs(cfg)
-    probe_tls(cfg, cfg.request_timeout_ms / 1000, kwargs.get("ssl_context"))
+    check_broker_tls(cfg, kwargs)
     with explained_bootstrap():
         admin = KafkaAdminClient(**kwargs, client_id=f"unlearnd-{cfg.instance_id}-admin",
                                  request_timeout_ms=cfg.request_timeout_ms, bootstrap_timeout_ms=cfg.request_timeout_ms)

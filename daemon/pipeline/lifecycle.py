@@ -37,7 +37,7 @@ from daemon.pipeline.codec import Limits
 from daemon.pipeline.commit import RoundCommitter, RoundOutcome, StartupError
 from daemon.pipeline.config import Config
 from daemon.pipeline.intake import Intake
-from daemon.pipeline.kafka_io import ensure_topics, make_consumer
+from daemon.pipeline.kafka_io import check_broker_tls, ensure_topics, make_consumer
 from daemon.pipeline.keyring import open_keys
 from daemon.pipeline.ledger import Ledger
 from daemon.pipeline.ledger_schema import IdKeyMismatch
@@ -237,13 +237,14 @@ class Daemon:
 
     def _ensure_topics(self) -> None:
         k = self.config.kafka
-        if not k.create_topics:
-            return
         deadline = time.monotonic() + k.startup_wait_s
         while True:
             try:
-                ensure_topics(k, [k.requests_topic, k.receipts_topic, k.dlq_topic, k.models_topic],
-                              {k.requests_topic: k.partitions})
+                if k.create_topics:
+                    ensure_topics(k, [k.requests_topic, k.receipts_topic, k.dlq_topic, k.models_topic],
+                                  {k.requests_topic: k.partitions})
+                else:
+                    check_broker_tls(k)      # what creating the topics would have checked first
                 return
             except KafkaError as exc:
                 if time.monotonic() > deadline or self._stop.is_set():

@@ -22,7 +22,16 @@ from pathlib import Path
 
 from tests.pipeline_harness import free_port, stop_process
 
-PG_BIN = Path(os.environ.get("UNLEARND_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """UNLEARND_TEST_PG_BIN, else the newest Debian server (/usr/lib/postgresql/<major>/bin)."""
+    if os.environ.get("UNLEARND_TEST_PG_BIN"):
+        return Path(os.environ["UNLEARND_TEST_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if
+                   p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 SUPERUSER = "unlearnd"
 
 

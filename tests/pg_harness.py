@@ -5,7 +5,7 @@ Running as root (as these machines do), initdb and postgres refuse to start; the
 ``postgres`` user that Debian's package creates (``subprocess.Popen(user=...)``, no runuser/su in between, so
 the PID we hold is the server's), in a temp dir under /tmp chowned to it (pytest's own tmp dirs are 0700 root).
 As any other user, it runs as that user. ``fsync=off``: the server's own durability is not what the tests test
-(a daemon is killed, never the machine).
+(a daemon is killed, never the machine); ``durable=True`` keeps PostgreSQL's defaults (for measurements).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def postgres_available() -> bool:
 class PostgresServer:
     """One throwaway server; :meth:`new_database` makes an empty database and returns its URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable                  # True: PostgreSQL's default fsync and commit settings (benchmarks)
         self.port = free_port()
         self.root: Path | None = None
         self.proc: subprocess.Popen | None = None
@@ -72,7 +73,8 @@ class PostgresServer:
             raise RuntimeError(f"initdb failed ({rc}): {log.read_text()[-2000:]}")
         self.proc = subprocess.Popen(
             [str(PG_BIN / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root),
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c",
+                                        "full_page_writes=off"]),
              "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
             stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "wb"), user=self._user, cwd=self.root)
         self._wait_ready()

@@ -390,8 +390,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_rebase(args: argparse.Namespace) -> int:
     """Ask the running daemon for an exact rebase of one model: a row in its ledger, which the daemon polls.
 
-    No broker is needed (the ledger is a local SQLite file the daemon shares by WAL); a rebase already waiting or
-    running is reported, not doubled.
+    No broker is needed (the ledger is the SQLite file the daemon shares by WAL, or its PostgreSQL database at
+    state.url); a rebase already waiting or running is reported, not doubled.
     """
     from daemon.pipeline.ledger import Ledger, LedgerError
 

@@ -280,7 +280,7 @@ class Ledger:
     def request_rebase(self, model: str, trigger: str) -> tuple[str, bool]:
         """A rebase of ``model`` waiting to run: the one already requested or running, else a new one.
 
-        Returns (rebase id, whether it is new). Written by ``unlearnd rebase`` (any process: SQLite serialises
+        Returns (rebase id, whether it is new). Written by ``unlearnd rebase`` (any process: the write lock serialises
         it with the daemon's writes) and by the daemon's own policy.
         """
         with self._immediate() as db:

@@ -99,6 +99,19 @@ def test_two_daemons_writing_one_ledger_at_once_keep_one_audit_chain_and_distinc
         ledger.close()
 
 
+def test_the_newest_accepting_delivery_of_a_request_is_the_last_recorded_even_at_a_reused_offset(ledger_db):
+    """Which message accepted a request (the stranded watch's evidence) is the row recorded last, not the highest
+    offset: SQLite orders by rowid (a replaced row gets a new one), PostgreSQL by a sequence the upsert bumps."""
+    ledger = Ledger(ledger_db.target())
+    for offset, fp in ((7, "a"), (3, "b"), (7, "c")):      # offset 7 again: a broker that lost its log
+        with ledger.transaction() as tx:
+            tx.record_delivery("req", 0, offset, fp, "r1", "accepted")
+        newest = ledger.accepted_deliveries(["r1"])["r1"]
+        assert newest == ("req", 0, offset, fp)
+    assert ledger.delivery("req", 0, 7).fingerprint == "c"
+    ledger.close()
+
+
 # -- state.url: validated, reached, named -----------------------------------------------------------------
 @pytest.mark.parametrize("url, message", [
     ("mysql://u@h:3306/db", "must be postgresql://"),

@@ -131,6 +131,9 @@ class Engine:
         try:
             db = psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S,
                                  application_name="unlearnd")
+            # explicit, whatever default_transaction_isolation the server has: at REPEATABLE READ or SERIALIZABLE
+            # the snapshot would be taken by the lock statement, before the previous writer committed
+            db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise EngineError(f"state.url: cannot open the PostgreSQL ledger at {where}: {reason}") from None

@@ -67,6 +67,15 @@ class LedgerDatabases:
         import psycopg
         return psycopg.connect(self.target(name))
 
+    def daemon_env(self) -> dict[str, str]:
+        """The environment that puts a daemon's ledger on this engine: nothing for SQLite (state.dir), else
+        ``UNLEARND_STATE_URL`` of this test's database "daemon"."""
+        return {} if self.engine == "sqlite" else {"UNLEARND_STATE_URL": self.target("daemon")}
+
+    def daemon_target(self, state_dir: Path) -> str:
+        """Where that daemon's ledger is, to open it after the daemon stopped."""
+        return str(state_dir / "ledger.sqlite") if self.engine == "sqlite" else self.target("daemon")
+
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
         """What the database raises when it refuses a statement."""

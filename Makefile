@@ -35,7 +35,8 @@ test: install test-deps
 
 # promtool and prometheus for the deployment tests (tests/test_deploy_*.py): Debian's prometheus package,
 # installed when promtool is missing (with sudo when not root); stunnel4, the TLS terminator the Kafka TLS tests
-# put in front of the embedded broker (tests/test_kafka_tls*.py), installed when stunnel is missing.
+# put in front of the embedded broker (tests/test_kafka_tls*.py), installed when stunnel is missing; postgresql,
+# the server the ledger's tests start on a free port (tests/pg_harness.py), installed when initdb is missing.
 .PHONY: test-deps
 test-deps:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
@@ -48,6 +49,11 @@ test-deps:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends stunnel4 || \
 	  { $$SUDO apt-get update -qq && \
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends stunnel4; }; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql || \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }; }
 
 bench: install
 	UNLEARND=$(UNLEARND) benchmarks/run_mnist.sh

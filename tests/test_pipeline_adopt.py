@@ -1,5 +1,5 @@
 """A daemon on a fresh state.dir adopts a registry built by ``unlearnd import`` / ``unlearnd unlearn``, and still
-refuses one that is ahead of its own ledger (real registry, real SQLite ledger, no broker)."""
+refuses one that is ahead of its own ledger (real registry, a real ledger on each engine, no broker)."""
 
 from __future__ import annotations
 
@@ -61,14 +61,15 @@ def test_a_fresh_ledger_adopts_a_registry_written_by_import_or_unlearn(reg, tmp_
     _check(reg, Ledger(tmp_path / "fresh.sqlite"))
 
 
-def test_a_daemon_round_the_ledger_never_recorded_is_still_refused(reg, tmp_path):
+def test_a_daemon_round_the_ledger_never_recorded_is_still_refused(reg, ledger_db):
     _offline_round(reg, "r-000009")
-    with pytest.raises(StartupError, match="r-000009, unknown to the ledger .* state.dir"):
-        _check(reg, Ledger(tmp_path / "fresh.sqlite"))
+    setting = "state.dir" if ledger_db.engine == "sqlite" else "state.url"
+    with pytest.raises(StartupError, match=rf"r-000009, unknown to the ledger at .* is {setting} the one"):
+        _check(reg, Ledger(ledger_db.target("fresh")))
 
 
-def test_an_offline_round_on_top_of_what_the_ledger_committed_is_refused(reg, tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_an_offline_round_on_top_of_what_the_ledger_committed_is_refused(reg, ledger_db):
+    ledger = Ledger(ledger_db.target())
     daemon_round = ledger.allocate_round(MODEL, "d1", [])
     version = _offline_round(reg, daemon_round)                     # as the daemon commits it
     with ledger.transaction() as tx:
@@ -79,8 +80,10 @@ def test_an_offline_round_on_top_of_what_the_ledger_committed_is_refused(reg, tm
         _check(reg, ledger)
 
 
-def test_after_adoption_a_daemon_round_publishes_the_next_version_from_the_imported_factory(reg, tmp_path):
-    ledger = Ledger(tmp_path / "fresh.sqlite")
+def test_after_adoption_a_daemon_round_publishes_the_next_version_from_the_imported_factory(reg, ledger_db):
+    """A whole round's commit (committing, the registry, committed with receipts and forgotten content) on either
+    engine."""
+    ledger = Ledger(ledger_db.target("fresh"))
     _check(reg, ledger)
     rt = ModelRuntime.open(ModelSection(name=MODEL, probe="mnist-test:0-99"), reg,
                            RoundsSection(retention_max_drop=1.0))
@@ -98,4 +101,5 @@ def test_after_adoption_a_daemon_round_publishes_the_next_version_from_the_impor
     manifest = outcome.version.manifest
     assert manifest["factory"] == "tests.byo_factories:tiny_net" and manifest["round_id"] == round_id
     assert ledger.last_committed_version(MODEL) == 2
+    assert [c.request_id for c in ledger.forgotten_content(MODEL)] == ["a"] and ledger.verify_audit() == (1, None)
     assert isinstance(model_store.load_live(reg, MODEL).model[1], load_factory("tests.byo_factories:TinyNet"))

@@ -39,7 +39,9 @@ def _check_registry(reg, model: str = "mnist-cnn") -> list[str]:
     return applied
 
 
-def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_path, broker, mnist_registry):
+def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_path, broker, mnist_registry,
+                                                                            ledger_db):
+    """On either ledger engine (issue 24): SQLite in state.dir, or PostgreSQL at state.url."""
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                        state_dir=tmp_path / "state", rounds="max_instances = 2")
@@ -54,7 +56,7 @@ def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_
     kill_points += [("random", rng.uniform(1.0, 8.0)) for _ in range(4)]
     log = tmp_path / "daemon.log"
     for n, (point, delay) in enumerate(kill_points):
-        env = {"UNLEARND_FAILPOINTS": point} if point != "random" else {}
+        env = {**ledger_db.daemon_env(), **({"UNLEARND_FAILPOINTS": point} if point != "random" else {})}
         d = DaemonProcess(cfg, log, env=env).start()
         try:
             if point == "random":
@@ -69,7 +71,7 @@ def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_
         finally:
             d.kill()
 
-    final = DaemonProcess(cfg, log).start()
+    final = DaemonProcess(cfg, log, env=ledger_db.daemon_env()).start()
     try:
         recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=240,
                           until=lambda rs: all(r in outcome_receipts(rs) for r in ids)
@@ -91,21 +93,23 @@ def test_kill_minus_9_at_any_moment_loses_nothing_and_applies_nothing_twice(tmp_
         v = outcomes[rid][0]["model_version"]
         assert rid in registry.read_manifest(reg, "mnist-cnn", v)["request_ids"]
     assert not [p for p in (reg / "mnist-cnn").iterdir() if p.name.startswith(".tmp")], "temporaries left"
-    ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
+    ledger = Ledger(ledger_db.daemon_target(tmp_path / "state"))
     count, problem = ledger.verify_audit()
     assert problem is None and count == len(ids) + len(replays)
+    ledger.close()
+    assert (tmp_path / "state" / "ledger.sqlite").exists() == (ledger_db.engine == "sqlite")
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any(e.get("event") in ("round_rolled_forward", "round_abandoned") for e in events), \
         "no kill landed inside a round: the test did not test recovery"
 
 
 def test_sigterm_mid_round_exits_cleanly_within_the_grace_period_and_publishes_nothing(tmp_path, broker,
-                                                                                      mnist_registry):
+                                                                                      mnist_registry, ledger_db):
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     cfg = write_config(tmp_path / "u.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                        state_dir=tmp_path / "state", rounds="max_instances = 64\ngrace_period_s = 0.5")
     produce_requests(broker.bootstrap, [request("term-1", "forget", [f"mnist-train:{i}" for i in range(300, 324)])])
-    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    d = DaemonProcess(cfg, tmp_path / "daemon.log", env=ledger_db.daemon_env()).start()
     try:
         d.wait_for(lambda e: e.get("event") == "round_started", timeout=90)
         time.sleep(0.3)
@@ -123,7 +127,7 @@ def test_sigterm_mid_round_exits_cleanly_within_the_grace_period_and_publishes_n
     # offsets were not committed: a restart picks the request up again and applies it
     d2 = DaemonProcess(write_config(tmp_path / "u2.toml", bootstrap=broker.bootstrap, registry_dir=reg,
                                     state_dir=tmp_path / "state", rounds="max_instances = 64"),
-                       tmp_path / "daemon2.log").start()
+                       tmp_path / "daemon2.log", env=ledger_db.daemon_env()).start()
     try:
         recs = read_topic(broker.bootstrap, "unlearn.receipts", timeout=240,
                           until=lambda rs: "term-1" in outcome_receipts(rs))

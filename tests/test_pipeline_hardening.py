@@ -189,8 +189,8 @@ def test_world_writable_state_and_registry_folders_are_warned_about(tmp_path, ca
 
 
 # -- the ledger half of item 1: a stranded request id is accepted again --------------------------------------
-def test_a_stranded_request_is_accepted_anew_and_keeps_its_first_receive_time(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_a_stranded_request_is_accepted_anew_and_keeps_its_first_receive_time(ledger_db):
+    ledger = Ledger(ledger_db.target())
     with ledger.transaction() as tx:
         tx.accept("s-1", "m", "forget", 1, 100.0)
     assert [r["request_id"] for r in ledger.accepted_requests()] == ["s-1"]

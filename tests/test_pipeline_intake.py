@@ -30,8 +30,8 @@ def spec() -> ModelSpec:
                      sources=builtin_sources(load_mnist()))
 
 
-def _intake(tmp_path, spec: ModelSpec) -> tuple[Intake, Ledger, DaemonMetrics]:
-    ledger, metrics = Ledger(tmp_path / "l.sqlite"), DaemonMetrics()
+def _intake(target: str, spec: ModelSpec) -> tuple[Intake, Ledger, DaemonMetrics]:
+    ledger, metrics = Ledger(target), DaemonMetrics()
     intake = Intake(ledger, specs={spec.name: spec}, predictors={spec.name: lambda x: [5] * len(x)},
                     limits=Limits(), batcher=Batcher(64, 1.0), offsets=OffsetBook(),
                     receipts=ReceiptChain("d1", "receipts"), dlq_topic="dlq", metrics=metrics)
@@ -43,8 +43,8 @@ def _record(offset: int, body: dict | bytes) -> Record:
     return Record(TP.topic, TP.partition, offset, b"mnist-cnn", value, 1_000 + offset)
 
 
-def test_one_poll_accepts_rejects_and_recognises_duplicates_in_one_transaction(tmp_path, spec):
-    intake, ledger, metrics = _intake(tmp_path, spec)
+def test_one_poll_accepts_rejects_and_recognises_duplicates_in_one_transaction(ledger_db, spec):
+    intake, ledger, metrics = _intake(ledger_db.target(), spec)
     good = request("a", refs=["mnist-train:0", "mnist-train:1"], labels=[5])
     records = [_record(0, good), _record(1, b"{not json"), _record(2, request("a", refs=["mnist-train:9"])),
                _record(3, request("b", "relabel", ["mnist-train:2"], targets=[5]))]

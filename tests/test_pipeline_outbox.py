@@ -52,8 +52,8 @@ def _fill(ledger: Ledger, values: list[bytes]) -> None:
             tx.enqueue("receipts", b"k", v, [("h", b"1")])
 
 
-def test_rows_leave_the_outbox_only_once_acknowledged_in_order(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_rows_leave_the_outbox_only_once_acknowledged_in_order(ledger_db):
+    ledger = Ledger(ledger_db.target())
     _fill(ledger, [b"a", b"b", b"c"])
     producer = _Producer(refuse={b"b"})
     outbox, metrics = _outbox(ledger, producer)
@@ -69,8 +69,8 @@ def test_rows_leave_the_outbox_only_once_acknowledged_in_order(tmp_path):
     assert metrics.registry.get_sample_value("unlearnd_outbox_records") == 0
 
 
-def test_a_row_the_broker_can_never_take_is_published_as_its_headers_and_size(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_a_row_the_broker_can_never_take_is_published_as_its_headers_and_size(ledger_db):
+    ledger = Ledger(ledger_db.target())
     _fill(ledger, [b"huge", b"next"])
     producer = _Producer(too_large={b"huge"})
     outbox, _ = _outbox(ledger, producer)
@@ -81,8 +81,8 @@ def test_a_row_the_broker_can_never_take_is_published_as_its_headers_and_size(tm
     assert outbox.flush_once() == 2 and ledger.outbox_size() == 0
 
 
-def test_the_thread_drains_the_outbox_and_stop_is_idempotent(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_the_thread_drains_the_outbox_and_stop_is_idempotent(ledger_db):
+    ledger = Ledger(ledger_db.target())
     producer = _Producer()
     outbox, _ = _outbox(ledger, producer, page=2)
     outbox.stop(flush_timeout_s=0.1)              # never started: nothing to join

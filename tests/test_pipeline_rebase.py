@@ -75,8 +75,8 @@ def test_a_schema_1_ledger_is_migrated_on_open_and_a_newer_one_refused(tmp_path)
         Ledger(path)
 
 
-def test_rebase_requests_are_not_doubled_and_round_state_knows_rebase_ids(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_rebase_requests_are_not_doubled_and_round_state_knows_rebase_ids(ledger_db):
+    ledger = Ledger(ledger_db.target())
     first, new = ledger.request_rebase(MODEL, "on_demand")
     assert new and first == "rb-000001"
     assert ledger.request_rebase(MODEL, "every_deletions") == (first, False)

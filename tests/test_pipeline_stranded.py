@@ -109,11 +109,11 @@ def test_a_round_lost_with_the_daemon_and_its_messages_lost_with_the_broker_is_f
 
 
 # -- the watch on its own: a real ledger, the consumer's view given -------------------------------------------
-def _watch(tmp_path, after_s: float = 0.0):
+def _watch(target: str, after_s: float = 0.0):
     from daemon.pipeline.receipts import ReceiptChain
     from daemon.pipeline.stranded import StrandedWatch
 
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(target)
     with ledger.transaction() as tx:
         for i, rid in enumerate(("o-0", "o-1", "o-2")):
             tx.accept(rid, "m", "forget", 1, 100.0 + i)
@@ -131,12 +131,12 @@ def _view(assigned=(0,), next_offset=None, quiet=False, position=0, partitions=(
                          quiet=quiet, position=lambda _tp: position, partitions=lambda _t: set(partitions))
 
 
-def test_orphans_are_counted_on_owned_partitions_and_failed_only_on_evidence(tmp_path):
+def test_orphans_are_counted_on_owned_partitions_and_failed_only_on_evidence(ledger_db):
     import json as _json
 
     from kafka import TopicPartition
 
-    ledger, watch = _watch(tmp_path)
+    ledger, watch = _watch(ledger_db.target())
     assert watch.step({"o-0", "o-1", "o-2"}, _view()) == []          # all held: no orphan
     assert watch.step({"o-0"}, _view(position=0)) == []               # o-1, o-2 orphaned, the log not yet read
     assert {o.request_id for o in watch.counted({TopicPartition("req", 0)})} == {"o-1", "o-2"}
@@ -155,8 +155,8 @@ def test_orphans_are_counted_on_owned_partitions_and_failed_only_on_evidence(tmp
     assert ledger.accepted_requests() == []
 
 
-def test_evidence_must_hold_for_the_wait_and_a_message_taken_in_again_clears_it(tmp_path):
-    ledger, watch = _watch(tmp_path, after_s=0.3)
+def test_evidence_must_hold_for_the_wait_and_a_message_taken_in_again_clears_it(ledger_db):
+    ledger, watch = _watch(ledger_db.target(), after_s=0.3)
     assert watch.step({"o-1", "o-2"}, _view(quiet=True, position=0)) == []    # o-0: evidence, the wait starts
     time.sleep(0.35)
     assert watch.step({"o-0", "o-1", "o-2"}, _view(quiet=True)) == []        # taken in again (redelivered)

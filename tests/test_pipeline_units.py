@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 
 import pytest
 
@@ -107,8 +106,25 @@ def _receipt(rid: str, status: str = "rejected") -> dict:
                            received_at=0.0).to_dict() | {"status": status}
 
 
-def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def _tamper(ledger_db, *statements: str) -> None:
+    """Statements run around the ledger, as someone with write access to the database could (SQLite's spelling
+    of a body edit is adapted: PostgreSQL keeps the body as bytea)."""
+    raw = ledger_db.raw()
+    try:
+        for sql in statements:
+            if ledger_db.engine == "postgresql":
+                sql = sql.replace("DROP TRIGGER audit_no_update", "DROP TRIGGER audit_no_update ON audit")
+                sql = sql.replace("DROP TRIGGER audit_no_delete", "DROP TRIGGER audit_no_delete ON audit")
+                sql = sql.replace("replace(body, 'bad_type', 'ok')",
+                                  "convert_to(replace(convert_from(body, 'UTF8'), 'bad_type', 'ok'), 'UTF8')")
+            raw.execute(sql)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry(ledger_db):
+    ledger = Ledger(ledger_db.target())
     with ledger.transaction() as tx:
         out = [tx.append_receipt(_receipt(f"r{i}"), "receipts") for i in range(5)]
     assert out[0]["audit"]["prev_hash"] == GENESIS_HASH
@@ -119,41 +135,38 @@ def test_audit_chain_links_every_receipt_and_verify_finds_the_first_broken_entry
     body = json.dumps({k: v for k, v in out[2].items() if k != "audit"}, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False).encode()
     assert chain_hash(out[2]["audit"]["prev_hash"], body) == out[2]["audit"]["hash"]
-    # append-only: the database itself refuses changes
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        with ledger.transaction() as tx:
-            tx.db.execute("UPDATE audit SET status='applied' WHERE entry=3")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        with ledger.transaction() as tx:
-            tx.db.execute("DELETE FROM audit WHERE entry=3")
+    # append-only: the database itself refuses changes, through the ledger's connection or around it
+    for sql in ("UPDATE audit SET status='applied' WHERE entry=3", "DELETE FROM audit WHERE entry=3"):
+        with pytest.raises(ledger_db.errors, match="append-only"):
+            with ledger.transaction() as tx:
+                tx.db.execute(sql)
+        with pytest.raises(ledger_db.errors, match="append-only"):
+            _tamper(ledger_db, sql)
+    if ledger_db.engine == "postgresql":        # TRUNCATE skips row triggers: a statement trigger refuses it
+        with pytest.raises(ledger_db.errors, match="append-only"):
+            _tamper(ledger_db, "TRUNCATE audit")
+    assert ledger.verify_audit() == (5, None)
     ledger.close()
-    # someone with file access drops the guard and edits entry 3: verification names it
-    raw = sqlite3.connect(tmp_path / "l.sqlite")
-    raw.execute("DROP TRIGGER audit_no_update")
-    raw.execute("UPDATE audit SET body = replace(body, 'bad_type', 'ok') WHERE entry=3")
-    raw.commit()
-    raw.close()
-    count, problem = Ledger(tmp_path / "l.sqlite").verify_audit()
+    # someone with write access drops the guard and edits entry 3: verification names it
+    _tamper(ledger_db, "DROP TRIGGER audit_no_update", "UPDATE audit SET body = replace(body, 'bad_type', 'ok') "
+                                                        "WHERE entry=3")
+    count, problem = Ledger(ledger_db.target()).verify_audit()
     assert count == 2 and problem is not None and problem.entry == 3
 
 
-def test_deleted_audit_entry_is_found(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_deleted_audit_entry_is_found(ledger_db):
+    ledger = Ledger(ledger_db.target())
     with ledger.transaction() as tx:
         for i in range(4):
             tx.append_receipt(_receipt(f"r{i}"), "receipts")
     ledger.close()
-    raw = sqlite3.connect(tmp_path / "l.sqlite")
-    raw.execute("DROP TRIGGER audit_no_delete")
-    raw.execute("DELETE FROM audit WHERE entry=2")
-    raw.commit()
-    raw.close()
-    count, problem = Ledger(tmp_path / "l.sqlite").verify_audit()
+    _tamper(ledger_db, "DROP TRIGGER audit_no_delete", "DELETE FROM audit WHERE entry=2")
+    count, problem = Ledger(ledger_db.target()).verify_audit()
     assert count == 1 and problem.entry == 2 and "missing" in problem.reason
 
 
-def test_outbox_rows_leave_only_when_acknowledged_and_a_failed_transaction_leaves_nothing(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_outbox_rows_leave_only_when_acknowledged_and_a_failed_transaction_leaves_nothing(ledger_db):
+    ledger = Ledger(ledger_db.target())
     with ledger.transaction() as tx:
         tx.enqueue("dlq", b"k", b"\xff raw", [("error.reason", b"not_json")])
         tx.append_receipt(_receipt("a"), "receipts")
@@ -169,15 +182,15 @@ def test_outbox_rows_leave_only_when_acknowledged_and_a_failed_transaction_leave
     assert [r.topic for r in ledger.outbox()] == ["receipts"]
 
 
-def test_deliveries_requests_and_rounds_survive_reopening(tmp_path):
-    ledger = Ledger(tmp_path / "l.sqlite")
+def test_deliveries_requests_and_rounds_survive_reopening(ledger_db):
+    ledger = Ledger(ledger_db.target())
     with ledger.transaction() as tx:
         tx.accept("req-1", "m", "forget", 2, 100.0)
         tx.record_delivery("t", 0, 7, "fp", "req-1", "accepted")
     rid = ledger.allocate_round("m", "d1", ["req-1"])
     ledger.begin_commit(rid, 1, [{"request_id": "req-1"}])
     ledger.close()
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(ledger_db.target())
     seen = ledger.delivery("t", 0, 7)
     assert seen.fingerprint == "fp" and seen.request_status == "accepted"
     assert ledger.rounds_in_state("committing", "d1")[0]["drafts"] == [{"request_id": "req-1"}]
@@ -201,7 +214,7 @@ def _ledger_state(ledger: Ledger) -> dict:
     }
 
 
-def test_an_intake_batch_leaves_the_ledger_as_the_same_statements_one_by_one_would(tmp_path):
+def test_an_intake_batch_leaves_the_ledger_as_the_same_statements_one_by_one_would(ledger_db):
     """A LedgerTransaction buffers an intake poll's writes (executemany at flush) and answers its own reads from
     memory: the ledger must end up byte for byte as with each statement issued at once and read back from the file."""
     def decide(ledger: Ledger, batched: bool) -> list:
@@ -242,7 +255,7 @@ def test_an_intake_batch_leaves_the_ledger_as_the_same_statements_one_by_one_wou
                 write("record_delivery", "t", 0, off, f"fp-{off}", rid, effect)
         return seen
 
-    one, many = Ledger(tmp_path / "one.sqlite"), Ledger(tmp_path / "many.sqlite")
+    one, many = Ledger(ledger_db.target("one")), Ledger(ledger_db.target("many"))
     seen_one, seen_many = decide(one, batched=False), decide(many, batched=True)
     assert seen_one == seen_many
     assert seen_many[0].fingerprint == "fp-3" and seen_many[0].request_status == "applied" and seen_many[1] is None

@@ -31,14 +31,22 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
 
 
 def _check_folders(config: Any) -> list[str]:
-    """The folders the daemon writes: a usage error (exit 2) when the state folder is not writable; warnings."""
+    """The folders and the database the daemon writes: a usage error (exit 2) when the state folder is not writable
+    or the ledger's PostgreSQL (state.url) cannot be reached; warnings."""
     from daemon.pipeline.config import ConfigError
-    from daemon.pipeline.config_checks import check_folders
+    from daemon.pipeline.config_checks import check_folders, check_state_database
 
     try:
-        return check_folders(config)
+        warnings = check_folders(config)
+        check_state_database(config)                    # state.url: the PostgreSQL ledger answers
+        return warnings
     except ConfigError as exc:
         raise _usage(f"configuration: {exc}") from exc
+
+
+def _ledger_shown(config: Any) -> str:
+    """The ledger as messages show it: the SQLite file, or the PostgreSQL URL (state.url holds no password)."""
+    return f"PostgreSQL {config.state.url}" if config.state.url else config.state.ledger_target()
 
 
 # -- run ----------------------------------------------------------------------------------------------
@@ -116,7 +124,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         k = config.kafka
         sasl = f" {k.sasl_mechanism}" if k.security_protocol.startswith("SASL_") else ""
         print(f"ok: {len(config.models)} model(s), broker {k.bootstrap} ({k.security_protocol}{sasl}), "
-              f"state {config.state.dir}, registry {config.registry.dir}")
+              f"state {config.state.dir}, ledger {_ledger_shown(config)}, registry {config.registry.dir}")
     elif args.action == "show":
         sys.stdout.write(effective_toml(_load(args)))
     else:
@@ -353,12 +361,17 @@ def _receipt_line(r: dict[str, Any]) -> str:
 def cmd_audit(args: argparse.Namespace) -> int:
     from daemon.pipeline.ledger import Ledger, LedgerError
 
-    state = Path(args.state_dir) if args.state_dir else Path(_load(args).state.dir)
-    path = state / "ledger.sqlite"
-    if not path.is_file():
-        raise _usage(f"no ledger at {path}")
+    if args.state_dir:
+        target = str(Path(args.state_dir) / "ledger.sqlite")
+    else:
+        config = _load(args)
+        target = config.state.ledger_target()
+        if config.state.url:
+            _check_folders(config)                      # an unreachable database: exit 2 naming state.url
+    if "://" not in target and not Path(target).is_file():
+        raise _usage(f"no ledger at {target}")
     try:
-        ledger = Ledger(path)
+        ledger = Ledger(target)
     except LedgerError as exc:
         print(f"unlearnd audit: {exc}", file=sys.stderr)
         return 1
@@ -377,8 +390,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_rebase(args: argparse.Namespace) -> int:
     """Ask the running daemon for an exact rebase of one model: a row in its ledger, which the daemon polls.
 
-    No broker is needed (the ledger is a local SQLite file the daemon shares by WAL); a rebase already waiting or
-    running is reported, not doubled.
+    No broker is needed (the ledger is the SQLite file the daemon shares by WAL, or its PostgreSQL database at
+    state.url); a rebase already waiting or running is reported, not doubled.
     """
     from daemon.pipeline.ledger import Ledger, LedgerError
 
@@ -391,7 +404,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise _usage(f"models[{index}].rebase.source: model {args.model!r} names no training source, so it cannot "
                      f"be rebased (set [models.rebase] source)")
     try:
-        ledger = Ledger(Path(config.state.dir) / "ledger.sqlite")
+        ledger = Ledger(config.state.ledger_target())
     except LedgerError as exc:
         print(f"unlearnd rebase: {exc}", file=sys.stderr)
         return 1

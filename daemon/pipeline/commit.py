@@ -216,16 +216,17 @@ class RoundCommitter:
 
     def _adopt(self, name: str, version: int | None, round_id: str) -> None:
         """LATEST comes from a round the ledger never recorded: adopt it, or say why not."""
+        setting = "state.dir" if self.ledger.engine == "sqlite" else "state.url"
         if _DAEMON_ROUND.fullmatch(round_id):
             raise StartupError(f"model {name!r}: LATEST (version {version}) comes from round {round_id}, "
-                               f"unknown to the ledger at {self.ledger.path}: is state.dir the one this "
+                               f"unknown to the ledger at {self.ledger.where}: is {setting} the one this "
                                f"registry was written with?")
         last = self.ledger.last_committed_version(name)
         if last is not None:
             raise StartupError(f"model {name!r}: LATEST (version {version}) comes from round {round_id}, written "
-                               f"outside the daemon after the ledger at {self.ledger.path} committed version "
+                               f"outside the daemon after the ledger at {self.ledger.where} committed version "
                                f"{last}: the registry is ahead of its ledger; roll back to version {last} "
-                               f"(unlearnd registry rollback) or start on a fresh state.dir to adopt it")
+                               f"(unlearnd registry rollback) or start on a fresh {setting} to adopt it")
         log.info("registry_adopted", model=name, version=version, round_id=round_id)
 
     def check_consistency(self, runtimes: Mapping[str, ModelRuntime]) -> None:

@@ -122,7 +122,14 @@ class KafkaSection:
 class StateSection:
     """The daemon's own durable state."""
 
-    dir: str = _opt("var/state", "folder of the ledger (SQLite, WAL) and the audit trail")
+    dir: str = _opt("var/state", "folder of the ledger (SQLite, WAL; unless state.url names a database), the "
+                                 "audit trail and the keys")
+    url: str = _opt("", "the ledger's database: empty = SQLite in state.dir (embedded); postgresql://user@host:port/db "
+                        "= PostgreSQL (the password from PGPASSWORD or ~/.pgpass, never in the URL)")
+
+    def ledger_target(self) -> str:
+        """What :class:`daemon.pipeline.ledger.Ledger` opens: the PostgreSQL URL, else the SQLite file in ``dir``."""
+        return self.url or str(Path(self.dir) / "ledger.sqlite")
 
 
 @dataclass(frozen=True)

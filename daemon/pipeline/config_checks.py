@@ -20,7 +20,8 @@ from pathlib import Path
 
 from daemon.pipeline.config import Config, ConfigError
 
-__all__ = ["MAX_PARTITIONS", "check_folders", "check_values", "parse_bootstrap"]
+__all__ = ["MAX_PARTITIONS", "check_folders", "check_state_database", "check_state_url", "check_values",
+           "parse_bootstrap"]
 
 #: The requests topic's partitions at most: each is a consumer's unit of work (one per daemon is enough to spread
 #: the models); the embedded broker allocates per partition, so an unbounded count grows it without bound.
@@ -58,9 +59,49 @@ def check_values(config: Config) -> None:
         parse_bootstrap(config.kafka.bootstrap)
     except ValueError as exc:
         raise ConfigError("kafka.bootstrap", str(exc)) from None
+    check_state_url(config.state.url)
     if config.kafka.partitions > MAX_PARTITIONS:
         raise ConfigError("kafka.partitions", f"must be at most {MAX_PARTITIONS} (one per daemon sharing the "
                                               f"models is enough), got {config.kafka.partitions}")
+
+
+def check_state_url(url: str) -> None:
+    """``state.url``'s syntax (no I/O): empty, or ``postgresql://[user@]host[:port]/database`` without a password."""
+    if not url:
+        return
+    from urllib.parse import urlsplit
+
+    from daemon.pipeline.ledger_sql import POSTGRES_SCHEMES, redact_url
+
+    shown = redact_url(url)
+    parts = urlsplit(url)
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ConfigError("state.url", f"{shown!r}: must be postgresql://user@host:port/database (or empty for "
+                                       f"SQLite in state.dir)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError("state.url", f"{shown!r}: the port is not a number in 1-65535") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError("state.url", f"{shown!r}: names no host")
+    if port == 0 or not parts.path.strip("/"):
+        raise ConfigError("state.url", f"{shown!r}: needs a port in 1-65535 (or none) and a database name")
+    if parts.password is not None:
+        raise ConfigError("state.url", f"{shown!r}: holds a password, which config show and the logs would reveal: "
+                                       f"give it in PGPASSWORD or a ~/.pgpass file (libpq reads them)")
+
+
+def check_state_database(config: Config) -> None:
+    """The ledger's PostgreSQL database (``state.url``) answers: run by ``config check`` and the daemon's start, so
+    an unreachable server or a refused login is a usage error naming the setting, before anything is set up."""
+    if not config.state.url:
+        return
+    from daemon.pipeline.ledger_sql import Engine, EngineError
+
+    try:
+        Engine.open(config.state.url).close()
+    except EngineError as exc:
+        raise ConfigError("state.url", str(exc).removeprefix("state.url: ")) from None
 
 
 def check_folders(config: Config) -> list[str]:

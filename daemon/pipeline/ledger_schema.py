@@ -1,4 +1,6 @@
-"""The ledger's SQLite schema: its tables, indexes and the triggers that keep the audit trail append-only.
+"""The ledger's schema: its tables, indexes and the triggers that keep the audit trail append-only.
+
+Written in SQLite's spelling; PostgreSQL's is derived from it (:func:`daemon.pipeline.ledger_sql.postgres_schema`).
 
 Kept apart from :mod:`daemon.pipeline.ledger` (the operations on it) so the schema reads as one document;
 ``SCHEMA_VERSION`` is what a ledger file records, and a file of a version in ``_MIGRATABLE`` is brought up to it
@@ -14,7 +16,10 @@ clear ids were never kept; a rebase still matches their content by hashing its s
 
 from __future__ import annotations
 
-import sqlite3
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from daemon.pipeline.ledger_sql import Engine
 
 __all__ = ["MIGRATABLE", "SCHEMA", "SCHEMA_VERSION", "IdKeyMismatch", "bind_id_key", "migrate"]
 
@@ -22,11 +27,14 @@ SCHEMA_VERSION = 3
 MIGRATABLE = {1, 2}        # schema 1 lacks forgotten_content, rebases and exact: created on open; 1 and 2: migrate()
 
 
+_SET_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value"
+
+
 class IdKeyMismatch(ValueError):
     """The ledger's digests were made under another id key than the configured one."""
 
 
-def migrate(db: sqlite3.Connection, from_version: int) -> None:
+def migrate(db: Engine, from_version: int) -> None:
     """Bring a schema-1 or -2 file (its missing tables already created) up to schema 3: record how many of its
     rows keep plain SHA-256 digests, so the daemon can say so (its digests are not rewritten: they cannot be)."""
     if from_version not in MIGRATABLE:
@@ -34,11 +42,11 @@ def migrate(db: sqlite3.Connection, from_version: int) -> None:
     plain = db.execute("SELECT (SELECT COUNT(*) FROM forgotten WHERE id_sha256 NOT LIKE 'hmac-sha256:%') + "
                        "(SELECT COUNT(*) FROM forgotten_content WHERE content_sha256 NOT LIKE 'hmac-sha256:%')"
                        ).fetchone()[0]
-    db.execute("INSERT OR REPLACE INTO meta VALUES ('plain_digests', ?)", (str(int(plain)),))
-    db.execute("INSERT OR REPLACE INTO meta VALUES ('migrated_from', ?)", (str(from_version),))
+    db.execute(_SET_META, ("plain_digests", str(int(plain))))
+    db.execute(_SET_META, ("migrated_from", str(from_version)))
 
 
-def bind_id_key(db: sqlite3.Connection, key_id: str, where: str) -> int:
+def bind_id_key(db: Engine, key_id: str, where: str) -> int:
     """Record ``key_id`` as the ledger's id key on first use; :class:`IdKeyMismatch` when another was recorded.
     Returns how many rows keep plain digests (from before schema 3)."""
     row = db.execute("SELECT value FROM meta WHERE key='id_key'").fetchone()

@@ -39,7 +39,7 @@ from daemon.pipeline.config import Config
 from daemon.pipeline.intake import Intake
 from daemon.pipeline.kafka_io import check_broker_tls, ensure_topics, make_consumer
 from daemon.pipeline.keyring import open_keys
-from daemon.pipeline.ledger import Ledger
+from daemon.pipeline.ledger import Ledger, LedgerError
 from daemon.pipeline.ledger_schema import IdKeyMismatch
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
@@ -102,7 +102,10 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
         torch.set_num_threads(config.rounds.threads)
     metrics = metrics or DaemonMetrics()
     registry_dir = Path(config.registry.dir)
-    ledger = Ledger(Path(config.state.dir) / "ledger.sqlite")
+    try:
+        ledger = Ledger(config.state.ledger_target())       # SQLite in state.dir, or PostgreSQL at state.url
+    except LedgerError as exc:
+        raise RuntimeError_(str(exc)) from None
     try:                                            # issue 23: the state and id keys (made on first start)
         secrets = open_keys(config)
         plain = ledger.bind_id_key(secrets.ids.key_id)

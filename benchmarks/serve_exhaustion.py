@@ -64,14 +64,32 @@ class _Tally:
         self.closed_without_answer = 0
 
 
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)   # Linux >= 4.2
+
+
+async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to 127.0.0.1:``port`` from ``source``. The source port is chosen at connect time
+    (IP_BIND_ADDRESS_NO_PORT), as for a connect without bind: a plain bind to port 0 would need a port free for
+    every destination and could not reuse TIME_WAIT ones, which caps an attacker at a few thousand connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
 async def _slot(i: int, args: argparse.Namespace, tally: _Tally, stop: asyncio.Event, connects: asyncio.Semaphore) -> None:
     kind = KINDS[i % len(KINDS)]
     head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     while not stop.is_set():
         try:
             async with connects:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", args.port, local_addr=(args.source, 0)), 30)
+                reader, writer = await asyncio.wait_for(_connect(args.port, args.source), 30)
         except (OSError, asyncio.TimeoutError):
             tally.connect_failed += 1
             await asyncio.sleep(args.reconnect_s)

@@ -522,10 +522,22 @@ def _nginx_version() -> str:
     return (done.stderr or done.stdout).strip()
 
 
+def _finite(obj: object) -> object:
+    """``obj`` with NaN (a p99 or ratio with no 200 to measure) as None, so the JSON stays strict."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def report(result: dict[str, object], out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "serve_exhaustion" + (f"_{tag}" if tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = _finite(result)    # type: ignore[assignment]
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     a, s, m = result["attacker"], result["server"], result["machine"]
     fresh, kept = result["fresh_connection_client"], result["keep_alive_client"]
 
@@ -551,7 +563,9 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
     ]
     for name, c in (("fresh connection per request", fresh), ("kept-alive connections", kept)):
         lines.append(f"| {name} | {c['idle_p50_ms']} | {c['idle_p99_ms']} | {c['legit_requests']} | {c['legit_non_200']} "
-                     f"| {c['attack_p50_ms']} | {c['attack_p99_ms']} | {c['ratio']}x | {c['attack_over_900ms']} "
+                     f"| {c['attack_p50_ms']} | {'- (no 200)' if c['attack_p99_ms'] is None else c['attack_p99_ms']} "
+                     f"| {'-' if c['ratio'] is None else str(c['ratio']) + 'x'} "
+                     f"| {c['attack_over_900ms']} "
                      f"| {c['attack_max_ms']} |")
     lines += [
         "",

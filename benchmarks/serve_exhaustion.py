@@ -414,6 +414,7 @@ def _fds(pids: list[int]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    machine_at_start = _machine()     # its load average is the one before this run's processes start
     work = Path(tempfile.mkdtemp(prefix="serve-exhaustion-"))
     registry_dir = work / "registry"
     _publish(registry_dir)
@@ -480,7 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             server.kill()
         log.close()
     tally = _sum_reports([r for _, r in attackers])
-    machine = {**_machine(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    machine = {**machine_at_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     fresh, kept = _summary(idle, attack), _summary(idle_kept, attack_kept)
     met = {name: bool(s["attack_p99_ms"] <= 10 * s["idle_p99_ms"] and s["legit_non_200"] == 0)
            for name, s in (("fresh", fresh), ("keep_alive", kept))}

@@ -33,12 +33,23 @@ demo: install
 test: install test-deps
 	$(PY) -m pytest -q tests
 
+# nginx for the proxy in front of `unlearnd serve` (deploy/nginx, tests/test_deploy_nginx.py and
+# bench-serve-exhaustion-nginx): Debian's nginx-light, installed when nginx is missing. Only the binary is used;
+# the tests and the benchmark run their own instance from a rendered config in a temp dir.
+.PHONY: nginx-dep
+nginx-dep:
+	@command -v nginx >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light || \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light; }; }
+
 # promtool and prometheus for the deployment tests (tests/test_deploy_*.py): Debian's prometheus package,
 # installed when promtool is missing (with sudo when not root); stunnel4, the TLS terminator the Kafka TLS tests
 # put in front of the embedded broker (tests/test_kafka_tls*.py), installed when stunnel is missing; postgresql,
 # the server the ledger's tests start on a free port (tests/pg_harness.py), installed when initdb is missing.
 .PHONY: test-deps
-test-deps:
+test-deps: nginx-dep
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus || \
@@ -92,3 +103,9 @@ bench-daemon: install
 .PHONY: bench-serve-exhaustion
 bench-serve-exhaustion: install
 	PYTHONPATH=. $(PY) benchmarks/serve_exhaustion.py
+
+# the same attack with nginx (deploy/nginx's template) in front of the server; ~4 min; writes
+# benchmarks/results/serve_exhaustion_nginx.json and .md
+.PHONY: bench-serve-exhaustion-nginx
+bench-serve-exhaustion-nginx: install nginx-dep
+	PYTHONPATH=. $(PY) benchmarks/serve_exhaustion.py --proxy nginx

@@ -17,7 +17,13 @@ exhausted server refuses first), from a pool of threads.
 
 The bar (issue 23): legitimate requests keep their 200s with ``attack_p99_ms <= 10 * idle_p99_ms``.
 
-Usage: ``.venv/bin/python benchmarks/serve_exhaustion.py [--out benchmarks/results]`` (about 4 minutes).
+With ``--proxy nginx`` the clients and the attackers connect to nginx from ``deploy/nginx``'s template
+(started here on a free port, its files in the run's temp dir) in front of the same server; the legitimate
+clients come from 127.0.0.2 and the attackers from 127.0.0.3, so nginx's per-address limits tell them apart
+(as clients on different hosts are); results ``serve_exhaustion_nginx.{json,md}``.
+
+Usage: ``.venv/bin/python benchmarks/serve_exhaustion.py [--proxy nginx] [--out benchmarks/results]``
+(about 4 minutes).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import http.client
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,13 +64,32 @@ class _Tally:
         self.closed_without_answer = 0
 
 
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)   # Linux >= 4.2
+
+
+async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to 127.0.0.1:``port`` from ``source``. The source port is chosen at connect time
+    (IP_BIND_ADDRESS_NO_PORT), as for a connect without bind: a plain bind to port 0 would need a port free for
+    every destination and could not reuse TIME_WAIT ones, which caps an attacker at a few thousand connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
 async def _slot(i: int, args: argparse.Namespace, tally: _Tally, stop: asyncio.Event, connects: asyncio.Semaphore) -> None:
     kind = KINDS[i % len(KINDS)]
     head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     while not stop.is_set():
         try:
             async with connects:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", args.port), 30)
+                reader, writer = await asyncio.wait_for(_connect(args.port, args.source), 30)
         except (OSError, asyncio.TimeoutError):
             tally.connect_failed += 1
             await asyncio.sleep(args.reconnect_s)
@@ -142,13 +168,13 @@ def _post(conn: http.client.HTTPConnection, body: bytes) -> int:
     return resp.status
 
 
-def _infer_once(port: int, body: bytes, timeout: float, keep_alive: bool) -> tuple[float, float, int]:
+def _infer_once(port: int, body: bytes, timeout: float, keep_alive: bool, source: str) -> tuple[float, float, int]:
     """One inference: on a fresh connection, or on this thread's kept-alive one (reopened once when the server
     closed it while idle, as a client pool does)."""
     t0 = time.perf_counter()
     try:
         if not keep_alive:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
             try:
                 status = _post(conn, body)
             finally:
@@ -156,12 +182,14 @@ def _infer_once(port: int, body: bytes, timeout: float, keep_alive: bool) -> tup
         else:
             conn = getattr(_local, "conn", None)
             if conn is None:
-                conn = _local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                conn = _local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                                                source_address=(source, 0))
             try:
                 status = _post(conn, body)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
-                conn = _local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                conn = _local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                                                source_address=(source, 0))
                 status = _post(conn, body)
     except (OSError, http.client.HTTPException):
         if keep_alive and getattr(_local, "conn", None) is not None:
@@ -171,7 +199,8 @@ def _infer_once(port: int, body: bytes, timeout: float, keep_alive: bool) -> tup
     return t0, time.perf_counter(), status
 
 
-def _legit(port: int, rate: float, seconds: float, timeout: float, keep_alive: bool = False) -> np.ndarray:
+def _legit(port: int, rate: float, seconds: float, timeout: float, keep_alive: bool = False,
+           source: str = "127.0.0.1") -> np.ndarray:
     """(sent, received, status) of each request sent at ``rate`` per second for ``seconds``."""
     body = json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1, *SHAPE], "datatype": "FP32",
                                    "data": np.random.default_rng(0).random(784).round(4).tolist()}]}).encode()
@@ -183,15 +212,15 @@ def _legit(port: int, rate: float, seconds: float, timeout: float, keep_alive: b
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            futures.append(pool.submit(_infer_once, port, body, timeout, keep_alive))
+            futures.append(pool.submit(_infer_once, port, body, timeout, keep_alive, source))
         return np.array([f.result() for f in futures], dtype=float).reshape(-1, 3)
 
 
 def _both(port: int, args: argparse.Namespace, seconds: float) -> tuple[np.ndarray, np.ndarray]:
     """The fresh-connection client and the keep-alive client side by side, each at ``args.rate``."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        fresh = pool.submit(_legit, port, args.rate, seconds, args.timeout, False)
-        kept = pool.submit(_legit, port, args.rate, seconds, args.timeout, True)
+        fresh = pool.submit(_legit, port, args.rate, seconds, args.timeout, False, args.legit_addr)
+        kept = pool.submit(_legit, port, args.rate, seconds, args.timeout, True, args.legit_addr)
         return fresh.result(), kept.result()
 
 
@@ -295,7 +324,8 @@ def _attackers(args: argparse.Namespace, port: int, work: Path, env: dict[str, s
         n = min(per, args.connections - k * per)
         report = work / f"attacker-{k}.json"
         procs.append((subprocess.Popen(
-            [sys.executable, __file__, "--attack", "--port", str(port), "--connections", str(n),
+            [sys.executable, __file__, "--attack", "--port", str(port), "--source", args.attack_addr,
+             "--connections", str(n),
              "--first-slot", str(k * per), "--trickle-s", str(args.trickle_s), "--reconnect-s", str(args.reconnect_s),
              "--report", str(report)], env=env, preexec_fn=lambda: os.nice(args.attacker_nice)), report))
     return procs
@@ -316,7 +346,75 @@ def _sum_reports(reports: list[Path]) -> dict[str, object]:
     return total
 
 
+# -- the proxy in front (--proxy nginx) -----------------------------------------------------------------------
+def _render_nginx_conf(prefix: Path, listen_port: int, upstream_port: int) -> Path:
+    """deploy/nginx's template for this run: the server's default limits, one worker (see ``NGINX_WORKERS``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nginx_render", REPO / "deploy" / "nginx" / "render.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    conf = prefix / "nginx.conf"
+    conf.write_text(mod.render({"PREFIX": str(prefix), "LISTEN": f"127.0.0.1:{listen_port}",
+                                "UPSTREAM": f"127.0.0.1:{upstream_port}", "WORKER_PROCESSES": NGINX_WORKERS}))
+    return conf
+
+
+#: one worker, not auto: this machine has 2 cores, one taken by the server's event loop and the rest shared by
+#: the attackers, the legitimate clients and other work; a second worker would only compete for the same cores,
+#: and one C event loop accepts and ends thousands of connections a second in a few per cent of a core
+NGINX_WORKERS = "1"
+
+
+def _start_nginx(work: Path, upstream_port: int) -> tuple[subprocess.Popen, int, Path]:
+    """nginx (foreground master, ``daemon off``) from the rendered template, listening on a free port."""
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        raise RuntimeError("--proxy nginx needs the nginx binary: apt-get install nginx-light "
+                           "(make bench-serve-exhaustion-nginx installs it)")
+    prefix = work / "nginx"
+    prefix.mkdir()
+    for path in (work, prefix):
+        path.chmod(0o755)    # a root master runs its worker as nobody, which must reach the temp paths
+    port = _free_port()
+    conf = _render_nginx_conf(prefix, port, upstream_port)
+    proc = subprocess.Popen([nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}: {(prefix / 'error.log').read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port, conf
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("nginx did not listen within 30 s") from None
+            time.sleep(0.05)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its child processes (nginx's master and workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *(int(c) for c in children)]
+
+
+def _fds(pids: list[int]) -> int:
+    n = 0
+    for pid in pids:
+        try:
+            n += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return n
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
+    machine_at_start = _machine()     # its load average is the one before this run's processes start
     work = Path(tempfile.mkdtemp(prefix="serve-exhaustion-"))
     registry_dir = work / "registry"
     _publish(registry_dir)
@@ -327,13 +425,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     server = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--registry", str(registry_dir),
                                "--model", MODEL, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     attackers: list[tuple[subprocess.Popen, Path]] = []
+    proxy: subprocess.Popen | None = None
+    conf: Path | None = None
+    front = port                                                    # where the clients and the attackers connect
     try:
         _wait_ready(port, server)
-        _both(port, args, 3.0)                                      # warm-up, not measured
-        idle, idle_kept = _both(port, args, args.idle_s)
-        attackers = _attackers(args, port, work, env)
+        if args.proxy == "nginx":
+            proxy, front, conf = _start_nginx(work, port)
+            _wait_ready(front, server)
+        proxy_pids = _tree(proxy.pid) if proxy is not None else []
+        _both(front, args, 3.0)                                     # warm-up, not measured
+        idle, idle_kept = _both(front, args, args.idle_s)
+        attackers = _attackers(args, front, work, env)
         attack_start = time.time()
-        cpu_start = {"server": _cpu_s(server.pid), "attackers": sum(_cpu_s(p.pid) for p, _ in attackers)}
+        cpu_start = {"server": _cpu_s(server.pid), "attackers": sum(_cpu_s(p.pid) for p, _ in attackers),
+                     "proxy": sum(_cpu_s(p) for p in proxy_pids)}
         samples: list[dict[str, object]] = []
         stop = threading.Event()
 
@@ -341,15 +447,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             while not stop.wait(5.0):
                 s = _sum_reports([r for _, r in attackers])
                 samples.append({"t_s": round(time.time() - attack_start, 1), "attacker_open": s["peak_open"],
-                                "server_fds": len(os.listdir(f"/proc/{server.pid}/fd"))})
+                                "server_fds": len(os.listdir(f"/proc/{server.pid}/fd")),
+                                **({"proxy_fds": _fds(proxy_pids)} if proxy_pids else {})})
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         time.sleep(args.ramp_s)                                     # the attackers open their connections
-        attack, attack_kept = _both(port, args, args.attack_s)
+        attack, attack_kept = _both(front, args, args.attack_s)
         attack_elapsed = time.time() - attack_start
         cpu = {"server": _cpu_s(server.pid) - cpu_start["server"],
-               "attackers": sum(_cpu_s(p.pid) for p, _ in attackers) - cpu_start["attackers"]}
+               "attackers": sum(_cpu_s(p.pid) for p, _ in attackers) - cpu_start["attackers"],
+               "proxy": sum(_cpu_s(p) for p in proxy_pids) - cpu_start["proxy"]}
         stop.set()
         server_counts = _scrape_codes(port)
     finally:
@@ -360,6 +468,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if proxy is not None:
+            proxy.send_signal(signal.SIGQUIT)                       # nginx: graceful stop
+            try:
+                proxy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=30)
@@ -367,12 +481,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             server.kill()
         log.close()
     tally = _sum_reports([r for _, r in attackers])
-    machine = {**_machine(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    machine = {**machine_at_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     fresh, kept = _summary(idle, attack), _summary(idle_kept, attack_kept)
     met = {name: bool(s["attack_p99_ms"] <= 10 * s["idle_p99_ms"] and s["legit_non_200"] == 0)
            for name, s in (("fresh", fresh), ("keep_alive", kept))}
+    proxy_result = {} if proxy is None else {"nginx": {
+        "conf": conf.read_text() if conf else "", "version": _nginx_version(),
+        "worker_processes": NGINX_WORKERS, "cpu_cores_used": round(cpu["proxy"] / attack_elapsed, 2),
+        "cpu_ms_per_attack_connection": round(1e3 * cpu["proxy"] / max(1, tally["opened"]), 3),
+        "legit_addr": args.legit_addr, "attack_addr": args.attack_addr}}
     return {
         "machine": machine,
+        "proxy": args.proxy,
+        **proxy_result,
         "attack_connections": args.connections,
         # the required fields: the fresh-connection client (the harder case: its connects queue with the attack's)
         **{k: fresh[k] for k in ("idle_p99_ms", "attack_p99_ms", "ratio", "legit_requests", "legit_non_200")},
@@ -397,10 +518,27 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _nginx_version() -> str:
+    done = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False)
+    return (done.stderr or done.stdout).strip()
+
+
+def _finite(obj: object) -> object:
+    """``obj`` with NaN (a p99 or ratio with no 200 to measure) as None, so the JSON stays strict."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def report(result: dict[str, object], out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "serve_exhaustion" + (f"_{tag}" if tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = _finite(result)    # type: ignore[assignment]
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     a, s, m = result["attacker"], result["server"], result["machine"]
     fresh, kept = result["fresh_connection_client"], result["keep_alive_client"]
 
@@ -408,9 +546,11 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
         return "met" if ok else "NOT met"
 
     lines = [
-        "# `unlearnd serve` under 20,000 slow or oversized connections (issue 23)",
+        "# `unlearnd serve` under 20,000 slow or oversized connections (issue 23)"
+        + (" behind nginx" if result.get("proxy") == "nginx" else ""),
         "",
-        f"Written by `benchmarks/serve_exhaustion.py` (`make bench-serve-exhaustion`). Machine: {m['cores']} cores "
+        f"Written by `benchmarks/serve_exhaustion.py` (`make bench-serve-exhaustion"
+        f"{'-nginx' if result.get('proxy') == 'nginx' else ''}`). Machine: {m['cores']} cores "
         f"({m['cpu']}), load average {m['loadavg_at_start']} at the start: the CPU is shared with other work, so "
         "the attack, the server and the legitimate clients compete with it and with each other.",
         "",
@@ -424,7 +564,9 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
     ]
     for name, c in (("fresh connection per request", fresh), ("kept-alive connections", kept)):
         lines.append(f"| {name} | {c['idle_p50_ms']} | {c['idle_p99_ms']} | {c['legit_requests']} | {c['legit_non_200']} "
-                     f"| {c['attack_p50_ms']} | {c['attack_p99_ms']} | {c['ratio']}x | {c['attack_over_900ms']} "
+                     f"| {c['attack_p50_ms']} | {'- (no 200)' if c['attack_p99_ms'] is None else c['attack_p99_ms']} "
+                     f"| {'-' if c['ratio'] is None else str(c['ratio']) + 'x'} "
+                     f"| {c['attack_over_900ms']} "
                      f"| {c['attack_max_ms']} |")
     lines += [
         "",
@@ -441,6 +583,13 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
         f"cores; load average at the end {result['machine'].get('loadavg_at_end')}. Server file descriptors during the attack (every 5 s): "
         f"{[x['server_fds'] for x in s['fd_samples']]}.",
         "",
+        *([f"Proxy: {result['nginx']['version']}, `deploy/nginx/unlearnd-serve.conf.template` with the server's "
+           f"limits, {result['nginx']['worker_processes']} worker; clients and attackers connect to it, it to the "
+           f"server over kept-alive connections. Legitimate clients from {result['nginx']['legit_addr']}, attackers "
+           f"from {result['nginx']['attack_addr']} (per-address limits). nginx CPU during the attack: "
+           f"{result['nginx']['cpu_cores_used']} cores ({result['nginx']['cpu_ms_per_attack_connection']} ms per "
+           f"attacking connection); its descriptors (every 5 s): {[x.get('proxy_fds') for x in s['fd_samples']]}. "
+           "The server counters above are what reached the server.", ""] if "nginx" in result else []),
         f"Legitimate clients: {result['legit_client']['clients']}; {result['legit_client']['rate_per_s']} inferences/s "
         f"each (JSON FP32 [1,1,28,28]), {result['legit_client']['timeout_s']} s timeout; idle "
         f"{result['legit_client']['idle_s']} s, under attack {result['legit_client']['attack_s']} s after a "
@@ -456,6 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--first-slot", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
+    p.add_argument("--source", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--proxy", choices=("none", "nginx"), default="none",
+                   help="none: clients and attackers connect to `unlearnd serve` itself (default); nginx: to "
+                        "deploy/nginx's template in front of it (results serve_exhaustion_nginx.*)")
+    p.add_argument("--legit-addr", help="source address of the legitimate clients (127.0.0.1; 127.0.0.2 with "
+                                        "--proxy nginx, so its per-address limits tell them from the attackers)")
+    p.add_argument("--attack-addr", help="source address of the attackers (127.0.0.1; 127.0.0.3 with --proxy nginx)")
     p.add_argument("--connections", type=int, default=20_000, help="attack connection slots (20000)")
     p.add_argument("--attackers", type=int, default=2, help="attacker processes (2)")
     p.add_argument("--connect-parallel", type=int, default=256, help="connects in flight per attacker (256)")
@@ -472,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix of the result files (serve_exhaustion_<tag>.json)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
+    if args.legit_addr is None:
+        args.legit_addr = "127.0.0.2" if args.proxy == "nginx" else "127.0.0.1"
+    if args.attack_addr is None:
+        args.attack_addr = "127.0.0.3" if args.proxy == "nginx" else "127.0.0.1"
+    if args.proxy == "nginx" and not args.tag:
+        args.tag = "nginx"
     if args.attack:
         _raise_open_files(args.connections + 1024)
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,8 +46,10 @@ def _tls(bootstrap: str, pki: Pki, **kw: object) -> KafkaSection:
 
 
 def _cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """The command with a 3 s bootstrap timeout (kafka.request_timeout_ms; 10 s by default): a refusal comes sooner."""
+    env = {**os.environ, "UNLEARND_KAFKA_REQUEST_TIMEOUT_MS": "3000"}
     return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_admin_producer_and_group_consumer_work_over_tls_and_metadata_keeps_them_on_it(tls_broker, pki):

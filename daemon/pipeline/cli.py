@@ -254,7 +254,8 @@ def _publish(kafka: Any, topic: str, messages: list[tuple[str, bytes]], seen: An
     try:
         kwargs = connection_kwargs(kafka)
         probe_tls(kafka, 5.0, kwargs.get("ssl_context"))
-        producer = KafkaProducer(**kwargs, acks="all", linger_ms=5, max_block_ms=10000, bootstrap_timeout_ms=10000)
+        wait_ms = kafka.request_timeout_ms            # how long an unreachable or refusing broker is tried
+        producer = KafkaProducer(**kwargs, acks="all", linger_ms=5, max_block_ms=wait_ms, bootstrap_timeout_ms=wait_ms)
     except KafkaError as exc:
         print(_connect_error("publish", kafka, exc, seen), file=sys.stderr)
         return 1
@@ -293,7 +294,8 @@ def cmd_receipts(args: argparse.Namespace) -> int:
             kwargs = connection_kwargs(kafka)
             probe_tls(kafka, 5.0, kwargs.get("ssl_context"))
             consumer = KafkaConsumer(**kwargs, enable_auto_commit=False, auto_offset_reset="earliest",
-                                     consumer_timeout_ms=200, bootstrap_timeout_ms=10000)
+                                     consumer_timeout_ms=200,
+                                     bootstrap_timeout_ms=kafka.request_timeout_ms)
         except KafkaError as exc:
             print(_connect_error("receipts", kafka, exc, seen), file=sys.stderr)
             return 1

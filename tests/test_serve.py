@@ -233,7 +233,10 @@ def test_corrupted_version_is_refused_and_the_old_one_keeps_serving(server: Serv
     time.sleep(0.5)                                      # several polls: not retried, still the old one
     assert served_version(server) == good
     metrics = scrape(server)
-    assert metrics[("unlearnd_serve_load_failures_total", (("reason", "verification"),))] == failures_before + 1
+    # the explicit load refuses it once; the watcher's poll may have tried (and refused) it just before the POST,
+    # and an explicit reload retries a failed version by design: one or two refusals, never a retry loop
+    refusals = metrics[("unlearnd_serve_load_failures_total", (("reason", "verification"),))] - failures_before
+    assert refusals in (1, 2), refusals
     assert metrics[("unlearnd_serve_swaps_total", (("outcome", "failed"),))] >= 1
     assert metrics[("unlearnd_serve_model_version", ())] == good
     fixed = publish(reg)                                 # LATEST moves on to a sound version

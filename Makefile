@@ -109,3 +109,9 @@ bench-serve-exhaustion: install
 .PHONY: bench-serve-exhaustion-nginx
 bench-serve-exhaustion-nginx: install nginx-dep
 	PYTHONPATH=. $(PY) benchmarks/serve_exhaustion.py --proxy nginx
+
+# the same behind nginx, the attack spread over 1,024 loopback addresses (a botnet: per-address limits do not bound
+# it in total); ~4 min; writes benchmarks/results/serve_exhaustion_nginx_spread.json and .md
+.PHONY: bench-serve-exhaustion-nginx-spread
+bench-serve-exhaustion-nginx-spread: install nginx-dep
+	PYTHONPATH=. $(PY) benchmarks/serve_exhaustion.py --proxy nginx --attack-addrs 127.1.0.0/22 --tag nginx_spread

@@ -20,7 +20,10 @@ The bar (issue 23): legitimate requests keep their 200s with ``attack_p99_ms <= 
 With ``--proxy nginx`` the clients and the attackers connect to nginx from ``deploy/nginx``'s template
 (started here on a free port, its files in the run's temp dir) in front of the same server; the legitimate
 clients come from 127.0.0.2 and the attackers from 127.0.0.3, so nginx's per-address limits tell them apart
-(as clients on different hosts are); results ``serve_exhaustion_nginx.{json,md}``.
+(as clients on different hosts are); results ``serve_exhaustion_nginx.{json,md}``. ``--attack-addrs
+127.1.0.0/22`` spreads the attackers over 1,024 loopback addresses instead, each new attacking connection from the
+next (a botnet, which per-address limits do not bound in total; ``attack_sources`` in the result), and
+``--nginx-set NAME=VALUE`` renders the template with other values (``CLIENT_KEY='""'``: per-address limits off).
 
 Usage: ``.venv/bin/python benchmarks/serve_exhaustion.py [--proxy nginx] [--out benchmarks/results]``
 (about 4 minutes).
@@ -67,6 +70,43 @@ class _Tally:
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)   # Linux >= 4.2
 
 
+def attack_sources(spec: str) -> list[str]:
+    """The source addresses ``spec`` names: one address (``127.0.0.3``) or a network (``127.1.0.0/22``: all
+    1,024 of its addresses, network and broadcast included, since none is special on loopback).
+
+    Only loopback (127.0.0.0/8) is accepted: Linux routes all of it to ``lo``, so any of its addresses can be bound
+    without configuring an interface, and an attack from it never leaves the machine. Raises ValueError otherwise.
+    """
+    import ipaddress
+
+    try:
+        net = ipaddress.ip_network(spec.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"attack source {spec!r} is neither an IPv4 address nor a network like 127.1.0.0/22: "
+                         f"{exc}") from exc
+    if net.version != 4 or not net.subnet_of(ipaddress.ip_network("127.0.0.0/8")):   # type: ignore[arg-type]
+        raise ValueError(f"attack source {spec!r} is not inside 127.0.0.0/8 (loopback, bindable without set-up)")
+    if net.num_addresses > 65_536:
+        raise ValueError(f"attack source {spec!r} has {net.num_addresses} addresses; at most 65,536 (a /16)")
+    return [str(a) for a in net]
+
+
+class _Sources:
+    """Round robin over the source addresses: each new attacking connection binds the next one, so with N
+    addresses every address holds about 1/N of the attack at any time (as a botnet's hosts would)."""
+
+    def __init__(self, addrs: list[str], offset: int = 0) -> None:
+        if not addrs:
+            raise ValueError("no source address")
+        self.addrs = addrs
+        self.i = offset % len(addrs)
+
+    def next(self) -> str:
+        addr = self.addrs[self.i]
+        self.i = (self.i + 1) % len(self.addrs)
+        return addr
+
+
 async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to 127.0.0.1:``port`` from ``source``. The source port is chosen at connect time
     (IP_BIND_ADDRESS_NO_PORT), as for a connect without bind: a plain bind to port 0 would need a port free for
@@ -83,13 +123,14 @@ async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asynci
     return await asyncio.open_connection(sock=sock)
 
 
-async def _slot(i: int, args: argparse.Namespace, tally: _Tally, stop: asyncio.Event, connects: asyncio.Semaphore) -> None:
+async def _slot(i: int, args: argparse.Namespace, tally: _Tally, stop: asyncio.Event, connects: asyncio.Semaphore,
+                sources: _Sources) -> None:
     kind = KINDS[i % len(KINDS)]
     head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     while not stop.is_set():
         try:
             async with connects:
-                reader, writer = await asyncio.wait_for(_connect(args.port, args.source), 30)
+                reader, writer = await asyncio.wait_for(_connect(args.port, sources.next()), 30)
         except (OSError, asyncio.TimeoutError):
             tally.connect_failed += 1
             await asyncio.sleep(args.reconnect_s)
@@ -133,7 +174,8 @@ async def _attack(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     connects = asyncio.Semaphore(args.connect_parallel)
-    tasks = [asyncio.create_task(_slot(args.first_slot + i, args, tally, stop, connects))
+    sources = _Sources(attack_sources(args.source), args.source_offset)
+    tasks = [asyncio.create_task(_slot(args.first_slot + i, args, tally, stop, connects, sources))
              for i in range(args.connections)]
     report = Path(args.report)
     while not stop.is_set():
@@ -319,13 +361,14 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None
 
 def _attackers(args: argparse.Namespace, port: int, work: Path, env: dict[str, str]) -> list[tuple[subprocess.Popen, Path]]:
     per = -(-args.connections // args.attackers)
+    n_sources = len(attack_sources(args.attack_addr))
     procs = []
     for k in range(args.attackers):
         n = min(per, args.connections - k * per)
         report = work / f"attacker-{k}.json"
         procs.append((subprocess.Popen(
             [sys.executable, __file__, "--attack", "--port", str(port), "--source", args.attack_addr,
-             "--connections", str(n),
+             "--source-offset", str(k * n_sources // args.attackers), "--connections", str(n),
              "--first-slot", str(k * per), "--trickle-s", str(args.trickle_s), "--reconnect-s", str(args.reconnect_s),
              "--report", str(report)], env=env, preexec_fn=lambda: os.nice(args.attacker_nice)), report))
     return procs
@@ -347,8 +390,9 @@ def _sum_reports(reports: list[Path]) -> dict[str, object]:
 
 
 # -- the proxy in front (--proxy nginx) -----------------------------------------------------------------------
-def _render_nginx_conf(prefix: Path, listen_port: int, upstream_port: int) -> Path:
-    """deploy/nginx's template for this run: the server's default limits, one worker (see ``NGINX_WORKERS``)."""
+def _render_nginx_conf(prefix: Path, listen_port: int, upstream_port: int, values: dict[str, str]) -> Path:
+    """deploy/nginx's template for this run: the server's default limits, one worker (see ``NGINX_WORKERS``),
+    and ``values`` (``--nginx-set``) over them."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("nginx_render", REPO / "deploy" / "nginx" / "render.py")
@@ -357,7 +401,8 @@ def _render_nginx_conf(prefix: Path, listen_port: int, upstream_port: int) -> Pa
     spec.loader.exec_module(mod)
     conf = prefix / "nginx.conf"
     conf.write_text(mod.render({"PREFIX": str(prefix), "LISTEN": f"127.0.0.1:{listen_port}",
-                                "UPSTREAM": f"127.0.0.1:{upstream_port}", "WORKER_PROCESSES": NGINX_WORKERS}))
+                                "UPSTREAM": f"127.0.0.1:{upstream_port}", "WORKER_PROCESSES": NGINX_WORKERS,
+                                **values}))
     return conf
 
 
@@ -367,7 +412,7 @@ def _render_nginx_conf(prefix: Path, listen_port: int, upstream_port: int) -> Pa
 NGINX_WORKERS = "1"
 
 
-def _start_nginx(work: Path, upstream_port: int) -> tuple[subprocess.Popen, int, Path]:
+def _start_nginx(work: Path, upstream_port: int, values: dict[str, str]) -> tuple[subprocess.Popen, int, Path]:
     """nginx (foreground master, ``daemon off``) from the rendered template, listening on a free port."""
     nginx = shutil.which("nginx")
     if nginx is None:
@@ -378,7 +423,7 @@ def _start_nginx(work: Path, upstream_port: int) -> tuple[subprocess.Popen, int,
     for path in (work, prefix):
         path.chmod(0o755)    # a root master runs its worker as nobody, which must reach the temp paths
     port = _free_port()
-    conf = _render_nginx_conf(prefix, port, upstream_port)
+    conf = _render_nginx_conf(prefix, port, upstream_port, values)
     proc = subprocess.Popen([nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
@@ -401,6 +446,18 @@ def _tree(pid: int) -> list[int]:
     except OSError:
         children = []
     return [pid, *(int(c) for c in children)]
+
+
+def _rss_mb(pids: list[int]) -> float:
+    """Resident memory of ``pids`` together, MiB (what held connections cost nginx: buffers per connection)."""
+    kb = 0
+    for pid in pids:
+        try:
+            kb += int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:")))
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
+    return round(kb / 1024, 1)
 
 
 def _fds(pids: list[int]) -> int:
@@ -431,7 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         _wait_ready(port, server)
         if args.proxy == "nginx":
-            proxy, front, conf = _start_nginx(work, port)
+            proxy, front, conf = _start_nginx(work, port, args.nginx_values)
             _wait_ready(front, server)
         proxy_pids = _tree(proxy.pid) if proxy is not None else []
         _both(front, args, 3.0)                                     # warm-up, not measured
@@ -448,7 +505,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 s = _sum_reports([r for _, r in attackers])
                 samples.append({"t_s": round(time.time() - attack_start, 1), "attacker_open": s["peak_open"],
                                 "server_fds": len(os.listdir(f"/proc/{server.pid}/fd")),
-                                **({"proxy_fds": _fds(proxy_pids)} if proxy_pids else {})})
+                                **({"proxy_fds": _fds(proxy_pids), "proxy_rss_mb": _rss_mb(proxy_pids)}
+                                   if proxy_pids else {})})
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -489,12 +547,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "conf": conf.read_text() if conf else "", "version": _nginx_version(),
         "worker_processes": NGINX_WORKERS, "cpu_cores_used": round(cpu["proxy"] / attack_elapsed, 2),
         "cpu_ms_per_attack_connection": round(1e3 * cpu["proxy"] / max(1, tally["opened"]), 3),
-        "legit_addr": args.legit_addr, "attack_addr": args.attack_addr}}
+        "legit_addr": args.legit_addr, "attack_addr": args.attack_addr, "values": args.nginx_values}}
     return {
         "machine": machine,
         "proxy": args.proxy,
         **proxy_result,
         "attack_connections": args.connections,
+        "attack_sources": len(attack_sources(args.attack_addr)),
         # the required fields: the fresh-connection client (the harder case: its connects queue with the attack's)
         **{k: fresh[k] for k in ("idle_p99_ms", "attack_p99_ms", "ratio", "legit_requests", "legit_non_200")},
         "bar_met": met["fresh"],
@@ -586,9 +645,16 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
         *([f"Proxy: {result['nginx']['version']}, `deploy/nginx/unlearnd-serve.conf.template` with the server's "
            f"limits, {result['nginx']['worker_processes']} worker; clients and attackers connect to it, it to the "
            f"server over kept-alive connections. Legitimate clients from {result['nginx']['legit_addr']}, attackers "
-           f"from {result['nginx']['attack_addr']} (per-address limits). nginx CPU during the attack: "
+           f"from {result['nginx']['attack_addr']} ("
+           + (f"{result['attack_sources']} addresses, each new attacking connection from the next; "
+              if result.get("attack_sources", 1) > 1 else "")
+           + ("per-address limits OFF" if result["nginx"].get("values", {}).get("CLIENT_KEY") in ('""', "''")
+              else "per-address limits on")
+           + (f"; template values {result['nginx']['values']}" if result["nginx"].get("values") else "") + "). "
+           "nginx CPU during the attack: "
            f"{result['nginx']['cpu_cores_used']} cores ({result['nginx']['cpu_ms_per_attack_connection']} ms per "
-           f"attacking connection); its descriptors (every 5 s): {[x.get('proxy_fds') for x in s['fd_samples']]}. "
+           f"attacking connection); its descriptors (every 5 s): {[x.get('proxy_fds') for x in s['fd_samples']]}; "
+           f"its resident memory, MiB: {[x.get('proxy_rss_mb') for x in s['fd_samples']]}. "
            "The server counters above are what reached the server.", ""] if "nginx" in result else []),
         f"Legitimate clients: {result['legit_client']['clients']}; {result['legit_client']['rate_per_s']} inferences/s "
         f"each (JSON FP32 [1,1,28,28]), {result['legit_client']['timeout_s']} s timeout; idle "
@@ -599,6 +665,13 @@ def report(result: dict[str, object], out: Path, tag: str = "") -> None:
     (out / f"{stem}.md").write_text("\n".join(lines))
 
 
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--nginx-set {text!r}: expected NAME=VALUE, e.g. CLIENT_KEY='\"\"'")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attack", action="store_true", help=argparse.SUPPRESS)
@@ -606,12 +679,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-slot", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--source", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--source-offset", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--proxy", choices=("none", "nginx"), default="none",
                    help="none: clients and attackers connect to `unlearnd serve` itself (default); nginx: to "
                         "deploy/nginx's template in front of it (results serve_exhaustion_nginx.*)")
     p.add_argument("--legit-addr", help="source address of the legitimate clients (127.0.0.1; 127.0.0.2 with "
                                         "--proxy nginx, so its per-address limits tell them from the attackers)")
     p.add_argument("--attack-addr", help="source address of the attackers (127.0.0.1; 127.0.0.3 with --proxy nginx)")
+    p.add_argument("--attack-addrs", metavar="NETWORK",
+                   help="spread the attack over a loopback network (e.g. 127.1.0.0/22: 1,024 addresses), each new "
+                        "attacking connection from the next address, as a botnet's hosts; overrides --attack-addr")
+    p.add_argument("--nginx-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a deploy/nginx/render.py value over the template's defaults (repeatable), e.g. "
+                        "CLIENT_KEY='\"\"' to switch the per-address limits off")
     p.add_argument("--connections", type=int, default=20_000, help="attack connection slots (20000)")
     p.add_argument("--attackers", type=int, default=2, help="attacker processes (2)")
     p.add_argument("--connect-parallel", type=int, default=256, help="connects in flight per attacker (256)")
@@ -632,6 +712,15 @@ def main(argv: list[str] | None = None) -> int:
         args.legit_addr = "127.0.0.2" if args.proxy == "nginx" else "127.0.0.1"
     if args.attack_addr is None:
         args.attack_addr = "127.0.0.3" if args.proxy == "nginx" else "127.0.0.1"
+    if args.attack_addrs is not None:
+        args.attack_addr = args.attack_addrs
+    try:
+        attack_sources(args.attack_addr)
+        args.nginx_values = dict(_name_value(v) for v in args.nginx_set)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.nginx_values and args.proxy != "nginx":
+        p.error("--nginx-set needs --proxy nginx")
     if args.proxy == "nginx" and not args.tag:
         args.tag = "nginx"
     if args.attack:

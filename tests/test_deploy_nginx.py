@@ -6,6 +6,7 @@ skipped without it. The upstream in the live test is a small real HTTP server re
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import shutil
@@ -99,12 +100,19 @@ class _Upstream(ThreadingHTTPServer):
 
 @pytest.fixture()
 def proxied(tmp_path: Path) -> Iterator[tuple[int, _Upstream]]:
+    with _live_nginx(tmp_path) as live:
+        yield live
+
+
+@contextlib.contextmanager
+def _live_nginx(tmp_path: Path, **values: str) -> Iterator[tuple[int, _Upstream]]:
+    """A live nginx from the template (rate 1/s, burst 1 per address) in front of a recording upstream."""
     upstream = _Upstream()
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = free_port()
-    conf = _write_conf(tmp_path, LISTEN=f"127.0.0.1:{port}", UPSTREAM=f"127.0.0.1:{upstream.server_address[1]}",
-                       WORKER_PROCESSES="1", REQ_PER_S="1", REQ_BURST="1", WORKER_RLIMIT_NOFILE="4096",
-                       WORKER_CONNECTIONS="1024")
+    conf = _write_conf(tmp_path, **{"LISTEN": f"127.0.0.1:{port}", "UPSTREAM": f"127.0.0.1:{upstream.server_address[1]}",
+                                    "WORKER_PROCESSES": "1", "REQ_PER_S": "1", "REQ_BURST": "1",
+                                    "WORKER_RLIMIT_NOFILE": "4096", "WORKER_CONNECTIONS": "1024", **values})
     tmp_path.chmod(0o755)   # a root master runs its worker as nobody, which must reach the temp paths
     proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,3 +159,13 @@ def test_live_proxy_ends_oversized_claims_and_limits_each_address_apart(proxied:
     assert [r["xff"] for r in upstream.seen] == ["127.0.0.3", "127.0.0.3", "127.0.0.2"]
     # three requests on three client connections reached the server over one kept-alive upstream connection
     assert len({r["peer_port"] for r in upstream.seen}) == 1
+
+
+@needs_nginx
+def test_an_empty_client_key_switches_the_per_address_limits_off(tmp_path: Path) -> None:
+    """CLIENT_KEY='""' (for a front where the addresses are not the clients'): one address past the rate is still
+    served, and the other limits (here the body size) still hold."""
+    with _live_nginx(tmp_path, CLIENT_KEY='""', MAX_BODY_BYTES="1024") as (port, upstream):
+        assert [_post(port, "127.0.0.3") for _ in range(4)] == [200, 200, 200, 200]
+        assert _post(port, "127.0.0.3", b"x" * 2048) == 413
+        assert len(upstream.seen) == 4

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, str | None] = {
     "BODY_TIMEOUT_S": "30",               # serve --body-timeout
     "MAX_BODY_BYTES": str(16 * 1024 * 1024),   # serve --max-body-bytes
     "MAX_HEADER_BYTES": str(64 * 1024),    # serve --max-header-bytes
+    "CLIENT_KEY": "$binary_remote_addr",  # what the per-client limits count by; '""' switches them off
     "CONN_PER_CLIENT": "64",              # requests in progress per client address
     "REQ_PER_S": "200",                   # sustained requests per second per client address
     "REQ_BURST": "400",                   # requests over the rate a client may send at once (>= 1)

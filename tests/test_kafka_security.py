@@ -161,3 +161,20 @@ def test_the_oauth_token_is_read_again_at_each_connection(tmp_path):
     token.write_text("")
     with pytest.raises(KafkaSecurityError, match="sasl_oauth_token_file: .* is empty"):
         provider.token()
+
+
+def test_a_refusal_seen_before_a_timed_out_retry_is_the_reason_reported():
+    """On a loaded machine a retry may time out after the broker refused the login: the refusal is reported."""
+    import logging
+
+    from daemon.pipeline.kafka_io import explained_bootstrap
+
+    log = logging.getLogger("kafka.net.manager")
+    with explained_bootstrap() as seen:
+        assert seen.telling is None
+        log.warning("Bootstrap connection to %s failed: %s", "b:1", KeyError("v"))
+        log.warning("Bootstrap connection to %s failed: %s", "b:1", TimeoutError("Request timed out after 0 ms"))
+        assert "refused the SCRAM login" in seen.telling
+    with explained_bootstrap() as seen:
+        log.warning("Bootstrap connection to %s failed: %s", "b:1", TimeoutError("Request timed out after 0 ms"))
+        assert seen.telling == "TimeoutError: Request timed out after 0 ms"

@@ -226,7 +226,7 @@ def _kafka_from_args(args: argparse.Namespace):  # noqa: ANN202 - KafkaSection
 
 def _connect_error(what: str, kafka: Any, exc: Exception, seen: Any = None) -> str:
     """Why a client could not talk to the broker: the error, the last reason kafka-python saw, the SASL in use."""
-    hint = f"; last failure: {seen.reasons[-1]}" if seen is not None and seen.reasons else ""
+    hint = f"; last failure: {seen.telling}" if seen is not None and seen.telling else ""
     if kafka.security_protocol.startswith("SASL_"):
         hint += (f" ({kafka.security_protocol}, {kafka.sasl_mechanism}"
                 f"{' as ' + repr(kafka.sasl_username) if kafka.sasl_username else ''}: a refused login ends like this "

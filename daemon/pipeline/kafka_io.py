@@ -48,6 +48,13 @@ class _BootstrapFailures(logging.Handler):
             else:
                 self.reasons.append(str(exc) if isinstance(exc, KafkaError) else f"{type(exc).__name__}: {exc}")
 
+    @property
+    def telling(self) -> str | None:
+        """The reason to report: the last one that is not a bare timeout (a loaded machine may time out a retry
+        after the broker has already refused the login, and the refusal is what the user needs), else the last."""
+        answers = [r for r in self.reasons if "timed out" not in r.lower()]
+        return (answers or self.reasons or [None])[-1]
+
 
 @contextlib.contextmanager
 def explained_bootstrap() -> Iterator[_BootstrapFailures]:
@@ -61,9 +68,9 @@ def explained_bootstrap() -> Iterator[_BootstrapFailures]:
     try:
         yield handler
     except KafkaTimeoutError as exc:
-        if not handler.reasons:
+        if handler.telling is None:
             raise
-        raise KafkaTimeoutError(f"{exc.args[0] if exc.args else exc}; last failure: {handler.reasons[-1]}") from exc
+        raise KafkaTimeoutError(f"{exc.args[0] if exc.args else exc}; last failure: {handler.telling}") from exc
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

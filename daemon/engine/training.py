@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daemon.engine.evaluate import accuracy
+from daemon.engine.seeding import seeded_global_rng
 
 __all__ = ["TrainConfig", "train_classifier"]
 
@@ -78,9 +79,14 @@ def train_classifier(
     """
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"need as many labels as images (> 0), got {x.shape[0]} images and {y.shape[0]} labels")
+    with seeded_global_rng(config.seed):        # dropout draws from the global generator: one trainer at a time
+        return _train(model, x, y, config, eval_x, eval_y, progress)
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eval_x: torch.Tensor | None,
+           eval_y: torch.Tensor | None, progress: Callable[[int, int, dict[str, float]], None] | None) -> list[float]:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     steps_per_epoch = (x.shape[0] + config.batch_size - 1) // config.batch_size
     total = steps_per_epoch * config.epochs
     opt = torch.optim.Adam(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)

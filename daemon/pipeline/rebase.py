@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 from torch import nn
 
 from daemon import registry
 from daemon.data.sources import Source
 from daemon.engine.models import build_classifier
+from daemon.engine.seeding import seeded_global_rng
 from daemon.engine.session import UnlearningSession
 from daemon.engine.training import TrainConfig, train_classifier
 from daemon.pipeline.canonical import canonical_json
@@ -193,17 +193,17 @@ class Rebaser:
         if not training.indices:
             raise RebaseRefused(f"models.{rt.name}.rebase.source: nothing is left of {section.source} to train on")
         recipe = TrainConfig(epochs=section.epochs)
-        torch.manual_seed(recipe.seed)              # the initial weights are part of the recipe (as pretrain)
-        weights = build_classifier(live.factory, mean=manifest.get("mean") or [0.0] * live.input_shape[0],
-                                   std=manifest.get("std") or [1.0] * live.input_shape[0])
-        weights.to(rt.rounds.device)
 
         def progress(_step: int, _total: int, _info: Mapping[str, float]) -> None:
             if abort.is_set():
                 raise RebaseAborted("the daemon is stopping")
 
         x = source.items(training.indices, live.input_shape)
-        train_classifier(weights, x, training.labels, recipe, progress=progress)
+        with seeded_global_rng(recipe.seed):        # the initial weights are part of the recipe (as pretrain)
+            weights = build_classifier(live.factory, mean=manifest.get("mean") or [0.0] * live.input_shape[0],
+                                       std=manifest.get("std") or [1.0] * live.input_shape[0])
+            weights.to(rt.rounds.device)
+            train_classifier(weights, x, training.labels, recipe, progress=progress)
         del x
         failpoint("rebase_before_training_end")
         return TrainedRebase(rebase_id, rt.name, base_version, snapshot_seq, training, weights.cpu().eval(),

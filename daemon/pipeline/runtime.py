@@ -174,6 +174,7 @@ class ModelRuntime:
 
     def _pretrain(self) -> None:
         from daemon.engine.models import build_model
+        from daemon.engine.seeding import seeded_global_rng
         from daemon.engine.session import UnlearningSession
         from daemon.engine.training import TrainConfig, train_classifier
 
@@ -184,11 +185,11 @@ class ModelRuntime:
         log.info("pretraining", model=self.name, arch=arch, epochs=self.section.pretrain_epochs)
         mean, std = splits.mean_std()
         train = TrainConfig(epochs=self.section.pretrain_epochs)
-        torch.manual_seed(train.seed)           # the initial weights are part of the recipe
-        model = build_model(arch, num_classes=splits.num_classes, input_shape=splits.input_shape, mean=mean,
-                            std=std)
-        model.to(self.rounds.device)
-        train_classifier(model, splits.train_x, splits.train_y, train)
+        with seeded_global_rng(train.seed):     # the initial weights are part of the recipe
+            model = build_model(arch, num_classes=splits.num_classes, input_shape=splits.input_shape, mean=mean,
+                                std=std)
+            model.to(self.rounds.device)
+            train_classifier(model, splits.train_x, splits.train_y, train)
         model.cpu().eval()
         session = UnlearningSession(model, num_classes=splits.num_classes)
         model_store.publish(self.registry_dir, self.name, model, session, arch=arch,

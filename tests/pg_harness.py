@@ -71,14 +71,35 @@ class PostgresServer:
                                 user=self._user, cwd=self.root).returncode
         if rc != 0:
             raise RuntimeError(f"initdb failed ({rc}): {log.read_text()[-2000:]}")
+        self._launch()
+        return self
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server (fast shutdown: every client connection is cut) and start it again on the same data
+        and port after ``down_s`` seconds: what a managed database's restart or failover looks like to a client."""
+        self._shutdown()
+        time.sleep(down_s)
+        self._launch()
+
+    def _shutdown(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)    # fast shutdown: open connections are closed, not waited for
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc, timeout=1)
+        self.proc = None
+
+    def _launch(self) -> None:
+        assert self.root is not None
+        data = self.root / "data"
         self.proc = subprocess.Popen(
             [str(PG_BIN / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root),
              *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c",
                                         "full_page_writes=off"]),
              "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "wb"), user=self._user, cwd=self.root)
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"), user=self._user, cwd=self.root)
         self._wait_ready()
-        return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         import psycopg
@@ -112,13 +133,7 @@ class PostgresServer:
             db.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)    # fast shutdown: open connections are closed, not waited for
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                stop_process(self.proc, timeout=1)
-        self.proc = None
+        self._shutdown()
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None

@@ -164,3 +164,44 @@ def test_config_check_reports_a_reachable_postgresql_ledger(tmp_path, monkeypatc
     assert main(["config", "check", "--config", str(_config_file(tmp_path))]) == 0
     assert f"ledger PostgreSQL {url}" in capsys.readouterr().out
     postgres.drop_database(url)
+
+
+@pytest.mark.postgres
+def test_a_postgresql_restart_is_ridden_out_and_an_outage_is_a_clear_error_that_loses_nothing(tmp_path):
+    """A managed database restarts or fails over: the ledger connects again at its next call, a statement sent
+    into the dead connection outside a transaction is sent again, and while the server is down every call fails
+    with LedgerUnavailable naming state.url. A transaction cut in the middle leaves nothing behind."""
+    from daemon.pipeline.ledger import LedgerUnavailable
+    from tests.pg_harness import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        ledger = Ledger(server.new_database())
+        first = ledger.allocate_round("m", "d1", ["a"])
+        server.restart()
+        assert ledger.round_state(first) == "running"                 # a read on the dead connection: sent again
+        server.restart()
+        second = ledger.allocate_round("m", "d1", ["b"])              # a write transaction: begun again
+        assert ledger.round_state(second) == "running" and second != first
+
+        with pytest.raises(LedgerUnavailable, match=r"state\.url: lost the PostgreSQL ledger at postgresql://"):
+            with ledger._immediate() as db:                          # cut between two statements of one transaction
+                db.execute("INSERT INTO meta VALUES ('cut', 'half')")
+                server.restart()
+                db.execute("INSERT INTO meta VALUES ('cut2', 'half')")
+        assert ledger._db.execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'cut%'").fetchone()[0] == 0
+
+        server._shutdown()
+        with pytest.raises(LedgerUnavailable, match=r"state\.url: cannot open the PostgreSQL ledger"):
+            ledger.round_state(first)
+        with pytest.raises(LedgerUnavailable, match=r"state\.url"):
+            ledger.allocate_round("m", "d1", ["c"])
+        server._launch()
+        with ledger.transaction() as tx:
+            tx.end_round(first, "abandoned", reason="the test")
+        assert ledger.round_state(first) == "abandoned"
+        count, problem = ledger.verify_audit()
+        assert problem is None
+        ledger.close()
+    finally:
+        server.stop()

@@ -37,7 +37,7 @@ from typing import Any
 
 from daemon.pipeline.ledger_schema import MIGRATABLE as _MIGRATABLE, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from daemon.pipeline.ledger_schema import bind_id_key as _bind_id_key, migrate as _migrate
-from daemon.pipeline.ledger_sql import Engine, EngineError, postgres_schema
+from daemon.pipeline.ledger_sql import Engine, EngineError, LedgerUnavailable, postgres_schema
 from daemon.pipeline.ledger_tx import _IN_CHUNK, FINAL_STATUSES, GENESIS_HASH, Delivery, ForgottenContent
 from daemon.pipeline.ledger_tx import LedgerTransaction, _headers_json, chain_hash
 
@@ -50,6 +50,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerTransaction",
+    "LedgerUnavailable",
     "OutboxRow",
     "chain_hash",
     "verify_audit",

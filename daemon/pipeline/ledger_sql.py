@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["POSTGRES_SCHEMES", "WRITE_LOCK", "Engine", "EngineError", "postgres_schema", "redact_url"]
+__all__ = ["POSTGRES_SCHEMES", "WRITE_LOCK", "Engine", "EngineError", "LedgerUnavailable", "postgres_schema",
+           "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 #: The advisory lock key every ledger write transaction holds in PostgreSQL (advisory locks are per database).
@@ -38,6 +39,13 @@ _CONNECT_TIMEOUT_S = 10
 
 class EngineError(RuntimeError):
     """The database cannot be opened or reached; the message names the setting (``state.url``/``state.dir``)."""
+
+
+class LedgerUnavailable(EngineError):
+    """The PostgreSQL server went away (a restart, a failover, the network): nothing of the statement or
+    transaction that raised it took effect, and the next call connects again. The daemon waits it out between
+    rounds (intake is read again from the same offsets) and stops if it strikes inside a round's commit, so that
+    start-up recovery resolves the round."""
 
 
 def redact_url(url: str) -> str:
@@ -84,6 +92,24 @@ _POSTGRES_DELIVERY = ('INSERT INTO deliveries (topic, partition, "offset", finge
                       "seq=nextval(pg_get_serial_sequence('deliveries', 'seq'))")
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def _connect_postgres(url: str, error: type[EngineError] = EngineError) -> Any:
+    import psycopg
+
+    try:
+        db = psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S, application_name="unlearnd")
+        # explicit, whatever default_transaction_isolation the server has: at REPEATABLE READ or SERIALIZABLE
+        # the snapshot would be taken by the lock statement, before the previous writer committed
+        db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    except psycopg.Error as exc:
+        raise error(f"state.url: cannot open the PostgreSQL ledger at {redact_url(url)}: {_reason(exc)}") from None
+    return db
+
+
 class Engine:
     """One connection to the ledger's database, SQLite or PostgreSQL, speaking SQLite's spelling of SQL.
 
@@ -93,6 +119,8 @@ class Engine:
     def __init__(self, kind: str, db: Any, where: str) -> None:
         self.kind, self.where, self._db = kind, where, db
         self.lock = threading.RLock()
+        self._url: str | None = None            # PostgreSQL: to connect again after the server went away
+        self._in_write = False
         self._sql: dict[str, str] = {}
         #: the statement that records a delivery (replacing the row of a reused offset), and its recording order
         self.delivery_upsert = _SQLITE_DELIVERY if kind == "sqlite" else _POSTGRES_DELIVERY
@@ -127,17 +155,9 @@ class Engine:
             import psycopg
         except ImportError as exc:                      # pragma: no cover - a dependency of the package
             raise EngineError(f"state.url: PostgreSQL needs psycopg 3 (pip install 'psycopg[binary]'): {exc}") from exc
-        where = redact_url(url)
-        try:
-            db = psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S,
-                                 application_name="unlearnd")
-            # explicit, whatever default_transaction_isolation the server has: at REPEATABLE READ or SERIALIZABLE
-            # the snapshot would be taken by the lock statement, before the previous writer committed
-            db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        except psycopg.Error as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"state.url: cannot open the PostgreSQL ledger at {where}: {reason}") from None
-        return cls("postgresql", db, where)
+        engine = cls("postgresql", _connect_postgres(url), redact_url(url))
+        engine._url = url
+        return engine
 
     def close(self) -> None:
         with self.lock:
@@ -152,18 +172,66 @@ class Engine:
             out = self._sql[sql] = _postgres_statement(sql)
         return out
 
+    # -- a server that went away -----------------------------------------------------------------------
+    def _lost(self, exc: BaseException) -> bool:
+        """True when ``exc`` came from a PostgreSQL connection that is gone (not from the statement itself)."""
+        return self.kind == "postgresql" and (self._db.broken or self._db.closed) and not isinstance(exc, EngineError)
+
+    def _reconnect(self) -> None:
+        """A fresh connection in place of a broken one; :class:`LedgerUnavailable` while the server is down."""
+        import structlog
+
+        try:
+            self._db.close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+        self._db = _connect_postgres(self._url or "", LedgerUnavailable)
+        structlog.get_logger("unlearnd.ledger").warning("ledger_reconnected", ledger=self.where)
+
+    def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
+        return LedgerUnavailable(f"state.url: lost the PostgreSQL ledger at {self.where}: {_reason(exc)}")
+
+    def _run(self, call: Any) -> Any:
+        """``call(connection)``; outside a write transaction a statement that met a dead connection is sent once
+        more on a new one (a read, or one autocommitted write that cannot have taken effect)."""
+        if self.kind == "postgresql" and (self._db.broken or self._db.closed):
+            if self._in_write:
+                raise self._unavailable(RuntimeError("the connection broke inside this transaction"))
+            self._reconnect()
+        try:
+            return call(self._db)
+        except self.errors as exc:
+            if not self._lost(exc):
+                raise
+            if self._in_write:
+                raise self._unavailable(exc) from None
+        try:
+            self._reconnect()
+            return call(self._db)
+        except self.errors as exc:
+            if self._lost(exc):
+                raise self._unavailable(exc) from None
+            raise
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement (SQLite's spelling); returns a DB-API cursor (fetchone, fetchall, iteration)."""
         with self.lock:
-            return self._db.execute(self._translate(sql), tuple(params))
+            if self.kind == "sqlite":
+                return self._db.execute(sql, tuple(params))
+            statement = self._translate(sql)
+            return self._run(lambda db: db.execute(statement, tuple(params)))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         with self.lock:
             if self.kind == "sqlite":
                 self._db.executemany(sql, rows)
             else:
-                with self._db.cursor() as cur:
-                    cur.executemany(self._translate(sql), rows)
+                statement = self._translate(sql)
+
+                def many(db: Any) -> None:
+                    with db.cursor() as cur:
+                        cur.executemany(statement, rows)
+                self._run(many)
 
     def script(self, ddl: str) -> None:
         """Several DDL statements, no parameters, as they are (the engine's own spelling)."""
@@ -171,7 +239,7 @@ class Engine:
             if self.kind == "sqlite":
                 self._db.executescript(ddl)
             else:
-                self._db.execute(ddl)
+                self._run(lambda db: db.execute(ddl))
 
     @contextmanager
     def write(self) -> Iterator[Engine]:
@@ -187,6 +255,43 @@ class Engine:
                     raise
                 self._db.execute("COMMIT")
             else:
-                with self._db.transaction():
-                    self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                # BEGIN and the lock run before any of the block: on a connection that died while idle they are
+                # sent again on a new one; after them, a lost connection fails the whole transaction
+                tx = self._run(_begin_locked)
+                self._in_write = True
+                try:
                     yield self
+                except BaseException as exc:
+                    self._in_write = False
+                    if self._lost(exc):
+                        _abandon(tx)
+                        raise self._unavailable(exc) from None
+                    tx.__exit__(type(exc), exc, exc.__traceback__)
+                    raise
+                self._in_write = False
+                try:
+                    tx.__exit__(None, None, None)
+                except self.errors as exc:
+                    if self._lost(exc):
+                        raise self._unavailable(exc) from None
+                    raise
+
+
+def _begin_locked(db: Any) -> Any:
+    """Open a transaction on ``db`` and take the ledger's write lock in it; returns the open transaction."""
+    tx = db.transaction()
+    tx.__enter__()
+    try:
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+    except BaseException as exc:
+        _abandon(tx, exc)
+        raise
+    return tx
+
+
+def _abandon(tx: Any, exc: BaseException | None = None) -> None:
+    """Leave a transaction whose connection may be gone: the server rolls back what it never saw committed."""
+    try:
+        tx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("abandoned"), None)
+    except Exception:  # noqa: BLE001 - the connection is gone: there is nothing to roll back on it
+        pass

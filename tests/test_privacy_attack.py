@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from daemon.privacy.attack import lira_offline_scores, rmia_scores
+from daemon.privacy.attack import lira_offline_scores, membership_report, rmia_scores
 from daemon.privacy.metrics import auc, bootstrap_ci, hanley_mcneil_ci, report, tpr_at_fpr
 
 N, D, C = 400, 20, 5
@@ -96,3 +96,13 @@ def test_auc_and_tpr_at_fpr_on_a_known_curve():
     assert tpr_at_fpr(member, nonmember, 0.001) == 0.0  # above 998: none
     r = report(member, nonmember, reps=50)
     assert r["auc_ci_hm"][0] <= r["auc"] <= r["auc_ci_hm"][1]
+
+
+def test_membership_report_carries_rmia_with_intervals_and_the_loss_auc_beside_it():
+    target_in, tconf, rconf, ref_in, pop_t, pop_r = _toy()
+    r = membership_report(tconf, rconf, ref_in, np.flatnonzero(target_in), np.flatnonzero(~target_in),
+                          pop_t, pop_r, reps=100)
+    assert r["attack"] == "rmia" and r["references"] == 4
+    assert r["auc"] > 0.9 and r["auc_ci_boot"][0] <= r["auc"] <= r["auc_ci_boot"][1]
+    assert r["loss_auc"] > 0.9  # an overfit model: even the loss finds its members
+    assert 0.0 <= r["tpr01"] <= r["tpr1"] <= 1.0

@@ -63,3 +63,21 @@ def lira_offline_scores(target: np.ndarray, ref: np.ndarray, ref_in: np.ndarray)
     sd = np.sqrt(var) + 1e-3
     z = (logit_confidence(target) - mu) / sd
     return np.where(cnt >= 2, z, np.nan)
+
+
+def membership_report(target: np.ndarray, ref: np.ndarray, ref_in: np.ndarray, members: np.ndarray,
+                      nonmembers: np.ndarray, population_target: np.ndarray, population_ref: np.ndarray,
+                      reps: int = 1000, seed: int = 0) -> dict:
+    """RMIA on ``members`` against ``nonmembers`` (indices into ``target``), with the loss-based AUC beside it.
+
+    Returns ``metrics.report``'s fields for RMIA (AUC with Hanley–McNeil and bootstrap CIs, TPR at 1% and
+    0.1% FPR with CIs), ``loss_auc`` (a member has a lower loss, −log p, than a non-member) and ``references``."""
+    from daemon.privacy.metrics import auc, report
+
+    s = rmia_scores(target, ref, ref_in, population_target, population_ref)
+    out = report(s[members], s[nonmembers], reps=reps, seed=seed)
+    t = np.asarray(target, np.float64)
+    out["loss_auc"] = auc(np.log(np.maximum(t[members], EPS)), np.log(np.maximum(t[nonmembers], EPS)))
+    out["attack"] = "rmia"
+    out["references"] = int(ref.shape[0])
+    return out

@@ -72,6 +72,12 @@ bench: install
 clean:
 	rm -rf $(VENV) var build *.egg-info
 
+.PHONY: bench-membership
+# issue 22: RMIA membership before unlearning on canary / atypical / random forget sets; 8 reference models
+# (~16 s each on 2 cores, cached under var/privacy-cache); ~5 min; writes benchmarks/results/membership_before.*
+bench-membership: install
+	PYTHONPATH=. $(VENV)/bin/python benchmarks/membership_before.py
+
 # rounds of one instance, with and without held class impressions; ~25 min; writes
 # benchmarks/results/small_rounds/
 .PHONY: bench-small-rounds

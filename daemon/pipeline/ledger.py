@@ -37,6 +37,7 @@ from typing import Any
 
 from daemon.pipeline.ledger_schema import MIGRATABLE as _MIGRATABLE, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from daemon.pipeline.ledger_schema import bind_id_key as _bind_id_key, migrate as _migrate
+from daemon.pipeline import ownership as _ownership
 from daemon.pipeline.ledger_sql import Engine, EngineError, LedgerUnavailable, postgres_schema
 from daemon.pipeline.ledger_tx import _IN_CHUNK, FINAL_STATUSES, GENESIS_HASH, Delivery, ForgottenContent
 from daemon.pipeline.ledger_tx import LedgerTransaction, _headers_json, chain_hash
@@ -139,6 +140,15 @@ class Ledger:
             tx = LedgerTransaction(db)
             yield tx
             tx.flush()
+
+    # -- ownership across hosts (issue 24) ------------------------------------------------------------
+    def take_ownership(self, model: str, owner: str) -> int:
+        """Take ``model`` on a rebalance: its epoch +1, in one serialised transaction; the daemon's fencing token."""
+        return _ownership.take(self._db, model, owner)
+
+    def ownership_epoch(self, model: str) -> int | None:
+        """The model's ownership epoch now (None: never taken); what the check before ``LATEST`` moves compares."""
+        return _ownership.current(self._db, model)
 
     # -- deliveries and requests --------------------------------------------------------------------
     def delivery(self, topic: str, partition: int, offset: int) -> Delivery | None:

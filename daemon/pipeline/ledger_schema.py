@@ -154,6 +154,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     headers    TEXT NOT NULL,               -- JSON list of [name, value-as-latin1]
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ownership (       -- issue 24: who owns a model across hosts, and the fencing token
+    model      TEXT PRIMARY KEY,
+    epoch      INTEGER NOT NULL,            -- +1 on every takeover; a commit or publish under a lower one is stale
+    owner      TEXT NOT NULL,               -- the daemon instance that took it last
+    taken_at   REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     entry      INTEGER PRIMARY KEY,
     request_id TEXT,

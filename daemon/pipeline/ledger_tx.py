@@ -15,6 +15,7 @@ from typing import Any
 
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.ledger_sql import Engine
+from daemon.pipeline.ownership import check as _ownership_check
 
 __all__ = ["FINAL_STATUSES", "GENESIS_HASH", "Delivery", "ForgottenContent", "LedgerTransaction", "chain_hash"]
 
@@ -127,6 +128,11 @@ class LedgerTransaction:
         self._outbox_rows: list[tuple[Any, ...]] = []
         last = db.execute(_SQL_LAST_AUDIT).fetchone()
         self._entry, self._prev = (0, GENESIS_HASH) if last is None else (last[0], last[1])
+
+    def fence(self, model: str, epoch: int | None) -> None:
+        """Issue 24: refuse this transaction (``ownership.StaleOwner``, nothing written) unless ``epoch`` is still
+        the model's ownership epoch; checked under the write lock, so no takeover can slip in before the commit."""
+        _ownership_check(self.db, model, epoch)
 
     # -- reads --------------------------------------------------------------------------------------
     def load(self, deliveries: Iterable[tuple[str, int, int]], request_ids: Iterable[str]) -> None:

@@ -10,7 +10,6 @@ every file's sha256 against the manifest before the version enters the local cop
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import uuid
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from daemon.registry.files import _ensure_dir, _fsync_dir
+from daemon.registry.files import _atomic_write_bytes, _ensure_dir, _fsync_dir, _sha256_bytes, _write_durable
 from daemon.registry.layout import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -186,14 +185,15 @@ def pull_version(client: Any, loc: S3Location, registry: Path | str, model: str,
             data = _get(client, loc, f"{model}/{version}/{name}")
             if data is None:
                 raise VerificationError(model, version, name, "missing in the bucket")
-            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            if _sha256_bytes(data) != entry.get("sha256"):
                 raise VerificationError(model, version, name, "sha256 does not match the manifest (bucket)")
-            (tmp / name).write_bytes(data)
-        (tmp / MANIFEST_FILE).write_bytes(raw)
-        for name in (CONFIG_FILE, LABELS_FILE):
+            _write_durable(tmp / name, data)
+        _write_durable(tmp / MANIFEST_FILE, raw)
+        _fsync_dir(tmp)
+        for name in (CONFIG_FILE, LABELS_FILE):      # visible files: replaced whole, never seen half-written
             data = _get(client, loc, f"{model}/{name}")
             if data is not None and not (model_dir / name).exists():
-                (model_dir / name).write_bytes(data)
+                _atomic_write_bytes(model_dir / name, data)
         tmp.rename(final)
         _fsync_dir(model_dir)
     finally:

@@ -44,6 +44,8 @@ from daemon.pipeline.ledger_schema import IdKeyMismatch
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
 from daemon.pipeline.outbox import OutboxPublisher, kafka_producer_factory
+from daemon.pipeline.owners import Owners
+from daemon.pipeline.ownership import StaleOwner
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
 from daemon.pipeline.receipts import ReceiptChain
@@ -169,6 +171,10 @@ class _Rebalance(ConsumerRebalanceListener):
             log.warning("revoke_handling_failed", error=f"{type(exc).__name__}: {exc}")
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        try:
+            self.daemon.on_assigned(set(assigned))
+        except Exception as exc:  # noqa: BLE001 - kafka-python turns a raise here into a failed poll
+            log.warning("assign_handling_failed", error=f"{type(exc).__name__}: {exc}")
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
@@ -191,6 +197,7 @@ class Daemon:
         self.offsets = offsets
         self.outbox = outbox
         self.instance = config.kafka.instance_id
+        self.owners = Owners(ledger, self.instance, runtimes)     # the models held, their fencing epochs (issue 24)
         self._consumer_factory = consumer_factory
         self._executor = executor
         self._stop = stop or threading.Event()
@@ -356,6 +363,31 @@ class Daemon:
         self.batcher.drop(revoked)
         self.offsets.forget(revoked)
 
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Take the new partitions' models, resolve their previous owners' rounds, load LATEST (docs/operations.md)."""
+        topic = self.config.kafka.requests_topic
+        count = len(self.consumer.partitions_for_topic(topic) or ()) if self.consumer is not None else 0
+        running = self.batcher.running[0].model if self._round is not None and self.batcher.running else None
+        parts = [tp.partition for tp in assigned if tp.topic == topic]
+        for model, epoch in self.owners.on_assigned(parts, count or self.config.kafka.partitions):
+            if not self._rebasing(model):
+                self.batcher.held.discard(model)
+            try:                        # never reload under a round of the model: its round start reloads it
+                n = self.committer.take_over(model, self.instance, self.runtimes[model], epoch, reload=model != running)
+            except StaleOwner as exc:
+                self._stale(model, str(exc))
+                continue
+            log.info("model_taken_over", model=model, epoch=epoch, rounds_resolved=n)
+            if model != running:
+                self._export_loaded(model)
+
+    def _stale(self, model: str, detail: str) -> None:
+        """Another daemon owns ``model``: count the refusal, drop the model until it is assigned here again."""
+        self.owners.drop(model)
+        self.batcher.held.add(model)
+        self.metrics.stale_owner.labels(model=model).inc()
+        log.warning("model_dropped_stale_owner", model=model, detail=detail)
+
     # -- rounds -------------------------------------------------------------------------------------
     def _start_round_if_due(self) -> None:
         batch = self.batcher.next_due(time.monotonic())
@@ -364,13 +396,14 @@ class Daemon:
         model = batch[0].model
         rt = self.runtimes[model]
         self._reload_if_moved(model)
+        epoch = self.owners.epoch(model)
         round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
         self._round_started = time.monotonic()
         self._abort.clear()
         self.consumer.pause(*self.consumer.assignment())
         log.info("round_started", round_id=round_id, model=model, requests=len(batch),
                  instances=sum(p.size for p in batch), kind=batch[0].decoded.kind)
-        self._round = self._executor.submit(self.committer.run, rt, batch, round_id, self._abort.is_set)
+        self._round = self._executor.submit(self.committer.run, rt, batch, round_id, self._abort.is_set, epoch)
 
     def _reload_if_moved(self, model: str) -> None:
         """Load LATEST when it is not the live version any more, and export the gauges of the version now live."""
@@ -413,6 +446,10 @@ class Daemon:
             self.batcher.retry(batch, time.monotonic())
             if self._rebasing(batch[0].model):
                 self.batcher.held.add(batch[0].model)
+            return
+        if outcome is not None and outcome.status == "stale":   # the model's new owner resolves and applies these
+            self.batcher.retry(batch, time.monotonic())     # held (offsets uncommitted) until a rebalance drops them
+            self._stale(batch[0].model, "a newer owner refused this round's commit")
             return
         if outcome is None or outcome.status == "aborted":
             # nothing published, no offsets committed: the requests stay pending (redelivered on restart)
@@ -524,7 +561,7 @@ class Daemon:
 
     def _start_rebase_if_due(self) -> None:
         assert self.rebaser is not None and self._rebase_executor is not None
-        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled()]
+        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled() and n not in self.owners.dropped]
         found = self.rebaser.requested(models)
         if found is None:
             for name in models:

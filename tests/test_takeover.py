@@ -195,3 +195,76 @@ def test_owners_take_models_of_their_partitions_keep_an_untouched_epoch_and_reta
     finally:
         la.close()
         lb.close()
+
+
+@pytest.mark.slow
+def test_a_daemon_whose_model_was_taken_over_drops_it_counts_the_refusal_and_applies_it_once_when_reassigned(
+        tmp_path, mnist_registry):
+    """The daemon's side of a refusal (stand-in Kafka clients, a real SQLite ledger, model and round): another
+    "host" takes the model after this daemon took it; the daemon's round ends stale, is counted in
+    unlearnd_stale_owner_refusals_total, sends no receipt and commits no offset, and no round of the model runs
+    while it is dropped; assigned the partition again, it takes the model back and applies the request once."""
+    import threading
+    import time as _time
+
+    from kafka import TopicPartition
+
+    from daemon.pipeline.config import load_config
+    from daemon.pipeline.lifecycle import build_daemon
+    from tests.test_pipeline_daemon import Record, _Consumer, _Producer, _until
+
+    tp = TopicPartition("unlearn.requests", partition_of(MODEL, 4))
+
+    class Consumer(_Consumer):
+        def poll(self, timeout_ms: int) -> dict:
+            got = super().poll(timeout_ms)
+            return {tp: got[k] for k in got} if got else got
+
+        def assignment(self) -> set:
+            return {tp}
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3}
+
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    state = tmp_path / "state"
+    config = load_config(None, env={"UNLEARND_REGISTRY_DIR": str(reg), "UNLEARND_STATE_DIR": str(state),
+                                    "UNLEARND_KAFKA_CREATE_TOPICS": "false", "UNLEARND_METRICS_PORT": "0",
+                                    "UNLEARND_ROUNDS_MAX_WAIT_S": "0", "UNLEARND_ROUNDS_THREADS": "1",
+                                    "UNLEARND_ROUNDS_RETENTION_MAX_DROP": "0.5",
+                                    "UNLEARND_MODELS_0_PROBE": "mnist-test:0-199"})
+    body = json.dumps(request("a", refs=["mnist-train:7"])).encode()
+    consumer = Consumer([Record(tp.topic, tp.partition, 0, MODEL.encode(), body, 1)])
+    producer, stop = _Producer(), threading.Event()
+    daemon = build_daemon(config, stop=stop, consumer_factory=lambda: consumer, producer_factory=lambda: producer)
+    daemon.start()
+    daemon.on_assigned({tp})
+    other = Ledger(state / "ledger.sqlite")
+    try:
+        assert daemon.owners.epoch(MODEL) == 1
+        assert other.take_ownership(MODEL, "another-host") == 2      # taken over before the round commits
+        result: list[int] = []
+        loop = threading.Thread(target=lambda: result.append(daemon.run()))
+        loop.start()
+        try:
+            _until(lambda: daemon.metrics.registry.get_sample_value(
+                "unlearnd_stale_owner_refusals_total", {"model": MODEL}) == 1)
+            _time.sleep(1.0)                                        # nothing more runs while the model is dropped
+            assert daemon.owners.epoch(MODEL) is None and MODEL in daemon.owners.dropped
+            assert other.request("a")["status"] == "accepted"
+            assert all(c[tp] == 0 for c in consumer.commits)       # never past the refused round's message
+            assert not [t for t, _ in producer.sent if t == "unlearn.receipts"]
+            assert registry.latest_version(reg, MODEL) == 1
+            assert other.rounds_in_state("abandoned", model=MODEL)[0]["owner"] == daemon.instance
+            daemon.on_assigned({tp})        # (called from a poll in production; here between two polls)
+            _until(lambda: any(t == "unlearn.receipts" for t, _ in producer.sent))
+            _until(lambda: consumer.commits and consumer.commits[-1] == {tp: 1})
+        finally:
+            stop.set()
+            loop.join(timeout=60)
+        assert result == [0] and daemon.owners.epoch(MODEL) == 3
+        receipts = [json.loads(v) for t, v in producer.sent if t == "unlearn.receipts"]
+        assert [(r["request_id"], r["status"], r["model_version"]) for r in receipts] == [("a", "applied", 2)]
+        assert registry.read_manifest(reg, MODEL, 2)["owner_epoch"] == 3
+    finally:
+        other.close()

@@ -162,10 +162,10 @@ class RoundCommitter:
         """Step 2's last act: ``LATEST`` moves to the new version, unless a newer owner exists (issue 24:
         :func:`~daemon.pipeline.ownership.check_publish` against the manifest ``LATEST`` names and the ledger)."""
         latest = registry.latest_version(self.registry_dir, model)
-        if latest is not None and latest >= info.version:
-            return                                      # a roll-forward of a version already live
         manifest = registry.read_manifest(self.registry_dir, model, latest) if latest is not None else None
         check_publish(model, epoch, manifest, self.ledger.ownership_epoch(model))
+        if latest is not None and latest >= info.version:
+            return                                      # a roll-forward of a version already live
         registry.set_latest(self.registry_dir, model, info.version, verify=False)
 
     def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt],

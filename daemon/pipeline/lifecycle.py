@@ -171,11 +171,11 @@ class _Rebalance(ConsumerRebalanceListener):
             log.warning("revoke_handling_failed", error=f"{type(exc).__name__}: {exc}")
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
         try:
             self.daemon.on_assigned(set(assigned))
         except Exception as exc:  # noqa: BLE001 - kafka-python turns a raise here into a failed poll
             log.warning("assign_handling_failed", error=f"{type(exc).__name__}: {exc}")
-        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
 class Daemon:
@@ -367,22 +367,22 @@ class Daemon:
         """Take the new partitions' models, resolve their previous owners' rounds, load LATEST (docs/operations.md)."""
         topic = self.config.kafka.requests_topic
         count = len(self.consumer.partitions_for_topic(topic) or ()) if self.consumer is not None else 0
-        running = self.batcher.running[0].model if self._round is not None and self.batcher.running else None
+        busy = {self.batcher.running[0].model} if self._round is not None and self.batcher.running else set()
+        busy |= {self._rebase.model} if self._rebase is not None and self._rebase_finishing() else set()
         parts = [tp.partition for tp in assigned if tp.topic == topic]
         for model, epoch in self.owners.on_assigned(parts, count or self.config.kafka.partitions):
-            if not self._rebasing(model):
-                self.batcher.held.discard(model)
-            try:                        # never reload under a round of the model: its round start reloads it
-                n = self.committer.take_over(model, self.instance, self.runtimes[model], epoch, reload=model != running)
+            self.batcher.held.difference_update(() if self._rebasing(model) else (model,))   # rounds may run again
+            idle = model not in busy            # never reload under a round (or a rebase's finish) of the model
+            try:
+                n = self.committer.take_over(model, self.instance, self.runtimes[model], epoch, reload=idle)
             except StaleOwner as exc:
                 self._stale(model, str(exc))
                 continue
             log.info("model_taken_over", model=model, epoch=epoch, rounds_resolved=n)
-            if model != running:
+            if idle:
                 self._export_loaded(model)
 
-    def _stale(self, model: str, detail: str) -> None:
-        """Another daemon owns ``model``: count the refusal, drop the model until it is assigned here again."""
+    def _stale(self, model: str, detail: str) -> None:     # another daemon owns it: count, drop until reassigned
         self.owners.drop(model)
         self.batcher.held.add(model)
         self.metrics.stale_owner.labels(model=model).inc()

@@ -54,10 +54,10 @@ def _taken_at(host: Any, models: list[str], after: float) -> float | None:
     return max(seen.values()) if len(seen) == len(models) else None
 
 
-def run(per_model: int) -> dict[str, Any]:
+def run(per_model: int, source: Path | None = None) -> dict[str, Any]:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    cache = daemon_bench.ensure_model()
+    cache = source or daemon_bench.ensure_model()
     reg = copy_registry(cache, WORK / "registry", names=MODELS)
     server, broker = PostgresServer(durable=True).start(), Broker().start()
     cluster = Cluster(WORK, broker.bootstrap, reg, server.new_database())
@@ -112,6 +112,7 @@ def run(per_model: int) -> dict[str, Any]:
             "detail": {"takeover": {
                 "setup": f"3 models x {per_model} single-instance forget requests, twice; PostgreSQL ledger, one "
                          f"registry directory, one Tansu; [rounds] {ROUNDS}; kafka.static_membership = false",
+                "model": f"mnist-cnn from {cache} under three names",
                 "kills": kills, "versions": result.versions, "other": result.other,
                 "rounds_resolved": resolved, "all_outcomes_s": round(all_s, 1), "takeover_s": takeover_s}}}
 
@@ -119,8 +120,10 @@ def run(per_model: int) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--per-model", type=int, default=4)
+    ap.add_argument("--registry", type=Path, default=None,
+                    help="a registry holding a pretrained mnist-cnn (default: daemon_bench's 6-epoch cache)")
     args = ap.parse_args()
-    update = run(args.per_model)
+    update = run(args.per_model, args.registry)
     print(update, flush=True)
     merge(update)
     return 0

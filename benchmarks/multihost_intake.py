@@ -39,6 +39,16 @@ def _with_ledger(url: str | None) -> None:
     daemon_bench.start_daemon = start_daemon
 
 
+def model_note(cache: Path) -> str:
+    """Which pretrained model the run used (daemon_bench pretrains 6 epochs into its cache when it is empty)."""
+    import json
+
+    manifest = json.loads((cache / daemon_bench.MODEL / "1" / "manifest.json").read_text())
+    epochs = manifest.get("method", {}).get("params", {}).get("epochs")
+    acc = manifest.get("metrics", {}).get("acc_test")
+    return f"{daemon_bench.MODEL} pretrained {epochs} epochs (test accuracy {acc}) from {cache}"
+
+
 def run_engine(engine: str, cache: Path, threads_env: str) -> tuple[dict[str, Any], dict[str, Any]]:
     base = WORK / engine
     shutil.rmtree(base, ignore_errors=True)
@@ -65,7 +75,7 @@ def run_engine(engine: str, cache: Path, threads_env: str) -> tuple[dict[str, An
               "forget": {"p50": ttf["p50"], "p99": ttf["p99"], "statuses": forget["detail"]["statuses"],
                          "rounds": forget["detail"]["rounds"],
                          "daemon_startup_to_assigned_s": forget["detail"]["daemon_startup_to_assigned_s"]},
-              "wall_s": round(time.monotonic() - t0, 1),
+              "wall_s": round(time.monotonic() - t0, 1), "model": model_note(cache),
               "ledger": "PostgreSQL (tests/pg_harness.py, durable settings), one database"
               if engine == "postgres" else "SQLite in state.dir (WAL, synchronous=NORMAL)"}
     return section, detail

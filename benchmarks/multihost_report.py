@@ -86,11 +86,12 @@ def report(data: dict[str, Any]) -> str:
                   f"{_num(data[key].get('all_applied_s'), '{:.1f}')} s (statuses {d.get('forget', {}).get('statuses')}, "
                   f"rounds {len(d.get('forget', {}).get('rounds') or [])}, time to forget p50 "
                   f"{_num(d.get('forget', {}).get('p50'), '{:.1f}')} s).",
-                  f"- wall time of the section: {_num(d.get('wall_s'), '{:.0f}')} s; {d.get('ledger')}.", ""]
+                  f"- wall time of the section: {_num(d.get('wall_s'), '{:.0f}')} s; {d.get('ledger')}; model: "
+                  f"{d.get('model')}.", ""]
     t, td = data.get("takeover"), data.get("detail", {}).get("takeover")
     if t and td:
         lines += ["## Takeover: two hosts, kill -9 of an owner mid-round", "",
-                  f"- {td.get('setup')}", f"- kills: {td.get('kills')}",
+                  f"- {td.get('setup')}; model: {td.get('model')}", f"- kills: {td.get('kills')}",
                   f"- requests {t['requests']}, applied exactly once {t['applied']}, duplicates {t['duplicates']}, "
                   f"lost {t['lost']}; other outcomes {td.get('other') or 'none'}.",
                   f"- versions per model: {td.get('versions')}; takeovers that resolved an unfinished round: "

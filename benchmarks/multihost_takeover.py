@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import daemon_bench  # noqa: E402
+from multihost_intake import model_note  # noqa: E402
 from multihost_report import merge  # noqa: E402
 
 from tests.multihost_harness import MODELS, Cluster, bodies, send, shared_keys, tally, wait_outcomes  # noqa: E402
@@ -85,7 +86,7 @@ def run(per_model: int, source: Path | None = None) -> dict[str, Any]:
         cluster.hosts.remove(h1)
         owners = cluster.wait_split(timeout=180)
         lost_2 = sorted(m for m, h in owners.items() if h is h2)
-        second = bodies({m: per_model for m in MODELS}, prefix="mh2")
+        second = bodies({m: per_model for m in MODELS}, prefix="mh2", first=3000)
         mark = len(h2.process.events())
         send(broker.bootstrap, second)
         h2.process.wait_for(lambda e: e.get("event") == "round_started", timeout=300, after=mark)
@@ -112,7 +113,7 @@ def run(per_model: int, source: Path | None = None) -> dict[str, Any]:
             "detail": {"takeover": {
                 "setup": f"3 models x {per_model} single-instance forget requests, twice; PostgreSQL ledger, one "
                          f"registry directory, one Tansu; [rounds] {ROUNDS}; kafka.static_membership = false",
-                "model": f"mnist-cnn from {cache} under three names",
+                "model": f"{model_note(cache)}, under three names",
                 "kills": kills, "versions": result.versions, "other": result.other,
                 "rounds_resolved": resolved, "all_outcomes_s": round(all_s, 1), "takeover_s": takeover_s}}}
 

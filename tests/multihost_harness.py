@@ -112,9 +112,10 @@ class Cluster:
             h.process.kill()
 
 
-def bodies(counts: Mapping[str, int], *, prefix: str = "mh") -> list[dict[str, Any]]:
-    """``counts[model]`` single-instance forget requests per model, each naming its own training item."""
-    return [request(f"{prefix}-{m}-{i}", "forget", [f"mnist-train:{1000 + 50 * j + i}"], model=m)
+def bodies(counts: Mapping[str, int], *, prefix: str = "mh", first: int = 1000) -> list[dict[str, Any]]:
+    """``counts[model]`` single-instance forget requests per model, each naming its own training item (from
+    ``first`` on: a second batch must name other items, or its rounds re-forget what the memory already holds)."""
+    return [request(f"{prefix}-{m}-{i}", "forget", [f"mnist-train:{first + 50 * j + i}"], model=m)
             for j, (m, n) in enumerate(sorted(counts.items())) for i in range(n)]
 
 

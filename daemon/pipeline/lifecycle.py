@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 import torch
-from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from daemon.cpu_policy import set_thread_policy
@@ -45,7 +45,7 @@ from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
 from daemon.pipeline.outbox import OutboxPublisher, kafka_producer_factory
 from daemon.pipeline.owners import Owners
-from daemon.pipeline.ownership import StaleOwner
+from daemon.pipeline.rebalance import Rebalance, drop_model
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
 from daemon.pipeline.receipts import ReceiptChain
@@ -160,24 +160,6 @@ class _RunningRebase:
         self.finish: Future[RebaseOutcome] | None = None
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        try:
-            self.daemon.on_revoked(set(revoked))
-        except Exception as exc:  # noqa: BLE001 - kafka-python turns a raise here into a failed poll
-            log.warning("revoke_handling_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
-        try:
-            self.daemon.on_assigned(set(assigned))
-        except Exception as exc:  # noqa: BLE001 - kafka-python turns a raise here into a failed poll
-            log.warning("assign_handling_failed", error=f"{type(exc).__name__}: {exc}")
-
-
 class Daemon:
     """``unlearnd run``: :meth:`start`, then :meth:`run` until ``stop`` is set; :meth:`shutdown` is idempotent."""
 
@@ -198,6 +180,7 @@ class Daemon:
         self.outbox = outbox
         self.instance = config.kafka.instance_id
         self.owners = Owners(ledger, self.instance, runtimes)     # the models held, their fencing epochs (issue 24)
+        self.rebalance = Rebalance(self)
         self._consumer_factory = consumer_factory
         self._executor = executor
         self._stop = stop or threading.Event()
@@ -205,6 +188,7 @@ class Daemon:
         self.consumer: Any = None
         self._round: Future[RoundOutcome] | None = None
         self._round_started = 0.0
+        self._round_epoch: int | None = None        # the ownership epoch the running round started under
         self._metrics_server: Any = None
         self._last_commit = 0.0
         self._last_latest_check = time.monotonic()
@@ -236,7 +220,7 @@ class Daemon:
         self.outbox.start()
         k = self.config.kafka
         self.consumer = self._consumer_factory()
-        self.consumer.subscribe([k.requests_topic], listener=_Rebalance(self))
+        self.consumer.subscribe([k.requests_topic], listener=self.rebalance)
         # Start-up leaves ~200,000 long-lived objects (torch, the models, the data sets) that Python's cyclic
         # garbage collector would walk on every full collection, ~0.1 s each, several times a second under an
         # intake flood. They live as long as the daemon: collect once, then move them out of the collector's view.
@@ -354,39 +338,12 @@ class Daemon:
             log.warning("offset_commit_failed", error=str(exc))
 
     def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Partitions leave this daemon: commit what is safe, forget their waiting requests and offsets."""
-        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
-        try:
-            self._commit_offsets()
-        except Exception as exc:  # noqa: BLE001 - the group may already be gone (broker restart)
-            log.warning("offset_commit_failed", error=f"{type(exc).__name__}: {exc}")
-        self.batcher.drop(revoked)
-        self.offsets.forget(revoked)
+        """Partitions leave this daemon (:mod:`daemon.pipeline.rebalance`: dropped once known to be gone)."""
+        self.rebalance.revoked(revoked)
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Take the new partitions' models, resolve their previous owners' rounds, load LATEST (docs/operations.md)."""
-        topic = self.config.kafka.requests_topic
-        count = len(self.consumer.partitions_for_topic(topic) or ()) if self.consumer is not None else 0
-        busy = {self.batcher.running[0].model} if self._round is not None and self.batcher.running else set()
-        busy |= {self._rebase.model} if self._rebase is not None and self._rebase_finishing() else set()
-        parts = [tp.partition for tp in assigned if tp.topic == topic]
-        for model, epoch in self.owners.on_assigned(parts, count or self.config.kafka.partitions):
-            self.batcher.held.difference_update(() if self._rebasing(model) else (model,))   # rounds may run again
-            idle = model not in busy            # never reload under a round (or a rebase's finish) of the model
-            try:
-                n = self.committer.take_over(model, self.instance, self.runtimes[model], epoch, reload=idle)
-            except StaleOwner as exc:
-                self._stale(model, str(exc))
-                continue
-            log.info("model_taken_over", model=model, epoch=epoch, rounds_resolved=n)
-            if idle:
-                self._export_loaded(model)
-
-    def _stale(self, model: str, detail: str) -> None:     # another daemon owns it: count, drop until reassigned
-        self.owners.drop(model)
-        self.batcher.held.add(model)
-        self.metrics.stale_owner.labels(model=model).inc()
-        log.warning("model_dropped_stale_owner", model=model, detail=detail)
+        """Partitions come (issue 24: their models are taken over, :mod:`daemon.pipeline.rebalance`)."""
+        self.rebalance.assigned(assigned)
 
     # -- rounds -------------------------------------------------------------------------------------
     def _start_round_if_due(self) -> None:
@@ -396,7 +353,7 @@ class Daemon:
         model = batch[0].model
         rt = self.runtimes[model]
         self._reload_if_moved(model)
-        epoch = self.owners.epoch(model)
+        epoch = self._round_epoch = self.owners.epoch(model)
         round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
         self._round_started = time.monotonic()
         self._abort.clear()
@@ -449,7 +406,8 @@ class Daemon:
             return
         if outcome is not None and outcome.status == "stale":   # the model's new owner resolves and applies these
             self.batcher.retry(batch, time.monotonic())     # held (offsets uncommitted) until a rebalance drops them
-            self._stale(batch[0].model, "a newer owner refused this round's commit")
+            if self.owners.epoch(batch[0].model) == self._round_epoch:      # not taken back since the round began
+                drop_model(self, batch[0].model, "a newer owner refused this round's commit")
             return
         if outcome is None or outcome.status == "aborted":
             # nothing published, no offsets committed: the requests stay pending (redelivered on restart)

@@ -8,6 +8,7 @@ every request ends with exactly one applied receipt and no version is published 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -268,3 +269,62 @@ def test_a_daemon_whose_model_was_taken_over_drops_it_counts_the_refusal_and_app
         assert registry.read_manifest(reg, MODEL, 2)["owner_epoch"] == 3
     finally:
         other.close()
+
+
+def test_a_rebalance_keeps_the_requests_of_a_partition_assigned_again_and_rewinds_one_whose_model_was_taken(
+        tmp_path, mnist_registry):
+    """kafka-python keeps the read position of a partition assigned again, so its waiting requests must stay queued
+    (they would never be read again); one that went elsewhere is dropped; and a kept partition whose model another
+    daemon took in between is rewound to the group's committed offset (the ledger decides its requests again)."""
+    from kafka import TopicPartition
+
+    from daemon.pipeline.config import load_config
+    from daemon.pipeline.lifecycle import build_daemon
+    from tests.test_pipeline_daemon import _Consumer, _Producer
+
+    mine, other_tp = TopicPartition("unlearn.requests", partition_of(MODEL, 4)), TopicPartition("unlearn.requests", 0)
+
+    class Consumer(_Consumer):
+        seeks: list = []
+
+        def assignment(self) -> set:
+            return {mine, other_tp}
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3}
+
+        def committed(self, tp, timeout_ms=None):  # noqa: ANN001, ANN201 - the group's offset, as the broker says
+            return 5
+
+        def seek(self, tp, offset: int) -> None:  # noqa: ANN001
+            self.seeks.append((tp, offset))
+
+    reg = copy_registry(mnist_registry, tmp_path / "registry")
+    state = tmp_path / "state"
+    config = load_config(None, env={"UNLEARND_REGISTRY_DIR": str(reg), "UNLEARND_STATE_DIR": str(state),
+                                    "UNLEARND_KAFKA_CREATE_TOPICS": "false", "UNLEARND_METRICS_PORT": "0",
+                                    "UNLEARND_MODELS_0_PROBE": "mnist-test:0-199"})
+    consumer = Consumer([])
+    daemon = build_daemon(config, consumer_factory=lambda: consumer, producer_factory=_Producer)
+    daemon.start()
+    other = Ledger(state / "ledger.sqlite")
+    try:
+        daemon.on_assigned({mine, other_tp})
+        waiting = [pending_request(daemon.runtimes[MODEL], request(r, refs=["mnist-train:7"]), offset=o)
+                   for r, o in (("a", 5), ("b", 3))]
+        waiting = [dataclasses.replace(waiting[0], topic=mine.topic, partition=mine.partition),
+                   dataclasses.replace(waiting[1], topic=other_tp.topic, partition=other_tp.partition)]
+        for p in waiting:
+            daemon.batcher.add(p, 0.0)
+        daemon.on_revoked({mine, other_tp})
+        daemon.on_assigned({mine})                          # partition 0 went elsewhere; ours came back
+        assert [p.request_id for p in daemon.batcher.waiting()] == ["a"] and consumer.seeks == []
+        assert daemon.owners.epoch(MODEL) == 1              # nobody took the model: its epoch is kept
+        other.take_ownership(MODEL, "another-host")
+        daemon.on_revoked({mine})
+        daemon.on_assigned({mine})                          # taken back: read again from the group's offset
+        assert daemon.owners.epoch(MODEL) == 3 and consumer.seeks == [(mine, 5)]
+        assert list(daemon.batcher.waiting()) == []
+    finally:
+        other.close()
+        daemon.shutdown()

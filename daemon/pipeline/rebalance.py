@@ -105,7 +105,7 @@ class Rebalance(ConsumerRebalanceListener):
         d.batcher.drop([tp])
         d.offsets.forget([tp])
         try:
-            committed = d.consumer.committed(tp)
+            committed = d.consumer.committed(tp, timeout_ms=5000)
             if committed is None:
                 d.consumer.seek_to_beginning(tp)
             else:

@@ -48,7 +48,7 @@ def test_the_daemon_waits_out_a_postgresql_outage_and_each_request_ends_once(tmp
             # 2. inside a round: the daemon stops with EX_TEMPFAIL, its round left to the restart's recovery
             mark = len(d.events())
             produce_requests(broker.bootstrap, [request("in-round", "forget",
-                                                        [f"mnist-train:{700 + i}" for i in range(24)])])
+                                                        [f"mnist-train:{700 + i}" for i in range(12)])])
             d.wait_for(lambda e: e.get("event") == "round_started", timeout=60, after=mark)
             server._shutdown()
             assert d.wait(timeout=120) == EXIT_LEDGER_LOST, d.tail()

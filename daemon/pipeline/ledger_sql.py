@@ -93,8 +93,9 @@ _POSTGRES_DELIVERY = ('INSERT INTO deliveries (topic, partition, "offset", finge
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+    """libpq's message on one line (it spreads the cause and a hint over several, the hint tab-indented)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def _connect_postgres(url: str, error: type[EngineError] = EngineError) -> Any:

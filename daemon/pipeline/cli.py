@@ -34,11 +34,12 @@ def _check_folders(config: Any) -> list[str]:
     """The folders and the database the daemon writes: a usage error (exit 2) when the state folder is not writable
     or the ledger's PostgreSQL (state.url) cannot be reached; warnings."""
     from daemon.pipeline.config import ConfigError
-    from daemon.pipeline.config_checks import check_folders, check_state_database
+    from daemon.pipeline.config_checks import check_folders, check_registry_store, check_state_database
 
     try:
         warnings = check_folders(config)
         check_state_database(config)                    # state.url: the PostgreSQL ledger answers
+        check_registry_store(config)                    # registry.url: the bucket answers
         return warnings
     except ConfigError as exc:
         raise _usage(f"configuration: {exc}") from exc
@@ -124,7 +125,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         k = config.kafka
         sasl = f" {k.sasl_mechanism}" if k.security_protocol.startswith("SASL_") else ""
         print(f"ok: {len(config.models)} model(s), broker {k.bootstrap} ({k.security_protocol}{sasl}), "
-              f"state {config.state.dir}, ledger {_ledger_shown(config)}, registry {config.registry.dir}")
+              f"state {config.state.dir}, ledger {_ledger_shown(config)}, "
+              f"registry {config.registry.url or config.registry.dir}")
     elif args.action == "show":
         sys.stdout.write(effective_toml(_load(args)))
     else:

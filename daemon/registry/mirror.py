@@ -13,13 +13,14 @@ local folder, as before.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from daemon.registry.layout import RegistryError
-from daemon.registry.read import latest_version, list_versions, verify_version
+from daemon.registry.layout import MANIFEST_FILE, RegistryError
+from daemon.registry.read import VersionInfo, latest_version, list_versions, verify_version
 from daemon.registry.remote import (
     Hook,
     RemoteConfigError,
@@ -128,18 +129,35 @@ class RegistryMirror:
         set_latest(self.local, model, remote)
         return remote
 
-    def pull_all(self, model: str) -> tuple[list[int], dict[int, str]]:
-        """Pull every version the bucket holds a manifest for (``unlearnd registry`` on a URL): (pulled, failed
-        with why). ``LATEST`` of the local copy is set to the bucket's."""
+    def versions(self, model: str) -> list[int]:
+        """The versions the bucket holds a manifest for (complete ones), ascending."""
         prefix = self.loc.key(model) + "/"
-        versions: set[int] = set()
+        found: set[int] = set()
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.loc.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 parts = obj["Key"][len(prefix):].split("/")
-                if len(parts) == 2 and parts[1] == "manifest.json" and parts[0].isdigit():
-                    versions.add(int(parts[0]))
+                if len(parts) == 2 and parts[1] == MANIFEST_FILE and parts[0].isdigit():
+                    found.add(int(parts[0]))
+        return sorted(found)
+
+    def pull_round(self, model: str, round_id: str) -> VersionInfo | None:
+        """The version a round wrote, pulled from the bucket when the local copy lacks it (a working copy lost, or
+        another host's); its local ``LATEST`` is left to the caller. None if the bucket has no such version."""
+        local = set(list_versions(self.local, model))
+        for v in reversed(self.versions(model)):
+            if v in local:
+                continue
+            raw = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key(model, str(v), MANIFEST_FILE))
+            if json.loads(raw["Body"].read()).get("round_id") == round_id:
+                pull_version(self.client, self.loc, self.local, model, v)
+                return verify_version(self.local, model, v)
+        return None
+
+    def pull_all(self, model: str) -> tuple[list[int], dict[int, str]]:
+        """Pull every version the bucket holds a manifest for (``unlearnd registry`` on a URL): (pulled, failed
+        with why). ``LATEST`` of the local copy is set to the bucket's."""
         pulled, failed = [], {}
-        for v in sorted(versions):
+        for v in self.versions(model):
             try:
                 pull_version(self.client, self.loc, self.local, model, v)
                 pulled.append(v)

@@ -69,3 +69,33 @@ def test_an_unusable_object_store_is_exit_2_naming_the_setting(tmp_path, capsys,
     assert not (tmp_path / "state" / "ledger.sqlite").exists()
     assert main(["config", "check", "--config", _config_file(tmp_path, f"s3://{s3.bucket}/reg", s3.endpoint_url)]) == 0
     assert f"registry s3://{s3.bucket}/reg" in capsys.readouterr().out
+
+
+def test_a_rounds_push_waits_out_an_unreachable_store_and_a_stop_leaves_it_to_the_recovery(tmp_path, s3,
+                                                                                        monkeypatch):
+    from daemon.pipeline import bucket
+    from daemon.registry import write_version
+    from daemon.registry.mirror import RegistryMirror
+    from daemon.registry.remote import S3Location, make_client
+    from tests.test_registry_s3 import CLASSES, NAME, SHAPE, tiny_model
+
+    monkeypatch.setattr(bucket, "RETRY_FIRST_S", 0.01)
+    v = write_version(tmp_path, NAME, tiny_model(), input_shape=SHAPE, classes=CLASSES, parent=None,
+                      export_pt2=False).version
+    down = make_client(f"http://127.0.0.1:{_free_port()}")          # nothing listens there
+    mirror = RegistryMirror(down, S3Location(s3.bucket, "p/"), tmp_path)
+    asked = []
+
+    def back_after_two() -> bool:      # the store comes back while the round waits
+        asked.append(1)
+        if len(asked) == 2:
+            mirror.client = s3.client()
+        return False
+
+    bucket.mirror_publish(mirror, NAME, v, should_abort=back_after_two)
+    assert len(asked) == 2 and mirror.latest(NAME) == v
+    mirror.client = down
+    with pytest.raises(bucket.RegistryUnavailable, match=r"registry\.url s3://.*cannot push"):
+        bucket.mirror_publish(mirror, NAME, v, should_abort=lambda: True)     # a stop: the recovery finishes it
+    with pytest.raises(bucket.RegistryUnavailable):
+        bucket.mirror_publish(mirror, NAME, v)                               # the recovery's one attempt

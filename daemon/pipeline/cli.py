@@ -57,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     from daemon.logs import configure_logging
+    from daemon.pipeline.bucket import RegistryUnavailable
     from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
     from daemon.pipeline.runtime import RuntimeError_
 
@@ -75,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon.start()
     except (StartupError, RuntimeError_) as exc:
         raise _usage(f"refusing to start: {exc}") from exc
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, RegistryUnavailable) as exc:
         print(f"unlearnd run: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 1

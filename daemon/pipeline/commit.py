@@ -127,7 +127,7 @@ class RoundCommitter:
         failpoint("after_begin_commit")
         info = rt.publish(candidate, round_id, method)
         failpoint("after_registry_write")
-        mirror_publish(self.mirror, rt.name, info.version)     # step 2b, before the ledger commits the round
+        mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)    # step 2b
         self._commit(round_id, rt.name, info, drafts)
         failpoint("after_ledger_commit")
         self._prune(rt.name)

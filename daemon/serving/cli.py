@@ -59,7 +59,14 @@ def _registry_dir(args: argparse.Namespace) -> Path:
     if _is_url(value) and not value.startswith("file:"):
         import tempfile
 
-        scratch = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="unlearnd-registry-"))
+        if args.cache_dir:
+            scratch = Path(args.cache_dir)
+        else:
+            import atexit
+            import shutil
+
+            scratch = Path(tempfile.mkdtemp(prefix="unlearnd-registry-"))
+            atexit.register(shutil.rmtree, scratch, True)
         args.mirror = _mirror(args, scratch)
         pulled, failed = args.mirror.pull_all(_model(args, scratch, must_exist=False))
         args.pull_failed = failed

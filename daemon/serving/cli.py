@@ -27,7 +27,8 @@ def _usage(message: str) -> Exception:
 
 
 def _registry_value(args: argparse.Namespace) -> str:
-    value = args.registry or os.environ.get(REGISTRY_ENV) or os.environ.get(REGISTRY_URL_ENV)
+    # the daemon's names: with both set, registry.url is where versions are published (dir: its working copy)
+    value = args.registry or os.environ.get(REGISTRY_URL_ENV) or os.environ.get(REGISTRY_ENV)
     if not value:
         raise _usage(f"--registry DIR|URL is required (or set {REGISTRY_ENV} or {REGISTRY_URL_ENV})")
     return value

@@ -360,8 +360,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     from daemon.registry import ops as registry_ops
 
     sp = sub.add_parser("serve", help="serve a registry model over the Open Inference Protocol (KServe v2)")
-    sp.add_argument("--registry", help=f"registry root, or s3://bucket/prefix (default: ${REGISTRY_ENV}, "
-                                       f"${REGISTRY_URL_ENV})")
+    sp.add_argument("--registry", help=f"registry root, or s3://bucket/prefix (default: ${REGISTRY_URL_ENV}, "
+                                       f"${REGISTRY_ENV})")
     _s3_arguments(sp, cache="local cache of an s3:// registry, where versions are pulled and verified before "
                             "they are served (default: $XDG_CACHE_HOME/unlearnd/<bucket>/<prefix>)")
     sp.add_argument("--model", required=True, help="the model to serve")
@@ -414,8 +414,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     rsub = rp.add_subparsers(dest="registry_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", help=f"registry root, or s3://bucket/prefix (default: ${REGISTRY_ENV}, "
-                                          f"${REGISTRY_URL_ENV})")
+        p.add_argument("--registry", help=f"registry root, or s3://bucket/prefix (default: ${REGISTRY_URL_ENV}, "
+                                          f"${REGISTRY_ENV})")
         _s3_arguments(p, cache="with s3://: the folder the bucket's versions are pulled into (default: a "
                                "temporary one)")
         p.add_argument("--model", required=True)

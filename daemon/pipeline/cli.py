@@ -30,15 +30,15 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
         raise _usage(f"configuration: {exc}") from exc
 
 
-def _check_folders(config: Any) -> list[str]:
+def _check_folders(config: Any, *, wait: bool = False) -> list[str]:
     """The folders and the database the daemon writes: a usage error (exit 2) when the state folder is not writable
-    or the ledger's PostgreSQL (state.url) cannot be reached; warnings."""
+    or the ledger's PostgreSQL (state.url) cannot be reached (``wait``: within ``state.wait_s``); warnings."""
     from daemon.pipeline.config import ConfigError
     from daemon.pipeline.config_checks import check_folders, check_registry_store, check_state_database
 
     try:
         warnings = check_folders(config)
-        check_state_database(config)                    # state.url: the PostgreSQL ledger answers
+        check_state_database(config, wait_s=config.state.wait_s if wait else 0.0)   # state.url answers
         check_registry_store(config)                    # registry.url: the bucket answers
         return warnings
     except ConfigError as exc:
@@ -62,8 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)
-    warnings = _check_folders(config)           # before anything is set up: a refusal leaves nothing behind
     configure_logging(config.log.level, config.log.format)
+    warnings = _check_folders(config, wait=True)    # before anything is set up: a refusal leaves nothing behind
     for warning in warnings:
         structlog.get_logger("unlearnd.daemon").warning("config_warning", detail=warning)
     stop = threading.Event()

@@ -126,6 +126,9 @@ class StateSection:
                                  "audit trail and the keys")
     url: str = _opt("", "the ledger's database: empty = SQLite in state.dir (embedded); postgresql://user@host:port/db "
                         "= PostgreSQL (the password from PGPASSWORD or ~/.pgpass, never in the URL)")
+    wait_s: float = _opt(30.0, "PostgreSQL: how long `unlearnd run` waits at start-up for a server it cannot reach (a "
+                               "restart, a failover) before it gives up with exit 2; a running daemon waits out an "
+                               "outage for as long as it lasts", "s", minimum=0)
 
     def ledger_target(self) -> str:
         """What :class:`daemon.pipeline.ledger.Ledger` opens: the PostgreSQL URL, else the SQLite file in ``dir``."""

@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from daemon.pipeline.config import Config, ConfigError
@@ -92,17 +93,33 @@ def check_state_url(url: str) -> None:
                                        f"give it in PGPASSWORD or a ~/.pgpass file (libpq reads them)")
 
 
-def check_state_database(config: Config) -> None:
+def check_state_database(config: Config, *, wait_s: float = 0.0) -> None:
     """The ledger's PostgreSQL database (``state.url``) answers: run by ``config check`` and the daemon's start, so
-    an unreachable server or a refused login is a usage error naming the setting, before anything is set up."""
+    an unreachable server or a refused login is a usage error naming the setting, before anything is set up.
+
+    ``wait_s`` (the daemon's start: ``state.wait_s``) rides out a server that does not answer yet - a restart, a
+    failover, a database container started beside the daemon - retrying each second; a refused login or a missing
+    database is final at once."""
     if not config.state.url:
         return
-    from daemon.pipeline.ledger_sql import Engine, EngineError
+    import structlog
 
-    try:
-        Engine.open(config.state.url).close()
-    except EngineError as exc:
-        raise ConfigError("state.url", str(exc).removeprefix("state.url: ")) from None
+    from daemon.pipeline.ledger_sql import Engine, EngineError, LedgerUnavailable
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            Engine.open(config.state.url).close()
+            return
+        except LedgerUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" (waited {wait_s:g} s, state.wait_s)" if wait_s else ""
+                raise ConfigError("state.url", str(exc).removeprefix("state.url: ") + waited) from None
+            structlog.get_logger("unlearnd.daemon").warning("ledger_waiting", error=str(exc), left_s=round(left, 1))
+            time.sleep(min(1.0, left))
+        except EngineError as exc:
+            raise ConfigError("state.url", str(exc).removeprefix("state.url: ")) from None
 
 
 def check_registry_url(config: Config) -> None:

@@ -39,7 +39,7 @@ from daemon.pipeline.config import Config
 from daemon.pipeline.intake import Intake
 from daemon.pipeline.kafka_io import check_broker_tls, ensure_topics, make_consumer
 from daemon.pipeline.keyring import open_keys
-from daemon.pipeline.ledger import Ledger, LedgerError
+from daemon.pipeline.ledger import Ledger, LedgerError, LedgerUnavailable
 from daemon.pipeline.ledger_schema import IdKeyMismatch
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
@@ -62,6 +62,8 @@ OFFSET_COMMIT_INTERVAL_S = 1.0
 LATEST_CHECK_INTERVAL_S = 10.0
 REBASE_CHECK_INTERVAL_S = 1.0       # how often the loop looks for a requested rebase or a policy that asks for one
 STRANDED_CHECK_INTERVAL_S = 1.0     # how often the loop looks for accepted requests it no longer holds
+LEDGER_BACKOFF_S = (0.5, 5.0)       # first and longest wait before reading a poll again while the ledger is away
+EXIT_LEDGER_LOST = 75               # EX_TEMPFAIL: the ledger went away inside a round; start-up recovery resolves it
 QUIET_S = 2.0                       # polls empty (nothing paused) this long: the consumer has read its partitions
 
 
@@ -214,6 +216,8 @@ class Daemon:
                                       versions=lambda m: self.runtimes[m].version if m in self.runtimes else None)
         self._stranded_check = 0.0
         self._empty_since: float | None = None      # monotonic: since when polls come back empty, nothing paused
+        self._ledger_outage = 0                     # consecutive calls that found the ledger away (the backoff)
+        self._exit_code = 0
 
     # -- start-up -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -290,7 +294,7 @@ class Daemon:
                 self._stranded_step()
             self._update_gauges()
         self.shutdown()
-        return 0
+        return self._exit_code
 
     def shutdown(self) -> None:
         """Commit what is safe, flush the outbox a while, leave the group, stop the threads, close the ledger."""
@@ -298,7 +302,10 @@ class Daemon:
             return
         self._closed = True
         self._commit_offsets()
-        self.outbox.stop(flush_timeout_s=5.0)
+        try:
+            self.outbox.stop(flush_timeout_s=5.0)
+        except LedgerUnavailable as exc:        # what it could not publish waits in the ledger for the next start
+            log.warning("outbox_flush_skipped", error=str(exc))
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False)
@@ -327,13 +334,40 @@ class Daemon:
         if not records:
             self._commit_offsets()
             return
-        if self.intake.process(records):
+        try:
+            queued = self.intake.process(records)
+        except LedgerUnavailable as exc:
+            self._read_again_later(records, exc)
+            return
+        self._ledger_outage = 0
+        if queued:
             self.outbox.wake()
         # every effect is in the ledger now, so committing is safe; while messages keep coming it is done at most
         # every OFFSET_COMMIT_INTERVAL_S (a synchronous round trip per poll would cost a flood ~10%), and at once
         # when a poll comes back empty, a round ends, partitions are revoked or the daemon stops. What a crash
         # leaves uncommitted is redelivered and recognised by the ledger (same offset, same fingerprint).
         self._commit_offsets(due_only=True)
+
+    def _read_again_later(self, records: list[Any], exc: LedgerUnavailable) -> None:
+        """The ledger went away while deciding a poll: nothing of it took effect (the intake touches the batcher
+        and the offsets only after its transaction commits), so the consumer is moved back to the poll's first
+        offsets and the same messages are read again after a backoff, for as long as the outage lasts."""
+        first: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            first[tp] = min(first.get(tp, rec.offset), rec.offset)
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
+        self._ledger_away(exc, messages=len(records))
+
+    def _ledger_away(self, exc: LedgerUnavailable, **fields: Any) -> None:
+        """Count, log and wait out one failed call (exponential backoff, cut short by a stop)."""
+        self._ledger_outage += 1
+        self.metrics.ledger_unavailable.inc()
+        first, longest = LEDGER_BACKOFF_S
+        wait = min(longest, first * 2 ** (self._ledger_outage - 1))
+        log.warning("ledger_unavailable", error=str(exc), retry_s=wait, attempt=self._ledger_outage, **fields)
+        self._stop.wait(wait)
 
     # -- offsets ------------------------------------------------------------------------------------
     def _commit_offsets(self, *, due_only: bool = False) -> None:
@@ -369,7 +403,12 @@ class Daemon:
         model = batch[0].model
         rt = self.runtimes[model]
         self._reload_if_moved(model)
-        round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
+        try:
+            round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
+        except LedgerUnavailable as exc:        # nothing allocated: the batch waits in front of its queue
+            self.batcher.retry(self.batcher.settle(), time.monotonic())
+            self._ledger_away(exc, model=model)
+            return
         self._round_started = time.monotonic()
         self._abort.clear()
         self.consumer.pause(*self.consumer.assignment())
@@ -406,6 +445,15 @@ class Daemon:
         duration = time.monotonic() - self._round_started
         try:
             outcome: RoundOutcome | None = future.result()
+        except LedgerUnavailable as exc:
+            # where in the round it struck is not known here (before its intent, or between the registry write and
+            # the commit): stopping hands the round to start-up recovery, which resolves exactly that case
+            log.error("ledger_lost_in_round", error=str(exc), exit_code=EXIT_LEDGER_LOST,
+                      detail="stopping; the restart resolves the round and its requests are read again")
+            self.metrics.ledger_unavailable.inc()
+            self._exit_code = EXIT_LEDGER_LOST
+            self._stop.set()
+            return
         except Exception as exc:  # noqa: BLE001 - a crashed round leaves its requests pending
             log.exception("round_crashed", error=str(exc))
             outcome = None

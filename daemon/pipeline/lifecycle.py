@@ -33,6 +33,7 @@ from kafka.errors import KafkaError
 from daemon.cpu_policy import set_thread_policy
 from daemon.keys import KeyFileError
 from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.bucket import open_registry, pull_at_start
 from daemon.pipeline.codec import Limits
 from daemon.pipeline.commit import RoundCommitter, RoundOutcome, StartupError
 from daemon.pipeline.config import Config
@@ -49,7 +50,6 @@ from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, Rebase
 from daemon.pipeline.receipts import ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime, RuntimeError_
 from daemon.pipeline.stranded import PartitionView, StrandedWatch
-from daemon.pipeline.bucket import open_registry, pull_at_start
 
 __all__ = ["BrokerUnavailable", "Daemon", "StartupError", "build_daemon", "install_signal_handlers",
            "round_executor"]
@@ -244,8 +244,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         log.info("daemon_started", instance=self.instance, models={n: r.version for n, r in self.runtimes.items()},
-                 registry=self.config.registry.url or str(Path(self.config.registry.dir)),
-                 state=str(Path(self.config.state.dir)))
+                 registry=self.config.registry.url or self.config.registry.dir, state=str(Path(self.config.state.dir)))
 
     def _ensure_topics(self) -> None:
         k = self.config.kafka

@@ -34,11 +34,12 @@ def _check_folders(config: Any, *, wait: bool = False) -> list[str]:
     """The folders and the database the daemon writes: a usage error (exit 2) when the state folder is not writable
     or the ledger's PostgreSQL (state.url) cannot be reached (``wait``: within ``state.wait_s``); warnings."""
     from daemon.pipeline.config import ConfigError
-    from daemon.pipeline.config_checks import check_folders, check_state_database
+    from daemon.pipeline.config_checks import check_folders, check_registry_store, check_state_database
 
     try:
         warnings = check_folders(config)
         check_state_database(config, wait_s=config.state.wait_s if wait else 0.0)   # state.url answers
+        check_registry_store(config)                    # registry.url: the bucket answers
         return warnings
     except ConfigError as exc:
         raise _usage(f"configuration: {exc}") from exc
@@ -56,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     from daemon.logs import configure_logging
+    from daemon.pipeline.bucket import RegistryUnavailable
     from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
     from daemon.pipeline.runtime import RuntimeError_
 
@@ -74,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon.start()
     except (StartupError, RuntimeError_) as exc:
         raise _usage(f"refusing to start: {exc}") from exc
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, RegistryUnavailable) as exc:
         print(f"unlearnd run: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 1
@@ -124,7 +126,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         k = config.kafka
         sasl = f" {k.sasl_mechanism}" if k.security_protocol.startswith("SASL_") else ""
         print(f"ok: {len(config.models)} model(s), broker {k.bootstrap} ({k.security_protocol}{sasl}), "
-              f"state {config.state.dir}, ledger {_ledger_shown(config)}, registry {config.registry.dir}")
+              f"state {config.state.dir}, ledger {_ledger_shown(config)}, "
+              f"registry {config.registry.url or config.registry.dir}")
     elif args.action == "show":
         sys.stdout.write(effective_toml(_load(args)))
     else:

@@ -4,6 +4,8 @@ A round commits in this order, each step durable before the next:
 
 1. ledger: the round is ``committing``, with its draft receipts (hashes only);
 2. registry: the new version (atomic directory rename, then ``LATEST``);
+2b. bucket (``registry.url = "s3://…"``): the version is pushed, files, manifest, then the bucket's ``LATEST``
+    (:func:`mirror_publish`); a crash before it ends is completed by the recovery, which pushes again;
 3. ledger: the round is ``committed``; receipts enter the audit chain and the outbox in one transaction;
 4. broker: receipts and the ``unlearn.models`` event leave the outbox; servers are notified;
 5. Kafka: the offsets move past the round's messages.
@@ -42,6 +44,8 @@ from daemon.pipeline.receipts import (
     instance_outcomes,
 )
 from daemon.pipeline.runtime import Candidate, ModelRuntime
+from daemon.pipeline.bucket import mirror_publish, s3_failpoint
+from daemon.registry.mirror import RegistryMirror
 
 __all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError", "find_version"]
 
@@ -74,8 +78,9 @@ class RoundCommitter:
 
     def __init__(self, ledger: Ledger, registry_dir: Path, receipts: ReceiptChain, *, models_topic: str,
                  method: Mapping[str, Any], split_failed: bool, keep_versions: int,
-                 rebasing: Callable[[str], bool] | None = None) -> None:
+                 rebasing: Callable[[str], bool] | None = None, mirror: RegistryMirror | None = None) -> None:
         self.ledger = ledger
+        self.mirror = mirror                # the bucket the registry is published to (None: the folder alone)
         self.registry_dir = registry_dir
         self.receipts = receipts
         self.models_topic = models_topic
@@ -122,6 +127,7 @@ class RoundCommitter:
         failpoint("after_begin_commit")
         info = rt.publish(candidate, round_id, method)
         failpoint("after_registry_write")
+        mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)    # step 2b
         self._commit(round_id, rt.name, info, drafts)
         failpoint("after_ledger_commit")
         self._prune(rt.name)
@@ -198,6 +204,8 @@ class RoundCommitter:
             for r in self.ledger.rounds_in_state(state, owner):
                 rt = runtimes.get(r["model"])
                 found = self._find_version(r["model"], r["round_id"]) if (rt and state == "committing") else None
+                if found is None and rt and state == "committing" and self.mirror is not None:
+                    found = self.mirror.pull_round(r["model"], r["round_id"])    # the working copy was lost
                 if found is None:
                     with self.ledger.transaction() as tx:
                         tx.end_round(r["round_id"], "abandoned",
@@ -207,9 +215,14 @@ class RoundCommitter:
                 log.warning("round_rolled_forward", round_id=r["round_id"], version=found.version)
                 if (registry.latest_version(self.registry_dir, r["model"]) or 0) < found.version:
                     registry.set_latest(self.registry_dir, r["model"], found.version)
+                mirror_publish(self.mirror, r["model"], found.version)    # completes a push cut short
                 self._commit(r["round_id"], r["model"], found, [AppliedReceipt.from_draft(d) for d in r["drafts"]])
                 if rt is not None:
                     rt.reload()
+        for name in runtimes if self.mirror is not None else ():
+            pushed = self.mirror.catch_up(name, hook=s3_failpoint)   # a first version (pretrained, imported)
+            if pushed is not None:
+                log.info("registry_pushed", model=name, version=pushed, url=self.mirror.url)
 
     def _find_version(self, model: str, round_id: str) -> registry.VersionInfo | None:
         return find_version(self.registry_dir, model, round_id)

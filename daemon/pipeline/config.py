@@ -139,7 +139,15 @@ class StateSection:
 class RegistrySection:
     """The model registry (contract §4), shared with the servers."""
 
-    dir: str = _opt("var/registry", "registry root: <dir>/<model>/<version>/...")
+    dir: str = _opt("var/registry", "registry root: <dir>/<model>/<version>/...; with an s3:// url, the local "
+                                    "working copy the bucket mirrors")
+    url: str = _opt("", "where the registry is published: empty = registry.dir alone; file:///path = that folder "
+                        "(in place of registry.dir); s3://bucket/prefix = object storage, each version pushed there "
+                        "before its round commits (credentials from boto3's chain: AWS_* env, ~/.aws, an IAM role; "
+                        "never here)")
+    endpoint_url: str = _opt("", "the S3 endpoint for an s3:// url (MinIO, Ceph, moto: http://host:port; empty: "
+                                 "AWS's)")
+    region: str = _opt("", "the bucket's region for an s3:// url (empty: AWS_DEFAULT_REGION, else us-east-1)")
     keep_versions: int = _opt(0, "versions to keep per model (0 keeps all); LATEST and served ones are kept",
                               minimum=0)
 

@@ -33,6 +33,7 @@ from kafka.errors import KafkaError
 from daemon.cpu_policy import set_thread_policy
 from daemon.keys import KeyFileError
 from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.bucket import open_registry, pull_at_start
 from daemon.pipeline.codec import Limits
 from daemon.pipeline.commit import RoundCommitter, RoundOutcome, StartupError
 from daemon.pipeline.config import Config
@@ -103,7 +104,7 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     if config.rounds.threads:
         torch.set_num_threads(config.rounds.threads)
     metrics = metrics or DaemonMetrics()
-    registry_dir = Path(config.registry.dir)
+    registry_dir, mirror = open_registry(config)      # the working copy, and the bucket it is published to
     try:
         ledger = Ledger(config.state.ledger_target())       # SQLite in state.dir, or PostgreSQL at state.url
     except LedgerError as exc:
@@ -120,6 +121,7 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     runtimes: dict[str, ModelRuntime] = {}
     for section in config.models:
         rt = ModelRuntime.open(section, registry_dir, config.rounds, instances_of=ledger.instances_of, keys=secrets)
+        pull_at_start(mirror, rt.name, ledger)      # an empty or older working copy starts from the bucket's LATEST
         rt.ensure_model()
         runtimes[rt.name] = rt
     k, r = config.kafka, config.rounds
@@ -135,13 +137,15 @@ def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: 
     committer = RoundCommitter(ledger, registry_dir, chain, models_topic=k.models_topic,
                                method={"name": r.method, "preset": r.preset, "accumulation": r.accumulation,
                                        "memory_energy": r.memory_energy, "memory_copies": r.memory_copies},
-                               split_failed=r.split_failed, keep_versions=config.registry.keep_versions)
+                               split_failed=r.split_failed, keep_versions=config.registry.keep_versions,
+                               mirror=mirror)
     outbox = OutboxPublisher(ledger, metrics, interval_s=config.daemon.outbox_interval_s,
                              producer_factory=producer_factory or kafka_producer_factory(k),
                              send_timeout_s=k.request_timeout_ms / 1000)
     rebaser = None
     if any(m.rebase.enabled() for m in config.models):
         rebaser = Rebaser(ledger, registry_dir, chain, models_topic=k.models_topic, owner=k.instance_id)
+        rebaser.mirror = mirror
     return Daemon(config, metrics=metrics, ledger=ledger, runtimes=runtimes, intake=intake, committer=committer,
                   batcher=batcher, offsets=offsets, outbox=outbox,
                   consumer_factory=consumer_factory or (lambda: make_consumer(k)),
@@ -240,7 +244,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         log.info("daemon_started", instance=self.instance, models={n: r.version for n, r in self.runtimes.items()},
-                 registry=str(Path(self.config.registry.dir)), state=str(Path(self.config.state.dir)))
+                 registry=self.config.registry.url or self.config.registry.dir, state=str(Path(self.config.state.dir)))
 
     def _ensure_topics(self) -> None:
         k = self.config.kafka

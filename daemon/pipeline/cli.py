@@ -58,7 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from daemon.logs import configure_logging
     from daemon.pipeline.bucket import RegistryUnavailable
-    from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
+    from daemon.pipeline.assembly import build_daemon, install_signal_handlers
+    from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError
     from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)

@@ -30,8 +30,12 @@ run: install
 demo: install
 	$(UNLEARND) demo --dir var/demo-offline
 
+# Two worker processes (pytest-xdist), each test file kept on one worker so its module fixtures (servers, brokers,
+# trained models) are built once: most tests wait on brokers, daemons and servers, so two halve the wall time on
+# this 2-core machine. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # nginx for the proxy in front of `unlearnd serve` (deploy/nginx, tests/test_deploy_nginx.py and
 # bench-serve-exhaustion-nginx): Debian's nginx-light, installed when nginx is missing. Only the binary is used;

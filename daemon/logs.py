@@ -17,6 +17,17 @@ __all__ = ["configure_logging"]
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write, not as it was when logging was set up: whoever replaced it since (a
+    supervisor's redirection, a test's capture that has ended) must not turn a log line into a crash."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """structlog on standard error at ``level`` (debug, info, warning, error), rendered as ``fmt`` (json, console)."""
     if level not in _LEVELS:
@@ -33,7 +44,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(stream=sys.stderr, level=_LEVELS[level], format="%(message)s")

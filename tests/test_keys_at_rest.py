@@ -266,7 +266,7 @@ def test_unlearnd_unlearn_on_a_sealed_version_asks_for_the_state_key(tmp_path, r
 
 
 def test_the_daemon_refuses_to_start_on_a_ledger_of_another_id_key_or_a_named_key_file_that_is_missing(tmp_path):
-    from daemon.pipeline.lifecycle import build_daemon
+    from daemon.pipeline.assembly import build_daemon
     from daemon.pipeline.runtime import RuntimeError_
 
     state = tmp_path / "state"

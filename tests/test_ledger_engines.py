@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -148,10 +149,15 @@ def test_config_check_and_run_exit_2_naming_state_url_when_the_database_cannot_b
     from daemon.cli import main
 
     monkeypatch.setenv("UNLEARND_STATE_URL", f"postgresql://unlearnd@127.0.0.1:{free_port()}/ledger")
+    monkeypatch.setenv("UNLEARND_STATE_WAIT_S", "1.5")      # only `run` waits for a server that may be restarting
     for argv in (["config", "check"], ["run"], ["audit", "verify"]):
+        start = time.monotonic()
         assert main([*argv, "--config", str(_config_file(tmp_path))]) == 2, argv
+        took = time.monotonic() - start
         err = capsys.readouterr().err
         assert "state.url" in err and "cannot open the PostgreSQL ledger" in err, (argv, err)
+        assert ("waited 1.5 s, state.wait_s" in err) == (argv == ["run"]), (argv, err)
+        assert (took >= 1.5) == (argv == ["run"]), (argv, took)
     assert not (tmp_path / "state" / "ledger.sqlite").exists()
 
 
@@ -167,7 +173,7 @@ def test_config_check_reports_a_reachable_postgresql_ledger(tmp_path, monkeypatc
 
 
 @pytest.mark.postgres
-def test_a_postgresql_restart_is_ridden_out_and_an_outage_is_a_clear_error_that_loses_nothing(tmp_path):
+def test_a_postgresql_restart_is_ridden_out_and_an_outage_is_a_clear_error_that_loses_nothing(tmp_path, monkeypatch):
     """A managed database restarts or fails over: the ledger connects again at its next call, a statement sent
     into the dead connection outside a transaction is sent again, and while the server is down every call fails
     with LedgerUnavailable naming state.url. A transaction cut in the middle leaves nothing behind."""
@@ -196,7 +202,19 @@ def test_a_postgresql_restart_is_ridden_out_and_an_outage_is_a_clear_error_that_
             ledger.round_state(first)
         with pytest.raises(LedgerUnavailable, match=r"state\.url"):
             ledger.allocate_round("m", "d1", ["c"])
-        server._launch()
+        # the daemon's start waits (state.wait_s) for a server that does not answer yet, and no longer
+        from daemon.pipeline.config_checks import check_state_database
+
+        monkeypatch.setenv("UNLEARND_STATE_URL", ledger.where.replace("***", ""))
+        config = load_config(_config_file(tmp_path))
+        with pytest.raises(ConfigError, match=r"state\.url.*waited 0\.5 s"):
+            check_state_database(config, wait_s=0.5)
+        relaunch = threading.Timer(1.5, server._launch)
+        relaunch.start()
+        start = time.monotonic()
+        check_state_database(config, wait_s=60)
+        assert 1.5 <= time.monotonic() - start < 30
+        relaunch.join()
         with ledger.transaction() as tx:
             tx.end_round(first, "abandoned", reason="the test")
         assert ledger.round_state(first) == "abandoned"

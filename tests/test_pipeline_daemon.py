@@ -13,7 +13,7 @@ from kafka import TopicPartition
 
 from daemon import registry
 from daemon.pipeline.config import load_config
-from daemon.pipeline.lifecycle import build_daemon
+from daemon.pipeline.assembly import build_daemon
 from tests.pipeline_harness import copy_registry, request
 
 Record = namedtuple("Record", "topic partition offset key value timestamp")

@@ -72,7 +72,7 @@ def test_rounds_run_on_a_thread_with_the_configured_cpu_policy_and_torch_workers
     import torch
 
     from daemon.cpu_policy import thread_policy
-    from daemon.pipeline.lifecycle import round_executor
+    from daemon.pipeline.assembly import round_executor
 
     config = load_config(None, env={"UNLEARND_ROUNDS_CPU_POLICY": policy, "UNLEARND_METRICS_PORT": "0"})
     executor = round_executor(config.rounds.cpu_policy)

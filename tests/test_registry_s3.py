@@ -129,3 +129,21 @@ def test_missing_bucket_and_unreachable_endpoint_name_the_setting(s3: S3Endpoint
     dead = make_client(f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(RemoteConfigError, match=r"registry\.endpoint_url"):
         check_reachable(dead, S3Location("any-bucket", ""))
+
+
+def test_the_buckets_config_pins_the_version_latest_names_and_the_local_copy_does_not(tmp_path: Path,
+                                                                                        s3: S3Endpoint) -> None:
+    """A Triton server on the bucket must load LATEST's version, not a higher directory still being uploaded."""
+    src = tmp_path / "a"
+    loc, client = S3Location(s3.bucket, "reg/"), s3.client()
+    v1 = write(src)
+    push_version(client, loc, src, NAME, v1)
+    v2 = write(src, 2.0, parent=v1)
+    push_version(client, loc, src, NAME, v2, set_latest=False)         # uploaded, not LATEST yet
+    config = client.get_object(Bucket=s3.bucket, Key=f"reg/{NAME}/config.pbtxt")["Body"].read().decode()
+    assert config.count("version_policy") == 1 and f"versions: [ {v1} ]" in config
+    push_version(client, loc, src, NAME, v2)
+    config = client.get_object(Bucket=s3.bucket, Key=f"reg/{NAME}/config.pbtxt")["Body"].read().decode()
+    assert config.count("version_policy") == 1 and f"versions: [ {v2} ]" in config
+    local = (src / NAME / "config.pbtxt").read_text()
+    assert "version_policy" not in local and config.startswith(local.rstrip("\n"))

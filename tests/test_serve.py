@@ -115,7 +115,7 @@ def served_version(server: Server) -> int:
     return int(body["model_version"])
 
 
-def wait_for_version(server: Server, version: int, timeout: float = 5.0) -> float:
+def wait_for_version(server: Server, version: int, timeout: float = 30.0) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if served_version(server) == version:
@@ -208,7 +208,7 @@ def test_polling_serves_a_new_version(server: Server, reg: Path) -> None:
     info = publish(reg)
     assert info.version > before
     elapsed = wait_for_version(server, info.version)
-    assert elapsed < 2.0      # the bar (<= 1 s) is measured by benchmarks/serve_bench.py, not on a busy CI box
+    assert elapsed < 10.0     # polled, not left for a restart; the bar (<= 1 s) is benchmarks/serve_bench.py's
 
 
 def test_notify_swaps_before_the_call_returns(server: Server, reg: Path) -> None:

@@ -211,7 +211,7 @@ def test_a_daemon_whose_model_was_taken_over_drops_it_counts_the_refusal_and_app
     from kafka import TopicPartition
 
     from daemon.pipeline.config import load_config
-    from daemon.pipeline.lifecycle import build_daemon
+    from daemon.pipeline.assembly import build_daemon
     from tests.test_pipeline_daemon import Record, _Consumer, _Producer, _until
 
     tp = TopicPartition("unlearn.requests", partition_of(MODEL, 4))
@@ -227,6 +227,12 @@ def test_a_daemon_whose_model_was_taken_over_drops_it_counts_the_refusal_and_app
         def partitions_for_topic(self, topic: str) -> set[int]:
             return {0, 1, 2, 3}
 
+        def committed(self, tp, timeout_ms=None):  # noqa: ANN001, ANN201 - nothing committed past the request
+            return 0
+
+        def seek(self, tp, offset: int) -> None:  # noqa: ANN001 - the broker hands the partition out again from there
+            self.queue = [r for r in records if r.offset >= offset]
+
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     state = tmp_path / "state"
     config = load_config(None, env={"UNLEARND_REGISTRY_DIR": str(reg), "UNLEARND_STATE_DIR": str(state),
@@ -235,7 +241,8 @@ def test_a_daemon_whose_model_was_taken_over_drops_it_counts_the_refusal_and_app
                                     "UNLEARND_ROUNDS_RETENTION_MAX_DROP": "0.5",
                                     "UNLEARND_MODELS_0_PROBE": "mnist-test:0-199"})
     body = json.dumps(request("a", refs=["mnist-train:7"])).encode()
-    consumer = Consumer([Record(tp.topic, tp.partition, 0, MODEL.encode(), body, 1)])
+    records = [Record(tp.topic, tp.partition, 0, MODEL.encode(), body, 1)]
+    consumer = Consumer(list(records))
     producer, stop = _Producer(), threading.Event()
     daemon = build_daemon(config, stop=stop, consumer_factory=lambda: consumer, producer_factory=lambda: producer)
     daemon.start()
@@ -257,7 +264,8 @@ def test_a_daemon_whose_model_was_taken_over_drops_it_counts_the_refusal_and_app
             assert not [t for t, _ in producer.sent if t == "unlearn.receipts"]
             assert registry.latest_version(reg, MODEL) == 1
             assert other.rounds_in_state("abandoned", model=MODEL)[0]["owner"] == daemon.instance
-            daemon.on_assigned({tp})        # (called from a poll in production; here between two polls)
+            daemon.on_revoked({tp})         # a rebalance gives the partition back (called from a poll in
+            daemon.on_assigned({tp})        # production; here between two): it is read again from offset 0
             _until(lambda: any(t == "unlearn.receipts" for t, _ in producer.sent))
             _until(lambda: consumer.commits and consumer.commits[-1] == {tp: 1})
         finally:
@@ -279,7 +287,7 @@ def test_a_rebalance_keeps_the_requests_of_a_partition_assigned_again_and_rewind
     from kafka import TopicPartition
 
     from daemon.pipeline.config import load_config
-    from daemon.pipeline.lifecycle import build_daemon
+    from daemon.pipeline.assembly import build_daemon
     from tests.test_pipeline_daemon import _Consumer, _Producer
 
     mine, other_tp = TopicPartition("unlearn.requests", partition_of(MODEL, 4)), TopicPartition("unlearn.requests", 0)

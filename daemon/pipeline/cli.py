@@ -30,15 +30,16 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - Config
         raise _usage(f"configuration: {exc}") from exc
 
 
-def _check_folders(config: Any) -> list[str]:
+def _check_folders(config: Any, *, wait: bool = False) -> list[str]:
     """The folders and the database the daemon writes: a usage error (exit 2) when the state folder is not writable
-    or the ledger's PostgreSQL (state.url) cannot be reached; warnings."""
+    or the ledger's PostgreSQL (state.url) cannot be reached (``wait``: within ``state.wait_s``); warnings."""
     from daemon.pipeline.config import ConfigError
-    from daemon.pipeline.config_checks import check_folders, check_state_database
+    from daemon.pipeline.config_checks import check_folders, check_registry_store, check_state_database
 
     try:
         warnings = check_folders(config)
-        check_state_database(config)                    # state.url: the PostgreSQL ledger answers
+        check_state_database(config, wait_s=config.state.wait_s if wait else 0.0)   # state.url answers
+        check_registry_store(config)                    # registry.url: the bucket answers
         return warnings
     except ConfigError as exc:
         raise _usage(f"configuration: {exc}") from exc
@@ -56,12 +57,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     from daemon.logs import configure_logging
-    from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError, build_daemon, install_signal_handlers
+    from daemon.pipeline.bucket import RegistryUnavailable
+    from daemon.pipeline.assembly import build_daemon, install_signal_handlers
+    from daemon.pipeline.lifecycle import BrokerUnavailable, StartupError
     from daemon.pipeline.runtime import RuntimeError_
 
     config = _load(args)
-    warnings = _check_folders(config)           # before anything is set up: a refusal leaves nothing behind
     configure_logging(config.log.level, config.log.format)
+    warnings = _check_folders(config, wait=True)    # before anything is set up: a refusal leaves nothing behind
     for warning in warnings:
         structlog.get_logger("unlearnd.daemon").warning("config_warning", detail=warning)
     stop = threading.Event()
@@ -74,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon.start()
     except (StartupError, RuntimeError_) as exc:
         raise _usage(f"refusing to start: {exc}") from exc
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, RegistryUnavailable) as exc:
         print(f"unlearnd run: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 1
@@ -124,7 +127,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         k = config.kafka
         sasl = f" {k.sasl_mechanism}" if k.security_protocol.startswith("SASL_") else ""
         print(f"ok: {len(config.models)} model(s), broker {k.bootstrap} ({k.security_protocol}{sasl}), "
-              f"state {config.state.dir}, ledger {_ledger_shown(config)}, registry {config.registry.dir}")
+              f"state {config.state.dir}, ledger {_ledger_shown(config)}, "
+              f"registry {config.registry.url or config.registry.dir}")
     elif args.action == "show":
         sys.stdout.write(effective_toml(_load(args)))
     else:

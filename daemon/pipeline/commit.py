@@ -4,6 +4,8 @@ A round commits in this order, each step durable before the next:
 
 1. ledger: the round is ``committing``, with its draft receipts (hashes only);
 2. registry: the new version (atomic directory rename, then ``LATEST``);
+2b. bucket (``registry.url = "s3://…"``): the version is pushed, files, manifest, then the bucket's ``LATEST``
+    (:func:`mirror_publish`); a crash before it ends is completed by the recovery, which pushes again;
 3. ledger: the round is ``committed``; receipts enter the audit chain and the outbox in one transaction;
 4. broker: receipts and the ``unlearn.models`` event leave the outbox; servers are notified;
 5. Kafka: the offsets move past the round's messages.
@@ -43,6 +45,8 @@ from daemon.pipeline.receipts import (
     instance_outcomes,
 )
 from daemon.pipeline.runtime import Candidate, ModelRuntime
+from daemon.pipeline.bucket import mirror_publish, s3_failpoint
+from daemon.registry.mirror import RegistryMirror
 
 __all__ = ["MODEL_EVENT_SCHEMA", "RoundCommitter", "RoundOutcome", "StartupError", "find_version"]
 
@@ -75,8 +79,9 @@ class RoundCommitter:
 
     def __init__(self, ledger: Ledger, registry_dir: Path, receipts: ReceiptChain, *, models_topic: str,
                  method: Mapping[str, Any], split_failed: bool, keep_versions: int,
-                 rebasing: Callable[[str], bool] | None = None) -> None:
+                 rebasing: Callable[[str], bool] | None = None, mirror: RegistryMirror | None = None) -> None:
         self.ledger = ledger
+        self.mirror = mirror                # the bucket the registry is published to (None: the folder alone)
         self.registry_dir = registry_dir
         self.receipts = receipts
         self.models_topic = models_topic
@@ -129,6 +134,7 @@ class RoundCommitter:
             info = rt.publish(candidate, round_id, method, owner_epoch=epoch, set_latest=False)
             self._move_latest(rt.name, info, epoch)
             failpoint("after_registry_write")
+            mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)    # step 2b
             self._commit(round_id, rt.name, info, drafts, epoch)
         except StaleOwner as exc:
             # a newer owner resolves this round (its takeover recovery) and applies its requests: nothing here
@@ -228,6 +234,10 @@ class RoundCommitter:
                     self._resolve(r, state, runtimes.get(r["model"]), self.ledger.ownership_epoch(r["model"]))
                 except StaleOwner as exc:
                     log.warning("round_left_to_new_owner", round_id=r["round_id"], detail=str(exc))
+        for name in runtimes if self.mirror is not None else ():
+            pushed = self.mirror.catch_up(name, hook=s3_failpoint)   # a first version (pretrained, imported)
+            if pushed is not None:
+                log.info("registry_pushed", model=name, version=pushed, url=self.mirror.url)
 
     def take_over(self, model: str, me: str, rt: ModelRuntime | None, epoch: int, *, reload: bool = True) -> int:
         """A model just taken over (issue 24): resolve the rounds of it that other daemons left unfinished, as
@@ -249,6 +259,8 @@ class RoundCommitter:
     def _resolve(self, r: Mapping[str, Any], state: str, rt: ModelRuntime | None, epoch: int | None, *,
                  reload: bool = True) -> None:
         found = self._find_version(r["model"], r["round_id"]) if (rt and state == "committing") else None
+        if found is None and rt and state == "committing" and self.mirror is not None:
+            found = self.mirror.pull_round(r["model"], r["round_id"])    # the working copy was lost
         if found is None:
             with self.ledger.transaction() as tx:
                 tx.fence(r["model"], epoch)
@@ -257,6 +269,7 @@ class RoundCommitter:
             return
         log.warning("round_rolled_forward", round_id=r["round_id"], version=found.version, owner=r.get("owner"))
         self._move_latest(r["model"], found, epoch)
+        mirror_publish(self.mirror, r["model"], found.version)    # completes a push cut short
         self._commit(r["round_id"], r["model"], found, [AppliedReceipt.from_draft(d) for d in r["drafts"]], epoch)
         if rt is not None and reload:
             rt.reload()

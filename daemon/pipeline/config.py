@@ -130,6 +130,9 @@ class StateSection:
                                  "audit trail and the keys")
     url: str = _opt("", "the ledger's database: empty = SQLite in state.dir (embedded); postgresql://user@host:port/db "
                         "= PostgreSQL (the password from PGPASSWORD or ~/.pgpass, never in the URL)")
+    wait_s: float = _opt(30.0, "PostgreSQL: how long `unlearnd run` waits at start-up for a server it cannot reach (a "
+                               "restart, a failover) before it gives up with exit 2; a running daemon waits out an "
+                               "outage for as long as it lasts", "s", minimum=0)
 
     def ledger_target(self) -> str:
         """What :class:`daemon.pipeline.ledger.Ledger` opens: the PostgreSQL URL, else the SQLite file in ``dir``."""
@@ -140,7 +143,15 @@ class StateSection:
 class RegistrySection:
     """The model registry (contract §4), shared with the servers."""
 
-    dir: str = _opt("var/registry", "registry root: <dir>/<model>/<version>/...")
+    dir: str = _opt("var/registry", "registry root: <dir>/<model>/<version>/...; with an s3:// url, the local "
+                                    "working copy the bucket mirrors")
+    url: str = _opt("", "where the registry is published: empty = registry.dir alone; file:///path = that folder "
+                        "(in place of registry.dir); s3://bucket/prefix = object storage, each version pushed there "
+                        "before its round commits (credentials from boto3's chain: AWS_* env, ~/.aws, an IAM role; "
+                        "never here)")
+    endpoint_url: str = _opt("", "the S3 endpoint for an s3:// url (MinIO, Ceph, moto: http://host:port; empty: "
+                                 "AWS's)")
+    region: str = _opt("", "the bucket's region for an s3:// url (empty: AWS_DEFAULT_REGION, else us-east-1)")
     keep_versions: int = _opt(0, "versions to keep per model (0 keeps all); LATEST and served ones are kept",
                               minimum=0)
 

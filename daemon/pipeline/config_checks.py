@@ -16,12 +16,13 @@ import os
 import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from daemon.pipeline.config import Config, ConfigError
 
-__all__ = ["MAX_PARTITIONS", "check_folders", "check_state_database", "check_state_url", "check_values",
-           "parse_bootstrap"]
+__all__ = ["MAX_PARTITIONS", "check_folders", "check_registry_store", "check_registry_url", "check_state_database",
+           "check_state_url", "check_values", "parse_bootstrap"]
 
 #: The requests topic's partitions at most: each is a consumer's unit of work (one per daemon is enough to spread
 #: the models); the embedded broker allocates per partition, so an unbounded count grows it without bound.
@@ -60,6 +61,7 @@ def check_values(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError("kafka.bootstrap", str(exc)) from None
     check_state_url(config.state.url)
+    check_registry_url(config)
     if config.kafka.partitions > MAX_PARTITIONS:
         raise ConfigError("kafka.partitions", f"must be at most {MAX_PARTITIONS} (one per daemon sharing the "
                                               f"models is enough), got {config.kafka.partitions}")
@@ -91,17 +93,61 @@ def check_state_url(url: str) -> None:
                                        f"give it in PGPASSWORD or a ~/.pgpass file (libpq reads them)")
 
 
-def check_state_database(config: Config) -> None:
+def check_state_database(config: Config, *, wait_s: float = 0.0) -> None:
     """The ledger's PostgreSQL database (``state.url``) answers: run by ``config check`` and the daemon's start, so
-    an unreachable server or a refused login is a usage error naming the setting, before anything is set up."""
+    an unreachable server or a refused login is a usage error naming the setting, before anything is set up.
+
+    ``wait_s`` (the daemon's start: ``state.wait_s``) rides out a server that does not answer yet - a restart, a
+    failover, a database container started beside the daemon - retrying each second; a refused login or a missing
+    database is final at once."""
     if not config.state.url:
         return
-    from daemon.pipeline.ledger_sql import Engine, EngineError
+    import structlog
 
+    from daemon.pipeline.ledger_sql import Engine, EngineError, LedgerUnavailable
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            Engine.open(config.state.url).close()
+            return
+        except LedgerUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" (waited {wait_s:g} s, state.wait_s)" if wait_s else ""
+                raise ConfigError("state.url", str(exc).removeprefix("state.url: ") + waited) from None
+            structlog.get_logger("unlearnd.daemon").warning("ledger_waiting", error=str(exc), left_s=round(left, 1))
+            time.sleep(min(1.0, left))
+        except EngineError as exc:
+            raise ConfigError("state.url", str(exc).removeprefix("state.url: ")) from None
+
+
+def check_registry_url(config: Config) -> None:
+    """``registry.url`` and ``registry.endpoint_url``'s syntax (no I/O)."""
+    from daemon.registry.mirror import check_endpoint_url, resolve_registry
+    from daemon.registry.remote import RemoteConfigError
+
+    r = config.registry
     try:
-        Engine.open(config.state.url).close()
-    except EngineError as exc:
-        raise ConfigError("state.url", str(exc).removeprefix("state.url: ")) from None
+        resolve_registry(r.url, r.dir)
+        check_endpoint_url(r.endpoint_url)
+    except RemoteConfigError as exc:
+        setting, _, detail = str(exc).partition(" ")
+        raise ConfigError(setting.rstrip(":"), detail.lstrip(": ")) from None
+
+
+def check_registry_store(config: Config) -> None:
+    """An ``s3://`` registry answers (one HEAD of the bucket): run by ``config check``, the daemon's start and the
+    CLI, so an unreachable endpoint, a missing bucket or refused credentials is a usage error naming the setting."""
+    from daemon.registry.mirror import open_mirror
+    from daemon.registry.remote import RemoteConfigError
+
+    r = config.registry
+    try:
+        open_mirror(r.url, r.dir, endpoint_url=r.endpoint_url, region=r.region)
+    except RemoteConfigError as exc:
+        setting, _, detail = str(exc).partition(" ")
+        raise ConfigError(setting.rstrip(":"), detail.lstrip(": ")) from None
 
 
 def check_folders(config: Config) -> list[str]:
@@ -109,7 +155,10 @@ def check_folders(config: Config) -> list[str]:
     state = Path(config.state.dir)
     _check_writable_dir("state.dir", state)
     warnings = []
-    for setting, path in (("state.dir", state), ("registry.dir", Path(config.registry.dir))):
+    from daemon.registry.mirror import resolve_registry
+
+    registry_dir = resolve_registry(config.registry.url, config.registry.dir)[0]
+    for setting, path in (("state.dir", state), ("registry.dir", registry_dir)):
         try:
             mode = path.stat().st_mode
         except OSError:

@@ -5,6 +5,10 @@ read in bulk and every message's effect recorded with the receipts and DLQ copie
 one transaction. A replay is recognised before any image is decoded (cheap: the intake must keep up
 with floods); accepted requests get their labels (:func:`fill_labels`) and wait in the batcher, their
 offsets held until their round decides them.
+
+Nothing leaves the transaction before it commits: the batcher and the offset book learn of a poll's messages
+only once the ledger holds their effects. A ledger lost midway (:class:`LedgerUnavailable`, a PostgreSQL
+restart) then leaves the daemon exactly as before the poll, and the caller re-reads the same messages later.
 """
 
 from __future__ import annotations
@@ -120,12 +124,22 @@ class Intake:
                     got = rej
                 checks[k] = got
             outcomes.append(got)
+        accepted: list[PendingRequest] = []
         with self.ledger.transaction() as tx:
             tx.load([(rec.topic, rec.partition, rec.offset) for rec in records],
                     [c.request_id for c in checks.values() if c.request_id is not None])
             now = time.time()
-            effects = Counter(self._handle(tx, rec, checked, now) for rec, checked in zip(records, outcomes,
-                                                                                          strict=True))
+            effects = Counter(self._handle(tx, rec, checked, now, accepted)
+                              for rec, checked in zip(records, outcomes, strict=True))
+        # committed: only now do the offsets and the batcher learn of the poll (see the module's docstring)
+        for rec in records:
+            self.offsets.read(TopicPartition(rec.topic, rec.partition), rec.offset)
+        stamp = time.monotonic()
+        for p in accepted:
+            self.batcher.add(p, stamp)
+            self.offsets.hold(TopicPartition(p.topic, p.partition), p.offset)
+            log.info("request_accepted", request_id=p.request_id, model=p.model, kind=p.decoded.kind,
+                     instances=len(p.decoded.instances))
         failpoint("after_reject_batch")
         return self._count(effects, len(records))
 
@@ -142,17 +156,16 @@ class Intake:
             log.info("intake_batch", messages=messages, **by_status)
         return any(status for _, status, _ in effects)
 
-    def _handle(self, tx: LedgerTransaction, rec: Any, checked: CheckedRequest | Rejection, now: float) -> _Effect:
-        """Record one message's effect."""
-        tp = TopicPartition(rec.topic, rec.partition)
-        self.offsets.read(tp, rec.offset)
+    def _handle(self, tx: LedgerTransaction, rec: Any, checked: CheckedRequest | Rejection, now: float,
+                accepted: list[PendingRequest]) -> _Effect:
+        """Record one message's effect; an accepted request is appended to ``accepted`` (batched after commit)."""
         fp = fingerprint(rec)
         seen = tx.delivery(rec.topic, rec.partition, rec.offset)
         redelivered = seen is not None and seen.fingerprint == fp
         if redelivered:
             if seen.effect != "accepted" or seen.request_status != "accepted":
                 return _NOTHING                   # already decided before a restart: nothing to redo
-            if self.batcher.is_waiting(seen.request_id):
+            if self.batcher.is_waiting(seen.request_id) or any(p.request_id == seen.request_id for p in accepted):
                 return _NOTHING
         if isinstance(checked, Rejection):
             return self._reject(tx, rec, fp, checked, now)
@@ -177,11 +190,8 @@ class Intake:
         received_at = float(existing["received_at"]) if existing is not None else now
         tx.accept(decoded.request_id, decoded.model, decoded.kind, len(decoded.instances), now)
         tx.record_delivery(rec.topic, rec.partition, rec.offset, fp, decoded.request_id, "accepted")
-        self.batcher.add(PendingRequest(decoded=decoded, topic=rec.topic, partition=rec.partition, offset=rec.offset,
-                                        received_at=received_at, labels=labels, targets=targets), time.monotonic())
-        self.offsets.hold(tp, rec.offset)
-        log.info("request_accepted", request_id=decoded.request_id, model=decoded.model, kind=decoded.kind,
-                 instances=len(decoded.instances))
+        accepted.append(PendingRequest(decoded=decoded, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                                       received_at=received_at, labels=labels, targets=targets))
         return _NOTHING
 
     def _already_forgotten(self, tx: LedgerTransaction, decoded: DecodedRequest, now: float) -> bool:

@@ -93,8 +93,9 @@ _POSTGRES_DELIVERY = ('INSERT INTO deliveries (topic, partition, "offset", finge
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+    """libpq's message on one line (it spreads the cause and a hint over several, the hint tab-indented)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def _connect_postgres(url: str, error: type[EngineError] = EngineError) -> Any:
@@ -106,7 +107,10 @@ def _connect_postgres(url: str, error: type[EngineError] = EngineError) -> Any:
         # the snapshot would be taken by the lock statement, before the previous writer committed
         db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
     except psycopg.Error as exc:
-        raise error(f"state.url: cannot open the PostgreSQL ledger at {redact_url(url)}: {_reason(exc)}") from None
+        # no SQLSTATE: the server never answered (down, restarting, unreachable) - worth waiting for; a refused
+        # login or a missing database has one, and waiting would not change it
+        kind = LedgerUnavailable if getattr(exc, "sqlstate", None) is None else error
+        raise kind(f"state.url: cannot open the PostgreSQL ledger at {redact_url(url)}: {_reason(exc)}") from None
     return db
 
 

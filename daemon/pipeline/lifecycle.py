@@ -10,14 +10,13 @@ long round never makes the daemon leave its group.
 A rebase (:mod:`daemon.pipeline.rebase`) trains on a thread of its own, at the rounds' CPU policy, while rounds
 go on; its finish (re-application, gate, publish) then runs on the round thread in place of a round.
 
-:func:`build_daemon` reads the configuration, opens the ledger and the models, and wires the parts;
-:class:`Daemon` owns the lifecycle: start-up, the loop, the grace period on a stop, the shutdown order.
+:class:`Daemon` owns the lifecycle: start-up, the loop, the grace period on a stop, the shutdown order; its
+parts are opened and wired from the configuration by :func:`daemon.pipeline.assembly.build_daemon`.
 """
 
 from __future__ import annotations
 
 import gc
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,30 +29,23 @@ import torch
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
-from daemon.cpu_policy import set_thread_policy
-from daemon.keys import KeyFileError
 from daemon.pipeline.batcher import Batcher
-from daemon.pipeline.codec import Limits
 from daemon.pipeline.commit import RoundCommitter, RoundOutcome, StartupError
 from daemon.pipeline.config import Config
 from daemon.pipeline.intake import Intake
-from daemon.pipeline.kafka_io import check_broker_tls, ensure_topics, make_consumer
-from daemon.pipeline.keyring import open_keys
-from daemon.pipeline.ledger import Ledger, LedgerError
-from daemon.pipeline.ledger_schema import IdKeyMismatch
+from daemon.pipeline.kafka_io import check_broker_tls, ensure_topics
+from daemon.pipeline.ledger import Ledger, LedgerUnavailable
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
-from daemon.pipeline.outbox import OutboxPublisher, kafka_producer_factory
+from daemon.pipeline.outbox import OutboxPublisher
 from daemon.pipeline.owners import Owners
 from daemon.pipeline.rebalance import Rebalance, drop_model
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
-from daemon.pipeline.receipts import ReceiptChain
-from daemon.pipeline.runtime import ModelRuntime, RuntimeError_
+from daemon.pipeline.runtime import ModelRuntime
 from daemon.pipeline.stranded import PartitionView, StrandedWatch
 
-__all__ = ["BrokerUnavailable", "Daemon", "StartupError", "build_daemon", "install_signal_handlers",
-           "round_executor"]
+__all__ = ["EXIT_LEDGER_LOST", "BrokerUnavailable", "Daemon", "StartupError"]
 
 log = structlog.get_logger("unlearnd.daemon")
 
@@ -63,90 +55,13 @@ OFFSET_COMMIT_INTERVAL_S = 1.0
 LATEST_CHECK_INTERVAL_S = 10.0
 REBASE_CHECK_INTERVAL_S = 1.0       # how often the loop looks for a requested rebase or a policy that asks for one
 STRANDED_CHECK_INTERVAL_S = 1.0     # how often the loop looks for accepted requests it no longer holds
+LEDGER_BACKOFF_S = (0.5, 5.0)       # first and longest wait before reading a poll again while the ledger is away
+EXIT_LEDGER_LOST = 75               # EX_TEMPFAIL: the ledger went away inside a round; start-up recovery resolves it
 QUIET_S = 2.0                       # polls empty (nothing paused) this long: the consumer has read its partitions
 
 
 class BrokerUnavailable(RuntimeError):
     """The broker could not be reached at start-up (transient: exit 1, a supervisor retries)."""
-
-
-def round_executor(policy: str, name: str = "round") -> ThreadPoolExecutor:
-    """The one thread rounds run on, at the CPU policy ``rounds.cpu_policy`` (its torch workers inherit it).
-
-    A rebase trains on a second such thread (``name="rebase"``): background work at the same policy."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_round_thread_init,
-                              initargs=(policy,))
-
-
-def _round_thread_init(policy: str) -> None:
-    if policy != "normal" and not set_thread_policy(policy):
-        log.warning("cpu_policy_unavailable", policy=policy, detail="this OS lacks it: rounds run at normal policy")
-
-
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT ask for a clean stop (contract §7): set ``stop``, which the daemon's loop watches."""
-    def handler(*_: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def build_daemon(config: Config, *, metrics: DaemonMetrics | None = None, stop: threading.Event | None = None,
-                 consumer_factory: Callable[[], Any] | None = None, producer_factory: Callable[[], Any] | None = None
-                 ) -> Daemon:
-    """Open the ledger and the models (training a first version where allowed), and wire the daemon's parts.
-
-    The Kafka clients are made later, by the factories (kafka-python's by default): nothing here reaches the
-    broker. Raises :class:`~daemon.pipeline.runtime.RuntimeError_` when a model cannot be loaded.
-    """
-    if config.rounds.threads:
-        torch.set_num_threads(config.rounds.threads)
-    metrics = metrics or DaemonMetrics()
-    registry_dir = Path(config.registry.dir)
-    try:
-        ledger = Ledger(config.state.ledger_target())       # SQLite in state.dir, or PostgreSQL at state.url
-    except LedgerError as exc:
-        raise RuntimeError_(str(exc)) from None
-    try:                                            # issue 23: the state and id keys (made on first start)
-        secrets = open_keys(config)
-        plain = ledger.bind_id_key(secrets.ids.key_id)
-    except (KeyFileError, IdKeyMismatch) as exc:
-        ledger.close()
-        raise RuntimeError_(str(exc)) from None
-    if plain:
-        log.warning("ledger_plain_digests", rows=plain, detail="rows written before schema 3 keep plain SHA-256 "
-                    "digests of their ids and contents (they cannot be re-keyed); see docs/operations.md")
-    runtimes: dict[str, ModelRuntime] = {}
-    for section in config.models:
-        rt = ModelRuntime.open(section, registry_dir, config.rounds, instances_of=ledger.instances_of, keys=secrets)
-        rt.ensure_model()
-        runtimes[rt.name] = rt
-    k, r = config.kafka, config.rounds
-    chain = ReceiptChain(k.instance_id, k.receipts_topic)
-    batcher, offsets = Batcher(r.max_instances, r.max_wait_s), OffsetBook()
-    intake = Intake(ledger, specs={n: rt.spec for n, rt in runtimes.items()},
-                    predictors={n: rt.predict_at_intake for n, rt in runtimes.items()},
-                    limits=Limits(max_instances=config.limits.max_instances,
-                                  max_message_bytes=config.limits.max_message_bytes),
-                    batcher=batcher, offsets=offsets, receipts=chain, dlq_topic=k.dlq_topic, metrics=metrics,
-                    log_each=config.log.level.lower() == "debug",
-                    versions=lambda m: runtimes[m].version if m in runtimes else None, id_key=secrets.ids)
-    committer = RoundCommitter(ledger, registry_dir, chain, models_topic=k.models_topic,
-                               method={"name": r.method, "preset": r.preset, "accumulation": r.accumulation,
-                                       "memory_energy": r.memory_energy, "memory_copies": r.memory_copies},
-                               split_failed=r.split_failed, keep_versions=config.registry.keep_versions)
-    outbox = OutboxPublisher(ledger, metrics, interval_s=config.daemon.outbox_interval_s,
-                             producer_factory=producer_factory or kafka_producer_factory(k),
-                             send_timeout_s=k.request_timeout_ms / 1000)
-    rebaser = None
-    if any(m.rebase.enabled() for m in config.models):
-        rebaser = Rebaser(ledger, registry_dir, chain, models_topic=k.models_topic, owner=k.instance_id)
-    return Daemon(config, metrics=metrics, ledger=ledger, runtimes=runtimes, intake=intake, committer=committer,
-                  batcher=batcher, offsets=offsets, outbox=outbox,
-                  consumer_factory=consumer_factory or (lambda: make_consumer(k)),
-                  executor=round_executor(r.cpu_policy), stop=stop, rebaser=rebaser,
-                  rebase_executor=round_executor(r.cpu_policy, "rebase") if rebaser else None)
 
 
 class _RunningRebase:
@@ -201,6 +116,8 @@ class Daemon:
                                       versions=lambda m: self.runtimes[m].version if m in self.runtimes else None)
         self._stranded_check = 0.0
         self._empty_since: float | None = None      # monotonic: since when polls come back empty, nothing paused
+        self._ledger_outage = 0                     # consecutive calls that found the ledger away (the backoff)
+        self._exit_code = 0
 
     # -- start-up -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -227,7 +144,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         log.info("daemon_started", instance=self.instance, models={n: r.version for n, r in self.runtimes.items()},
-                 registry=str(Path(self.config.registry.dir)), state=str(Path(self.config.state.dir)))
+                 registry=self.config.registry.url or self.config.registry.dir, state=str(Path(self.config.state.dir)))
 
     def _ensure_topics(self) -> None:
         k = self.config.kafka
@@ -276,7 +193,7 @@ class Daemon:
                 self._stranded_step()
             self._update_gauges()
         self.shutdown()
-        return 0
+        return self._exit_code
 
     def shutdown(self) -> None:
         """Commit what is safe, flush the outbox a while, leave the group, stop the threads, close the ledger."""
@@ -284,7 +201,10 @@ class Daemon:
             return
         self._closed = True
         self._commit_offsets()
-        self.outbox.stop(flush_timeout_s=5.0)
+        try:
+            self.outbox.stop(flush_timeout_s=5.0)
+        except LedgerUnavailable as exc:        # what it could not publish waits in the ledger for the next start
+            log.warning("outbox_flush_skipped", error=str(exc))
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False)
@@ -313,13 +233,40 @@ class Daemon:
         if not records:
             self._commit_offsets()
             return
-        if self.intake.process(records):
+        try:
+            queued = self.intake.process(records)
+        except LedgerUnavailable as exc:
+            self._read_again_later(records, exc)
+            return
+        self._ledger_outage = 0
+        if queued:
             self.outbox.wake()
         # every effect is in the ledger now, so committing is safe; while messages keep coming it is done at most
         # every OFFSET_COMMIT_INTERVAL_S (a synchronous round trip per poll would cost a flood ~10%), and at once
         # when a poll comes back empty, a round ends, partitions are revoked or the daemon stops. What a crash
         # leaves uncommitted is redelivered and recognised by the ledger (same offset, same fingerprint).
         self._commit_offsets(due_only=True)
+
+    def _read_again_later(self, records: list[Any], exc: LedgerUnavailable) -> None:
+        """The ledger went away while deciding a poll: nothing of it took effect (the intake touches the batcher
+        and the offsets only after its transaction commits), so the consumer is moved back to the poll's first
+        offsets and the same messages are read again after a backoff, for as long as the outage lasts."""
+        first: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            first[tp] = min(first.get(tp, rec.offset), rec.offset)
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
+        self._ledger_away(exc, messages=len(records))
+
+    def _ledger_away(self, exc: LedgerUnavailable, **fields: Any) -> None:
+        """Count, log and wait out one failed call (exponential backoff, cut short by a stop)."""
+        self._ledger_outage += 1
+        self.metrics.ledger_unavailable.inc()
+        first, longest = LEDGER_BACKOFF_S
+        wait = min(longest, first * 2 ** (self._ledger_outage - 1))
+        log.warning("ledger_unavailable", error=str(exc), retry_s=wait, attempt=self._ledger_outage, **fields)
+        self._stop.wait(wait)
 
     # -- offsets ------------------------------------------------------------------------------------
     def _commit_offsets(self, *, due_only: bool = False) -> None:
@@ -354,7 +301,12 @@ class Daemon:
         rt = self.runtimes[model]
         self._reload_if_moved(model)
         epoch = self._round_epoch = self.owners.epoch(model)
-        round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
+        try:
+            round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
+        except LedgerUnavailable as exc:        # nothing allocated: the batch waits in front of its queue
+            self.batcher.retry(self.batcher.settle(), time.monotonic())
+            self._ledger_away(exc, model=model)
+            return
         self._round_started = time.monotonic()
         self._abort.clear()
         self.consumer.pause(*self.consumer.assignment())
@@ -391,6 +343,15 @@ class Daemon:
         duration = time.monotonic() - self._round_started
         try:
             outcome: RoundOutcome | None = future.result()
+        except LedgerUnavailable as exc:
+            # where in the round it struck is not known here (before its intent, or between the registry write and
+            # the commit): stopping hands the round to start-up recovery, which resolves exactly that case
+            log.error("ledger_lost_in_round", error=str(exc), exit_code=EXIT_LEDGER_LOST,
+                      detail="stopping; the restart resolves the round and its requests are read again")
+            self.metrics.ledger_unavailable.inc()
+            self._exit_code = EXIT_LEDGER_LOST
+            self._stop.set()
+            return
         except Exception as exc:  # noqa: BLE001 - a crashed round leaves its requests pending
             log.exception("round_crashed", error=str(exc))
             outcome = None
@@ -404,10 +365,12 @@ class Daemon:
             if self._rebasing(batch[0].model):
                 self.batcher.held.add(batch[0].model)
             return
-        if outcome is not None and outcome.status == "stale":   # the model's new owner resolves and applies these
-            self.batcher.retry(batch, time.monotonic())     # held (offsets uncommitted) until a rebalance drops them
-            if self.owners.epoch(batch[0].model) == self._round_epoch:      # not taken back since the round began
-                drop_model(self, batch[0].model, "a newer owner refused this round's commit")
+        if outcome is not None and outcome.status == "stale":   # not decided here: their offsets stay uncommitted
+            model = batch[0].model
+            if self.owners.epoch(model) == self._round_epoch:      # not taken back since the round began
+                drop_model(self, model, "a newer owner refused this round's commit")
+            for tp in {TopicPartition(p.topic, p.partition) for p in batch} if self.owners.epoch(model) else ():
+                self.rebalance.rewind(tp)       # taken back meanwhile: read them again, the ledger decides each one
             return
         if outcome is None or outcome.status == "aborted":
             # nothing published, no offsets committed: the requests stay pending (redelivered on restart)

@@ -72,6 +72,8 @@ class DaemonMetrics:
                                   registry=r)
         self.outbox = Gauge("unlearnd_outbox_records", "Receipts and events waiting for the broker", registry=r)
         self.intake = Counter("unlearnd_intake_messages", "Messages consumed from the requests topic", registry=r)
+        self.ledger_unavailable = Counter("unlearnd_ledger_unavailable", "Calls that found the ledger's database "
+                                          "away (each one is retried; nothing of it took effect)", registry=r)
         self.broker_up = Gauge("unlearnd_broker_up", "1 when the last publish to the broker succeeded", registry=r)
         self.rebases = Counter("unlearnd_rebases", "Exact rebases by outcome (committed, failed, aborted)",
                                ["model", "outcome"], registry=r)

@@ -18,7 +18,7 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from daemon.pipeline.config import KafkaSection
 from daemon.pipeline.kafka_io import make_producer
-from daemon.pipeline.ledger import Ledger, OutboxRow
+from daemon.pipeline.ledger import Ledger, LedgerUnavailable, OutboxRow
 from daemon.pipeline.metrics import DaemonMetrics
 
 __all__ = ["OutboxPublisher", "kafka_producer_factory"]
@@ -82,12 +82,21 @@ class OutboxPublisher:
             backlog = False
             try:
                 backlog = self.flush_once() >= self.page
+            except LedgerUnavailable as exc:    # the database is away (a restart): the rows wait there, unharmed
+                log.warning("outbox_ledger_unavailable", error=str(exc))
+                self._stop.wait(min(2.0, self.interval_s * 4))
             except Exception as exc:  # noqa: BLE001 - the thread must survive any broker trouble
                 self.metrics.broker_up.set(0)
-                log.warning("outbox_publish_failed", error=f"{type(exc).__name__}: {exc}",
-                            waiting=self.ledger.outbox_size())
+                log.warning("outbox_publish_failed", error=f"{type(exc).__name__}: {exc}", waiting=self._waiting())
                 self._drop_producer()
                 self._stop.wait(min(2.0, self.interval_s * 4))
+
+    def _waiting(self) -> int | None:
+        """The outbox's size for a log line; None when the ledger cannot say (nothing here may end the thread)."""
+        try:
+            return self.ledger.outbox_size()
+        except Exception:  # noqa: BLE001
+            return None
 
     def _drop_producer(self) -> None:
         if self._producer is not None:

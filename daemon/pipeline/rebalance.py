@@ -98,9 +98,10 @@ class Rebalance(ConsumerRebalanceListener):
             # it; read again from the group's offset, so the ledger, not this daemon's memory, decides each request
             for tp in kept:
                 if tp.topic == topic and tp.partition == partition_of(model, count):
-                    self._rewind(tp)
+                    self.rewind(tp)
 
-    def _rewind(self, tp: TopicPartition) -> None:
+    def rewind(self, tp: TopicPartition) -> None:
+        """Drop what waits for ``tp`` and read it again from the group's committed offset."""
         d = self.daemon
         d.batcher.drop([tp])
         d.offsets.forget([tp])

@@ -49,6 +49,7 @@ from daemon.engine.models import build_classifier
 from daemon.engine.seeding import seeded_global_rng
 from daemon.engine.session import UnlearningSession
 from daemon.engine.training import TrainConfig, train_classifier
+from daemon.pipeline.bucket import mirror_publish
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.codec import DecodedInstance, DecodedRequest
 from daemon.pipeline.commit import MODEL_EVENT_SCHEMA, find_version
@@ -60,6 +61,7 @@ from daemon.pipeline.rebase_set import ForeignKeyError, TrainingSet, build_train
 from daemon.pipeline.receipts import ExactReceipt, ReceiptChain
 from daemon.pipeline.runtime import ModelRuntime
 from daemon.registry import model_store
+from daemon.registry.mirror import RegistryMirror
 
 __all__ = ["REBASE_EVENT_SCHEMA", "RebaseAborted", "RebaseOutcome", "RebaseRefused", "Rebaser", "TrainedRebase"]
 
@@ -121,6 +123,7 @@ class Rebaser:
         self.receipts = receipts
         self.models_topic = models_topic
         self.owner = owner
+        self.mirror: RegistryMirror | None = None   # the bucket versions are pushed to (registry.url), if any
 
     # -- when -----------------------------------------------------------------------------------------
     def due(self, rt: ModelRuntime) -> str | None:
@@ -311,6 +314,7 @@ class Rebaser:
                                    dataset=rt.splits.name if rt.splits else None, round_id=trained.rebase_id,
                                    method=method, metrics=metrics, state_key=rt.state_key)
         failpoint("rebase_after_publish")
+        mirror_publish(self.mirror, rt.name, info.version)
         self._commit(trained.rebase_id, rt.name, info, drafts, event)
         rt.reload()
         bound.info("rebase_committed", version=info.version, reapplied=len(reapplied), exact=len(drafts),
@@ -379,6 +383,7 @@ class Rebaser:
             log.warning("rebase_rolled_forward", rebase_id=r["rebase_id"], version=found.version)
             if (registry.latest_version(self.registry_dir, r["model"]) or 0) < found.version:
                 registry.set_latest(self.registry_dir, r["model"], found.version)
+            mirror_publish(self.mirror, r["model"], found.version)
             drafts = r["drafts"]
             self._commit(r["rebase_id"], r["model"], found,
                          [ExactReceipt.from_draft(d) for d in drafts.get("exact", [])], drafts.get("event", {}))

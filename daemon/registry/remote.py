@@ -11,6 +11,8 @@ every file's sha256 against the manifest before the version enters the local cop
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -81,17 +83,21 @@ def make_client(endpoint_url: str | None = None, region: str | None = None) -> A
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or "us-east-1",
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region,
                         config=Config(retries={"max_attempts": 3, "mode": "standard"},
                                       connect_timeout=5, read_timeout=30))
 
 
 def check_reachable(client: Any, loc: S3Location) -> None:
     """Fail early with the setting to fix when the endpoint, bucket or credentials are wrong."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         client.head_bucket(Bucket=loc.bucket)
+    except NoCredentialsError as exc:
+        raise RemoteConfigError("registry.url: no S3 credentials found (boto3's chain: AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, an instance role)") from exc
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
         what = {"404": "does not exist", "NoSuchBucket": "does not exist",
@@ -150,16 +156,34 @@ def push_version(client: Any, loc: S3Location, registry: Path | str, model: str,
     step("files")
     for name in sorted(info.manifest["files"]):   # create-only too: a loser must not overwrite the winner's
         _put_create_only(client, loc, f"{model}/{version}/{name}", (info.path / name).read_bytes(), model, version)
-    for name in (CONFIG_FILE, LABELS_FILE):   # model-level Triton files, beside the version directories
-        path = _model_dir(registry, model) / name
-        if path.is_file():
-            client.put_object(Bucket=loc.bucket, Key=loc.key(model, name), Body=path.read_bytes())
+    labels = _model_dir(registry, model) / LABELS_FILE     # model-level, beside the version directories
+    if labels.is_file():
+        client.put_object(Bucket=loc.bucket, Key=loc.key(model, LABELS_FILE), Body=labels.read_bytes())
     step("manifest")
     _put_create_only(client, loc, f"{model}/{version}/{MANIFEST_FILE}", (info.path / MANIFEST_FILE).read_bytes(),
                      model, version)
     if set_latest:
         step("latest")
         client.put_object(Bucket=loc.bucket, Key=loc.key(model, LATEST_FILE), Body=f"{version}\n".encode())
+        config = _model_dir(registry, model) / CONFIG_FILE
+        if config.is_file():       # after LATEST: Triton loads only the version LATEST names (contract §4)
+            client.put_object(Bucket=loc.bucket, Key=loc.key(model, CONFIG_FILE),
+                              Body=pin_version(config.read_bytes(), version))
+
+
+_POLICY = re.compile(rb"(?m)^version_policy:.*\n?")
+
+
+def pin_version(config: bytes, version: int) -> bytes:
+    """Triton's ``config.pbtxt`` with ``version_policy: { specific: { versions: [N] } }``: a Triton server pointed
+    at the bucket loads the version ``LATEST`` names, never a higher version directory still being uploaded."""
+    base = _POLICY.sub(b"", config).rstrip(b"\n")
+    return base + f"\nversion_policy: {{ specific: {{ versions: [ {version} ] }} }}\n".encode()
+
+
+def unpin_version(config: bytes) -> bytes:
+    """The local copy's ``config.pbtxt``: the bucket's without the pin (the local folder is read by LATEST)."""
+    return _POLICY.sub(b"", config).rstrip(b"\n") + b"\n"
 
 
 def pull_version(client: Any, loc: S3Location, registry: Path | str, model: str, version: int) -> Path:
@@ -193,7 +217,7 @@ def pull_version(client: Any, loc: S3Location, registry: Path | str, model: str,
         for name in (CONFIG_FILE, LABELS_FILE):      # visible files: replaced whole, never seen half-written
             data = _get(client, loc, f"{model}/{name}")
             if data is not None and not (model_dir / name).exists():
-                _atomic_write_bytes(model_dir / name, data)
+                _atomic_write_bytes(model_dir / name, unpin_version(data) if name == CONFIG_FILE else data)
         tmp.rename(final)
         _fsync_dir(model_dir)
     finally:

@@ -12,6 +12,9 @@ from typing import Any
 __all__ = ["add_commands"]
 
 REGISTRY_ENV = "UNLEARND_REGISTRY_DIR"
+REGISTRY_URL_ENV = "UNLEARND_REGISTRY_URL"          # the daemon's settings' names: one environment serves both
+ENDPOINT_ENV = "UNLEARND_REGISTRY_ENDPOINT_URL"
+REGION_ENV = "UNLEARND_REGISTRY_REGION"
 NOTIFY_ENV = "UNLEARND_NOTIFY_URLS"
 TOKEN_FILE_ENV = "UNLEARND_SERVE_TOKEN_FILE"
 NOTIFY_TOKEN_FILE_ENV = "UNLEARND_NOTIFY_TOKEN_FILE"
@@ -23,11 +26,59 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
-def _registry_dir(args: argparse.Namespace) -> Path:
-    value = args.registry or os.environ.get(REGISTRY_ENV)
+def _registry_value(args: argparse.Namespace) -> str:
+    # the daemon's names: with both set, registry.url is where versions are published (dir: its working copy)
+    value = args.registry or os.environ.get(REGISTRY_URL_ENV) or os.environ.get(REGISTRY_ENV)
     if not value:
-        raise _usage(f"--registry DIR is required (or set {REGISTRY_ENV})")
-    path = Path(value)
+        raise _usage(f"--registry DIR|URL is required (or set {REGISTRY_ENV} or {REGISTRY_URL_ENV})")
+    return value
+
+
+def _mirror(args: argparse.Namespace, cache: Path) -> Any:
+    """The bucket ``--registry s3://…`` names over the local ``cache`` (reached once: exit 2 naming the setting
+    when the endpoint, the bucket or the credentials are wrong), or None for a folder."""
+    from daemon.registry.mirror import open_mirror
+    from daemon.registry.remote import RemoteConfigError
+
+    endpoint = args.s3_endpoint_url or os.environ.get(ENDPOINT_ENV, "")
+    region = args.s3_region or os.environ.get(REGION_ENV, "")
+    try:
+        return open_mirror(_registry_value(args), cache, endpoint_url=endpoint, region=region)
+    except RemoteConfigError as exc:
+        raise _usage(f"{exc} (--registry, --s3-endpoint-url, --s3-region)") from exc
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _registry_dir(args: argparse.Namespace) -> Path:
+    """The registry folder a command works on: the folder named, or for ``s3://`` a scratch copy of the bucket's
+    versions (pulled and verified; ``args.mirror`` is then the bucket, for a command that publishes)."""
+    value = _registry_value(args)
+    args.mirror = None
+    if _is_url(value) and not value.startswith("file:"):
+        import tempfile
+
+        if args.cache_dir:
+            scratch = Path(args.cache_dir)
+        else:
+            import atexit
+            import shutil
+
+            scratch = Path(tempfile.mkdtemp(prefix="unlearnd-registry-"))
+            atexit.register(shutil.rmtree, scratch, True)
+        args.mirror = _mirror(args, scratch)
+        pulled, failed = args.mirror.pull_all(_model(args, scratch, must_exist=False))
+        args.pull_failed = failed
+        return scratch
+    from daemon.registry.mirror import resolve_registry
+    from daemon.registry.remote import RemoteConfigError
+
+    try:
+        path = resolve_registry(value, value)[0]
+    except RemoteConfigError as exc:
+        raise _usage(f"--registry: {exc}") from exc
     if not path.is_dir():
         raise _usage(f"--registry {value}: no such directory")
     return path
@@ -78,7 +129,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.serving.server import run
     from daemon.serving.settings import ServeSettings
 
-    registry_dir = _registry_dir(args)
+    value = _registry_value(args)
+    url = None
+    if _is_url(value) and not value.startswith("file:"):      # s3://: serve from a local cache of the bucket
+        registry_dir = Path(args.cache_dir) if args.cache_dir else _default_cache(value)
+        _mirror(args, registry_dir)
+        registry_dir.mkdir(parents=True, exist_ok=True)
+        url = value
+    else:
+        registry_dir = _registry_dir(args)
     model = _model(args, registry_dir, must_exist=False)   # the daemon may publish it after we start
     token, tls = _security(args)
     try:
@@ -91,10 +150,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server_id=args.server_id, access_log=args.access_log, log_level=args.log_level,
             log_format=args.log_format, token=token, auth_inference=args.auth_inference, tls=tls,
             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-            max_header_bytes=args.max_header_bytes, max_connections=args.max_connections)
+            max_header_bytes=args.max_header_bytes, max_connections=args.max_connections, registry_url=url,
+            s3_endpoint_url=args.s3_endpoint_url or os.environ.get(ENDPOINT_ENV, ""),
+            s3_region=args.s3_region or os.environ.get(REGION_ENV, ""))
     except ValueError as exc:
         raise _usage(str(exc)) from exc
     return run(settings)
+
+
+def _default_cache(url: str) -> Path:
+    """``$XDG_CACHE_HOME/unlearnd/<bucket>/<prefix>`` (``~/.cache`` without it): where served versions are pulled."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "unlearnd" / url.split("://", 1)[1].strip("/")
 
 
 # -- registry -----------------------------------------------------------------------------------------
@@ -188,6 +255,10 @@ def cmd_registry_verify(args: argparse.Namespace) -> int:
     for r in results:
         print(f"{model} v{r.version}: {'ok' if r.ok else f'FAILED ({r.code})'}: {r.detail}")
     bad = [r.version for r in results if not r.ok]
+    for v, why in sorted(getattr(args, "pull_failed", {}).items()):     # s3://: a version the bucket holds damaged
+        if args.version in (None, v):
+            print(f"{model} v{v}: FAILED (bucket): {why}")
+            bad.append(v)
     latest_problem = registry_ops.check_latest(registry_dir, model) if args.version is None else None
     if latest_problem:
         print(f"{model} LATEST: FAILED (backwards): {latest_problem}")
@@ -222,9 +293,11 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
     except registry.VerificationError as exc:
         print(f"unlearnd registry rollback: version {args.to} is damaged, nothing written: {exc}", file=sys.stderr)
         return 1
+    if args.mirror is not None:
+        args.mirror.publish(model, info.version)        # files, manifest, then the bucket's LATEST
     rb = info.manifest["rollback"]
     print(f"{model}: version {info.version} holds version {rb['to']}'s files (parent {rb['from']}); "
-          f"LATEST -> {info.version}")
+          f"LATEST -> {info.version}" + (f" in {args.mirror.url}" if args.mirror is not None else ""))
     reverted = rb["reverted_request_ids"]
     if reverted or not rb["lineage_complete"]:
         print(f"warning: this undoes the unlearning of {len(reverted)} request(s) applied after version "
@@ -247,6 +320,9 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
 def cmd_registry_prune(args: argparse.Namespace) -> int:
     from daemon.registry import ops as registry_ops
 
+    if _is_url(_registry_value(args)) and not _registry_value(args).startswith("file:"):
+        raise _usage("--registry: prune works on a folder; on s3:// keep versions with the bucket's lifecycle rules "
+                     "(never deleting the version LATEST names)")
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir)
     try:
@@ -272,12 +348,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _s3_arguments(p: argparse.ArgumentParser, cache: str) -> None:
+    p.add_argument("--s3-endpoint-url", default="", help=f"S3 endpoint of an s3:// registry (MinIO: "
+                                                         f"http://host:9000; default: ${ENDPOINT_ENV}, else AWS's)")
+    p.add_argument("--s3-region", default="", help=f"its region (default: ${REGION_ENV}, AWS_DEFAULT_REGION)")
+    p.add_argument("--cache-dir", help=cache)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Register this layer's subcommands on the top-level parser."""
     from daemon.registry import ops as registry_ops
 
     sp = sub.add_parser("serve", help="serve a registry model over the Open Inference Protocol (KServe v2)")
-    sp.add_argument("--registry", help=f"registry root (default: ${REGISTRY_ENV})")
+    sp.add_argument("--registry", help=f"registry root, or s3://bucket/prefix (default: ${REGISTRY_URL_ENV}, "
+                                       f"${REGISTRY_ENV})")
+    _s3_arguments(sp, cache="local cache of an s3:// registry, where versions are pulled and verified before "
+                            "they are served (default: $XDG_CACHE_HOME/unlearnd/<bucket>/<prefix>)")
     sp.add_argument("--model", required=True, help="the model to serve")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -328,7 +414,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     rsub = rp.add_subparsers(dest="registry_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", help=f"registry root (default: ${REGISTRY_ENV})")
+        p.add_argument("--registry", help=f"registry root, or s3://bucket/prefix (default: ${REGISTRY_URL_ENV}, "
+                                          f"${REGISTRY_ENV})")
+        _s3_arguments(p, cache="with s3://: the folder the bucket's versions are pulled into (default: a "
+                               "temporary one)")
         p.add_argument("--model", required=True)
 
     p = rsub.add_parser("list", help="every version, with LATEST and the versions servers hold")

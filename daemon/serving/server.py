@@ -11,6 +11,7 @@ import gc
 import os
 import resource
 import sys
+from collections.abc import Callable
 
 import structlog
 import torch
@@ -47,7 +48,7 @@ def build(settings: ServeSettings):  # noqa: ANN201 - (app, holder, watcher, met
     holder = ModelHolder(settings.registry, settings.model, metrics=metrics, verifier=verifier)
     server_id = settings.server_id or registry_ops.default_server_id(settings.port)
     watcher = Watcher(holder, interval_s=settings.poll_interval_s, server_id=server_id,
-                      lease_ttl_s=settings.lease_ttl_s, load_nice=settings.load_nice)
+                      lease_ttl_s=settings.lease_ttl_s, load_nice=settings.load_nice, sync=_bucket_sync(settings))
     app = build_app(settings, holder, watcher, metrics)
     return app, holder, watcher, metrics
 
@@ -59,6 +60,17 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: object) -> None:
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
         self._captured_signals.clear()   # uvicorn's own list (0.29+); nothing is re-raised
+
+
+def _bucket_sync(settings: ServeSettings) -> Callable[[], object] | None:
+    """With ``registry_url`` on S3: what the watcher runs before each read of ``LATEST`` (pull it into the cache)."""
+    if not settings.registry_url:
+        return None
+    from daemon.registry.mirror import open_mirror
+
+    mirror = open_mirror(settings.registry_url, settings.registry, endpoint_url=settings.s3_endpoint_url,
+                         region=settings.s3_region, check=False)
+    return None if mirror is None else (lambda: mirror.pull_latest(settings.model))
 
 
 def _stack() -> tuple[str, str]:

@@ -49,6 +49,9 @@ class ServeSettings:
         max_header_bytes: largest request head (else 431).
         max_connections: connections held at once; over it the longest-waiting one is closed
             (``daemon.serving.guard``). 0: the open-files limit less a reserve.
+        registry_url: an ``s3://bucket/prefix`` registry; ``registry`` is then the local cache its versions are
+            pulled into (verified) before they are served. None: ``registry`` is the registry.
+        s3_endpoint_url, s3_region: the object store of ``registry_url`` (empty: AWS's, the environment's).
     """
 
     registry: Path
@@ -77,6 +80,9 @@ class ServeSettings:
     body_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_connections: int = 0
+    registry_url: str | None = None
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "registry", Path(self.registry))

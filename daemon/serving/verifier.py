@@ -49,6 +49,11 @@ class VerifierUnavailable(Exception):
     """The helper process could not answer (not started, died, timed out): verify in-process instead."""
 
 
+class _HelperGone(VerifierUnavailable):
+    """The helper's pipe closed: it died, perhaps before this request reached it (a kill not yet reaped when the
+    request was sent). A verification reads and changes nothing, so it is asked once more of a fresh helper."""
+
+
 @dataclass(frozen=True)
 class Verified:
     """What a load needs from verification: the version's manifest (checked), the served file's bytes (hashed:
@@ -292,31 +297,40 @@ class Verifier:
                 raise VerifierUnavailable("the verification helper did not answer in time")
             n = os.readv(fd, [view[got:]])
             if n == 0:
-                raise VerifierUnavailable(f"the verification helper exited (code {proc.poll()})")
+                raise _HelperGone(f"the verification helper exited (code {proc.poll()})")
             got += n
         return buf
+
+    def _ask(self, request: bytes) -> tuple[dict[str, Any], bytearray]:
+        """One request and its answer; any failure kills the helper (out of step: a fresh one next time)."""
+        proc = self._ensure()
+        try:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(request)
+                proc.stdin.flush()
+            except BrokenPipeError as exc:
+                raise _HelperGone(f"the verification helper exited (code {proc.poll()})") from exc
+            now = time.monotonic()
+            return self._receive(proc, now + self.timeout_s, now + self.idle_grace_s if self.idle else None)
+        except VerifierUnavailable:
+            self._kill()
+            raise
+        except (OSError, ValueError) as exc:
+            self._kill()
+            raise VerifierUnavailable(f"the verification helper failed: {type(exc).__name__}: {exc}") from exc
 
     def verify(self, registry_dir: Path | str, model: str, version: int) -> Verified:
         """``verify_for_load`` in the helper. Raises what it raises, or ``VerifierUnavailable``."""
         from daemon import registry
         from daemon.registry.archive import ArchiveLayout
 
+        request = json.dumps({"registry": str(registry_dir), "model": model, "version": version}) + "\n"
         with self._lock:
-            proc = self._ensure()
-            request = json.dumps({"registry": str(registry_dir), "model": model, "version": version}) + "\n"
             try:
-                assert proc.stdin is not None
-                proc.stdin.write(request.encode())
-                proc.stdin.flush()
-                now = time.monotonic()
-                header, payload = self._receive(proc, now + self.timeout_s,
-                                                now + self.idle_grace_s if self.idle else None)
-            except VerifierUnavailable:
-                self._kill()                 # out of step with the protocol: a fresh one next time
-                raise
-            except (OSError, ValueError) as exc:
-                self._kill()
-                raise VerifierUnavailable(f"the verification helper failed: {type(exc).__name__}: {exc}") from exc
+                header, payload = self._ask(request.encode())
+            except _HelperGone:
+                header, payload = self._ask(request.encode())      # once more, of a fresh helper
         if not header.get("ok"):
             kind, message = header.get("kind"), str(header.get("message"))
             if kind == "verification":

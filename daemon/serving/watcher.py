@@ -60,10 +60,14 @@ class Watcher:
             run on a loader thread of their own; the polling thread, weight-only loads (a few ms) and
             explicit reloads keep normal priority, so a notified reload never waits behind a slow,
             low-priority load of the same version.
+        sync: run before each read of ``LATEST``: with a registry on S3, brings the bucket's ``LATEST`` into the
+            local cache the holder reads (``RegistryMirror.pull_latest``: hashes verified, never a half version).
+            A failure (the object store unreachable) is logged once and the served version keeps serving.
     """
 
     def __init__(self, holder: ModelHolder, *, interval_s: float = 0.2, server_id: str | None = None,
-                 lease_ttl_s: float = registry_ops.DEFAULT_LEASE_TTL_S, load_nice: int = 0) -> None:
+                 lease_ttl_s: float = registry_ops.DEFAULT_LEASE_TTL_S, load_nice: int = 0,
+                 sync: Callable[[], object] | None = None) -> None:
         if not interval_s > 0:
             raise ValueError(f"poll interval must be > 0 seconds, got {interval_s!r}")
         if not lease_ttl_s > 0:
@@ -82,6 +86,8 @@ class Watcher:
         self._backwards: int | None = None        # the backwards LATEST refused last (logged once)
         self._lease_floor: int | None = None      # before the first swap: the newest version a lease names
         self._loader: ThreadPoolExecutor | None = None      # started by the first full load found by polling
+        self.sync = sync
+        self._sync_error: str | None = None
 
     # -- one check --------------------------------------------------------------------------------------
     def check(self, *, force: bool = False) -> SwapResult:
@@ -92,6 +98,7 @@ class Watcher:
         with self._check_lock:
             current = self.holder.current
             served = current.version if current else None
+            self._sync()
             try:
                 latest = registry.latest_version(self.holder.registry_dir, self.holder.model)
             except (registry.RegistryError, ValueError) as exc:
@@ -119,6 +126,20 @@ class Watcher:
                 self._failed.pop(latest, None)
             self._lease(result.version)
             return result
+
+    def _sync(self) -> None:
+        """Bring the remote registry's ``LATEST`` into the local cache; a failure is logged once per message."""
+        if self.sync is None:
+            return
+        try:
+            self.sync()
+            self._sync_error = None
+        except Exception as exc:  # noqa: BLE001 - boto3's errors and ours alike: keep serving what is served
+            detail = f"{type(exc).__name__}: {exc}"
+            if detail != self._sync_error:
+                self._sync_error = detail
+                self.holder.metrics.refused("registry")
+                _log.error("registry_sync_failed", model=self.holder.model, detail=detail)
 
     def _high_water(self, served: int | None) -> int | None:
         """The newest version known to have been served: this server's, else any lease's in the registry (so a

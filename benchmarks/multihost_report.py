@@ -104,6 +104,8 @@ def report(data: dict[str, Any]) -> str:
         lines += [f"The PostgreSQL intake rate is only {100 * (rate / BAR_INTAKE - 1):.0f}% above its bar: another "
                   "run may fall below it. The intake decides a poll's messages in one transaction; on PostgreSQL "
                   "each statement is a round trip to the server, where SQLite's are in-process calls."]
+    for prev in data.get("detail", {}).get("previous_runs", []):
+        lines += [f"An earlier run ({prev['when']}): {prev['what']}."]
     lines += ["A takeover time of `None` was not captured by the script (the kill time and the takeover event "
               "could not be matched), not a takeover that failed: every request's outcome is counted above.", ""]
     lines += ["Run: `.venv/bin/python benchmarks/multihost_intake.py` and `.venv/bin/python "

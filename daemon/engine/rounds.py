@@ -476,7 +476,7 @@ def run_round(
         raise ValueError(f"{method.name} needs importance weights")
     request.validate(num_classes=num_classes, input_shape=tuple(request.x.shape[1:]))
     kind = get_kind(request.kind)
-    measured = kind.name == ForgetInstances.name and heldout is not None
+    measured = kind.chooses_goal and heldout is not None
     if config.stop == "unseen" and not measured:
         raise ValueError("stop 'unseen' is for forget rounds given a held-out reference (the probe set)")
     weights = importance.round_weights(model, request.x, train=config.bn_train) if method.uses_importance else None

@@ -254,6 +254,7 @@ class _Membership:
         self.ref = HeldOutReference(heldout[0], heldout[1], num_classes).refresh(work)
         with eval_mode(work):
             scores = confidence_score(work(request.x.to(next(work.parameters()).device)), self.labels)
+        self.scores_before = scores
         self.auc_before = self.ref.auc(scores, self.labels)
         self.auc = self.auc_before
         self.seconds = time.perf_counter() - t0
@@ -274,11 +275,16 @@ class _Membership:
         self.seconds += time.perf_counter() - t0
         return self.reached()
 
-    def evidence(self, work: nn.Module, x: torch.Tensor) -> MembershipEvidence:
+    def evidence(self, work: nn.Module, x: torch.Tensor, steps: int) -> MembershipEvidence:
+        """The evidence on the weights the round left (a round that took no step left them as they were: the
+        scores before it stand)."""
         t0 = time.perf_counter()
-        self.ref.refresh(work)
-        with eval_mode(work):
-            scores = confidence_score(work(x.to(next(work.parameters()).device)), self.labels)
+        if steps == 0:
+            scores = self.scores_before
+        else:
+            self.ref.refresh(work)
+            with eval_mode(work):
+                scores = confidence_score(work(x.to(next(work.parameters()).device)), self.labels)
         out = self.ref.evidence(scores, self.labels, self.margin, self.auc_before)
         self.seconds += time.perf_counter() - t0
         return out
@@ -516,7 +522,7 @@ def run_round(
     if loop.tracking and (not loop.trajectory or loop.trajectory[-1].step != loop.steps):
         loop.record(loop.steps, loop.acc)
     acc_final, pred_after = _forget_accuracy(work, request, kind)
-    evidence = membership.evidence(work, request.x) if membership is not None else None
+    evidence = membership.evidence(work, request.x, loop.steps) if membership is not None else None
     work.eval()
     held = prep.held
     return RoundResult(

@@ -121,3 +121,16 @@ def test_kinds_with_a_goal_of_their_own_carry_no_goal_and_no_evidence(reg, tmp_p
     outcome, (receipt,) = _apply(rt, reg, tmp_path, [body])
     assert outcome.status == "applied" and outcome.result.membership is None
     assert "goal" not in receipt and "membership" not in receipt
+
+
+def test_the_models_default_goal_comes_from_the_file_or_the_environment_and_a_bad_one_names_the_setting(tmp_path):
+    from daemon.pipeline.config import ConfigError, load_config
+
+    assert load_config(None, env={}).models[0].goal == "misclassify"      # old configurations mean what they meant
+    assert load_config(None, env={"UNLEARND_MODELS_0_GOAL": "unseen"}).models[0].goal == "unseen"
+    path = tmp_path / "u.toml"
+    path.write_text('[[models]]\nname = "mnist-cnn"\ngoal = "unseen"\n')
+    assert load_config(path, env={}).models[0].goal == "unseen"
+    path.write_text('[[models]]\nname = "mnist-cnn"\ngoal = "forgotten"\n')
+    with pytest.raises(ConfigError, match=r"models\[0\]\.goal"):
+        load_config(path, env={})

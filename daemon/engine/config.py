@@ -101,6 +101,9 @@ class UnlearnConfig:
     # Also the band receipts call "indistinguishable" (outside it: under- or over-forgotten)
     unseen_margin: float = 0.03
     unseen_refresh: int = 10           # unseen: steps between re-scorings of the held-out probe set (and before a stop)
+    # the membership check's held-out reference: at most this many probe examples (the first ones), scored once per
+    # refresh; the interval is set by the round's few instances, not by these (k = 64: ±0.07 at 1000 or 2000)
+    unseen_reference: int = 1000
     # divergence
     collapse_share: float = 0.9        # one class for >= this share of the sentinel set: collapsed
     check_every: int = 25
@@ -121,7 +124,8 @@ class UnlearnConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        at_least_one = ("pgd_iterations", "attack_batch", "adv_batch", "max_steps", "check_every", "unseen_refresh")
+        at_least_one = ("pgd_iterations", "attack_batch", "adv_batch", "max_steps", "check_every", "unseen_refresh",
+                        "unseen_reference")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -251,7 +251,9 @@ class _Membership:
         self.labels = request.labels.cpu()
         self.margin, self.refresh_every = config.unseen_margin, config.unseen_refresh
         self.stops = config.stop == "unseen"
-        self.ref = HeldOutReference(heldout[0], heldout[1], num_classes).refresh(work)
+        n = config.unseen_reference
+        self.ref = HeldOutReference(heldout[0][:n], heldout[1][:n], num_classes).refresh(work)
+        self.fresh_at: int | None = 0          # the step whose weights the reference was last scored under
         with eval_mode(work):
             scores = confidence_score(work(request.x.to(next(work.parameters()).device)), self.labels)
         self.scores_before = scores
@@ -269,9 +271,12 @@ class _Membership:
         fresh = step % self.refresh_every == 0
         if fresh:
             self.ref.refresh(work)
+            self.fresh_at = step
         self.auc = self.ref.auc(scores, self.labels)
         if self.reached() and not fresh:      # a round moves the held-out scores too: stop only on fresh ones
             self.auc = self.ref.refresh(work).auc(scores, self.labels)
+            self.fresh_at = step
+        self.last_scores = scores
         self.seconds += time.perf_counter() - t0
         return self.reached()
 
@@ -281,6 +286,8 @@ class _Membership:
         t0 = time.perf_counter()
         if steps == 0:
             scores = self.scores_before
+        elif self.fresh_at == steps:           # the check that stopped the round scored these very weights
+            scores = self.last_scores
         else:
             self.ref.refresh(work)
             with eval_mode(work):

@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     # 1 on a CPU other jobs load: a second intra-op thread spin-waiting for a busy core made training ~20x slower
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--append", action="store_true", help="keep the rows privacy.json has (other ks, seeds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     st = load_setting(cache=args.cache)
@@ -75,6 +76,9 @@ def main() -> None:
     target_model = st.build(st.target_state)
     acc_before = accuracy(target_model, test_x, test_y)
     rows, retrain_cost = [], {}
+    if args.append and (Path(args.out) / "privacy.json").exists():
+        old = json.loads((Path(args.out) / "privacy.json").read_text())
+        rows, retrain_cost = old["rows"], old["retrain_train_seconds"]
     for k in (int(v) for v in args.ks.split(",")):
         for seed in (int(v) for v in args.seeds.split(",")):
             rng = np.random.default_rng(1000 + seed)

@@ -11,8 +11,10 @@ canary's membership is not confused with its label being wrong.
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +25,8 @@ from daemon.data.splits import DatasetSplits
 from daemon.engine.models import build_model
 from daemon.engine.training import TrainConfig
 from daemon.privacy.forget_sets import make_canaries, relabel
-from daemon.privacy.reference import ReferenceSet, ensure_references
+from daemon.privacy.reference import ReferenceSet, ensure_references, recipe_key
+from daemon.registry.files import atomic_write_bytes
 
 __all__ = ["MembershipSetting", "label_probs", "load_setting"]
 
@@ -116,8 +119,17 @@ def load_setting(refs: int = 8, canaries: int = 300, cache: str = "var/privacy-c
     y_all = torch.cat([y_train, s.test_y, test_wrong])
     setting = MembershipSetting(sc, cidx, x_all, y_all, ref_set, np.empty(0), np.empty(0), tgt.states[0],
                                 np.empty(0), np.empty(0), np.empty(0), ref_wall, recipe, cache)
-    setting.target = label_probs(setting.build(tgt.states[0]), x_all, y_all)
-    setting.ref = np.stack([label_probs(setting.build(st), x_all, y_all) for st in ref_set.states])
+    # every example's probability under the 1 + refs models: minutes on a loaded CPU, so kept beside the models
+    probs = Path(cache) / f"probs-{recipe_key(recipe | {'refs': refs, 'wrong_seed': 1})}.npz"
+    if probs.exists():
+        with np.load(probs) as f:
+            setting.target, setting.ref = f["target"], f["ref"]
+    else:
+        setting.target = label_probs(setting.build(tgt.states[0]), x_all, y_all)
+        setting.ref = np.stack([label_probs(setting.build(st), x_all, y_all) for st in ref_set.states])
+        buf = io.BytesIO()
+        np.savez(buf, target=setting.target, ref=setting.ref)
+        atomic_write_bytes(probs, buf.getvalue())
     setting.ref_in = np.concatenate([ref_set.in_mask, np.zeros((refs, 2 * m), bool)], axis=1)
     test = n + np.random.default_rng(0).permutation(m)
     setting.population, setting.nonmembers = test[:5000], test[5000:]

@@ -191,16 +191,20 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['forget_set']}\nk={r['k']} s{r['seed']}\n{r['goal']}" for r in rows]
-    xs = np.arange(len(rows))
-    ax.bar(xs - 0.27, [r["auc_before"] for r in rows], 0.27, label="before")
-    ax.bar(xs, [r["auc_after"] for r in rows], 0.27, label="after the round")
-    ax.bar(xs + 0.27, [r["auc_retrain"] for r in rows], 0.27, label="retrain")
-    ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_xticks(xs, labels, fontsize=7)
-    ax.set(ylabel="RMIA AUC (forget set vs held-out)", title="Membership of the forget set (MNIST, 8 references)")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    colors, markers = {"unseen": "tab:blue", "misclassify": "tab:red"}, {"canary": "^", "random": "o"}
+    for goal in colors:
+        for name in markers:
+            rs = [r for r in rows if r["goal"] == goal and r["forget_set"] == name]
+            if rs:
+                ax.scatter([r["auc_retrain"] for r in rs], [r["auc_after"] for r in rs], c=colors[goal],
+                           marker=markers[name], label=f"{goal}, {name}", alpha=0.8)
+    line = np.array([0.0, 1.0])
+    ax.plot(line, line, "k-", lw=0.8)
+    ax.fill_between(line, line - 0.03, line + 0.03, color="grey", alpha=0.2, label="retrain ± 0.03 (the bar)")
+    ax.set(xlim=(0.2, 0.75), ylim=(-0.02, 0.75), xlabel="RMIA AUC of the retrained model",
+           ylabel="RMIA AUC after the round", title="Forget set vs held-out data (MNIST, 8 references)")
+    ax.legend(fontsize=8, loc="center right")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

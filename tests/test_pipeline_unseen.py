@@ -134,3 +134,11 @@ def test_the_models_default_goal_comes_from_the_file_or_the_environment_and_a_ba
     path.write_text('[[models]]\nname = "mnist-cnn"\ngoal = "forgotten"\n')
     with pytest.raises(ConfigError, match=r"models\[0\]\.goal"):
         load_config(path, env={})
+
+
+def test_stop_unseen_in_a_models_settings_is_refused_naming_the_goal_setting():
+    """``settings = ["stop=unseen"]`` would reach relabel and forget_class rounds, which have no such rule."""
+    from daemon.pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"models\[0\]\.settings.*goal"):
+        load_config(None, env={"UNLEARND_MODELS_0_SETTINGS": "stop=unseen"})

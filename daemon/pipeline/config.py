@@ -326,6 +326,8 @@ class ModelSection:
         the wrong kind."""
         out = parse_settings(self.settings)
         PRESETS["default"].with_overrides(**out)      # unknown names and values of the wrong kind are refused here
+        if out.get("stop") == "unseen":               # it would reach relabel and forget_class rounds too
+            raise ValueError('stop=unseen is a goal: set goal = "unseen" (it applies to forget rounds only)')
         return out
 
     def source_sections(self) -> list[SourceSection]:

@@ -82,6 +82,13 @@ clean:
 bench-membership: install
 	PYTHONPATH=. $(VENV)/bin/python benchmarks/membership_before.py
 
+.PHONY: bench-privacy
+# issue 22: the unseen goal vs misclassify vs retraining under RMIA (canary and random sets, k 16/64/128, seed 0;
+# add --seeds 1,2 --append for more); reuses bench-membership's cached models, retrains each forget set once
+# (~1 min each, cached); ~15 min; writes benchmarks/results/privacy.*
+bench-privacy: install
+	PYTHONPATH=. $(VENV)/bin/python benchmarks/privacy.py --ks 16,64,128 --seeds 0
+
 # rounds of one instance, with and without held class impressions; ~25 min; writes
 # benchmarks/results/small_rounds/
 .PHONY: bench-small-rounds

@@ -1,7 +1,7 @@
 """Membership before unlearning (issue 22 parts 2–3): what there is to forget in each forget set.
 
 Trains (or reuses from the cache) a target MNIST model with 300 mislabeled canaries, and reference models on
-random halves of the same training data with the same recipe; reports RMIA (AUC, TPR at 1% / 0.1% FPR with
+random halves of the same training data with the same recipe (``daemon.bench.membership``); reports RMIA (AUC, TPR at 1% / 0.1% FPR with
 intervals) and the loss AUC for the canary, atypical and random sets at k = 16 / 64 / 128, 3 seeds, and the
 attack on non-members only (≈0.5). Run: ``PYTHONPATH=. .venv/bin/python benchmarks/membership_before.py``.
 """
@@ -9,28 +9,16 @@ attack on non-members only (≈0.5). Run: ``PYTHONPATH=. .venv/bin/python benchm
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from daemon.bench.runner import pretrain
-from daemon.data.mnist import load_mnist
-from daemon.engine.models import build_model
-from daemon.engine.training import TrainConfig
+from daemon.bench.membership import load_setting
 from daemon.privacy.attack import membership_report, rmia_scores
-from daemon.privacy.forget_sets import make_canaries, most_atypical, relabel
-from daemon.privacy.reference import ensure_references
+from daemon.privacy.forget_sets import most_atypical
 from daemon.registry import atomic_write_bytes
-
-
-def true_probs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        p = torch.cat([model(x[i:i + 4096]).softmax(1) for i in range(0, x.shape[0], 4096)])
-    return p.gather(1, y[:, None]).squeeze(1).double().numpy()
 
 
 def main() -> None:
@@ -39,44 +27,18 @@ def main() -> None:
     ap.add_argument("--canaries", type=int, default=300)
     ap.add_argument("--cache", default="var/privacy-cache")
     ap.add_argument("--out", default="benchmarks/results")
+    # 1 on a CPU other jobs load: a second intra-op thread spin-waiting for a busy core made training ~20x slower
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    s = load_mnist()
-    n = s.train_y.shape[0]
-    cidx, wrong = make_canaries(s.train_y.numpy(), args.canaries, 10, seed=0)
-    y_train = torch.from_numpy(relabel(s.train_y.numpy(), cidx, wrong))
-    sc = dataclasses.replace(s, train_y=y_train)
-    cfg = TrainConfig()
-    recipe = {"arch": "mnist_cnn", "train": dataclasses.asdict(cfg), "canaries": args.canaries, "canary_seed": 0}
-
-    def train(idx: np.ndarray, seed: int) -> dict:
-        keep = np.ones(n, bool)
-        keep[idx] = False
-        model, _ = pretrain("mnist_cnn", sc, dataclasses.replace(cfg, seed=seed), "cpu",
-                            exclude=torch.from_numpy(np.flatnonzero(keep)))
-        return model.state_dict()
-
-    t0 = time.perf_counter()
-    refs = ensure_references(args.cache, recipe, args.refs, n, train)
-    ref_wall = time.perf_counter() - t0
-    tgt = ensure_references(args.cache, recipe | {"target": True}, 1, n, lambda idx, seed: pretrain(
-        "mnist_cnn", sc, cfg, "cpu")[0].state_dict(), seed=99)  # the target saw every training digit
-
-    def build(state: dict) -> torch.nn.Module:
-        mean, std = s.mean_std()
-        model = build_model("mnist_cnn", num_classes=10, input_shape=(1, 28, 28), mean=mean, std=std)
-        model.load_state_dict(state)
-        return model.eval()
-
-    x_all = torch.cat([s.train_x, s.test_x])
-    y_all = torch.cat([y_train, s.test_y])
-    target = true_probs(build(tgt.states[0]), x_all, y_all)
-    ref = np.stack([true_probs(build(st), x_all, y_all) for st in refs.states])
-    ref_in = np.concatenate([refs.in_mask, np.zeros((args.refs, s.test_y.shape[0]), bool)], axis=1)
-    test = n + np.random.default_rng(0).permutation(s.test_y.shape[0])
-    pop, nonm = test[:5000], test[5000:]
+    torch.set_num_threads(args.threads)
+    st = load_setting(args.refs, args.canaries, args.cache)
+    n, cidx, target, ref, ref_in = st.n_train, st.canaries, st.target, st.ref, st.ref_in
+    pop, nonm = st.population, st.nonmembers
+    # a canary is compared with held-out digits mislabeled the same way (issue 22 part 3): with correctly labelled
+    # ones its score says only that its label is wrong
+    nonm_wrong = st.mislabeled(nonm)
     # atypical: lowest held-out margin-like score (held-out true-label probability) among non-canaries
-    atyp_pool = most_atypical(np.log(np.maximum(ref[:, :n], 1e-12)), refs.in_mask, 128, exclude=cidx)
+    atyp_pool = most_atypical(np.log(np.maximum(ref[:, :n], 1e-12)), st.refs.in_mask, 128, exclude=cidx)
     rows = []
     for k in (16, 64, 128):
         for seed in (0, 1, 2):
@@ -85,23 +47,33 @@ def main() -> None:
             sets = {"canary": rng.choice(cidx, k, replace=False), "atypical": rng.choice(atyp_pool, k, replace=False),
                     "random": rand}
             for name, members in sets.items():
-                r = membership_report(target, ref, ref_in, members, nonm, target[pop], ref[:, pop], seed=seed)
-                rows.append({"forget_set": name, "k": k, "seed": seed} | r)
+                against = nonm_wrong if name == "canary" else nonm
+                r = membership_report(target, ref, ref_in, members, against, target[pop], ref[:, pop], seed=seed)
+                rows.append({"forget_set": name, "k": k, "seed": seed,
+                             "nonmembers": "mislabeled test digits" if name == "canary" else "test digits"} | r)
+                if name == "canary":     # the old comparison, kept beside it to show what the fix changes
+                    old = membership_report(target, ref, ref_in, members, nonm, target[pop], ref[:, pop], seed=seed)
+                    rows[-1]["auc_vs_correctly_labelled"] = old["auc"]
                 print(json.dumps({kk: rows[-1][kk] for kk in ("forget_set", "k", "seed", "auc", "tpr1", "loss_auc")}),
                       flush=True)
     half = nonm.size // 2
     null = membership_report(target, ref, ref_in, nonm[:half], nonm[half:], target[pop], ref[:, pop])
+    null_wrong = membership_report(target, ref, ref_in, nonm_wrong[:half], nonm_wrong[half:], target[pop], ref[:, pop])
     out = Path(args.out)
+    refs = st.refs
     result = {"references": args.refs, "reference_train_seconds": refs.train_seconds,
-              "references_trained_now": refs.trained_now, "reference_wall_s": ref_wall,
+              "references_trained_now": refs.trained_now, "reference_wall_s": st.ref_wall_s,
               "canaries": args.canaries, "nonmembers": int(nonm.size), "population": int(pop.size),
-              "attack": "rmia", "rows": rows, "nonmembers_only": null}
+              "canary_nonmembers": "the non-member test digits at a wrong label drawn as the canaries' were",
+              "attack": "rmia", "rows": rows, "nonmembers_only": null, "mislabeled_nonmembers_only": null_wrong}
     atomic_write_bytes(out / "membership_before.json", json.dumps(result, indent=1).encode())
     lines = ["# Membership before unlearning (RMIA, MNIST benchmark recipe, 300 mislabeled canaries)", "",
              f"{args.refs} reference models on random halves, {np.mean(refs.train_seconds):.1f} s each to train "
-             f"(2-core CPU); non-members: {nonm.size} test digits; RMIA population: {pop.size} other test digits.", "",
+             f"(2-core CPU); non-members: {nonm.size} test digits (for the canaries: the same digits at a wrong "
+             f"label, drawn as the canaries' were); RMIA population: {pop.size} other test digits.", "",
              f"Non-members against non-members (nothing to find): AUC {null['auc']:.3f} "
-             f"[{null['auc_ci_hm'][0]:.3f}, {null['auc_ci_hm'][1]:.3f}].", "",
+             f"[{null['auc_ci_hm'][0]:.3f}, {null['auc_ci_hm'][1]:.3f}]; mislabeled against mislabeled "
+             f"{null_wrong['auc']:.3f} [{null_wrong['auc_ci_hm'][0]:.3f}, {null_wrong['auc_ci_hm'][1]:.3f}].", "",
              "| set | k | AUC (mean of 3 seeds) | AUC range | TPR@1% | TPR@0.1% | loss AUC |", "|---|---|---|---|---|---|---|"]
     for name in ("canary", "atypical", "random"):
         for k in (16, 64, 128):
@@ -110,11 +82,14 @@ def main() -> None:
             lines.append(f"| {name} | {k} | {np.mean(a):.3f} | {min(a):.3f}–{max(a):.3f} | "
                          f"{np.mean([r['tpr1'] for r in rs]):.3f} | {np.mean([r['tpr01'] for r in rs]):.3f} | "
                          f"{np.mean([r['loss_auc'] for r in rs]):.3f} |")
+    old = [r["auc_vs_correctly_labelled"] for r in rows if r["forget_set"] == "canary"]
+    lines += ["", f"Canaries against correctly labelled test digits instead (the comparison before the fix): AUC "
+                  f"{np.mean(old):.3f} (range {min(old):.3f}–{max(old):.3f}) over the same 9 sets."]
     atomic_write_bytes(out / "membership_before.md", ("\n".join(lines) + "\n").encode())
-    plot(target, ref, ref_in, cidx, atyp_pool, nonm, pop, out / "membership_before.png")
+    plot(target, ref, ref_in, cidx, atyp_pool, nonm, pop, out / "membership_before.png", nonm_wrong)
 
 
-def plot(target, ref, ref_in, cidx, atyp, nonm, pop, path: Path) -> None:
+def plot(target, ref, ref_in, cidx, atyp, nonm, pop, path: Path, nonm_wrong=None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,8 +99,9 @@ def plot(target, ref, ref_in, cidx, atyp, nonm, pop, path: Path) -> None:
     rng = np.random.default_rng(0)
     for name, members in (("canary (300)", cidx), ("atypical (128)", atyp),
                           ("random (300)", rng.choice(np.setdiff1d(np.arange(60000), cidx), 300, replace=False))):
-        thr = np.sort(np.concatenate([s[members], s[nonm]]))[::-1]
-        fpr = [(s[nonm] >= t).mean() for t in thr]
+        against = nonm_wrong if name.startswith("canary") and nonm_wrong is not None else nonm
+        thr = np.sort(np.concatenate([s[members], s[against]]))[::-1]
+        fpr = [(s[against] >= t).mean() for t in thr]
         tpr = [(s[members] >= t).mean() for t in thr]
         ax.plot(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=name)
     ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)

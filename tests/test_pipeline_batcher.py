@@ -13,9 +13,9 @@ from daemon.pipeline.pending import PendingRequest
 
 
 def _pending(rid: str, size: int = 1, *, kind: str = "forget", forget_class: int | None = None, model: str = "m",
-             partition: int = 0, offset: int = 0) -> PendingRequest:
+             partition: int = 0, offset: int = 0, goal: str | None = None) -> PendingRequest:
     decoded = SimpleNamespace(request_id=rid, model=model, kind=kind, forget_class=forget_class,
-                              instances=[object()] * size)
+                              instances=[object()] * size, goal=goal)
     return PendingRequest(decoded=decoded, topic="t", partition=partition, offset=offset, received_at=0.0,
                           labels=[0] * size, targets=None)
 
@@ -50,6 +50,20 @@ def test_a_round_takes_the_oldest_requests_group_up_to_the_instance_limit():
     assert _ids(b.next_due(now=1.0)) == ["c2"]
     b.settle()
     assert b.next_due(now=1.0) is None
+
+
+def test_requests_of_different_goals_never_share_a_round():
+    """A round has one stopping rule: unseen and misclassify requests (and those leaving it to the model's default)
+    run apart, each group in order."""
+    b = Batcher(max_instances=8, max_wait_s=0.0)
+    for p in (_pending("u1", goal="unseen"), _pending("d1"), _pending("m1", goal="misclassify"),
+              _pending("u2", goal="unseen"), _pending("d2")):
+        b.add(p, now=0.0)
+    rounds = []
+    while (batch := b.next_due(now=1.0)) is not None:
+        rounds.append(_ids(batch))
+        b.settle()
+    assert rounds == [["u1", "u2"], ["d1", "d2"], ["m1"]]
 
 
 def test_a_single_request_larger_than_the_limit_still_runs_alone():

@@ -388,3 +388,20 @@ def test_receipts_are_canonical_json() -> None:
         canonical_json({"x": float("nan")})
     with pytest.raises(ValueError, match="schema"):
         encode_receipt({"status": "applied"})
+
+
+def test_a_request_may_name_its_goal_and_an_old_payload_leaves_it_to_the_model(models: dict[str, ModelSpec]) -> None:
+    """Issue 22: ``goal`` is optional (requests written before it stay valid and take the model's default)."""
+    assert decode_request(_msg(), None, models).goal is None
+    assert decode_request(_msg(goal=None), None, models).goal is None
+    for goal in ("unseen", "misclassify"):
+        assert decode_request(_msg(goal=goal), None, models).goal == goal
+    # misclassify is every kind's goal in effect, so it may be named on any kind; unseen only on forget
+    relabel = _msg(kind="relabel", goal="misclassify",
+                   instances=[{"id": "a", "ref": "mnist-train:1", "label": 1, "target": 2}])
+    assert decode_request(relabel, None, models).goal == "misclassify"
+    exc = _reject(_msg(kind="forget_class", goal="unseen", **{"class": 3},
+                       instances=[{"id": "a", "ref": "mnist-train:1"}]), models)
+    assert exc.reason == "bad_goal" and "only for kind forget" in exc.detail and exc.kind == "forget_class"
+    exc = _reject(_msg(goal="Unseen"), models)
+    assert exc.reason == "bad_goal" and "misclassify, unseen" in exc.detail and exc.request_id == "req-1"

@@ -27,7 +27,7 @@ _CHOICES = {
     "optimizer": ("sgd", "adam"),
     "forget_loss": ("neg_ce", "margin"),
     "adv_loss": ("ce", "kl", "logit_mse"),
-    "stop": ("zero", "calibrated"),
+    "stop": ("zero", "calibrated", "unseen"),
     "class_scope": ("head_row", "all"),
     "hold_at": ("original", "current"),
 }
@@ -96,6 +96,14 @@ class UnlearnConfig:
     max_steps: int = 800
     stop: str = "zero"
     stop_level: float = 0.0            # calibrated: stop once forget accuracy <= this
+    # unseen (the request goal, issue 22): stop once the instances' membership AUC against the held-out probe
+    # set is <= 0.5 + this (daemon.engine.unseen), or at the zero rule if that comes first; never past it.
+    # Also the band receipts call "indistinguishable" (outside it: under- or over-forgotten)
+    unseen_margin: float = 0.03
+    unseen_refresh: int = 10           # unseen: steps between re-scorings of the held-out probe set (and before a stop)
+    # the membership check's held-out reference: at most this many probe examples (the first ones), scored once per
+    # refresh; the interval is set by the round's few instances, not by these (k = 64: ±0.07 at 1000 or 2000)
+    unseen_reference: int = 1000
     # divergence
     collapse_share: float = 0.9        # one class for >= this share of the sentinel set: collapsed
     check_every: int = 25
@@ -116,7 +124,8 @@ class UnlearnConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        at_least_one = ("pgd_iterations", "attack_batch", "adv_batch", "max_steps", "check_every")
+        at_least_one = ("pgd_iterations", "attack_batch", "adv_batch", "max_steps", "check_every", "unseen_refresh",
+                        "unseen_reference")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,6 +149,8 @@ class UnlearnConfig:
             raise ValueError(f"hold_original_share must lie in (0, 1], got {self.hold_original_share}")
         if not 0.0 <= self.stop_level < 1.0:
             raise ValueError(f"stop_level must lie in [0, 1), got {self.stop_level}")
+        if not 0.0 <= self.unseen_margin < 0.5:
+            raise ValueError(f"unseen_margin must lie in [0, 0.5), got {self.unseen_margin}")
         if not 0.0 < self.collapse_share <= 1.0:
             raise ValueError(f"collapse_share must lie in (0, 1], got {self.collapse_share}")
 

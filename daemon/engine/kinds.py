@@ -19,8 +19,14 @@ from typing import ClassVar, Protocol
 
 import torch
 
-__all__ = ["KINDS", "ForgetClass", "ForgetInstances", "Kind", "KindSettings", "Relabel", "RequestFields",
+__all__ = ["GOALS", "KINDS", "ForgetClass", "ForgetInstances", "Kind", "KindSettings", "Relabel", "RequestFields",
            "check_class_range", "get_kind"]
+
+
+#: what a request of a kind that ``chooses_goal`` may ask of its instances (contract §2 ``goal``): be
+#: misclassified (the paper's goal: the zero rule, ``stop`` "zero") or look like data the model never saw
+#: (``stop`` "unseen": stop once indistinguishable from held-out data, ``daemon.engine.unseen``)
+GOALS: tuple[str, ...] = ("misclassify", "unseen")
 
 
 class RequestFields(Protocol):
@@ -80,6 +86,9 @@ class Kind:
     #: a round that leaves instances of mixed labels all in one class has collapsed (gradient ascent's
     #: signature, method.md §9); only meaningful where the goal is to leave the labels
     checks_forget_set_collapse: ClassVar[bool] = True
+    #: a request may choose its goal (contract §2 ``goal``): be misclassified, or look ``unseen`` (stop once its
+    #: instances look like held-out data, ``daemon.engine.unseen``); the other kinds' goal is their own
+    chooses_goal: ClassVar[bool] = False
 
     # -- the goal (engine) ------------------------------------------------------------------------------
     def wanted(self, request: RequestFields) -> torch.Tensor:
@@ -155,6 +164,7 @@ class ForgetInstances(Kind):
     """``forget``: every instance must stop being classified as its label (L2UL's misclassification)."""
 
     name: ClassVar[str] = "forget"
+    chooses_goal: ClassVar[bool] = True
 
 
 class Relabel(Kind):

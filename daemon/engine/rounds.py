@@ -31,6 +31,7 @@ from daemon.engine.heads import find_head
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.protection import protection_report
 from daemon.engine.subspace import SubspaceMemory
+from daemon.engine.unseen import HeldOutReference, MembershipEvidence, confidence_score
 
 if TYPE_CHECKING:
     from daemon.engine.subspace import _UpdateProjector
@@ -83,6 +84,13 @@ class RoundResult:
     frozen_layers: tuple[str, ...] = ()
     #: the importance penalty weights the round used (methods with importance), what a commit consolidates
     importance: dict[str, torch.Tensor] | None = None
+    #: the instances' membership against the held-out reference after the round (``forget`` rounds given one)
+    membership: MembershipEvidence | None = None
+    #: seconds the membership check took (scoring the reference and the instances; included in ``wall_s``)
+    check_s: float = 0.0
+    #: what ended a successful round: "goal" (the kind's rule), "unseen" (the membership check) or
+    #: "already_unseen" (the instances looked held-out before any step: the model is unchanged)
+    stopped_by: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -231,6 +239,64 @@ def _optimiser(work: nn.Module, request: ForgetRequest, kind: Kind, config: Unle
     return projector, params, torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+class _Membership:
+    """The ``unseen`` goal's check (``daemon.engine.unseen``) over one round, and the evidence it leaves.
+
+    The instances' scores come from the logits the loop computes anyway; the probe set is re-scored every
+    ``config.unseen_refresh`` steps, before any stop it would allow, and once more at the end for the receipt."""
+
+    def __init__(self, work: nn.Module, request: ForgetRequest, config: UnlearnConfig,
+                 heldout: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> None:
+        t0 = time.perf_counter()
+        self.labels = request.labels.cpu()
+        self.margin, self.refresh_every = config.unseen_margin, config.unseen_refresh
+        self.stops = config.stop == "unseen"
+        n = config.unseen_reference
+        self.ref = HeldOutReference(heldout[0][:n], heldout[1][:n], num_classes).refresh(work)
+        self.fresh_at: int | None = 0          # the step whose weights the reference was last scored under
+        with eval_mode(work):
+            scores = confidence_score(work(request.x.to(next(work.parameters()).device)), self.labels)
+        self.scores_before = scores
+        self.auc_before = self.ref.auc(scores, self.labels)
+        self.auc = self.auc_before
+        self.seconds = time.perf_counter() - t0
+
+    def reached(self) -> bool:
+        return self.auc <= 0.5 + self.margin
+
+    def check(self, work: nn.Module, logits_req: torch.Tensor, step: int) -> bool:
+        """Whether the instances (their logits under the weights ``step`` left) now look held-out."""
+        t0 = time.perf_counter()
+        scores = confidence_score(logits_req, self.labels)
+        fresh = step % self.refresh_every == 0
+        if fresh:
+            self.ref.refresh(work)
+            self.fresh_at = step
+        self.auc = self.ref.auc(scores, self.labels)
+        if self.reached() and not fresh:      # a round moves the held-out scores too: stop only on fresh ones
+            self.auc = self.ref.refresh(work).auc(scores, self.labels)
+            self.fresh_at = step
+        self.last_scores = scores
+        self.seconds += time.perf_counter() - t0
+        return self.reached()
+
+    def evidence(self, work: nn.Module, x: torch.Tensor, steps: int) -> MembershipEvidence:
+        """The evidence on the weights the round left (a round that took no step left them as they were: the
+        scores before it stand)."""
+        t0 = time.perf_counter()
+        if steps == 0:
+            scores = self.scores_before
+        elif self.fresh_at == steps:           # the check that stopped the round scored these very weights
+            scores = self.last_scores
+        else:
+            self.ref.refresh(work)
+            with eval_mode(work):
+                scores = confidence_score(work(x.to(next(work.parameters()).device)), self.labels)
+        out = self.ref.evidence(scores, self.labels, self.margin, self.auc_before)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
 class _Loop:
     """The optimisation loop of one round and its per-step checks (stopping rule, push growth, health)."""
 
@@ -238,10 +304,13 @@ class _Loop:
                  prep: _Prepared, params: list[nn.Parameter], opt: torch.optim.Optimizer | None,
                  projector: _UpdateProjector | None,
                  acc0: float, track: tuple[torch.Tensor, torch.Tensor] | None, track_every: int,
-                 progress: Callable[[int, int, float], None] | None) -> None:
+                 progress: Callable[[int, int, float], None] | None, membership: _Membership | None = None
+                 ) -> None:
         self.work, self.request, self.kind, self.method, self.config = work, request, kind, method, config
         self.prep, self.params, self.opt, self.projector = prep, params, opt, projector
         self.track, self.track_every, self.progress = track, track_every, progress
+        self.membership = membership if membership is not None and membership.stops else None
+        self.stopped_by: str | None = None
         self.n_req = request.x.shape[0]
         self.acc = acc0
         self.steps = 0
@@ -276,6 +345,11 @@ class _Loop:
             return "diverged", f"non-finite weights at step {self.steps}"
         if kind.stop_reached(self.acc, config) and not (kind.stops_on_margin(config)
                                                         and bool(still[:self.n_req].any())):
+            self.stopped_by = "goal"
+            return kind.success, None
+        # unseen: the instances look held-out; checked every step, so the round never pushes past it
+        if self.membership is not None and self.membership.check(self.work, logits_eval[:self.n_req], self.steps):
+            self.stopped_by = "unseen"
             return kind.success, None
         return None
 
@@ -387,6 +461,7 @@ def run_round(
     progress: Callable[[int, int, float], None] | None = None,
     should_abort: Callable[[], bool] | None = None,
     head: str | None = None,
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RoundResult:
     """Unlearn ``request`` from a copy of ``model`` with ``method``; never touches ``model`` itself.
 
@@ -398,7 +473,9 @@ def run_round(
     predictions must not all fall into one class (defaults to the held set). ``track``: an (x, y) set
     whose accuracy is recorded along the trajectory every ``track_every`` steps (benchmark plots).
     ``should_abort`` is polled every step. ``head``: the classifier head's module name for class rounds
-    scoped to its row (None: found by output width, ``daemon.engine.heads``).
+    scoped to its row (None: found by output width, ``daemon.engine.heads``). ``heldout``: labelled examples
+    the model never trained on (the daemon's probe set): a ``forget`` round then reports its instances'
+    membership against them (``RoundResult.membership``), and ``config.stop`` "unseen" stops on it.
 
     BatchNorm: every forward of the round runs on the copy, in eval mode unless ``config.bn_train`` (the
     ``paper`` preset, as L2UL's code: its training forwards then update the copy's running statistics,
@@ -412,11 +489,18 @@ def run_round(
         raise ValueError(f"{method.name} needs importance weights")
     request.validate(num_classes=num_classes, input_shape=tuple(request.x.shape[1:]))
     kind = get_kind(request.kind)
+    measured = kind.chooses_goal and heldout is not None
+    if config.stop == "unseen" and not measured:
+        raise ValueError("stop 'unseen' is for forget rounds given a held-out reference (the probe set)")
     weights = importance.round_weights(model, request.x, train=config.bn_train) if method.uses_importance else None
     wall0 = time.perf_counter()
     work = copy.deepcopy(model)
     acc0, pred_before = _forget_accuracy(work, request, kind)
+    membership = _Membership(work, request, config, heldout, num_classes) if measured else None
     satisfied = kind.stop_reached(acc0, config)
+    stopped_by = "goal" if satisfied else None
+    if not satisfied and membership is not None and membership.stops and membership.reached():
+        satisfied, stopped_by = True, "already_unseen"   # nothing to forget: the round takes no step
     prep = _prepare(work, request, kind, method, config, generator=generator, num_classes=num_classes,
                     importance=weights, reference=reference, sentinel=sentinel, satisfied=satisfied,
                     should_abort=should_abort)
@@ -424,7 +508,8 @@ def run_round(
     # its class) says nothing about collapse: only a round that *puts* them there has collapsed.
     share_before = _top_share(work, prep.sentinel)
     projector, params, opt = _optimiser(work, request, kind, config, prep.x, memory, num_classes, head)
-    loop = _Loop(work, request, kind, method, config, prep, params, opt, projector, acc0, track, track_every, progress)
+    loop = _Loop(work, request, kind, method, config, prep, params, opt, projector, acc0, track, track_every, progress,
+                 membership)
     if loop.tracking:
         loop.record(0, acc0)
     t_opt, tracked_before_opt = time.perf_counter(), loop.tracking_s
@@ -435,6 +520,7 @@ def run_round(
         reason = "the subspace memory leaves no layer free to move: the memory is full for these instances"
     else:
         outcome, reason = loop.run(should_abort)
+        stopped_by = loop.stopped_by
     optimise_s = time.perf_counter() - t_opt - (loop.tracking_s - tracked_before_opt)
     if outcome is None:
         outcome = "budget_exhausted"
@@ -443,6 +529,7 @@ def run_round(
     if loop.tracking and (not loop.trajectory or loop.trajectory[-1].step != loop.steps):
         loop.record(loop.steps, loop.acc)
     acc_final, pred_after = _forget_accuracy(work, request, kind)
+    evidence = membership.evidence(work, request.x, loop.steps) if membership is not None else None
     work.eval()
     held = prep.held
     return RoundResult(
@@ -455,5 +542,7 @@ def run_round(
         state={k: v.detach().cpu().clone() for k, v in work.state_dict().items()},
         attack_example_iterations=held.attack_example_iterations, attack_full_iterations=held.attack_full_iterations,
         attack_success=held.attack_success, adversarial_examples=held.adversarial, anchor_examples=held.anchors,
-        trajectory=loop.trajectory, importance=weights,
+        trajectory=loop.trajectory, importance=weights, membership=evidence,
+        check_s=membership.seconds if membership is not None else 0.0,
+        stopped_by=stopped_by if outcome == kind.success else None,
     )

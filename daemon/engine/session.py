@@ -138,11 +138,13 @@ class UnlearningSession:
         progress: Callable[[int, int, float], None] | None = None,
         should_abort: Callable[[], bool] | None = None,
         commit: bool = True,
+        heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[RoundResult, dict[str, torch.Tensor] | None]:
         """Run one round; on success (and ``commit``) the live model and the importance move on.
 
         Returns the result and the accumulated importance the round used (None for methods without
-        importance). With ``commit=False`` the caller applies it later with :meth:`commit`, e.g.
+        importance). ``heldout``: labelled data the model never trained on (the daemon's probe set), the
+        reference of the round's membership check (``daemon.engine.unseen``). With ``commit=False`` the caller applies it later with :meth:`commit`, e.g.
         after a retention gate.
         """
         config = config or PRESETS["default"]
@@ -156,7 +158,7 @@ class UnlearningSession:
                            importance=self.importance_plugin, memory=self.memory, reference=reference,
                            sentinel=sentinel, track=track,
                            track_every=track_every, progress=progress, should_abort=should_abort,
-                           head=self.head)
+                           head=self.head, heldout=heldout)
         self._pending = None
         if result.succeeded and self.memory.enabled and get_kind(request.kind).instance_scoped:
             t0 = time.perf_counter()

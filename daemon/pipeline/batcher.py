@@ -1,7 +1,7 @@
 """Which accepted requests run together, and when: pure bookkeeping, no broker, no clock of its own.
 
 A model's requests wait until they hold ``max_instances`` instances or the oldest has waited
-``max_wait_s``; a round takes the oldest request's group (kind, and class for ``forget_class``) up to
+``max_wait_s``; a round takes the oldest request's group (kind, class for ``forget_class``, and goal) up to
 ``max_instances``. The halves of a failed round (``rounds.split_failed``) run first, each as a round of
 its own: their requests are the oldest.
 """

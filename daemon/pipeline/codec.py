@@ -15,7 +15,7 @@ Decoding runs in two stages, so that a flood of bad or replayed messages stays c
 :func:`decode_request` is both. Checks run in a fixed order, so a message with several faults
 always gets the same reason: the raw bytes (``too_large``, ``empty``, ``not_utf8``), the JSON
 (``not_json``, ``not_object``), ``request_id`` (read early, so that every later rejection carries
-it), ``duplicate_key``, ``schema``, ``model``, the Kafka key, ``kind``, ``class``,
+it), ``duplicate_key``, ``schema``, ``model``, the Kafka key, ``kind``, ``class``, ``goal``,
 ``submitted_at``, ``instances`` as a list, then each instance in order (object, ``id``, duplicate
 id, ``ref``/``data``, ``label``, ``target``, the class, the ref, the ``data`` object), and only
 then the pixels of each inline instance in order.
@@ -56,7 +56,7 @@ import torch
 from daemon.keys import SecretKey
 from daemon.data.inline import InlineDataError, decode_inline
 from daemon.data.sources import RefError, resolve_refs
-from daemon.engine.kinds import KINDS, Kind
+from daemon.engine.kinds import GOALS, KINDS, Kind
 from daemon.pipeline.codec_checks import (
     MAX_INSTANCE_ID_LENGTH,
     CheckedInstance,
@@ -80,6 +80,7 @@ __all__ = [
     "MAX_SUBMITTED_AT_LENGTH",
     "REASONS",
     "RECEIPT_SCHEMA",
+    "GOALS",
     "REQUEST_SCHEMA",
     "CheckedInstance",
     "CheckedRequest",
@@ -114,6 +115,7 @@ REASONS: tuple[str, ...] = (
     "key_mismatch",
     "bad_kind",
     "class_out_of_range",
+    "bad_goal",
     "unexpected_field",
     "no_instances",
     "too_many_instances",
@@ -142,7 +144,7 @@ REASONS: tuple[str, ...] = (
 
 # Field names a detail may quote when an object repeats them (other keys are the sender's text).
 _KNOWN_KEYS = frozenset(
-    {"schema", "request_id", "model", "kind", "class", "instances", "submitted_at"}
+    {"schema", "request_id", "model", "kind", "class", "goal", "instances", "submitted_at"}
     | {"id", "ref", "data", "label", "target", "format", "b64"}
 )
 _OBJECT_REPR = re.compile(r"<[^<>]{1,80} at 0x[0-9a-fA-F]+>")
@@ -200,6 +202,7 @@ class CheckedRequest:
     forget_class: int | None
     submitted_at: str | None
     spec: ModelSpec = field(repr=False, compare=False)
+    goal: str | None = None         # None: the model's default (``[[models]] goal``)
 
 
 @dataclass
@@ -229,6 +232,7 @@ class DecodedRequest:
     instances: list[DecodedInstance]
     forget_class: int | None
     submitted_at: str | None
+    goal: str | None = None         # None: the model's default (``[[models]] goal``)
 
 
 def decode_request(
@@ -328,6 +332,7 @@ def decode_inputs(checked: CheckedRequest) -> DecodedRequest:
         instances=instances,
         forget_class=checked.forget_class,
         submitted_at=checked.submitted_at,
+        goal=checked.goal,
     )
 
 
@@ -469,6 +474,7 @@ def _check(
         fail("bad_kind", f"kind must be one of {', '.join(KINDS)}, {got}")
     ctx.kind = name
     forget_class = _check_class(doc.get("class"), kind, spec.num_classes)
+    goal = _check_goal(doc.get("goal"), kind)
 
     submitted_at = doc.get("submitted_at")
     if submitted_at is not None and (
@@ -511,6 +517,7 @@ def _check(
         forget_class=forget_class,
         submitted_at=submitted_at,
         spec=spec,
+        goal=goal,
     )
 
 
@@ -524,3 +531,16 @@ def _check_class(forget_class: object, kind: Kind, num_classes: int) -> int | No
         only = kinds_where(lambda k: k.names_class)
         fail("unexpected_field", f"class is only for kind {only}, not {kind.name}")
     return None
+
+
+def _check_goal(goal: object, kind: Kind) -> str | None:
+    """The request's ``goal`` (absent: the model's default). Only ``forget`` has a choice: the other kinds' goal
+    is their own (a target reached, a class gone), so ``unseen`` there is refused rather than ignored."""
+    if goal is None:
+        return None
+    if not isinstance(goal, str) or goal not in GOALS:
+        fail("bad_goal", f"goal must be one of {', '.join(GOALS)}, got {quote(goal)}")
+    if goal != "misclassify" and not kind.chooses_goal:
+        only = kinds_where(lambda k: k.chooses_goal)
+        fail("bad_goal", f"goal {goal} is only for kind {only}, not {kind.name}")
+    return goal

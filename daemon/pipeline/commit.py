@@ -153,6 +153,7 @@ class RoundCommitter:
                 ) -> list[AppliedReceipt]:
         metrics = c.metrics
         before, after = c.per_request(c.result.predictions_before), c.per_request(c.result.predictions_after)
+        goal, membership = rt.goal(c.requests), _membership(c.result)
         return [AppliedReceipt(
             request_id=p.request_id, model=rt.name, kind=p.decoded.kind, round_id=round_id,
             previous_version=rt.version, method=method,
@@ -161,7 +162,8 @@ class RoundCommitter:
             probe_accuracy_before=metrics.probe_accuracy_before if metrics else None,
             probe_accuracy_after=metrics.probe_accuracy_after if metrics else None,
             received_at=p.received_at, forget_class=p.decoded.forget_class,
-            content_hashes=tuple(content_sha256_rows(torch.stack([i.x for i in p.decoded.instances]), rt.id_key)))
+            content_hashes=tuple(content_sha256_rows(torch.stack([i.x for i in p.decoded.instances]), rt.id_key)),
+            goal=goal, membership=membership)
             for p, b, a in zip(c.requests, before, after, strict=True)]
 
     def _move_latest(self, model: str, info: registry.VersionInfo, epoch: int | None) -> None:
@@ -328,3 +330,12 @@ def find_version(registry_dir: Path, model: str, round_id: str) -> registry.Vers
         if manifest.get("round_id") == round_id:
             return registry.verify_version(registry_dir, model, v)
     return None
+
+
+def _membership(result: RoundResult) -> dict[str, Any] | None:
+    """The receipt's ``membership``: the round's evidence (one batch, one AUC over all of its instances), what
+    stopped it and in how many steps (``already_unseen`` with 0 steps: the model was left as it was)."""
+    if result.membership is None:
+        return None
+    return {**result.membership.to_dict(), "stopped_by": result.stopped_by, "steps": result.steps,
+            "check_s": round(result.check_s, 4)}

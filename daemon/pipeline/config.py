@@ -26,6 +26,7 @@ from daemon.cpu_policy import POLICIES
 from daemon.data.sources import KNOWN_DATASETS, check_source_name
 from daemon.engine.config import PRESETS, parse_settings
 from daemon.engine.importance import ACCUMULATIONS
+from daemon.engine.kinds import GOALS
 from daemon.engine.methods import METHODS
 from daemon.pipeline.kafka_security import MECHANISMS, PROTOCOLS, check_security
 
@@ -323,6 +324,9 @@ class ModelSection:
     settings: list[str] = _opt([], "engine settings for this model's rounds, KEY=VALUE over the preset's (e.g. "
                                    "lr=3e-5): a classifier unlike the one the preset was measured on may need its "
                                    "own step size (benchmarks/results/byo.md)")
+    goal: str = _opt("misclassify", "what a forget request asks when it names no goal (contract §2): misclassify "
+                                    "(the zero rule) or unseen (stop once its instances look like the probe set's "
+                                    "held-out data; docs/operations.md, membership evidence)", choices=GOALS)
     head: str = _opt("", "the classifier head, as the model's own named_modules() names it (e.g. heads.head); "
                          "must agree with the one unlearnd import recorded (empty: that one, else found by "
                          "output width)")
@@ -337,6 +341,8 @@ class ModelSection:
         the wrong kind."""
         out = parse_settings(self.settings)
         PRESETS["default"].with_overrides(**out)      # unknown names and values of the wrong kind are refused here
+        if out.get("stop") == "unseen":               # it would reach relabel and forget_class rounds too
+            raise ValueError('stop=unseen is a goal: set goal = "unseen" (it applies to forget rounds only)')
         return out
 
     def source_sections(self) -> list[SourceSection]:

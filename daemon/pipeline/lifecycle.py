@@ -399,6 +399,7 @@ class Daemon:
             for p in batch:
                 self.metrics.time_to_forget.observe(now - p.received_at)
             self.metrics.export_round(model, outcome.version.version, outcome.metrics)
+            self.metrics.export_membership(model, outcome.result.membership)
             self._export_capacity(model)
             self._notify(model)
         else:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon.endpoint_auth import TlsFiles
+from daemon.engine.unseen import MembershipEvidence
 from daemon.pipeline.metrics_http import start_metrics_server
 from daemon.pipeline.receipts import RoundMetrics
 
@@ -18,6 +19,8 @@ __all__ = ["DaemonMetrics", "memory_free_share"]
 
 _ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 _FORGET_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400)
+#: what a round's membership evidence may say of its instances (daemon.engine.unseen.verdict)
+VERDICTS = ("under", "indistinguishable", "over")
 
 
 class DaemonMetrics:
@@ -66,6 +69,14 @@ class DaemonMetrics:
         self.deletions_since_base = Gauge("unlearnd_deletions_since_base",
                                           "Instances forgotten since the lineage's base version (pretrain, import "
                                           "or rebase)", ["model"], registry=r)
+        self.membership_auc = Gauge("unlearnd_membership_auc",
+                                    "Last applied forget round: membership AUC of its instances against the held-out "
+                                    "probe set (0.5: look unseen; above: still member-like; below: over-forgotten)",
+                                    ["model"], registry=r)
+        self.membership_verdicts = Counter("unlearnd_membership_verdicts",
+                                           "Applied forget rounds by what their membership evidence says (under, "
+                                           "indistinguishable, over)", ["model", "verdict"], registry=r)
+        self._membership_models: set[str] = set()
         self._fill_layers: dict[str, set[str]] = {}
         self.model_version = Gauge("unlearnd_model_version", "The published version", ["model"], registry=r)
         self.consumer_lag = Gauge("unlearnd_consumer_lag_records", "Kafka consumer lag (records)", ["partition"],
@@ -101,6 +112,17 @@ class DaemonMetrics:
         self.flip_ratio.labels(reference="original").set(m.prediction_flip_ratio_original)
         self.flip_ratio.labels(reference="previous").set(m.prediction_flip_ratio_previous)
         self.importance_density.set(m.importance_density_ratio)
+
+    def export_membership(self, model: str, evidence: MembershipEvidence | None) -> None:
+        """An applied round's membership evidence (forget rounds; others have none and change nothing here)."""
+        if evidence is None:
+            return
+        if model not in self._membership_models:      # every verdict reads 0 from the first round, not absent
+            self._membership_models.add(model)
+            for v in VERDICTS:
+                self.membership_verdicts.labels(model=model, verdict=v)
+        self.membership_auc.labels(model=model).set(evidence.auc)
+        self.membership_verdicts.labels(model=model, verdict=evidence.verdict).inc()
 
     def export_memory_fill(self, model: str, fill: Mapping[str, float]) -> None:
         """Per layer fill and its summary. A layer exported before and absent now reads 0: its memory was

@@ -37,6 +37,7 @@ class PendingRequest:
     def size(self) -> int:
         return len(self.decoded.instances)
 
-    def group(self) -> tuple[str, int | None]:
-        """Requests that can share a round: the same kind (and, for forget_class, the same class)."""
-        return self.decoded.kind, self.decoded.forget_class
+    def group(self) -> tuple[str, int | None, str | None]:
+        """Requests that can share a round: the same kind (and, for forget_class, the same class) and the same goal
+        as the request named it (None: the model's default; a round has one stopping rule)."""
+        return self.decoded.kind, self.decoded.forget_class, self.decoded.goal

@@ -153,6 +153,11 @@ class AppliedReceipt(_RoundReceipt):
     model_sha256: str | None = None
     applied_at: float | None = None
     content_hashes: tuple[str, ...] = ()    # per instance (daemon.data.content): kept by the ledger, not sent
+    #: the round's goal (forget: misclassify or unseen; None for kinds whose goal is their own)
+    goal: str | None = None
+    #: the instances' membership against the held-out probe set after the round (``daemon.engine.unseen``:
+    #: score, AUC with its interval, verdict, what stopped the round); None where not measured
+    membership: Mapping[str, Any] | None = None
 
     def completed(self, *, version: int, sha256: str, applied_at: float) -> AppliedReceipt:
         """The receipt once the version is durable."""
@@ -174,6 +179,9 @@ class AppliedReceipt(_RoundReceipt):
                   "timings": timings})
         if self.forget_class is not None:
             r["class"] = self.forget_class
+        if self.goal is not None:
+            r["goal"] = self.goal
+            r["membership"] = _clean(dict(self.membership)) if self.membership is not None else None
         return r
 
     # The ledger keeps a committing round's drafts as JSON (``rounds.drafts``) until the commit: the body of the
@@ -192,7 +200,8 @@ class AppliedReceipt(_RoundReceipt):
                    probe_accuracy_before=metrics.get("probe_accuracy_before"),
                    probe_accuracy_after=metrics.get("probe_accuracy_after"),
                    received_at=float(d["received_ts"]), forget_class=d.get("class"),
-                   content_hashes=tuple(d.get("content_sha256") or ()))     # drafts from before schema 2: none
+                   content_hashes=tuple(d.get("content_sha256") or ()),     # drafts from before schema 2: none
+                   goal=d.get("goal"), membership=d.get("membership"))      # drafts from before issue 22: none
 
 
 @dataclass(frozen=True)

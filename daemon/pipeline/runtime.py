@@ -308,8 +308,14 @@ class ModelRuntime:
         return self.probe_accuracy("current") - self.gate_floor()
 
     # -- a round ------------------------------------------------------------------------------------
+    def goal(self, batch: Sequence[PendingRequest]) -> str | None:
+        """The batch's goal: its requests' (one group: one goal), else the model's ``goal``; None for a kind whose
+        goal is its own (relabel, forget_class)."""
+        kind, _, goal = batch[0].group()
+        return (goal or self.section.goal) if get_kind(kind).chooses_goal else None
+
     def build_request(self, batch: Sequence[PendingRequest]) -> ForgetRequest:
-        kind, forget_class = batch[0].group()
+        kind, forget_class, _ = batch[0].group()
         x = torch.stack([inst.x for p in batch for inst in p.decoded.instances]).float()
         labels = torch.tensor([lab for p in batch for lab in p.labels], dtype=torch.int64)
         targets = None
@@ -317,23 +323,33 @@ class ModelRuntime:
             targets = torch.tensor([t for p in batch for t in (p.targets or [])], dtype=torch.int64)
         return ForgetRequest(kind=kind, x=x, labels=labels, targets=targets, forget_class=forget_class)
 
-    def round_config(self, kind: str) -> UnlearnConfig:
+    def round_config(self, kind: str, goal: str | None = None) -> UnlearnConfig:
         """The engine settings of this model's rounds of ``kind``: the preset's, then ``rounds.held_impressions``,
-        then the model's own ``settings``."""
+        then the model's own ``settings``; goal ``unseen`` stops on the membership check (``stop`` "unseen")."""
         config = preset(self.rounds.preset, self.rounds.method, kind)
         if self.rounds.held_impressions:
             config = config.with_overrides(held_impressions=self.rounds.held_impressions)
         if self.section.settings:
             config = config.with_overrides(**self.section.round_settings())
+        if goal == "unseen":
+            config = config.with_overrides(stop="unseen")
         return config
+
+    def heldout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The membership check's held-out reference: the probe items of the classes the model still recognises
+        (data the model never trained on, by the operator's choice of probe)."""
+        mask = self.retained_mask()
+        return (self.probe_x[mask], self.probe_y[mask]) if bool(mask.any()) else None
 
     def run_round(self, batch: Sequence[PendingRequest], should_abort: Callable[[], bool]) -> Candidate:
         """Run the engine on a copy of the live state (nothing is adopted) and gate the result on retention."""
         live = self._loaded()
         request = self.build_request(batch)
-        config = self.round_config(request.kind)
+        heldout = self.heldout()
+        config = self.round_config(request.kind, self.goal(batch) if heldout is not None else None)
         result, importance = live.session.run_round(request, method=self.rounds.method, config=config,
-                                                    sentinel=self.probe_x, should_abort=should_abort, commit=False)
+                                                    sentinel=self.probe_x, should_abort=should_abort, commit=False,
+                                                    heldout=heldout)
         requests = tuple(batch)
         if not result.succeeded:
             reason = f"{result.outcome}" + (f": {result.reason}" if result.reason else "")

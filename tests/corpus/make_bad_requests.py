@@ -176,6 +176,10 @@ def build_cases() -> list[dict[str, Any]]:
     req("class_string", "bad_type", kind="forget_class", **{"class": "7"},
         instances=[_inst("class_string")])
     req("class_on_forget", "unexpected_field", **{"class": 7})
+    req("goal_unknown", "bad_goal", goal="forgotten")
+    req("goal_not_string", "bad_goal", goal=["unseen"])
+    req("goal_unseen_on_relabel", "bad_goal", kind="relabel", goal="unseen",
+        instances=[_inst("goal_unseen_on_relabel", label=1, target=2)])
 
     # Instances: structure.
     req("instance_not_object", "bad_type", instances=["mnist-train:123"])

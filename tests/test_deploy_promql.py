@@ -186,7 +186,8 @@ def test_exported_names_cover_the_contract_metrics():
                    "unlearnd_prediction_flip_ratio", "unlearnd_importance_density_ratio", "unlearnd_model_version",
                    "unlearnd_consumer_lag_records", "unlearnd_serve_model_version", "unlearnd_serve_requests_total",
                    "unlearnd_memory_fill_ratio", "unlearnd_memory_free_ratio", "unlearnd_retention_headroom_ratio",
-                   "unlearnd_retention_gate_floor_ratio", "unlearnd_deletions_since_base"):
+                   "unlearnd_retention_gate_floor_ratio", "unlearnd_deletions_since_base",
+                   "unlearnd_stale_owner_refusals_total"):
         assert metric in names
 
 

@@ -35,6 +35,7 @@ from daemon.engine.rounds import RoundResult
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.failpoints import failpoint
 from daemon.pipeline.ledger import ForgottenContent, Ledger
+from daemon.pipeline.ownership import StaleOwner, check_publish
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import (
     AppliedReceipt,
@@ -93,8 +94,12 @@ class RoundCommitter:
 
     # -- a round ------------------------------------------------------------------------------------
     def run(self, rt: ModelRuntime, batch: Sequence[PendingRequest], round_id: str,
-            should_abort: Callable[[], bool]) -> RoundOutcome:
-        """On the round thread: compute, gate, and commit durably (steps 1-3)."""
+            should_abort: Callable[[], bool], epoch: int | None = None) -> RoundOutcome:
+        """On the round thread: compute, gate, and commit durably (steps 1-3).
+
+        ``epoch``: the ownership epoch the daemon held for the model when the round started (issue 24; None: it
+        never took the model). Steps 1 and 3 are fenced with it and ``LATEST`` moves only after
+        :func:`~daemon.pipeline.ownership.check_publish`; a refusal is the outcome ``stale``."""
         bound = log.bind(round_id=round_id, model=rt.name)
         candidate = rt.run_round(batch, should_abort=should_abort)
         result = candidate.result
@@ -123,12 +128,20 @@ class RoundCommitter:
             bound.warning("round_failed", reason=candidate.reason)
             return RoundOutcome("failed", result)
         drafts = self._drafts(rt, candidate, round_id, method)
-        self.ledger.begin_commit(round_id, rt.version, [d.draft_dict() for d in drafts])
-        failpoint("after_begin_commit")
-        info = rt.publish(candidate, round_id, method)
-        failpoint("after_registry_write")
-        mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)    # step 2b
-        self._commit(round_id, rt.name, info, drafts)
+        try:
+            self.ledger.begin_commit(round_id, rt.version, [d.draft_dict() for d in drafts], fence=(rt.name, epoch))
+            failpoint("after_begin_commit")
+            info = rt.publish(candidate, round_id, method, owner_epoch=epoch, set_latest=False)
+            self._move_latest(rt.name, info, epoch)
+            failpoint("after_registry_write")
+            mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)    # step 2b
+            self._commit(round_id, rt.name, info, drafts, epoch)
+        except StaleOwner as exc:
+            # a newer owner resolves this round (its takeover recovery) and applies its requests: nothing here
+            # decides them; a round still running (refused at step 1) is ended here, once
+            self.ledger.abandon_if_running(round_id, str(exc))
+            bound.warning("round_refused_stale_owner", epoch=epoch, current=exc.current, detail=str(exc))
+            return RoundOutcome("stale", result)
         failpoint("after_ledger_commit")
         self._prune(rt.name)
         metrics = candidate.metrics
@@ -153,11 +166,23 @@ class RoundCommitter:
             goal=goal, membership=membership)
             for p, b, a in zip(c.requests, before, after, strict=True)]
 
-    def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt]
-                ) -> None:
-        """Step 3: the round, its requests, its receipts and the model event, in one transaction."""
+    def _move_latest(self, model: str, info: registry.VersionInfo, epoch: int | None) -> None:
+        """Step 2's last act: ``LATEST`` moves to the new version, unless a newer owner exists (issue 24:
+        :func:`~daemon.pipeline.ownership.check_publish` against the manifest ``LATEST`` names and the ledger)."""
+        latest = registry.latest_version(self.registry_dir, model)
+        manifest = registry.read_manifest(self.registry_dir, model, latest) if latest is not None else None
+        check_publish(model, epoch, manifest, self.ledger.ownership_epoch(model))
+        if latest is not None and latest >= info.version:
+            return                                      # a roll-forward of a version already live
+        registry.set_latest(self.registry_dir, model, info.version, verify=False)
+
+    def _commit(self, round_id: str, model: str, info: registry.VersionInfo, drafts: Sequence[AppliedReceipt],
+                epoch: int | None = None) -> None:
+        """Step 3: the round, its requests, its receipts and the model event, in one transaction (fenced with the
+        ownership epoch: a stale owner's commit raises ``StaleOwner`` and writes nothing)."""
         applied_at = time.time()
         with self.ledger.transaction() as tx:
+            tx.fence(model, epoch)
             tx.end_round(round_id, "committed", version=info.version)
             for d in drafts:
                 tx.finish(d.request_id, "applied", model=model, kind=d.kind, round_id=round_id,
@@ -201,30 +226,55 @@ class RoundCommitter:
 
     # -- start-up -----------------------------------------------------------------------------------
     def recover(self, owner: str, runtimes: Mapping[str, ModelRuntime]) -> None:
-        """Resolve the rounds ``owner`` (this instance) left unfinished when it last stopped (or died)."""
+        """Resolve the rounds ``owner`` (this instance) left unfinished when it last stopped (or died).
+
+        Each is resolved under the model's ownership epoch as it stands now: if another daemon takes the model over
+        meanwhile, the resolution is refused and left to it (its takeover resolves every unfinished round)."""
         for state in ("running", "committing"):
             for r in self.ledger.rounds_in_state(state, owner):
-                rt = runtimes.get(r["model"])
-                found = self._find_version(r["model"], r["round_id"]) if (rt and state == "committing") else None
-                if found is None and rt and state == "committing" and self.mirror is not None:
-                    found = self.mirror.pull_round(r["model"], r["round_id"])    # the working copy was lost
-                if found is None:
-                    with self.ledger.transaction() as tx:
-                        tx.end_round(r["round_id"], "abandoned",
-                                     reason="the daemon stopped before the version was durable")
-                    log.warning("round_abandoned", round_id=r["round_id"], state=state)
-                    continue
-                log.warning("round_rolled_forward", round_id=r["round_id"], version=found.version)
-                if (registry.latest_version(self.registry_dir, r["model"]) or 0) < found.version:
-                    registry.set_latest(self.registry_dir, r["model"], found.version)
-                mirror_publish(self.mirror, r["model"], found.version)    # completes a push cut short
-                self._commit(r["round_id"], r["model"], found, [AppliedReceipt.from_draft(d) for d in r["drafts"]])
-                if rt is not None:
-                    rt.reload()
+                try:
+                    self._resolve(r, state, runtimes.get(r["model"]), self.ledger.ownership_epoch(r["model"]))
+                except StaleOwner as exc:
+                    log.warning("round_left_to_new_owner", round_id=r["round_id"], detail=str(exc))
         for name in runtimes if self.mirror is not None else ():
             pushed = self.mirror.catch_up(name, hook=s3_failpoint)   # a first version (pretrained, imported)
             if pushed is not None:
                 log.info("registry_pushed", model=name, version=pushed, url=self.mirror.url)
+
+    def take_over(self, model: str, me: str, rt: ModelRuntime | None, epoch: int, *, reload: bool = True) -> int:
+        """A model just taken over (issue 24): resolve the rounds of it that other daemons left unfinished, as
+        :meth:`recover` does for this daemon's own (running: abandoned; committing: rolled forward when its version
+        is in the registry, else abandoned), fenced with the new ``epoch``; then load ``LATEST`` (the continual
+        state with it) if it is not the live version. Returns how many rounds were resolved. Raises ``StaleOwner``
+        when yet another daemon took the model meanwhile."""
+        resolved = 0
+        for state in ("running", "committing"):
+            for r in self.ledger.rounds_in_state(state, model=model):
+                if r["owner"] == me:
+                    continue                    # this daemon's own round (running on its round thread)
+                self._resolve(r, state, rt, epoch, reload=reload)
+                resolved += 1
+        if reload and rt is not None and not rt.is_current():
+            rt.reload()
+        return resolved
+
+    def _resolve(self, r: Mapping[str, Any], state: str, rt: ModelRuntime | None, epoch: int | None, *,
+                 reload: bool = True) -> None:
+        found = self._find_version(r["model"], r["round_id"]) if (rt and state == "committing") else None
+        if found is None and rt and state == "committing" and self.mirror is not None:
+            found = self.mirror.pull_round(r["model"], r["round_id"])    # the working copy was lost
+        if found is None:
+            with self.ledger.transaction() as tx:
+                tx.fence(r["model"], epoch)
+                tx.end_round(r["round_id"], "abandoned", reason="the daemon stopped before the version was durable")
+            log.warning("round_abandoned", round_id=r["round_id"], state=state, owner=r.get("owner"))
+            return
+        log.warning("round_rolled_forward", round_id=r["round_id"], version=found.version, owner=r.get("owner"))
+        self._move_latest(r["model"], found, epoch)
+        mirror_publish(self.mirror, r["model"], found.version)    # completes a push cut short
+        self._commit(r["round_id"], r["model"], found, [AppliedReceipt.from_draft(d) for d in r["drafts"]], epoch)
+        if rt is not None and reload:
+            rt.reload()
 
     def _find_version(self, model: str, round_id: str) -> registry.VersionInfo | None:
         return find_version(self.registry_dir, model, round_id)

@@ -86,6 +86,10 @@ class KafkaSection:
     bootstrap: str = _opt("127.0.0.1:19092", "Kafka bootstrap servers, comma-separated host:port")
     group_id: str = _opt("unlearnd", "consumer group; daemons in one group share the models by partition")
     instance_id: str = _opt("unlearnd-1", "static group membership id (group.instance.id); unique per daemon")
+    static_membership: bool = _opt(True, "join the group as a static member (instance_id as group.instance.id): a "
+                                   "restart keeps its partitions; false for daemons on several hosts, so a crashed "
+                                   "daemon's partitions go to the others after the session timeout "
+                                   "(docs/operations.md)")
     requests_topic: str = _opt("unlearn.requests", "topic the forget requests arrive on")
     receipts_topic: str = _opt("unlearn.receipts", "topic receipts are published to")
     dlq_topic: str = _opt("unlearn.dlq", "dead-letter topic for messages that cannot be decoded or validated")

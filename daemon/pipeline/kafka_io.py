@@ -81,7 +81,7 @@ def make_consumer(cfg: KafkaSection) -> KafkaConsumer:
     return KafkaConsumer(
         **connection_kwargs(cfg),
         group_id=cfg.group_id,
-        group_instance_id=cfg.instance_id,
+        group_instance_id=cfg.instance_id if cfg.static_membership else None,
         client_id=f"unlearnd-{cfg.instance_id}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",

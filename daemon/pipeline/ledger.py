@@ -222,18 +222,38 @@ class Ledger:
                                                               time.time()))
         return round_id
 
-    def begin_commit(self, round_id: str, parent: int, drafts: Sequence[Mapping[str, Any]]) -> None:
-        """Record the intent before the registry write, so a crash in between can be resolved."""
+    def begin_commit(self, round_id: str, parent: int, drafts: Sequence[Mapping[str, Any]], *,
+                     fence: tuple[str, int | None] | None = None) -> None:
+        """Record the intent before the registry write, so a crash in between can be resolved.
+
+        ``fence`` (model, epoch): refuse with ``ownership.StaleOwner`` (nothing written) unless the epoch is still
+        the model's, so a stale owner never turns a round its successor already resolved into ``committing``."""
         with self._immediate() as db:
+            if fence is not None:
+                _ownership.check(db, *fence)
             db.execute("UPDATE rounds SET state='committing', parent=?, drafts=? WHERE round_id=?",
                        (parent, json.dumps(list(drafts)), round_id))
 
-    def rounds_in_state(self, state: str, owner: str) -> list[dict[str, Any]]:
+    def rounds_in_state(self, state: str, owner: str | None = None, *, model: str | None = None
+                        ) -> list[dict[str, Any]]:
+        """Rounds in ``state``: of one daemon (``owner``), or of one model whoever ran them (a takeover)."""
+        sql, args = "SELECT round_id, model, parent, request_ids, drafts, owner FROM rounds WHERE state=?", [state]
+        if owner is not None:
+            sql, args = sql + " AND owner=?", [*args, owner]
+        if model is not None:
+            sql, args = sql + " AND model=?", [*args, model]
         with self._lock:
-            cur = self._db.execute("SELECT round_id, model, parent, request_ids, drafts FROM rounds "
-                                   "WHERE state=? AND owner=?", (state, owner))
+            cur = self._db.execute(sql + " ORDER BY round_id", args)
             return [{"round_id": r[0], "model": r[1], "parent": r[2], "request_ids": json.loads(r[3]),
-                     "drafts": json.loads(r[4]) if r[4] else []} for r in cur.fetchall()]
+                     "drafts": json.loads(r[4]) if r[4] else [], "owner": r[5]} for r in cur.fetchall()]
+
+    def abandon_if_running(self, round_id: str, reason: str) -> bool:
+        """End a round ``abandoned`` only while it is still ``running`` (a stale owner's own round that nobody
+        resolved yet); a round its successor already resolved keeps that outcome."""
+        with self._immediate() as db:
+            cur = db.execute("UPDATE rounds SET state='abandoned', reason=?, finished_at=?, drafts=NULL "
+                             "WHERE round_id=? AND state='running'", (reason, time.time(), round_id))
+            return cur.rowcount == 1
 
     def round_state(self, round_id: str) -> str | None:
         """The state of a round, or of a rebase (a version's manifest names either by its ``round_id``)."""

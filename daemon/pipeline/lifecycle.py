@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 import torch
-from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from daemon.pipeline.batcher import Batcher
@@ -38,6 +38,8 @@ from daemon.pipeline.ledger import Ledger, LedgerUnavailable
 from daemon.pipeline.metrics import DaemonMetrics
 from daemon.pipeline.offsets import OffsetBook
 from daemon.pipeline.outbox import OutboxPublisher
+from daemon.pipeline.owners import Owners
+from daemon.pipeline.rebalance import Rebalance, drop_model
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
 from daemon.pipeline.runtime import ModelRuntime
@@ -73,20 +75,6 @@ class _RunningRebase:
         self.finish: Future[RebaseOutcome] | None = None
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        try:
-            self.daemon.on_revoked(set(revoked))
-        except Exception as exc:  # noqa: BLE001 - kafka-python turns a raise here into a failed poll
-            log.warning("revoke_handling_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
-
-
 class Daemon:
     """``unlearnd run``: :meth:`start`, then :meth:`run` until ``stop`` is set; :meth:`shutdown` is idempotent."""
 
@@ -106,6 +94,8 @@ class Daemon:
         self.offsets = offsets
         self.outbox = outbox
         self.instance = config.kafka.instance_id
+        self.owners = Owners(ledger, self.instance, runtimes)     # the models held, their fencing epochs (issue 24)
+        self.rebalance = Rebalance(self)
         self._consumer_factory = consumer_factory
         self._executor = executor
         self._stop = stop or threading.Event()
@@ -113,6 +103,7 @@ class Daemon:
         self.consumer: Any = None
         self._round: Future[RoundOutcome] | None = None
         self._round_started = 0.0
+        self._round_epoch: int | None = None        # the ownership epoch the running round started under
         self._metrics_server: Any = None
         self._last_commit = 0.0
         self._last_latest_check = time.monotonic()
@@ -146,7 +137,7 @@ class Daemon:
         self.outbox.start()
         k = self.config.kafka
         self.consumer = self._consumer_factory()
-        self.consumer.subscribe([k.requests_topic], listener=_Rebalance(self))
+        self.consumer.subscribe([k.requests_topic], listener=self.rebalance)
         # Start-up leaves ~200,000 long-lived objects (torch, the models, the data sets) that Python's cyclic
         # garbage collector would walk on every full collection, ~0.1 s each, several times a second under an
         # intake flood. They live as long as the daemon: collect once, then move them out of the collector's view.
@@ -294,14 +285,12 @@ class Daemon:
             log.warning("offset_commit_failed", error=str(exc))
 
     def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Partitions leave this daemon: commit what is safe, forget their waiting requests and offsets."""
-        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
-        try:
-            self._commit_offsets()
-        except Exception as exc:  # noqa: BLE001 - the group may already be gone (broker restart)
-            log.warning("offset_commit_failed", error=f"{type(exc).__name__}: {exc}")
-        self.batcher.drop(revoked)
-        self.offsets.forget(revoked)
+        """Partitions leave this daemon (:mod:`daemon.pipeline.rebalance`: dropped once known to be gone)."""
+        self.rebalance.revoked(revoked)
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Partitions come (issue 24: their models are taken over, :mod:`daemon.pipeline.rebalance`)."""
+        self.rebalance.assigned(assigned)
 
     # -- rounds -------------------------------------------------------------------------------------
     def _start_round_if_due(self) -> None:
@@ -311,6 +300,7 @@ class Daemon:
         model = batch[0].model
         rt = self.runtimes[model]
         self._reload_if_moved(model)
+        epoch = self._round_epoch = self.owners.epoch(model)
         try:
             round_id = self.ledger.allocate_round(model, self.instance, [p.request_id for p in batch])
         except LedgerUnavailable as exc:        # nothing allocated: the batch waits in front of its queue
@@ -322,7 +312,7 @@ class Daemon:
         self.consumer.pause(*self.consumer.assignment())
         log.info("round_started", round_id=round_id, model=model, requests=len(batch),
                  instances=sum(p.size for p in batch), kind=batch[0].decoded.kind)
-        self._round = self._executor.submit(self.committer.run, rt, batch, round_id, self._abort.is_set)
+        self._round = self._executor.submit(self.committer.run, rt, batch, round_id, self._abort.is_set, epoch)
 
     def _reload_if_moved(self, model: str) -> None:
         """Load LATEST when it is not the live version any more, and export the gauges of the version now live."""
@@ -374,6 +364,13 @@ class Daemon:
             self.batcher.retry(batch, time.monotonic())
             if self._rebasing(batch[0].model):
                 self.batcher.held.add(batch[0].model)
+            return
+        if outcome is not None and outcome.status == "stale":   # not decided here: their offsets stay uncommitted
+            model = batch[0].model
+            if self.owners.epoch(model) == self._round_epoch:      # not taken back since the round began
+                drop_model(self, model, "a newer owner refused this round's commit")
+            for tp in {TopicPartition(p.topic, p.partition) for p in batch} if self.owners.epoch(model) else ():
+                self.rebalance.rewind(tp)       # taken back meanwhile: read them again, the ledger decides each one
             return
         if outcome is None or outcome.status == "aborted":
             # nothing published, no offsets committed: the requests stay pending (redelivered on restart)
@@ -486,7 +483,7 @@ class Daemon:
 
     def _start_rebase_if_due(self) -> None:
         assert self.rebaser is not None and self._rebase_executor is not None
-        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled()]
+        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled() and n not in self.owners.dropped]
         found = self.rebaser.requested(models)
         if found is None:
             for name in models:

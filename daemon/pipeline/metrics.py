@@ -31,6 +31,9 @@ class DaemonMetrics:
         self.requests = Counter("unlearnd_requests", "Requests by outcome", ["kind", "status"], registry=r)
         self.dlq = Counter("unlearnd_dlq", "Messages sent to the dead-letter topic", ["reason"], registry=r)
         self.rounds = Counter("unlearnd_rounds", "Unlearning rounds by outcome", ["outcome"], registry=r)
+        self.stale_owner = Counter("unlearnd_stale_owner_refusals",
+                                   "Round commits or publishes refused because another daemon took the model over "
+                                   "(its requests are left to that daemon)", ["model"], registry=r)
         self.round_duration = Histogram("unlearnd_round_duration_seconds", "One round, start to durable commit",
                                         buckets=_ROUND_BUCKETS, registry=r)
         self.time_to_forget = Histogram("unlearnd_time_to_forget_seconds",

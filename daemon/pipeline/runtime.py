@@ -388,8 +388,10 @@ class ModelRuntime:
         self.forgotten_classes = candidate.forgotten_classes
         self.current_probe_pred = candidate.probe_pred
 
-    def publish(self, candidate: Candidate, round_id: str, method: Mapping[str, Any]) -> registry.VersionInfo:
-        """Adopt the candidate and write it as the next version (atomic; LATEST moves last)."""
+    def publish(self, candidate: Candidate, round_id: str, method: Mapping[str, Any], *,
+                owner_epoch: int | None = None, set_latest: bool = True) -> registry.VersionInfo:
+        """Adopt the candidate and write it as the next version (atomic; LATEST moves last, here unless
+        ``set_latest`` is False: then the caller moves it once it has checked its ownership, issue 24)."""
         live = self._loaded()
         if not candidate.passed or candidate.metrics is None:
             raise ValueError(f"only a candidate that passed is published; this one: {candidate.reason}")
@@ -403,7 +405,7 @@ class ModelRuntime:
                 request_ids=[p.request_id for p in candidate.requests], method=dict(method),
                 metrics=candidate.metrics.manifest_dict(candidate.forgotten_classes),
                 instances=sum(p.size for p in candidate.requests), parent_deletions=self.deletions_since_base,
-                state_key=self.state_key)
+                state_key=self.state_key, owner_epoch=owner_epoch, set_latest=set_latest)
         except BaseException:
             live.session.undo(previous)          # the live model and session stay what LATEST says
             raise

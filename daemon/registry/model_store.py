@@ -225,9 +225,15 @@ def publish(
     instances: int = 0,
     parent_deletions: int | None = None,
     state_key: keys.SecretKey | None = None,
+    owner_epoch: int | None = None,
+    set_latest: bool = True,
 ) -> registry.VersionInfo:
     """Write the model and its session as the next version (atomic; ``LATEST`` moves last). ``head``: the
     declared classifier head (the operator's module name), else the parent's.
+
+    ``owner_epoch``: the daemon's ownership epoch of the model (issue 24), recorded in the manifest so a stale
+    owner can see a newer one published; ``set_latest=False`` leaves ``LATEST`` to the caller (the daemon checks
+    its ownership once more just before moving it).
 
     The manifest records ``deletions_since_base`` (:mod:`daemon.registry.lineage`): 0 for a base (``method.name``
     pretrain, import or rebase, or no parent), else the parent's count plus ``instances``, the instances this
@@ -250,7 +256,9 @@ def publish(
         round_id=round_id, request_ids=list(request_ids), method=dict(method or {}), metrics=dict(metrics or {}),
         extra_files=_session_files(session) if state_key is None else None,
         sealed_files=None if state_key is None else _sealer(name, session, state_key),
-        extra_manifest={**spec, "dataset": dataset, lineage.DELETIONS_KEY: deletions}, label_file=True,
+        extra_manifest={**spec, "dataset": dataset, lineage.DELETIONS_KEY: deletions,
+                        **({} if owner_epoch is None else {"owner_epoch": int(owner_epoch)})},
+        label_file=True, set_latest=set_latest,
     )
 
 

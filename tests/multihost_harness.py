@@ -68,6 +68,9 @@ class Cluster:
     state_url: str
     models: Sequence[str] = MODELS
     hosts: list[Host] = field(default_factory=list)
+    #: the bucket's settings (UNLEARND_REGISTRY_URL, ..._ENDPOINT_URL): each host then keeps its own working copy
+    #: (``<root>/<host>/registry``, empty at start) instead of sharing ``registry_dir``
+    bucket_env: Mapping[str, str] | None = None
 
     def start_host(self, name: str, *, failpoints: str = "", keys: str = "", rounds: str = "max_instances = 2"
                    ) -> Host:
@@ -75,10 +78,11 @@ class Cluster:
         requests behind for the next owner."""
         state = self.root / name / "state"
         (self.root / name).mkdir(parents=True, exist_ok=True)
-        cfg = write_config(self.root / name / "u.toml", bootstrap=self.bootstrap, registry_dir=self.registry_dir,
+        registry_dir = self.registry_dir if self.bucket_env is None else self.root / name / "registry"
+        cfg = write_config(self.root / name / "u.toml", bootstrap=self.bootstrap, registry_dir=registry_dir,
                            state_dir=state, models=self.models, instance=name, rounds=rounds,
                            kafka_extra="static_membership = false", extra=keys)
-        env = {"UNLEARND_STATE_URL": self.state_url}
+        env = {"UNLEARND_STATE_URL": self.state_url, **(self.bucket_env or {})}
         if failpoints:
             env["UNLEARND_FAILPOINTS"] = failpoints
         host = Host(name, DaemonProcess(cfg, self.root / name / "daemon.log", env=env).start(), state)

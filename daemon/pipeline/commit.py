@@ -246,7 +246,14 @@ class RoundCommitter:
         :meth:`recover` does for this daemon's own (running: abandoned; committing: rolled forward when its version
         is in the registry, else abandoned), fenced with the new ``epoch``; then load ``LATEST`` (the continual
         state with it) if it is not the live version. Returns how many rounds were resolved. Raises ``StaleOwner``
-        when yet another daemon took the model meanwhile."""
+        when yet another daemon took the model meanwhile.
+
+        With a bucket (``registry.url``), its ``LATEST`` comes into the working copy first: on hosts with their own
+        disks the previous owner published there last, and a round resolved here must build on it."""
+        if reload and self.mirror is not None:
+            pulled = self.mirror.pull_latest(model)
+            if pulled is not None:
+                log.info("registry_pulled", model=model, version=pulled, url=self.mirror.url, reason="takeover")
         resolved = 0
         for state in ("running", "committing"):
             for r in self.ledger.rounds_in_state(state, model=model):

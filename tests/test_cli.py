@@ -125,7 +125,7 @@ def test_bench_rejects_a_bad_plan_with_exit_2(tmp_path, capsys):
     assert "ROUNDSxK" in capsys.readouterr().err
     # a bad --set value is refused before any data is loaded or any row runs
     assert main(["bench", "--set", "stop=bogus", "--out", str(tmp_path)]) == 2
-    assert "stop must be one of zero, calibrated, got 'bogus'" in capsys.readouterr().err
+    assert "stop must be one of zero, calibrated, unseen, got 'bogus'" in capsys.readouterr().err
     assert main(["bench", "--set", "lr=fast", "--out", str(tmp_path)]) == 2
     assert "lr must be a number, got 'fast'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -13,17 +13,44 @@ daemon decided meanwhile is read again from the ledger instead of from this daem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import structlog
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 
-from daemon.pipeline.owners import partition_of
+from daemon.pipeline.batcher import Batcher
+from daemon.pipeline.commit import RoundCommitter
+from daemon.pipeline.config import Config
+from daemon.pipeline.metrics import DaemonMetrics
+from daemon.pipeline.offsets import OffsetBook
+from daemon.pipeline.owners import Owners, partition_of
 from daemon.pipeline.ownership import StaleOwner
+from daemon.pipeline.runtime import ModelRuntime
 
-if TYPE_CHECKING:
-    from daemon.pipeline.lifecycle import Daemon
+
+class Daemon(Protocol):
+    """What a rebalance touches of :class:`daemon.pipeline.lifecycle.Daemon` (named here, so the two modules do not
+    import each other): its parts, whether a round or a rebase's finish holds a model, and two of its steps."""
+
+    config: Config
+    consumer: Any
+    batcher: Batcher
+    offsets: OffsetBook
+    owners: Owners
+    committer: RoundCommitter
+    instance: str
+    runtimes: Mapping[str, ModelRuntime]
+    metrics: DaemonMetrics
+    _round: Any
+    _rebase: Any
+
+    def _rebasing(self, model: str) -> bool: ...
+
+    def _commit_offsets(self, *, due_only: bool = False) -> None: ...
+
+    def _export_loaded(self, model: str) -> None: ...
 
 __all__ = ["Rebalance", "drop_model"]
 

@@ -1,6 +1,6 @@
-"""The daemon with its registry on S3 (moto's real server) and its ledger on PostgreSQL: kill -9 at each step of a
-version's push, and once with the working copy lost as well; nothing lost, nothing applied twice, no half version
-ever visible in the bucket, and every restart completes the push exactly once."""
+"""The daemon with its registry on S3 (moto's real server) and its ledger on PostgreSQL: kill -9 at each of the crash
+suite's points and at each step of a version's push, once with the working copy lost as well; nothing lost,
+nothing applied twice, no half version ever visible in the bucket, and every restart completes the push once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from daemon import registry
-from daemon.pipeline.failpoints import S3_POINTS
+from daemon.pipeline.failpoints import POINTS, S3_POINTS
 from daemon.registry.mirror import RegistryMirror
 from daemon.registry.remote import S3Location, push_version
 from tests.pipeline_harness import (
@@ -43,7 +43,7 @@ def _visible(s3: S3Endpoint, prefix: str, scratch) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("ledger_db", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
-def test_kill_minus_9_at_each_push_step_on_postgresql_and_s3_loses_nothing_and_shows_no_half_version(
+def test_kill_minus_9_at_each_failpoint_on_postgresql_and_s3_loses_nothing_and_shows_no_half_version(
         tmp_path, broker, mnist_registry, ledger_db, s3):
     prefix = "models/"
     client = s3.client()
@@ -53,14 +53,16 @@ def test_kill_minus_9_at_each_push_step_on_postgresql_and_s3_loses_nothing_and_s
                        state_dir=tmp_path / "state", rounds="max_instances = 2")
     env = {**ledger_db.daemon_env(), "UNLEARND_REGISTRY_URL": f"s3://{s3.bucket}/{prefix}",
            "UNLEARND_REGISTRY_ENDPOINT_URL": s3.endpoint_url}
-    ids = [f"s3crash-{i}" for i in range(4)]
+    ids = [f"s3crash-{i}" for i in range(10)]
     produce_requests(broker.bootstrap, [request(rid, "forget", [f"mnist-train:{300 + i}"])
                                         for i, rid in enumerate(ids)])
     log = tmp_path / "daemon.log"
     seen: list[int] = []
-    # kill 1 lands in a round's push; kills 2 and 3 in the recovery's push of that round (it pushes again before
-    # it rolls the round forward); before kill 3 the working copy is lost: the round's version comes from the bucket
-    for n, point in enumerate(S3_POINTS):
+    # first the crash suite's own points (tests/test_pipeline_crash.py), on PostgreSQL + S3 here; then the push's:
+    # the first lands in a round's push, the next two in the recovery's push of that round (it pushes again before it
+    # rolls the round forward); before the last the working copy is lost: the round's version comes from the bucket
+    points = [p for p in POINTS if p != "after_round_split"] + list(S3_POINTS)
+    for n, point in enumerate(points):
         d = DaemonProcess(cfg, log, env={**env, "UNLEARND_FAILPOINTS": point}).start()
         try:
             assert d.wait(timeout=90) == -9, d.tail()       # the failpoint killed it
@@ -69,7 +71,7 @@ def test_kill_minus_9_at_each_push_step_on_postgresql_and_s3_loses_nothing_and_s
         latest, applied = _visible(s3, prefix, tmp_path / f"scratch-{n}")
         assert len(applied) == len(set(applied)), "a request in two complete versions"
         seen.append(latest)
-        if n == 1:                      # the host's disk is lost: its manifest is in the bucket, LATEST is not
+        if point == "s3_before_latest":     # the host's disk is lost: its manifest is in the bucket, LATEST is not
             shutil.rmtree(reg)
     assert seen == sorted(seen), f"the bucket's LATEST went backwards: {seen}"
 

@@ -314,7 +314,7 @@ class Rebaser:
                                    dataset=rt.splits.name if rt.splits else None, round_id=trained.rebase_id,
                                    method=method, metrics=metrics, state_key=rt.state_key)
         failpoint("rebase_after_publish")
-        mirror_publish(self.mirror, rt.name, info.version)
+        mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)   # waits out the store
         self._commit(trained.rebase_id, rt.name, info, drafts, event)
         rt.reload()
         bound.info("rebase_committed", version=info.version, reapplied=len(reapplied), exact=len(drafts),

@@ -132,8 +132,7 @@ def check_registry_url(config: Config) -> None:
         resolve_registry(r.url, r.dir)
         check_endpoint_url(r.endpoint_url)
     except RemoteConfigError as exc:
-        setting, _, detail = str(exc).partition(" ")
-        raise ConfigError(setting.rstrip(":"), detail.lstrip(": ")) from None
+        raise _named(exc) from None
 
 
 def check_registry_store(config: Config) -> None:
@@ -146,8 +145,13 @@ def check_registry_store(config: Config) -> None:
     try:
         open_mirror(r.url, r.dir, endpoint_url=r.endpoint_url, region=r.region)
     except RemoteConfigError as exc:
-        setting, _, detail = str(exc).partition(" ")
-        raise ConfigError(setting.rstrip(":"), detail.lstrip(": ")) from None
+        raise _named(exc) from None
+
+
+def _named(exc: Exception) -> ConfigError:
+    """A registry error ("registry.url: why") as the ConfigError of the setting it names."""
+    setting, _, detail = str(exc).partition(" ")
+    return ConfigError(setting.rstrip(":"), detail.lstrip(": "))
 
 
 def check_folders(config: Config) -> list[str]:

@@ -40,16 +40,22 @@ def _mirror(args: argparse.Namespace, cache: Path) -> Any:
     from daemon.registry.mirror import open_mirror
     from daemon.registry.remote import RemoteConfigError
 
-    endpoint = args.s3_endpoint_url or os.environ.get(ENDPOINT_ENV, "")
-    region = args.s3_region or os.environ.get(REGION_ENV, "")
+    endpoint, region = _s3_settings(args)
     try:
         return open_mirror(_registry_value(args), cache, endpoint_url=endpoint, region=region)
     except RemoteConfigError as exc:
         raise _usage(f"{exc} (--registry, --s3-endpoint-url, --s3-region)") from exc
 
 
-def _is_url(value: str) -> bool:
-    return "://" in value
+def _s3_settings(args: argparse.Namespace) -> tuple[str, str]:
+    """The bucket's endpoint URL and region: the options, else the daemon's environment variables."""
+    return (args.s3_endpoint_url or os.environ.get(ENDPOINT_ENV, ""),
+            args.s3_region or os.environ.get(REGION_ENV, ""))
+
+
+def _is_bucket(value: str) -> bool:
+    """``--registry`` names an object store (``s3://…``), not a folder (a path or ``file://…``)."""
+    return "://" in value and not value.startswith("file:")
 
 
 def _registry_dir(args: argparse.Namespace) -> Path:
@@ -57,7 +63,7 @@ def _registry_dir(args: argparse.Namespace) -> Path:
     versions (pulled and verified; ``args.mirror`` is then the bucket, for a command that publishes)."""
     value = _registry_value(args)
     args.mirror = None
-    if _is_url(value) and not value.startswith("file:"):
+    if _is_bucket(value):
         import tempfile
 
         if args.cache_dir:
@@ -131,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     value = _registry_value(args)
     url = None
-    if _is_url(value) and not value.startswith("file:"):      # s3://: serve from a local cache of the bucket
+    if _is_bucket(value):                                   # s3://: serve from a local cache of the bucket
         registry_dir = Path(args.cache_dir) if args.cache_dir else _default_cache(value)
         _mirror(args, registry_dir)
         registry_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _model(args, registry_dir, must_exist=False)   # the daemon may publish it after we start
     token, tls = _security(args)
     try:
+        endpoint, region = _s3_settings(args)
         settings = ServeSettings(
             registry=registry_dir, model=model, host=args.host, port=args.port,
             poll_interval_s=args.poll_interval, threads=args.threads, torch_threads=args.torch_threads,
@@ -151,8 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_format=args.log_format, token=token, auth_inference=args.auth_inference, tls=tls,
             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
             max_header_bytes=args.max_header_bytes, max_connections=args.max_connections, registry_url=url,
-            s3_endpoint_url=args.s3_endpoint_url or os.environ.get(ENDPOINT_ENV, ""),
-            s3_region=args.s3_region or os.environ.get(REGION_ENV, ""))
+            s3_endpoint_url=endpoint, s3_region=region)
     except ValueError as exc:
         raise _usage(str(exc)) from exc
     return run(settings)
@@ -320,7 +326,7 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
 def cmd_registry_prune(args: argparse.Namespace) -> int:
     from daemon.registry import ops as registry_ops
 
-    if _is_url(_registry_value(args)) and not _registry_value(args).startswith("file:"):
+    if _is_bucket(_registry_value(args)):
         raise _usage("--registry: prune works on a folder; on s3:// keep versions with the bucket's lifecycle rules "
                      "(never deleting the version LATEST names)")
     registry_dir = _registry_dir(args)

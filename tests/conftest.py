@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.registry_stores import store  # noqa: F401 - fixture: every registry engine
+from tests.s3_harness import moto_endpoint, s3  # noqa: F401 - fixtures: moto's real S3 server
+
 # The suite runs tiny models on a shared 2-core machine: a second intra-op thread only spins.
 torch.set_num_threads(1)
 

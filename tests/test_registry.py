@@ -1,4 +1,9 @@
-"""The on-disk model registry (contract §4): layout, integrity, crash safety, and caller isolation."""
+"""The model registry (contract §4): layout, integrity, crash safety, and caller isolation.
+
+Tests that take the ``store`` fixture (tests/registry_stores.py) run on both engines: the folder, and the folder
+pushed to S3 and read back from the bucket as a server reads it. The rest test the writer's local working copy
+(temporaries, a failed or killed write, name checks, the caller's module), which both engines write the same
+way; a push interrupted at each step is tests/test_registry_s3.py's."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from torch import nn
 
 from daemon import registry as reg
 from daemon.registry import (
+    LATEST_FILE,
     RegistryError,
     VerificationError,
     clean_temporaries,
@@ -33,6 +39,8 @@ from daemon.registry import (
     verify_version,
     write_version,
 )
+
+from tests.registry_stores import RegistryStore, flip_last_byte
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
@@ -49,13 +57,16 @@ def write(root: Path, module: nn.Module, parent: int | None = None, **kwargs: ob
     return write_version(root, NAME, module, input_shape=SHAPE, classes=CLASSES, parent=parent, **kwargs)
 
 
-def test_two_versions_numbering_latest_and_manifest(tmp_path: Path) -> None:
+def test_two_versions_numbering_latest_and_manifest(store: RegistryStore) -> None:
     """Versions count 1, 2; LATEST follows; the manifest records provenance and each file's sha256."""
-    first = write(tmp_path, tiny_model(0))
-    second = write(tmp_path, tiny_model(1), parent=1, round_id="r-000001", request_ids=["req-a", "req-b"],
+    first = write(store.root, tiny_model(0))
+    second = write(store.root, tiny_model(1), parent=1, round_id="r-000001", request_ids=["req-a", "req-b"],
                    method={"name": "adv_imp", "params": {"lr": 0.001}}, metrics={"forget_accuracy": 0.0},
                    extra_manifest={"note": "second"})
     assert (first.version, second.version) == (1, 2)
+    store.publish(NAME)
+    assert store.stored(NAME, None, LATEST_FILE) == b"2\n"
+    tmp_path = store.view(NAME)
     assert list_versions(tmp_path, NAME) == [1, 2]
     assert latest_version(tmp_path, NAME) == 2
     assert (tmp_path / NAME / "LATEST").read_text() == "2\n"
@@ -71,10 +82,10 @@ def test_two_versions_numbering_latest_and_manifest(tmp_path: Path) -> None:
     assert read_manifest(tmp_path, NAME, 1)["parent"] is None
     assert set(manifest["files"]) == {"model.pt", "model.pt2", "model.safetensors"}
     for name, entry in manifest["files"].items():
-        data = (second.path / name).read_bytes()
+        data = store.stored(NAME, 2, name)
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert second.sha256 == manifest["files"]["model.safetensors"]["sha256"] == manifest["sha256"]
-    assert second.path == tmp_path / NAME / "2"
+    assert verify_version(tmp_path, NAME, 2).path == tmp_path / NAME / "2"
     assert first.sha256 != second.sha256
     assert verify_version(tmp_path, NAME, 1).sha256 == first.sha256
 
@@ -95,10 +106,13 @@ def test_triton_config_written_once(tmp_path: Path) -> None:
     assert "max_batch_size: 64" in path.read_text()
 
 
-def test_torchscript_alone_matches_eager(tmp_path: Path) -> None:
+def test_torchscript_alone_matches_eager(store: RegistryStore) -> None:
     """model.pt loaded on its own (no Python class) gives the eager module's logits."""
     module = tiny_model()
-    info = write(tmp_path, module)
+    write(store.root, module)
+    store.publish(NAME)
+    tmp_path = store.view(NAME)
+    info = verify_version(tmp_path, NAME, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated upstream
         scripted = torch.jit.load(str(info.path / "model.pt"), map_location="cpu")
@@ -111,22 +125,24 @@ def test_torchscript_alone_matches_eager(tmp_path: Path) -> None:
         assert torch.equal(loaded(x), scripted(x))
 
 
-def test_scripted_module_exported_as_is(tmp_path: Path) -> None:
+def test_scripted_module_exported_as_is(store: RegistryStore) -> None:
     """A module the caller already scripted (control flow a trace would freeze) is saved, not re-traced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(tiny_model())
-    write(tmp_path, scripted)
-    loaded, _ = load_torchscript(tmp_path, NAME)
+    write(store.root, scripted)
+    store.publish(NAME)
+    loaded, _ = load_torchscript(store.view(NAME), NAME)
     x = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(loaded(x), scripted(x))
 
 
-def test_state_dict_round_trip_bit_identical(tmp_path: Path) -> None:
+def test_state_dict_round_trip_bit_identical(store: RegistryStore) -> None:
     module = tiny_model()
-    write(tmp_path, module)
-    state, info = load_state_dict(tmp_path, NAME)
+    write(store.root, module)
+    store.publish(NAME)
+    state, info = load_state_dict(store.view(NAME), NAME)
     expected = module.state_dict()
     assert info.version == 1 and set(state) == set(expected)
     for key, tensor in expected.items():
@@ -135,30 +151,39 @@ def test_state_dict_round_trip_bit_identical(tmp_path: Path) -> None:
     fresh.load_state_dict(state)
 
 
-def test_shared_storage_and_non_contiguous_tensors_are_saved(tmp_path: Path) -> None:
+def test_shared_storage_and_non_contiguous_tensors_are_saved(store: RegistryStore) -> None:
     """Tied weights and transposed views are stored as plain copies (safetensors refuses shared storage)."""
     module = nn.Sequential(nn.Flatten(), nn.Linear(64, 64, bias=False), nn.Linear(64, 3))
     module[1].weight = nn.Parameter(torch.randn(64, 64).t())
     module.register_buffer("tied", module[2].weight)
-    write(tmp_path, module)
-    state, _ = load_state_dict(tmp_path, NAME)
+    write(store.root, module)
+    store.publish(NAME)
+    state, _ = load_state_dict(store.view(NAME), NAME)
     assert torch.equal(state["1.weight"], module[1].weight.detach())
     assert torch.equal(state["tied"], module[2].weight.detach())
 
 
-def test_corrupted_file_fails_verification(tmp_path: Path) -> None:
-    """One flipped byte in model.safetensors is caught and named; unverified loads still work on request."""
-    info = write(tmp_path, tiny_model())
-    path = info.path / "model.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(VerificationError, match=r"model\.safetensors: sha256 mismatch") as caught:
-        verify_version(tmp_path, NAME, 1)
+def test_corrupted_file_fails_verification(store: RegistryStore) -> None:
+    """One flipped byte in the stored model.safetensors is caught and named by every reader: in a folder at
+    load time, in a bucket before the version enters the reader's copy."""
+    write(store.root, tiny_model())
+    store.publish(NAME)
+    store.tamper(NAME, 1, "model.safetensors", flip_last_byte)
+    with pytest.raises(VerificationError, match=r"model\.safetensors: sha256") as caught:
+        store.verify(NAME, 1)
     assert caught.value.version == 1 and caught.value.file == "model.safetensors"
     assert "sha256" in caught.value.reason
     with pytest.raises(VerificationError, match="model.safetensors"):
-        load_state_dict(tmp_path, NAME, 1)
+        load_state_dict(store.view(NAME), NAME, 1)
+
+
+def test_a_corrupted_working_copy_loads_only_unverified_and_never_becomes_latest(tmp_path: Path) -> None:
+    """The writer's own folder: unverified loads still work on request; LATEST refuses the damaged version."""
+    info = write(tmp_path, tiny_model())
+    path = info.path / "model.safetensors"
+    path.write_bytes(flip_last_byte(path.read_bytes()))
+    with pytest.raises(VerificationError, match=r"model\.safetensors: sha256 mismatch"):
+        verify_version(tmp_path, NAME, 1)
     _, unverified = load_state_dict(tmp_path, NAME, 1, verify=False)
     assert unverified.sha256 == info.sha256
     with pytest.raises(VerificationError):
@@ -185,30 +210,34 @@ def test_read_verified_returns_the_bytes_it_hashed_and_checks_every_file(tmp_pat
     assert read_verified(tmp_path, NAME, 1, read=("model.pt", "notes.txt"))[1]["notes.txt"] == b"hello"
 
 
-def test_missing_file_fails_verification(tmp_path: Path) -> None:
-    info = write(tmp_path, tiny_model())
-    (info.path / "model.pt").unlink()
+def test_missing_file_fails_verification(store: RegistryStore) -> None:
+    """A stored file gone is named; a version without its manifest is not a version at all."""
+    write(store.root, tiny_model())
+    store.publish(NAME)
+    store.tamper(NAME, 1, "model.pt", lambda _data: None)
     with pytest.raises(VerificationError, match=r"model\.pt: missing"):
-        verify_version(tmp_path, NAME, 1)
+        store.verify(NAME, 1)
     with pytest.raises(VerificationError, match=r"model\.pt: missing"):
-        load_torchscript(tmp_path, NAME)
-    (info.path / "manifest.json").unlink()
-    with pytest.raises(VerificationError, match=r"manifest\.json: missing"):
-        verify_version(tmp_path, NAME, 1)
+        load_torchscript(store.view(NAME), NAME)
+    store.tamper(NAME, 1, "manifest.json", lambda _data: None)
+    with pytest.raises(RegistryError, match=r"manifest"):
+        store.verify(NAME, 1)
 
 
-def test_unknown_version_and_model(tmp_path: Path) -> None:
-    assert latest_version(tmp_path, NAME) is None and list_versions(tmp_path, NAME) == []
+def test_unknown_version_and_model(store: RegistryStore) -> None:
+    empty = store.view(NAME)
+    assert latest_version(empty, NAME) is None and list_versions(empty, NAME) == []
     with pytest.raises(RegistryError, match="no LATEST"):
-        load_state_dict(tmp_path, NAME)
-    write(tmp_path, tiny_model())
-    with pytest.raises(RegistryError, match="no version 7"):
-        verify_version(tmp_path, NAME, 7)
+        load_state_dict(empty, NAME)
+    write(store.root, tiny_model())
+    store.publish(NAME)
+    with pytest.raises(RegistryError, match="version 7"):
+        store.verify(NAME, 7)
     with pytest.raises(ValueError, match="version must be an integer >= 1"):
-        read_manifest(tmp_path, NAME, 0)
-    (tmp_path / NAME / "LATEST").write_text("garbage")
+        read_manifest(store.view(NAME), NAME, 0)
+    store.tamper(NAME, None, LATEST_FILE, lambda _data: b"garbage")
     with pytest.raises(RegistryError, match="does not hold a version number"):
-        latest_version(tmp_path, NAME)
+        latest_version(store.view(NAME), NAME)
 
 
 def test_leftover_temporaries_are_invisible_and_cleaned(tmp_path: Path) -> None:
@@ -254,32 +283,41 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert write(tmp_path, tiny_model(), parent=1).version == 2
 
 
-def test_set_latest_false_and_rollback(tmp_path: Path) -> None:
-    """LATEST can stay put or go back; new versions still take a number above every existing one."""
-    write(tmp_path, tiny_model())
-    staged = write(tmp_path, tiny_model(1), parent=1, set_latest=False)
-    assert staged.version == 2 and latest_version(tmp_path, NAME) == 1
-    assert set_latest(tmp_path, NAME, 2).version == 2 and latest_version(tmp_path, NAME) == 2
-    set_latest(tmp_path, NAME, 1)
-    assert write(tmp_path, tiny_model(2), parent=1).version == 3
-    _, info = load_state_dict(tmp_path, NAME)
+def test_set_latest_false_and_rollback(store: RegistryStore) -> None:
+    """LATEST can stay put or go back; new versions still take a number above every existing one; readers
+    load what LATEST names, not the highest version."""
+    write(store.root, tiny_model())
+    staged = write(store.root, tiny_model(1), parent=1, set_latest=False)
+    store.publish(NAME)
+    assert staged.version == 2 and latest_version(store.view(NAME), NAME) == 1
+    assert load_state_dict(store.view(NAME), NAME)[1].version == 1
+    assert set_latest(store.root, NAME, 2).version == 2
+    store.publish(NAME)
+    assert latest_version(store.view(NAME), NAME) == 2
+    set_latest(store.root, NAME, 1)
+    assert write(store.root, tiny_model(2), parent=1).version == 3
+    store.publish(NAME)
+    _, info = load_state_dict(store.view(NAME), NAME)
     assert info.version == 3
 
 
-def test_extra_files_stored_and_hashed(tmp_path: Path) -> None:
+def test_extra_files_stored_and_hashed(store: RegistryStore) -> None:
     extras = {"session.safetensors": b"\x00\x01tensor-bytes", "session.json": b'{"rounds": 3}'}
-    info = write(tmp_path, tiny_model(), extra_files=extras)
+    write(store.root, tiny_model(), extra_files=extras)
+    store.publish(NAME)
+    info = verify_version(store.view(NAME), NAME, 1)
     assert set(info.manifest["files"]) == {"model.pt", "model.pt2", "model.safetensors", *extras}
     for name, data in extras.items():
         assert read_extra_file(info, name) == data
         assert info.manifest["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
     with pytest.raises(RegistryError, match="no extra file 'other.bin'"):
         read_extra_file(info, "other.bin")
-    (info.path / "session.json").write_bytes(b'{"rounds": 4}')
+    (info.path / "session.json").write_bytes(b'{"rounds": 4}')         # in the reader's own copy
     with pytest.raises(VerificationError, match=r"session\.json: sha256 mismatch"):
         read_extra_file(info, "session.json")
+    store.tamper(NAME, 1, "session.json", lambda _data: b'{"rounds": 5}')   # in the store
     with pytest.raises(VerificationError, match=r"session\.json"):
-        verify_version(tmp_path, NAME, 1)
+        store.verify(NAME, 1)
 
 
 @pytest.mark.parametrize("name, message", [

@@ -1,4 +1,8 @@
-"""The registry for operators: leases, retention, rollback, verification, and the `unlearnd registry` CLI."""
+"""The registry for operators: leases, retention, rollback, verification, and the `unlearnd registry` CLI.
+
+The CLI's tests run on both engines (the ``store`` fixture, tests/registry_stores.py): on S3 the command pulls
+the bucket's versions into a scratch copy, verifies them, and pushes a rollback back. Leases and prune are the
+folder's (on a bucket versions are kept by its lifecycle rules; prune is refused there, tested below)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from torch import nn
 from daemon import registry
 from daemon.registry import ops as registry_ops
 from daemon.cli import main
+from tests.registry_stores import RegistryStore
 
 SHAPE = (1, 8, 8)
 CLASSES = ["zero", "one", "two"]
@@ -29,14 +34,26 @@ def publish(root: Path, seed: int, request_ids: tuple[str, ...] = (), **kwargs: 
                                   request_ids=list(request_ids), **kwargs)
 
 
-@pytest.fixture()
-def five(tmp_path: Path) -> Path:
+def write_five(root: Path) -> Path:
     """Versions 1..5, each forgetting one request, with session files beside the weights."""
     for i in range(1, 6):
-        publish(tmp_path, i, (f"req-{i}",) if i > 1 else (),
+        publish(root, i, (f"req-{i}",) if i > 1 else (),
                 extra_files={"session.json": json.dumps({"round": i}).encode()},
                 extra_manifest={"arch": "tiny"})
-    return tmp_path
+    return root
+
+
+@pytest.fixture()
+def five(tmp_path: Path) -> Path:
+    return write_five(tmp_path)
+
+
+@pytest.fixture()
+def stored_five(store: RegistryStore) -> RegistryStore:
+    """The five versions, published in the store (pushed to the bucket on S3)."""
+    write_five(store.root)
+    store.publish(NAME)
+    return store
 
 
 # -- leases -------------------------------------------------------------------------------------------
@@ -154,8 +171,9 @@ def test_verify_all_names_the_damaged_version(five: Path) -> None:
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
-def test_cli_list_show_verify_rollback_prune(five: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--registry", str(five), "--model", NAME]
+def test_cli_list_show_verify_rollback_prune(stored_five: RegistryStore, capsys: pytest.CaptureFixture[str]) -> None:
+    store = stored_five
+    base = [*store.cli_args(), "--model", NAME]
     assert main(["registry", "list", *base, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["latest"]
@@ -167,23 +185,35 @@ def test_cli_list_show_verify_rollback_prune(five: Path, capsys: pytest.CaptureF
     captured = capsys.readouterr()
     assert "version 6 holds version 1's files (parent 5)" in captured.out
     assert "undoes the unlearning of 4 request(s)" in captured.err
+    assert store.stored(NAME, None, registry.LATEST_FILE) == b"6\n"       # what every reader now loads
+    assert registry.verify_version(store.view(NAME), NAME, 6).manifest["rollback"]["to"] == 1
     assert main(["registry", "list", *base]) == 0
     assert "rollback to 1" in capsys.readouterr().out
+    if store.engine == "s3":
+        assert main(["registry", "prune", *base, "--keep", "2"]) == 2
+        assert "lifecycle rules" in capsys.readouterr().err
+        return
     assert main(["registry", "prune", *base, "--keep", "2"]) == 0
     assert "deleted 4 version(s): 1, 2, 3, 4" in capsys.readouterr().out
 
 
-def test_cli_verify_fails_with_exit_1_and_bad_usage_exits_2(five: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--registry", str(five), "--model", NAME]
-    (five / NAME / "4" / registry.STATE_DICT_FILE).write_bytes(b"x")
+def test_cli_verify_fails_with_exit_1_and_bad_usage_exits_2(stored_five: RegistryStore,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    store = stored_five
+    base = [*store.cli_args(), "--model", NAME]
+    store.tamper(NAME, 4, registry.STATE_DICT_FILE, lambda _data: b"x")
     assert main(["registry", "verify", *base]) == 1
     assert "v4: FAILED" in capsys.readouterr().out
     assert main(["registry", "rollback", *base, "--to", "4"]) == 1          # damaged: nothing written
-    assert registry.list_versions(five, NAME) == [1, 2, 3, 4, 5]
+    assert "version 4 is damaged" in capsys.readouterr().err
+    assert registry.list_versions(store.root, NAME) == [1, 2, 3, 4, 5]
+    assert store.stored(NAME, None, registry.LATEST_FILE) == b"5\n"
     assert main(["registry", "rollback", *base, "--to", "9"]) == 2
     assert "has no version 9" in capsys.readouterr().err
     assert main(["registry", "show", *base, "9"]) == 2
-    assert main(["registry", "list", "--registry", str(five / "nope"), "--model", NAME]) == 2
-    assert main(["registry", "list", "--registry", str(five), "--model", "other"]) == 2
+    nowhere = [str(store.root / "nope")] if store.engine == "files" else [f"s3://missing-{store.loc.bucket}/x",
+                                                                          *store.cli_args()[2:]]
+    assert main(["registry", "list", "--registry", *nowhere, "--model", NAME]) == 2
+    assert main(["registry", "list", *store.cli_args(), "--model", "other"]) == 2
     assert "not in" in capsys.readouterr().err
     assert main(["registry", "prune", *base, "--keep", "0"]) == 2

@@ -1,10 +1,13 @@
 """The daemon with its registry on S3 (moto's real server) and its ledger on PostgreSQL: kill -9 at each of the crash
-suite's points and at each step of a version's push, once with the working copy lost as well; nothing lost,
-nothing applied twice, no half version ever visible in the bucket, and every restart completes the push once."""
+suite's points, at each step of a version's push (once with the working copy lost as well) and at random moments;
+nothing lost, nothing applied twice, no half version ever visible in the bucket, and every restart completes the
+push once."""
 
 from __future__ import annotations
 
+import random
 import shutil
+import time
 
 import pytest
 
@@ -53,7 +56,7 @@ def test_kill_minus_9_at_each_failpoint_on_postgresql_and_s3_loses_nothing_and_s
                        state_dir=tmp_path / "state", rounds="max_instances = 2")
     env = {**ledger_db.daemon_env(), "UNLEARND_REGISTRY_URL": f"s3://{s3.bucket}/{prefix}",
            "UNLEARND_REGISTRY_ENDPOINT_URL": s3.endpoint_url}
-    ids = [f"s3crash-{i}" for i in range(10)]
+    ids = [f"s3crash-{i}" for i in range(14)]
     produce_requests(broker.bootstrap, [request(rid, "forget", [f"mnist-train:{300 + i}"])
                                         for i, rid in enumerate(ids)])
     log = tmp_path / "daemon.log"
@@ -61,11 +64,19 @@ def test_kill_minus_9_at_each_failpoint_on_postgresql_and_s3_loses_nothing_and_s
     # first the crash suite's own points (tests/test_pipeline_crash.py), on PostgreSQL + S3 here; then the push's:
     # the first lands in a round's push, the next two in the recovery's push of that round (it pushes again before it
     # rolls the round forward); before the last the working copy is lost: the round's version comes from the bucket
-    points = [p for p in POINTS if p != "after_round_split"] + list(S3_POINTS)
+    # then two random moments (a kill inside an upload, a pull or a backoff lands wherever the clock says)
+    points = [p for p in POINTS if p != "after_round_split"] + list(S3_POINTS) + ["random", "random"]
+    rng = random.Random(11)
     for n, point in enumerate(points):
-        d = DaemonProcess(cfg, log, env={**env, "UNLEARND_FAILPOINTS": point}).start()
+        d = DaemonProcess(cfg, log, env={**env, "UNLEARND_FAILPOINTS": point} if point != "random" else env)
+        mark = len(d.events())
+        d.start()
         try:
-            assert d.wait(timeout=90) == -9, d.tail()       # the failpoint killed it
+            if point == "random":
+                d.wait_for(lambda e: e.get("event") == "daemon_started", timeout=60, after=mark)
+                time.sleep(rng.uniform(1.0, 8.0))
+            else:
+                assert d.wait(timeout=90) == -9, d.tail()       # the failpoint killed it
         finally:
             d.kill()
         latest, applied = _visible(s3, prefix, tmp_path / f"scratch-{n}")

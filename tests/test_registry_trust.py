@@ -3,6 +3,11 @@
 Each fault is made the way an outside tester made it: the manifest rewritten to agree with the changed file, so
 only the deeper checks (``daemon.registry.trust``, the watcher's ``LATEST`` rule) can catch it. The model is the
 built-in MNIST CNN, so the reference is rebuilt from the manifest's factory.
+
+Tests that take the ``store`` fixture run on both engines (tests/registry_stores.py): the fault is made in what the
+store holds (a folder, or a bucket a server pulls from) and the server, or ``unlearnd registry verify``, reads it
+there. Symlinks exist only in a folder; the writer-side checks (export, factories, rollback's own refusal) are the
+folder's too.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from daemon.registry import trust
 from daemon.serving.holder import ModelHolder
 from daemon.serving.metrics import ServeMetrics
 from daemon.serving.watcher import Watcher
+from tests.registry_stores import RegistryStore
 
 NAME = "cnn"
 SHAPE = (1, 28, 28)
@@ -57,6 +63,10 @@ def rehash(info: registry.VersionInfo, name: str) -> None:
     path.write_text(json.dumps(manifest))
 
 
+def verify_cli(store: RegistryStore, *args: str) -> int:
+    return main(["registry", "verify", *store.cli_args(), "--model", NAME, *args])
+
+
 def holder(reg: Path) -> tuple[ModelHolder, ServeMetrics]:
     metrics = ServeMetrics(CollectorRegistry())
     return ModelHolder(reg, NAME, metrics=metrics), metrics
@@ -84,13 +94,15 @@ def reg(tmp_path: Path) -> Path:
 
 
 # -- LATEST only moves forward ------------------------------------------------------------------------
-def test_latest_moved_backwards_is_refused_and_the_newer_version_keeps_serving(reg: Path) -> None:
+def test_latest_moved_backwards_is_refused_and_the_newer_version_keeps_serving(store: RegistryStore) -> None:
     for seed in range(3):
-        publish(reg, seed, pt2=False)
-    h, metrics = holder(reg)
-    watcher = Watcher(h, server_id="srv-a")
+        publish(store.root, seed, pt2=False)
+    store.publish(NAME)
+    cache, sync = store.server_cache(NAME)
+    h, metrics = holder(cache)
+    watcher = Watcher(h, server_id="srv-a", sync=sync)
     assert watcher.check().outcome == "swapped" and h.current.version == 3
-    registry.atomic_write_bytes(reg / NAME / registry.LATEST_FILE, b"1\n")      # moved back by hand
+    store.move_latest(NAME, 1)                                  # moved back by hand
     with capture_logs() as logs:
         for force in (False, False, True):                     # polls and an explicit reload: all refused
             result = watcher.check(force=force)
@@ -98,27 +110,30 @@ def test_latest_moved_backwards_is_refused_and_the_newer_version_keeps_serving(r
             assert "registry rollback --to 1" in result.error.detail
     assert h.current.version == 3 and failures(metrics, "backwards") == 1   # counted and logged once
     assert [e["reason"] for e in logs if e["event"] == "version_refused"] == ["backwards"]
-    # a restarted server knows how far LATEST had got from the leases in the registry
-    fresh, fresh_metrics = holder(reg)
-    assert Watcher(fresh, server_id="srv-b").check().error.reason == "backwards" and fresh.current is None
-    assert "went backwards" in str(registry_ops.check_latest(reg, NAME))
+    # a restarted server knows how far LATEST had got from the leases in the registry (on S3: in its cache)
+    fresh, fresh_metrics = holder(cache)
+    assert Watcher(fresh, server_id="srv-b", sync=sync).check().error.reason == "backwards" and fresh.current is None
+    assert "went backwards" in str(registry_ops.check_latest(cache, NAME))
 
 
-def test_rollback_is_a_new_version_that_servers_follow(reg: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    first = publish(reg, 0, pt2=False)
-    publish(reg, 1, pt2=False)
-    h, _ = holder(reg)
-    watcher = Watcher(h)
+def test_rollback_is_a_new_version_that_servers_follow(store: RegistryStore,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    first = publish(store.root, 0, pt2=False)
+    publish(store.root, 1, pt2=False)
+    store.publish(NAME)
+    cache, sync = store.server_cache(NAME)
+    h, _ = holder(cache)
+    watcher = Watcher(h, sync=sync)
     watcher.check()
-    registry.atomic_write_bytes(reg / NAME / registry.LATEST_FILE, b"1\n")
+    store.move_latest(NAME, 1)
     assert watcher.check().error.reason == "backwards"
-    assert main(["registry", "verify", "--registry", str(reg), "--model", NAME]) == 1
+    assert verify_cli(store) == 1
     assert "LATEST: FAILED (backwards)" in capsys.readouterr().out
-    assert main(["registry", "rollback", "--registry", str(reg), "--model", NAME, "--to", "1"]) == 0
+    assert main(["registry", "rollback", *store.cli_args(), "--model", NAME, "--to", "1"]) == 0
     assert watcher.check().outcome == "swapped" and h.current.version == 3
     assert h.current.sha256 == first.sha256 and torch.allclose(h.current.infer(X), expected(first, X), atol=1e-5)
-    assert registry.read_manifest(reg, NAME, 3)["rollback"]["to"] == 1
-    assert main(["registry", "verify", "--registry", str(reg), "--model", NAME]) == 0
+    assert registry.read_manifest(store.view(NAME), NAME, 3)["rollback"]["to"] == 1
+    assert verify_cli(store) == 0
 
 
 # -- nothing outside the registry ---------------------------------------------------------------------
@@ -144,94 +159,105 @@ def test_a_symlink_out_of_the_registry_is_refused(tmp_path: Path, reg: Path, wha
 
 
 # -- serving files that compute what the weights say ----------------------------------------------------
-def test_a_foreign_model_pt_with_a_consistent_manifest_is_refused(tmp_path: Path, reg: Path,
+def test_a_foreign_model_pt_with_a_consistent_manifest_is_refused(tmp_path: Path, store: RegistryStore,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    publish(reg, 0, pt2=False)
-    bad = publish(reg, 1, pt2=False)
+    publish(store.root, 0, pt2=False)
+    bad = publish(store.root, 1, pt2=False)
     other = publish(tmp_path / "other", 7, pt2=False)     # same architecture, other weights
     shutil.copyfile(other.path / registry.TORCHSCRIPT_FILE, bad.path / registry.TORCHSCRIPT_FILE)
     rehash(bad, registry.TORCHSCRIPT_FILE)
-    h, metrics = holder(reg)
+    store.publish(NAME)                                    # the store holds it: the hashes agree
+    h, metrics = holder(store.view(NAME))
     h.swap_to(1)
     result = h.swap_to(2)
     assert result.outcome == "failed" and result.error.reason == "mismatch" and h.current.version == 1
     assert "model.pt: outputs disagree with model.safetensors rebuilt from the manifest" in result.error.detail
     assert failures(metrics, "mismatch") == 1
-    assert main(["registry", "verify", "--registry", str(reg), "--model", NAME]) == 1
+    assert verify_cli(store) == 1
     out = capsys.readouterr().out
     assert "v1: ok" in out and "v2: FAILED (mismatch)" in out and "outputs disagree" in out
 
 
-def test_nan_weights_are_refused_by_the_server_and_by_registry_verify(reg: Path,
+def test_nan_weights_are_refused_by_the_server_and_by_registry_verify(store: RegistryStore,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    publish(reg, 0)
-    bad = publish(reg, 1)
+    publish(store.root, 0)
+    bad = publish(store.root, 1)
     path = bad.path / registry.STATE_DICT_FILE
     state = safetensors.torch.load_file(path)
     state["1.classifier.1.weight"][0, 0] = float("nan")
     safetensors.torch.save_file(state, path)
     rehash(bad, registry.STATE_DICT_FILE)
-    h, metrics = holder(reg)
+    store.publish(NAME)
+    h, metrics = holder(store.view(NAME))
     h.swap_to(1)
     result = h.swap_to(2)
     assert result.outcome == "failed" and result.error.reason == "nonfinite" and h.current.version == 1
     assert "'1.classifier.1.weight' holds 1 non-finite value(s)" in result.error.detail
     assert failures(metrics, "nonfinite") == 1
-    assert main(["registry", "verify", "--registry", str(reg), "--model", NAME, "2"]) == 1
+    assert verify_cli(store, "2") == 1
     assert "v2: FAILED (nonfinite)" in capsys.readouterr().out
 
 
-def test_a_truncated_model_pt_is_refused_by_registry_verify(reg: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    publish(reg, 0, pt2=False)
-    bad = publish(reg, 1, pt2=False)
+def test_a_truncated_model_pt_is_refused_by_registry_verify(store: RegistryStore,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    publish(store.root, 0, pt2=False)
+    bad = publish(store.root, 1, pt2=False)
     path = bad.path / registry.TORCHSCRIPT_FILE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     rehash(bad, registry.TORCHSCRIPT_FILE)
-    assert main(["registry", "verify", "--registry", str(reg), "--model", NAME]) == 1
+    store.publish(NAME)
+    assert verify_cli(store) == 1
     out = capsys.readouterr().out
     assert "v2: FAILED (load): model 'cnn' version 2: model.pt: does not load" in out
-    h, _ = holder(reg)
+    h, _ = holder(store.view(NAME))
     h.swap_to(1)
     assert h.swap_to(2).error.reason == "load" and h.current.version == 1
 
 
 # -- model.pt2 ----------------------------------------------------------------------------------------
-def test_model_pt2_is_published_and_served(reg: Path) -> None:
-    first = publish(reg, 0)
+def test_model_pt2_is_published_and_served(store: RegistryStore) -> None:
+    first = publish(store.root, 0)
+    store.publish(NAME)
     assert first.manifest["export"] == {"pt2": True}
     entry = first.manifest["files"][registry.EXPORT_FILE]
-    assert entry["sha256"] == hashlib.sha256((first.path / registry.EXPORT_FILE).read_bytes()).hexdigest()
-    assert b'platform: "pytorch_libtorch"' in (reg / NAME / registry.CONFIG_FILE).read_bytes()
-    h, _ = holder(reg)
-    result = h.swap_to(1)
+    assert entry["sha256"] == hashlib.sha256(store.stored(NAME, 1, registry.EXPORT_FILE)).hexdigest()
+    assert b'platform: "pytorch_libtorch"' in store.stored(NAME, None, registry.CONFIG_FILE)
+    cache, sync = store.server_cache(NAME)
+    h, _ = holder(cache)
+    watcher = Watcher(h, sync=sync)
+    result = watcher.check()
     assert result.kind == "full" and h.current.served_file == registry.EXPORT_FILE
     assert not isinstance(h.current.module, torch.jit.ScriptModule)
     assert torch.allclose(h.current.infer(X), expected(first, X), atol=1e-5)
-    second = publish(reg, 1)                              # same graph, new weights: copied into the standby
-    assert h.swap_to(2).kind == "weights" and h.current.served_file == registry.EXPORT_FILE
+    second = publish(store.root, 1)                       # same graph, new weights: copied into the standby
+    store.publish(NAME)
+    assert watcher.check().kind == "weights" and h.current.served_file == registry.EXPORT_FILE
     assert torch.allclose(h.current.infer(X), expected(second, X), atol=1e-5)
-    assert verify_codes(reg) == {1: None, 2: None}
+    assert verify_codes(cache) == {1: None, 2: None}
 
 
 @pytest.mark.parametrize("fault", ["flipped byte", "foreign, rehashed"])
-def test_a_tampered_model_pt2_is_refused(tmp_path: Path, reg: Path, fault: str) -> None:
-    publish(reg, 0)
-    bad = publish(reg, 1)
-    path = bad.path / registry.EXPORT_FILE
-    if fault == "flipped byte":
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-    else:
-        shutil.copyfile(publish(tmp_path / "other", 7).path / registry.EXPORT_FILE, path)
+def test_a_tampered_model_pt2_is_refused(tmp_path: Path, store: RegistryStore, fault: str) -> None:
+    publish(store.root, 0)
+    bad = publish(store.root, 1)
+    if fault == "foreign, rehashed":                       # a writer's forgery: the hashes agree
+        shutil.copyfile(publish(tmp_path / "other", 7).path / registry.EXPORT_FILE, bad.path / registry.EXPORT_FILE)
         rehash(bad, registry.EXPORT_FILE)
-    h, metrics = holder(reg)
+    store.publish(NAME)
+    if fault == "flipped byte":                            # damaged where it is stored
+        store.tamper(NAME, 2, registry.EXPORT_FILE, lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 0xFF])
+                     + d[len(d) // 2 + 1:])
+        if store.engine == "s3":                           # refused by its hash before it enters a reader's copy
+            with pytest.raises(registry.VerificationError, match=r"model\.pt2: sha256"):
+                store.view(NAME)
+            return
+    h, metrics = holder(store.view(NAME))
     h.swap_to(1)
     result = h.swap_to(2)
     reason = "verification" if fault == "flipped byte" else "mismatch"
     assert result.outcome == "failed" and result.error.reason == reason and "model.pt2" in result.error.detail
     assert h.current.version == 1 and failures(metrics, reason) == 1
-    assert verify_codes(reg) == {1: None, 2: reason}
+    assert verify_codes(h.registry_dir) == {1: None, 2: reason}
 
 
 class _DataDependent(nn.Module):

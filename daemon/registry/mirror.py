@@ -122,12 +122,27 @@ class RegistryMirror:
         local = latest_version(self.local, model)
         if local is not None and local >= remote:
             return None
-        try:
-            pull_version(self.client, self.loc, self.local, model, remote)
-        except OSError:         # another process pulled it into the same folder first (rename onto it)
-            verify_version(self.local, model, remote)
+        self._pull(model, remote)
         set_latest(self.local, model, remote)
         return remote
+
+    def follow_latest(self, model: str) -> int | None:
+        """A reader's sync (``unlearnd serve``): make the local ``LATEST`` name what the bucket's names, pulling that
+        version (verified) if the cache lacks it, in either direction. A ``LATEST`` moved backwards in the bucket
+        thus reaches the server's own rule (refused, logged and counted, the newer version kept serving), as it
+        would in a folder; the daemon's working copy uses :meth:`pull_latest`, which only moves forward."""
+        remote = self.latest(model)
+        if remote is None or latest_version(self.local, model) == remote:
+            return None
+        self._pull(model, remote)
+        set_latest(self.local, model, remote)
+        return remote
+
+    def _pull(self, model: str, version: int) -> None:
+        try:
+            pull_version(self.client, self.loc, self.local, model, version)
+        except OSError:         # another process pulled it into the same folder first (rename onto it)
+            verify_version(self.local, model, version)
 
     def versions(self, model: str) -> list[int]:
         """The versions the bucket holds a manifest for (complete ones), ascending."""

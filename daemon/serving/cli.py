@@ -292,6 +292,10 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
 
     registry_dir = _registry_dir(args)
     model = _model(args, registry_dir)
+    if args.to in getattr(args, "pull_failed", {}):       # s3://: the bucket holds it damaged (never pulled)
+        print(f"unlearnd registry rollback: version {args.to} is damaged, nothing written: "
+              f"{args.pull_failed[args.to]}", file=sys.stderr)
+        return 1
     try:
         info = registry_ops.rollback(registry_dir, model, args.to, reason=args.reason)
     except ValueError as exc:

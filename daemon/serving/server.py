@@ -70,7 +70,7 @@ def _bucket_sync(settings: ServeSettings) -> Callable[[], object] | None:
 
     mirror = open_mirror(settings.registry_url, settings.registry, endpoint_url=settings.s3_endpoint_url,
                          region=settings.s3_region, check=False)
-    return None if mirror is None else (lambda: mirror.pull_latest(settings.model))
+    return None if mirror is None else (lambda: mirror.follow_latest(settings.model))
 
 
 def _stack() -> tuple[str, str]:

@@ -61,7 +61,7 @@ class Watcher:
             explicit reloads keep normal priority, so a notified reload never waits behind a slow,
             low-priority load of the same version.
         sync: run before each read of ``LATEST``: with a registry on S3, brings the bucket's ``LATEST`` into the
-            local cache the holder reads (``RegistryMirror.pull_latest``: hashes verified, never a half version).
+            local cache the holder reads (``RegistryMirror.follow_latest``: hashes verified, never a half version).
             A failure (the object store unreachable) is logged once and the served version keeps serving.
     """
 

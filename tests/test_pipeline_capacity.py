@@ -115,7 +115,7 @@ def test_publish_records_the_count_a_rebase_resets_it_and_a_restart_reads_it_bac
     assert rt.deletions_since_base == 105
 
 
-def test_a_runtime_on_a_pre_count_version_asks_its_ledger_for_the_instances(tmp_path, mnist_registry):
+def test_a_runtime_on_a_pre_count_version_asks_its_ledger_for_the_instances(tmp_path, mnist_registry, ledger_db):
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     live = model_store.load_live(reg, MODEL)
     # a round version as an older unlearnd wrote it: no deletions_since_base in its manifest
@@ -124,7 +124,7 @@ def test_a_runtime_on_a_pre_count_version_asks_its_ledger_for_the_instances(tmp_
                            extra_manifest={k: live.info.manifest[k] for k in ("arch", "factory", "factory_kwargs")},
                            extra_files={n: (live.info.path / n).read_bytes()
                                         for n in (model_store.SESSION_TENSORS, model_store.SESSION_META)})
-    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger = Ledger(ledger_db.target())
     with ledger.transaction() as tx:
         tx.accept("old-1", MODEL, "forget", 3, 1.0)
         tx.accept("old-2", MODEL, "forget", 4, 1.0)

@@ -90,8 +90,8 @@ def test_the_retention_gate_fails_a_round_and_such_a_candidate_is_never_publishe
 
 
 # -- the commit --------------------------------------------------------------------------------------
-def test_an_applied_round_is_committed_with_its_receipts_and_the_model_event(reg, tmp_path):
-    rt, ledger = _runtime(reg), Ledger(tmp_path / "l.sqlite")
+def test_an_applied_round_is_committed_with_its_receipts_and_the_model_event(reg, tmp_path, ledger_db):
+    rt, ledger = _runtime(reg), Ledger(ledger_db.target())
     batch = [_pending(rt, request(rid, refs=[f"mnist-train:{i}"]), offset=i) for i, rid in enumerate(("a", "b"))]
     round_id = ledger.allocate_round(MODEL, "d1", ["a", "b"])
     outcome = _committer(ledger, reg).run(rt, batch, round_id, should_abort=lambda: False)
@@ -108,8 +108,8 @@ def test_an_applied_round_is_committed_with_its_receipts_and_the_model_event(reg
     assert ledger.verify_audit() == (2, None)
 
 
-def test_a_failed_round_is_split_in_halves_or_fails_each_request_with_the_model_unchanged(reg, tmp_path):
-    rt, ledger = _runtime(reg, retention_max_drop=-1.0), Ledger(tmp_path / "l.sqlite")
+def test_a_failed_round_is_split_in_halves_or_fails_each_request_with_the_model_unchanged(reg, tmp_path, ledger_db):
+    rt, ledger = _runtime(reg, retention_max_drop=-1.0), Ledger(ledger_db.target())
     batch = [_pending(rt, request(rid, refs=[f"mnist-train:{i}"])) for i, rid in enumerate(("a", "b"))]
     split = ledger.allocate_round(MODEL, "d1", ["a", "b"])
     assert _committer(ledger, reg).run(rt, batch, split, should_abort=lambda: False).status == "split"
@@ -123,8 +123,8 @@ def test_a_failed_round_is_split_in_halves_or_fails_each_request_with_the_model_
     assert registry.list_versions(reg, MODEL) == [1]
 
 
-def test_a_round_the_gate_refuses_while_the_models_rebase_runs_is_deferred_with_no_receipt(reg, tmp_path):
-    rt, ledger = _runtime(reg, retention_max_drop=-1.0), Ledger(tmp_path / "l.sqlite")
+def test_a_round_the_gate_refuses_while_the_models_rebase_runs_is_deferred_with_no_receipt(reg, tmp_path, ledger_db):
+    rt, ledger = _runtime(reg, retention_max_drop=-1.0), Ledger(ledger_db.target())
     batch = [_pending(rt, request(rid, refs=[f"mnist-train:{i}"])) for i, rid in enumerate(("a", "b"))]
     committer = _committer(ledger, reg)
     committer.rebasing = lambda model: model == MODEL
@@ -138,8 +138,8 @@ def test_a_round_the_gate_refuses_while_the_models_rebase_runs_is_deferred_with_
 
 
 def test_start_up_rolls_a_durable_version_forward_and_abandons_a_round_that_never_reached_the_registry(
-        reg, tmp_path, monkeypatch):
-    rt, ledger = _runtime(reg), Ledger(tmp_path / "l.sqlite")
+        reg, tmp_path, monkeypatch, ledger_db):
+    rt, ledger = _runtime(reg), Ledger(ledger_db.target())
     batch = [_pending(rt, request("a", refs=["mnist-train:7"]))]
     crashed = ledger.allocate_round(MODEL, "d1", ["a"])
 

@@ -106,9 +106,9 @@ def test_every_bad_ref_is_rejected_with_its_reason(folder, ref, reason, stage):
         assert info.value.detail.startswith("instances[1].ref: the file ")
 
 
-def test_a_bad_ref_is_rejected_and_the_rest_of_the_poll_is_processed(folder, tmp_path):
+def test_a_bad_ref_is_rejected_and_the_rest_of_the_poll_is_processed(folder, ledger_db):
     spec = _spec(folder, Counting())
-    ledger, metrics = Ledger(tmp_path / "l.sqlite"), DaemonMetrics()
+    ledger, metrics = Ledger(ledger_db.target()), DaemonMetrics()
     intake = Intake(ledger, specs={MODEL: spec}, predictors={MODEL: lambda x: [5] * len(x)}, limits=Limits(),
                     batcher=Batcher(64, 1.0), offsets=OffsetBook(), receipts=ReceiptChain("d1", "receipts"),
                     dlq_topic="dlq", metrics=metrics)

@@ -1,0 +1,152 @@
+"""AMUN beside ``unseen`` under the same attack (issue 22, part 4): the strongest retain-free peer's rows.
+
+Same setting, forget sets, retrained models and RMIA as benchmarks/privacy.py (its forget sets are drawn the same
+way from the same seeds, and its retrains come from the same cache). AMUN (``daemon.bench.amun``: the nearest
+adversarial example of each forget instance, labelled with the model's prediction there, and fine-tuning on those
+and the forget instances) is run on a small grid of its two knobs (learning rate, epochs). Tuned fairly: for each
+forget set and k the grid point closest to retrain's AUC within the issue's test-loss cap is picked on seed 0 and
+then reported on the other seeds unchanged; every grid row is kept in the JSON.
+
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/privacy_amun.py [--ks 16,64,128] [--seeds 0,1,2]``; writes
+benchmarks/results/privacy_amun.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.privacy import _attack
+from daemon.bench.amun import AmunSettings, amun_unlearn
+from daemon.bench.membership import MembershipSetting, load_setting
+from daemon.bench.runner import machine_info
+from daemon.engine.evaluate import accuracy
+from daemon.registry import atomic_write_bytes
+
+GRID = [(lr, epochs) for lr in (0.001, 0.01) for epochs in (1, 5, 10)]
+CAP_PP = {"canary": 0.3, "random": 0.1}        # the issue's test-loss caps for unseen on each set
+
+
+def forget_sets(st: MembershipSetting, k: int, seed: int) -> dict[str, np.ndarray]:
+    """benchmarks/privacy.py's draw, so the rows compare instance for instance."""
+    rng = np.random.default_rng(1000 + seed)
+    n = st.n_train
+    return {"canary": np.sort(rng.choice(st.canaries, k, replace=False)),
+            "random": np.sort(rng.choice(np.setdiff1d(np.arange(n), st.canaries), k, replace=False))}
+
+
+def run(st: MembershipSetting, ks: list[int], seeds: list[int], sets: list[str], out: Path) -> list[dict]:
+    test_x, test_y = st.splits.test_x, st.splits.test_y
+    acc_before = accuracy(st.build(st.target_state), test_x, test_y)
+    rows: list[dict] = []
+    for k in ks:
+        for seed in seeds:
+            drawn = forget_sets(st, k, seed)
+            for name in sets:
+                members = drawn[name]
+                against = st.mislabeled(st.nonmembers) if name == "canary" else st.nonmembers
+                before = _attack(st, None, members, against, seed)
+                retrained = st.build(st.retrain(members)[0])
+                retrain = _attack(st, retrained, members, against, seed)
+                t = torch.from_numpy(members)
+                for lr, epochs in GRID:
+                    model = st.build(st.target_state)
+                    t0 = time.perf_counter()
+                    res = amun_unlearn(model, st.x_all[t].clone(), st.y_all[t].clone(),
+                                       AmunSettings(lr=lr, epochs=epochs),
+                                       generator=torch.Generator().manual_seed(seed))
+                    wall = time.perf_counter() - t0
+                    after = _attack(st, model, members, against, seed)
+                    with torch.no_grad():
+                        acc_forget = float((model(st.x_all[t]).argmax(1) == st.y_all[t]).float().mean())
+                    rows.append({
+                        "method": "amun", "goal": None, "lr": lr, "epochs": epochs, "forget_set": name,
+                        "protocol": "single", "k": k, "seed": seed, "round": 1, "attack": "rmia",
+                        "auc_before": before["auc"], "auc_after": after["auc"], "auc_retrain": retrain["auc"],
+                        "tpr1_after": after["tpr1"], "tpr1_retrain": retrain["tpr1"],
+                        "loss_auc_after": after["loss_auc"], "loss_auc_retrain": retrain["loss_auc"],
+                        "acc_test_before": acc_before, "acc_test": accuracy(model, test_x, test_y),
+                        "acc_test_retrain": accuracy(retrained, test_x, test_y),
+                        "acc_forget": acc_forget,
+                        "steps": res.steps, "wall_s": wall, "attack_s": res.attack_s,
+                        "flipped": float(torch.isfinite(res.radius).float().mean()),
+                        "median_radius": float(res.radius[torch.isfinite(res.radius)].median())
+                        if torch.isfinite(res.radius).any() else None})
+                    r = rows[-1]
+                    print(f"{name} k={k} seed={seed} lr={lr} ep={epochs}: auc {r['auc_after']:.3f} (retrain "
+                          f"{r['auc_retrain']:.3f}) test {100 * r['acc_test']:.2f}% {wall:.1f} s", flush=True)
+                write(out, rows)
+    return rows
+
+
+def pick(rows: list[dict]) -> dict[tuple[str, int], tuple[float, int]]:
+    """Per (set, k): the grid point closest to retrain's AUC on seed 0 within the test-loss cap (else the least
+    test loss)."""
+    chosen = {}
+    for key in {(r["forget_set"], r["k"]) for r in rows}:
+        cand = [r for r in rows if (r["forget_set"], r["k"]) == key and r["seed"] == min(x["seed"] for x in rows)]
+        ok = [r for r in cand if 100 * (r["acc_test_before"] - r["acc_test"]) <= CAP_PP[key[0]]]
+        best = min(ok, key=lambda r: abs(r["auc_after"] - r["auc_retrain"])) if ok else \
+            min(cand, key=lambda r: r["acc_test_before"] - r["acc_test"])
+        chosen[key] = (best["lr"], best["epochs"])
+    return chosen
+
+
+def report(rows: list[dict]) -> str:
+    chosen = pick(rows)
+    lines = ["# AMUN under the same attack (issue 22, part 4)", "",
+             "Written by benchmarks/privacy_amun.py: AMUN without the remaining data (nearest adversarial example "
+             "per forget instance, labelled with the model's prediction; fine-tuning on those and the forget "
+             "instances, SGD momentum 0.9, batch 128), the same forget sets, retrains and RMIA as privacy.md. "
+             f"Grid: lr × epochs = {GRID}; the pick per set and k is made on the first seed (closest AUC to retrain "
+             "within the issue's test-loss cap) and applied unchanged to the others.", "",
+             "| set | k | seed | lr | epochs | AUC before | AUC after | AUC retrain | TPR@1% after / retrain | "
+             "test acc before → after | steps | wall s | flipped | median radius |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["forget_set"], r["k"], r["seed"], r["lr"], r["epochs"])):
+        mark = " **(pick)**" if chosen[(r["forget_set"], r["k"])] == (r["lr"], r["epochs"]) else ""
+        lines.append(
+            f"| {r['forget_set']} | {r['k']} | {r['seed']} | {r['lr']}{mark} | {r['epochs']} | {r['auc_before']:.3f} | "
+            f"{r['auc_after']:.3f} | {r['auc_retrain']:.3f} | {r['tpr1_after']:.3f} / {r['tpr1_retrain']:.3f} | "
+            f"{100 * r['acc_test_before']:.2f} → {100 * r['acc_test']:.2f} | {r['steps']} | {r['wall_s']:.1f} | "
+            f"{r['flipped']:.2f} | {r['median_radius'] if r['median_radius'] is None else round(r['median_radius'], 2)} |")
+    lines += ["", "## The pick, over seeds (AUC after − retrain: mean and the largest |difference|)", "",
+              "| set | k | lr | epochs | seeds | AUC after − retrain | max abs | test loss pp (mean) |", "|---|---|---|---|---|---|---|---|"]
+    for (name, k), (lr, epochs) in sorted(chosen.items()):
+        sel = [r for r in rows if (r["forget_set"], r["k"], r["lr"], r["epochs"]) == (name, k, lr, epochs)]
+        d = [r["auc_after"] - r["auc_retrain"] for r in sel]
+        loss = np.mean([100 * (r["acc_test_before"] - r["acc_test"]) for r in sel])
+        lines.append(f"| {name} | {k} | {lr} | {epochs} | {len(sel)} | {np.mean(d):+.3f} | {max(map(abs, d)):.3f} | "
+                     f"{loss:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(out / "privacy_amun.json", json.dumps(
+        {"machine": machine_info("cpu"), "grid": GRID, "picks": {f"{s}-{k}": v for (s, k), v in pick(rows).items()},
+         "rows": rows}, indent=1).encode())
+    atomic_write_bytes(out / "privacy_amun.md", report(rows).encode())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ks", default="16,64,128")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sets", default="canary,random")
+    ap.add_argument("--cache", default="var/privacy-cache")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    st = load_setting(cache=args.cache)
+    run(st, [int(v) for v in args.ks.split(",")], [int(v) for v in args.seeds.split(",")], args.sets.split(","),
+        Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

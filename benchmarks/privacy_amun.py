@@ -114,9 +114,10 @@ def report(rows: list[dict]) -> str:
             f"| {r['forget_set']} | {r['k']} | {r['seed']} | {r['lr']}{mark} | {r['epochs']} | {r['auc_before']:.3f} | "
             f"{r['auc_after']:.3f} | {r['auc_retrain']:.3f} | {r['tpr1_after']:.3f} / {r['tpr1_retrain']:.3f} | "
             f"{100 * r['acc_test_before']:.2f} → {100 * r['acc_test']:.2f} | {r['steps']} | {r['wall_s']:.1f} | "
-            f"{r['flipped']:.2f} | {r['median_radius'] if r['median_radius'] is None else round(r['median_radius'], 2)} |")
+            f"{r['flipped']:.2f} | {'—' if r['median_radius'] is None else round(r['median_radius'], 2)} |")
     lines += ["", "## The pick, over seeds (AUC after − retrain: mean and the largest |difference|)", "",
-              "| set | k | lr | epochs | seeds | AUC after − retrain | max abs | test loss pp (mean) |", "|---|---|---|---|---|---|---|---|"]
+              "| set | k | lr | epochs | seeds | AUC after − retrain | max abs | test loss pp (mean) |",
+              "|---|---|---|---|---|---|---|---|"]
     for (name, k), (lr, epochs) in sorted(chosen.items()):
         sel = [r for r in rows if (r["forget_set"], r["k"], r["lr"], r["epochs"]) == (name, k, lr, epochs)]
         d = [r["auc_after"] - r["auc_retrain"] for r in sel]

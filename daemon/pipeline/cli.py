@@ -367,6 +367,12 @@ def _receipt_line(r: dict[str, Any]) -> str:
 def cmd_audit(args: argparse.Namespace) -> int:
     from daemon.pipeline.ledger import Ledger, LedgerError
 
+    if args.action == "membership":
+        from daemon.pipeline.audit_membership import cmd_audit_membership
+
+        if not args.config:
+            raise _usage("audit membership needs --config (the daemon's: its models, sources and registry)")
+        return cmd_audit_membership(args, _load(args))
     if args.state_dir:
         target = str(Path(args.state_dir) / "ledger.sqlite")
     else:
@@ -493,8 +499,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - arg
     sp.add_argument("--model", required=True)
     sp.set_defaults(func=cmd_rebase)
 
-    sp = sub.add_parser("audit", help="verify the hash-chained audit trail of receipts")
-    sp.add_argument("action", choices=("verify",))
+    sp = sub.add_parser("audit", help="verify the hash-chained audit trail of receipts (verify), or how member-like "
+                                      "named instances look to a version (membership)")
+    sp.add_argument("action", choices=("verify", "membership"))
     sp.add_argument("--config")
     sp.add_argument("--state-dir")
+    from daemon.pipeline.audit_membership import add_arguments
+
+    add_arguments(sp)
     sp.set_defaults(func=cmd_audit)

@@ -262,6 +262,18 @@ def publish(
     )
 
 
+def load_model(registry_dir: Path, name: str, version: int | None = None, *, device: str = "cpu"
+               ) -> tuple[nn.Module, registry.VersionInfo, ModelFactory]:
+    """The eager model of a verified version (its manifest's factory, its weights), without its session: what an
+    auditor or a tool that only evaluates needs (no state key, no continual state)."""
+    state, info = registry.load_state_dict(registry_dir, name, version)
+    factory = manifest_factory(info.manifest, f"{name} v{info.version}")
+    channels = info.manifest["input_shape"][0]
+    model = build_classifier(factory, mean=[0.0] * channels, std=[1.0] * channels)
+    model.load_state_dict(state, strict=True)   # normalisation statistics come with the buffers
+    return model.to(device).eval(), info, factory
+
+
 def load_live(registry_dir: Path, name: str, version: int | None = None, *, device: str = "cpu",
               head: str | None = None, state_key: keys.SecretKey | None = None) -> LiveModel:
     """Rebuild the eager model from its manifest's factory, its weights and its session from a verified version.
@@ -270,20 +282,15 @@ def load_live(registry_dir: Path, name: str, version: int | None = None, *, devi
     the manifest declares, if any — the head belongs to the model, and two answers mean a mistake.
     ``state_key``: the key that sealed the version's session files (:class:`StateKeyError` without it).
     """
-    state, info = registry.load_state_dict(registry_dir, name, version)
+    model, info, factory = load_model(registry_dir, name, version, device=device)
     manifest = info.manifest
     where = f"{name} v{info.version}"
-    factory = manifest_factory(manifest, where)
     declared = manifest_head(manifest, where)
     if head is not None and declared is not None and head != declared:
         raise HeadError(f"{where}: the head setting {head!r} differs from the head {declared!r} its "
                         f"manifest declares (unlearnd import --head); drop the setting or fix it")
     head = head or declared
     classes = list(manifest["classes"])
-    channels = manifest["input_shape"][0]
-    model = build_classifier(factory, mean=[0.0] * channels, std=[1.0] * channels)
-    model.load_state_dict(state, strict=True)   # normalisation statistics come with the buffers
-    model.to(device).eval()
     engine_head = None
     if head is not None:
         try:

@@ -90,7 +90,7 @@ bench-privacy: install
 	PYTHONPATH=. $(VENV)/bin/python benchmarks/privacy.py --ks 16,64,128 --seeds 0
 
 .PHONY: bench-privacy-amun
-# issue 22: AMUN (the retain-free peer) on bench-privacy's forget sets, retrains and RMIA, a 6-point lr x epochs grid
+# issue 22: AMUN (the retain-free peer) on bench-privacy's forget sets, retrains and RMIA, a 9-point lr x epochs grid
 # picked on seed 0; run after bench-privacy (its cache); writes benchmarks/results/privacy_amun.*
 bench-privacy-amun: install
 	PYTHONPATH=. $(VENV)/bin/python benchmarks/privacy_amun.py --ks 16,64,128 --seeds 0,1,2

@@ -71,3 +71,14 @@ def test_advonly_fits_the_adversarial_examples_alone():
     s = AmunSettings(epochs=2, batch_size=8, with_forget_set=False, eps_schedule=(0.2, 0.4, 0.8, 1.6, 3.2))
     result = amun_unlearn(model, x[:16], y[:16], s)
     assert result.steps == 2 * math.ceil(16 / 8)
+
+
+def test_a_search_made_once_is_reused_and_gives_the_same_result():
+    model, x, y = toy()
+    s = AmunSettings(lr=0.05, epochs=2, batch_size=16, eps_schedule=(0.1, 0.2, 0.4, 0.8, 1.6, 3.2))
+    adversarial = nearest_adversarial(model, x[:24], y[:24], s)
+    twin, _, _ = toy()
+    a = amun_unlearn(model, x[:24], y[:24], s, generator=torch.Generator().manual_seed(3))
+    b = amun_unlearn(twin, x[:24], y[:24], s, generator=torch.Generator().manual_seed(3), adversarial=adversarial)
+    assert torch.equal(a.adv_x, b.adv_x) and torch.equal(a.adv_labels, b.adv_labels)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

@@ -98,10 +98,14 @@ def nearest_adversarial(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
 
 
 def amun_unlearn(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, settings: AmunSettings = AmunSettings(),
-                 *, generator: torch.Generator | None = None) -> AmunResult:
-    """Unlearn ``x`` (at its training ``labels``) from ``model`` in place, AMUN's way, without the remaining data."""
+                 *, generator: torch.Generator | None = None,
+                 adversarial: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> AmunResult:
+    """Unlearn ``x`` (at its training ``labels``) from ``model`` in place, AMUN's way, without the remaining data.
+
+    ``adversarial``: :func:`nearest_adversarial`'s result for this model and these instances, when already made
+    (a benchmark tuning the fine-tuning reuses one search; ``attack_s`` is then 0)."""
     t0 = time.perf_counter()
-    adv_x, adv_y, radius = nearest_adversarial(model, x, labels, settings)
+    adv_x, adv_y, radius = adversarial if adversarial is not None else nearest_adversarial(model, x, labels, settings)
     attack_s = time.perf_counter() - t0
     data_x = torch.cat([x.cpu(), adv_x]) if settings.with_forget_set else adv_x
     data_y = torch.cat([labels.cpu(), adv_y]) if settings.with_forget_set else adv_y

@@ -162,11 +162,13 @@ def test_a_deferred_takeover_is_given_up_when_the_partition_is_revoked_again(tmp
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("taken_meanwhile", [False, True])
 def test_a_takeover_cut_after_its_epoch_was_taken_resumes_under_that_epoch(tmp_path, mnist_registry, server,
-                                                                           monkeypatch):
+                                                                           monkeypatch, taken_meanwhile):
     """The database goes away between the take (epoch 2 recorded) and the resolution of the previous owner's
     rounds: the retry resolves them under epoch 2, without taking the model a second time (which would find it
-    "still ours" and resolve nothing)."""
+    "still ours" and resolve nothing). Had another daemon taken the model meanwhile (epoch 3), the retry takes it
+    anew (epoch 4) instead of resolving under an epoch that is no longer the model's."""
     url = server.new_database()
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     daemon, _consumer, _producer, _stop = _daemon(tmp_path, reg, {"UNLEARND_STATE_URL": url}, [])
@@ -187,10 +189,13 @@ def test_a_takeover_cut_after_its_epoch_was_taken_resumes_under_that_epoch(tmp_p
             assert daemon.rebalance.deferred[MODEL].epoch == 2 and MODEL in daemon.batcher.held
             monkeypatch.undo()
             server._launch()
+            if taken_meanwhile:
+                assert other.take_ownership(MODEL, "host-3") == 3
             daemon.rebalance._next_try = 0.0
             daemon.rebalance.retry_deferred()
+        final = 4 if taken_meanwhile else 2
         resumed = [(e["model"], e["epoch"], e["rounds_resolved"]) for e in logs if e["event"] == "takeover_resumed"]
-        assert resumed == [(MODEL, 2, 1)] and other.ownership_epoch(MODEL) == 2
+        assert resumed == [(MODEL, final, 1)] and other.ownership_epoch(MODEL) == daemon.owners.epoch(MODEL) == final
         assert other.round_state(dead_round) == "abandoned"
         assert not daemon.rebalance.deferred and MODEL not in daemon.batcher.held
     finally:

@@ -167,8 +167,9 @@ class Rebalance(ConsumerRebalanceListener):
         d = self.daemon
         epoch = waiting.epoch if waiting is not None else None
         try:
-            if epoch is None:
-                epoch = d.owners.take(model)
+            # an epoch taken before the ledger went away is kept while still the model's (its previous owner's rounds
+            # are then still to resolve); a new one is taken if another daemon took the model meanwhile
+            epoch = d.owners.take(model) or epoch
             if epoch is None:                   # still ours: nothing to resolve, nothing to reload
                 if waiting is not None:
                     self._release(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,11 +80,12 @@ def server():
 
 @pytest.mark.postgres
 def test_a_takeover_that_finds_the_ledger_away_is_retried_and_no_round_runs_before_it(
-        tmp_path, mnist_registry, server):
+        tmp_path, mnist_registry, server, monkeypatch):
     """Another host owned the model and died with a round running. This daemon is assigned the partition while the
-    database is down: the takeover is deferred (logged, counted), the model held, the request read meanwhile waits;
-    no round runs. The database comes back: the main loop takes the model (epoch 2), abandons the dead host's
-    round, reads the partition again, and applies the request once, under the new epoch."""
+    database is down: the takeover is deferred (logged, counted) and the model held. The database comes back and
+    the intake accepts the request before the takeover's next try: no round of it runs. Then the main loop takes
+    the model (epoch 2), abandons the dead host's round, reads the partition again, and applies the request once,
+    under the new epoch."""
     url = server.new_database()
     reg = copy_registry(mnist_registry, tmp_path / "registry")
     record = Record(TP.topic, TP.partition, 0, MODEL.encode(),
@@ -101,13 +103,22 @@ def test_a_takeover_that_finds_the_ledger_away_is_retried_and_no_round_runs_befo
             daemon.on_assigned({TP})                            # no raise: deferred
             assert MODEL in daemon.rebalance.deferred and MODEL in daemon.batcher.held
             assert daemon.owners.epoch(MODEL) is None and _unavailable(daemon) == 1
+            gate, retry = threading.Event(), daemon.rebalance.retry_deferred
+            gate.set()
+            monkeypatch.setattr(daemon.rebalance, "retry_deferred", lambda: gate.is_set() and retry())
             result: list[int] = []
             loop = threading.Thread(target=lambda: result.append(daemon.run()))
             loop.start()
             try:
                 _until(lambda: sum(e["event"] == "takeover_deferred" for e in logs) >= 3, timeout=30)  # 0.5 s, 1 s
                 assert not [e for e in logs if e["event"] == "round_started"]
+                gate.clear()                    # the takeover's retries pause, so the intake gets the request first
+                time.sleep(0.5)                 # (a retry under way fails at once: the database is still down)
                 server._launch()
+                _until(lambda: daemon.batcher.is_waiting("a"), timeout=30)
+                time.sleep(1.0)
+                assert not [e for e in logs if e["event"] == "round_started"]     # held: the request waits
+                gate.set()
                 _until(lambda: any(t == "unlearn.receipts" for t, _ in producer.sent), timeout=120)
             finally:
                 stop.set()

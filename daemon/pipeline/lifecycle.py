@@ -185,6 +185,8 @@ class Daemon:
             self._poll_once()
             self._finish_round_if_done()
             self._rebase_step()
+            if not self._stop.is_set():
+                self.rebalance.retry_deferred()     # a takeover that found the ledger away (issue 24)
             if not self._stop.is_set() and self._round is None and not self._rebase_finishing():
                 self._start_round_if_due()
             if not self._stop.is_set() and self._round is None and not self._rebase_finishing():
@@ -483,7 +485,8 @@ class Daemon:
 
     def _start_rebase_if_due(self) -> None:
         assert self.rebaser is not None and self._rebase_executor is not None
-        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled() and n not in self.owners.dropped]
+        models = [n for n, rt in self.runtimes.items() if rt.section.rebase.enabled() and n not in self.owners.dropped
+                  and n not in self.rebalance.deferred]
         found = self.rebaser.requested(models)
         if found is None:
             for name in models:

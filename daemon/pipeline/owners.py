@@ -58,17 +58,22 @@ class Owners:
         """Take every model of the assigned partitions that this daemon does not hold any more; returns the models
         taken over (with their new epochs): their previous owner's unfinished rounds must be resolved and the
         model reloaded from ``LATEST`` before their requests run here."""
-        taken: list[tuple[str, int]] = []
-        for model in self.models_of(partitions, count):
-            held = self.epochs.get(model)
-            if held is not None and model not in self.dropped and self.ledger.ownership_epoch(model) == held:
-                continue                                    # still ours: nobody took it in between
-            epoch = self.ledger.take_ownership(model, self.instance)
-            self.epochs[model] = epoch
-            self.dropped.discard(model)
-            taken.append((model, epoch))
-            log.info("ownership_taken", model=model, epoch=epoch, previous=held)
-        return taken
+        taken = [(model, self.take(model)) for model in self.models_of(partitions, count)]
+        return [(model, epoch) for model, epoch in taken if epoch is not None]
+
+    def take(self, model: str) -> int | None:
+        """Take ``model`` unless this daemon still holds it (nobody took it in between): its new epoch, or None.
+
+        Raises ``LedgerUnavailable`` when the ledger's database is away; the caller tries again later (the epoch
+        held, if any, is kept: whether it is still the model's cannot be known until the ledger answers)."""
+        held = self.epochs.get(model)
+        if held is not None and model not in self.dropped and self.ledger.ownership_epoch(model) == held:
+            return None                                     # still ours: nobody took it in between
+        epoch = self.ledger.take_ownership(model, self.instance)
+        self.epochs[model] = epoch
+        self.dropped.discard(model)
+        log.info("ownership_taken", model=model, epoch=epoch, previous=held)
+        return epoch
 
     def drop(self, model: str) -> None:
         """A newer owner exists (a refused commit or publish): forget the epoch and run no round of the model here

@@ -153,3 +153,98 @@ def test_a_rebases_push_waits_out_a_bucket_that_goes_away_and_publishes_its_vers
     assert events.count("daemon_started") == 1 and "rebase_failed" not in events and "rebase_crashed" not in events
     _check_published_once(tmp_path, s3, reg, version, committed["rebase_id"], by, ids)
     assert _ledger_job(tmp_path)["attempts"] == 1                      # it ran once: not restarted, not redone
+
+
+def test_a_stop_while_the_rebases_push_waits_leaves_it_committing_and_the_recovery_publishes_it_once(
+        tmp_path, broker, mnist_registry, outage_s3):  # noqa: F811 - the fixture
+    s3 = outage_s3
+    reg, cfg, env = _setup(tmp_path, broker, mnist_registry, s3, rounds="grace_period_s = 1")
+    ids = ["w-1", "w-2"]
+    log = tmp_path / "daemon.log"
+    d = DaemonProcess(cfg, log, env=env).start()
+    try:
+        d.wait_assigned(timeout=120)
+        _apply(broker, ids)
+        serving = registry.latest_version(reg, MODEL)
+        assert main(["rebase", "--config", str(cfg), "--model", MODEL]) == 0
+        d.wait_for(lambda e: e.get("event") == "rebase_training", timeout=60)
+        s3.stop()
+        _wait_count(d, "registry_push_failed", 1, timeout=180)
+        assert d.terminate(timeout=90) == 0     # SIGTERM while the push waits: past the grace period it gives up
+    finally:
+        d.kill()
+    events = [e.get("event") for e in d.events()]
+    assert "rebase_failed" not in events and "rebase_committed" not in events, events
+    assert "rebase_push_interrupted" in events
+    job = _ledger_job(tmp_path)
+    assert job["state"] == "committing", job            # its version is written here: the recovery's to finish
+    rebase_id = job["rebase_id"]
+    s3.start()
+    latest, writers = _bucket(s3, tmp_path / "scratch")
+    assert latest == serving and rebase_id not in writers.values(), writers      # nothing of it in the bucket
+
+    # kill -9 inside the next start's push of it, twice (before the bucket's LATEST moves; after it moved, before
+    # the ledger commits); the bucket never shows a half version and its LATEST only moves forward
+    for point, expected in (("s3_before_latest", serving), ("s3_after_latest", serving + 1)):
+        crashed = DaemonProcess(cfg, log, env={**env, "UNLEARND_FAILPOINTS": point}).start()
+        try:
+            assert crashed.wait(timeout=120) == -9, crashed.tail()
+        finally:
+            crashed.kill()
+        assert _bucket(s3, tmp_path / "scratch")[0] == expected, point
+        assert _ledger_job(tmp_path)["state"] == "committing", point
+
+    final = DaemonProcess(cfg, log, env=env).start()
+    try:
+        final.wait_assigned(timeout=120)
+        by = _receipts(broker.bootstrap, lambda by: all("exact" in _statuses(by, r) for r in ids))
+        assert final.terminate() == 0
+    finally:
+        final.kill()
+    rolled = [e for e in final.events() if e.get("event") == "rebase_rolled_forward"]
+    # the s3_before_latest kill came in the start-up's catch-up push (the working copy's LATEST is the rebase's), before
+    # the rebase's recovery; the s3_after_latest one in the recovery's own push; the last start finished it
+    assert [(e["rebase_id"], e["version"]) for e in rolled] == [(rebase_id, serving + 1)] * 2, rolled
+    _check_published_once(tmp_path, s3, reg, serving + 1, rebase_id, by, ids)
+    assert _ledger_job(tmp_path)["attempts"] == 1               # rolled forward, never trained again
+
+
+def test_kill_minus_9_inside_the_rebases_own_push_and_the_restart_publishes_it_once(
+        tmp_path, broker, mnist_registry, outage_s3):  # noqa: F811 - the fixture
+    s3 = outage_s3
+    reg, cfg, env = _setup(tmp_path, broker, mnist_registry, s3)
+    ids = ["x-1", "x-2"]
+    log = tmp_path / "daemon.log"
+    d = DaemonProcess(cfg, log, env=env).start()
+    try:
+        d.wait_assigned(timeout=120)
+        _apply(broker, ids)                 # the rounds' pushes pass the S3 failpoints too: applied before them
+        assert d.terminate() == 0
+    finally:
+        d.kill()
+    serving = registry.latest_version(reg, MODEL)
+    assert main(["rebase", "--config", str(cfg), "--model", MODEL]) == 0       # the next start runs it
+    crashed = DaemonProcess(cfg, log, env={**env, "UNLEARND_FAILPOINTS": "s3_before_manifest"}).start()
+    try:
+        assert crashed.wait(timeout=180) == -9, crashed.tail()     # its files uploaded, its manifest not yet
+    finally:
+        crashed.kill()
+    assert any(e.get("event") == "rebase_trained" for e in crashed.events())     # the kill came in the rebase's push
+    job = _ledger_job(tmp_path)
+    assert job["state"] == "committing", job
+    latest, writers = _bucket(s3, tmp_path / "scratch")
+    assert latest == serving and serving + 1 not in writers, writers      # uploaded files without a manifest: unseen
+    listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"{PREFIX}{MODEL}/{serving + 1}/").get("Contents", [])
+    assert listed and not [o for o in listed if o["Key"].endswith("/manifest.json")], listed
+
+    final = DaemonProcess(cfg, log, env=env).start()
+    try:
+        final.wait_assigned(timeout=120)
+        by = _receipts(broker.bootstrap, lambda by: all("exact" in _statuses(by, r) for r in ids))
+        assert final.terminate() == 0
+    finally:
+        final.kill()
+    rolled = [e for e in final.events() if e.get("event") == "rebase_rolled_forward"]
+    assert [(e["rebase_id"], e["version"]) for e in rolled] == [(job["rebase_id"], serving + 1)], rolled
+    _check_published_once(tmp_path, s3, reg, serving + 1, job["rebase_id"], by, ids)
+    assert _ledger_job(tmp_path)["attempts"] == 1

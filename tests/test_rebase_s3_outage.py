@@ -1,10 +1,10 @@
 """A rebase whose registry is a bucket (moto's real S3 server) that goes away during the rebase (issue 24).
 
-The rebase's push waits out the outage as a round's does (``registry_push_failed``, backoff) and publishes its
-version once the store is back; a stop during that wait leaves the rebase ``committing`` and the next start's
-recovery pushes and commits it; a kill -9 inside the rebase's push and again inside the recovery's loses nothing.
-Every check reads the bucket as a server would: ``LATEST``'s version pulled and hash-verified, every complete
-version pulled, exactly one of them the rebase's.
+The store goes away once a rebase is asked for: the rebase's push waits out the outage as a round's does
+(``registry_push_failed``, backoff) and publishes its version once the store is back; a stop during that wait
+leaves the rebase ``committing`` and the next start's recovery pushes and commits it; a kill -9 inside the
+rebase's push and again inside the recovery's loses nothing. Every check reads the bucket as a server would:
+``LATEST``'s version pulled and hash-verified, every complete version pulled, exactly one of them the rebase's.
 """
 
 from __future__ import annotations
@@ -134,8 +134,10 @@ def test_a_rebases_push_waits_out_a_bucket_that_goes_away_and_publishes_its_vers
         serving = registry.latest_version(reg, MODEL)
         assert _bucket(s3, tmp_path / "scratch")[0] == serving          # the rounds' versions reached the bucket
         assert main(["rebase", "--config", str(cfg), "--model", MODEL]) == 0
+        # the store goes away before the rebase starts (nothing else of an idle daemon reads or writes the bucket,
+        # so a slow poll here cannot let the push through first); it trains meanwhile, and its push meets the outage
+        s3.stop()
         d.wait_for(lambda e: e.get("event") == "rebase_training", timeout=60)
-        s3.stop()                       # the store goes away while the rebase trains: its push meets the outage
         failed = _wait_count(d, "registry_push_failed", 2, timeout=180)     # tried, backed off, tried again
         s3.start()
         committed = d.wait_for(lambda e: e.get("event") == "rebase_committed", timeout=120)
@@ -167,7 +169,6 @@ def test_a_stop_while_the_rebases_push_waits_leaves_it_committing_and_the_recove
         _apply(broker, ids)
         serving = registry.latest_version(reg, MODEL)
         assert main(["rebase", "--config", str(cfg), "--model", MODEL]) == 0
-        d.wait_for(lambda e: e.get("event") == "rebase_training", timeout=60)
         s3.stop()
         _wait_count(d, "registry_push_failed", 1, timeout=180)
         assert d.terminate(timeout=90) == 0     # SIGTERM while the push waits: past the grace period it gives up

@@ -1,7 +1,9 @@
 """A real S3 endpoint for tests: moto's standalone server on 127.0.0.1 and a free port, torn down after.
 
 moto keeps everything in memory, so a test's bucket lives as long as the server; each fixture use gets a
-fresh bucket name."""
+fresh bucket name. ``outage_s3`` is a server of its own that a test can stop and start again on the same port
+(an object store that goes away and comes back): moto's buckets live in this process, not in the server, so
+they are all there again after the restart."""
 
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ class S3Endpoint:
         return make_client(self.endpoint_url)
 
 
+def _credentials() -> None:
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,9 +44,7 @@ def _free_port() -> int:
 def moto_endpoint() -> Iterator[str]:
     """Start moto's ThreadedMotoServer once per session; test credentials in the environment."""
     moto_server = pytest.importorskip("moto.server")
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(k, v)
+    _credentials()
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -54,3 +60,43 @@ def s3(moto_endpoint: str) -> S3Endpoint:
     ep = S3Endpoint(moto_endpoint, f"t-{uuid.uuid4().hex[:12]}")
     ep.client().create_bucket(Bucket=ep.bucket)
     return ep
+
+
+class RestartableS3(S3Endpoint):
+    """A bucket on a moto server of its own: :meth:`stop` takes the endpoint away (connections refused, as for a
+    store that is down), :meth:`start` brings it back on the same port with every object it held."""
+
+    def __init__(self) -> None:
+        moto_server = pytest.importorskip("moto.server")
+        _credentials()
+        port = _free_port()
+        super().__init__(f"http://127.0.0.1:{port}", f"t-{uuid.uuid4().hex[:12]}")
+        self._make = lambda: moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._server = None
+
+    def start(self) -> RestartableS3:
+        if self._server is None:
+            self._server = self._make()
+            self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Shut the server down and close its listening socket: new connections are refused at once."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+
+@pytest.fixture()
+def outage_s3() -> Iterator[RestartableS3]:
+    """A fresh bucket on a moto server that the test may stop and start again; stopped after the test."""
+    ep = RestartableS3().start()
+    ep.client().create_bucket(Bucket=ep.bucket)
+    try:
+        yield ep
+    finally:
+        ep.stop()

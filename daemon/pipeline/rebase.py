@@ -49,7 +49,7 @@ from daemon.engine.models import build_classifier
 from daemon.engine.seeding import seeded_global_rng
 from daemon.engine.session import UnlearningSession
 from daemon.engine.training import TrainConfig, train_classifier
-from daemon.pipeline.bucket import mirror_publish
+from daemon.pipeline.bucket import RegistryUnavailable, mirror_publish
 from daemon.pipeline.canonical import canonical_json
 from daemon.pipeline.codec import DecodedInstance, DecodedRequest
 from daemon.pipeline.commit import MODEL_EVENT_SCHEMA, find_version
@@ -314,7 +314,14 @@ class Rebaser:
                                    dataset=rt.splits.name if rt.splits else None, round_id=trained.rebase_id,
                                    method=method, metrics=metrics, state_key=rt.state_key)
         failpoint("rebase_after_publish")
-        mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)   # waits out the store
+        try:
+            mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)   # waits out the store
+        except RegistryUnavailable as exc:
+            # stopped while the store was unreachable: the version is written here and the job is committing, so
+            # the next start's recovery pushes and commits it (as a round's); failing the job instead would leave
+            # a version no receipt or audit event names, which that start would push to the bucket as LATEST
+            bound.warning("rebase_push_interrupted", version=info.version, error=str(exc))
+            return RebaseOutcome("aborted", trained.rebase_id, rt.name, info, reason=str(exc))
         self._commit(trained.rebase_id, rt.name, info, drafts, event)
         rt.reload()
         bound.info("rebase_committed", version=info.version, reapplied=len(reapplied), exact=len(drafts),

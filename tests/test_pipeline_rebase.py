@@ -397,3 +397,32 @@ def test_a_relabel_of_an_instance_outside_the_training_source_refuses_the_rebase
     rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
     with pytest.raises(RebaseRefused, match="rl-out name instances that are not items of the training source"):
         rebaser.train(rt, rebase_id, threading.Event())
+
+
+def test_a_publish_that_breaks_off_after_the_version_is_written_is_left_to_the_recovery_never_failed(
+        reg, tmp_path, monkeypatch):
+    """Not a stop (the ledger gone at the commit, a store refusing the version): the version is LATEST already, so
+    failing the rebase would leave a version no receipt names; it stays committing and the restart rolls it forward."""
+    from daemon.pipeline.rebase import RebaseCommitInterrupted
+
+    rt = _runtime(reg)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    _apply(rt, ledger, reg, "gone", ["mnist-train:10"])
+    rebaser = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    rebase_id, _ = ledger.request_rebase(MODEL, "on_demand")
+    trained = rebaser.prepare(rt, rebase_id, threading.Event())
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("the database went away at the commit")
+
+    monkeypatch.setattr(rebaser, "_commit", broken)
+    with pytest.raises(RebaseCommitInterrupted, match="the database went away"):
+        rebaser.finish(rt, trained, should_abort=lambda: False)
+    written = registry.latest_version(reg, MODEL)
+    assert registry.read_manifest(reg, MODEL, written)["round_id"] == rebase_id
+    assert ledger.rebases()[0]["state"] == "committing"
+    assert [s for _e, _r, s, *_ in ledger.audit_entries() if s.startswith("rebase")] == []   # not failed
+    restarted = Rebaser(ledger, reg, ReceiptChain("d1", "receipts"), models_topic="models", owner="d1")
+    restarted.recover({MODEL: _runtime(reg)})
+    assert ledger.rebases()[0]["state"] == "committed" and registry.latest_version(reg, MODEL) == written
+    assert "rebased" in [s for _e, _r, s, *_ in ledger.audit_entries()]

@@ -41,7 +41,14 @@ from daemon.pipeline.outbox import OutboxPublisher
 from daemon.pipeline.owners import Owners
 from daemon.pipeline.rebalance import Rebalance, drop_model
 from daemon.pipeline.pending import PendingRequest
-from daemon.pipeline.rebase import RebaseAborted, RebaseOutcome, Rebaser, RebaseRefused, TrainedRebase
+from daemon.pipeline.rebase import (
+    RebaseAborted,
+    RebaseCommitInterrupted,
+    RebaseOutcome,
+    Rebaser,
+    RebaseRefused,
+    TrainedRebase,
+)
 from daemon.pipeline.runtime import ModelRuntime
 from daemon.pipeline.stranded import PartitionView, StrandedWatch
 
@@ -56,7 +63,8 @@ LATEST_CHECK_INTERVAL_S = 10.0
 REBASE_CHECK_INTERVAL_S = 1.0       # how often the loop looks for a requested rebase or a policy that asks for one
 STRANDED_CHECK_INTERVAL_S = 1.0     # how often the loop looks for accepted requests it no longer holds
 LEDGER_BACKOFF_S = (0.5, 5.0)       # first and longest wait before reading a poll again while the ledger is away
-EXIT_LEDGER_LOST = 75               # EX_TEMPFAIL: the ledger went away inside a round; start-up recovery resolves it
+EXIT_LEDGER_LOST = 75               # EX_TEMPFAIL: the ledger went away inside a round, or a rebase's publish broke off;
+                                    # start-up recovery resolves it
 QUIET_S = 2.0                       # polls empty (nothing paused) this long: the consumer has read its partitions
 
 
@@ -458,6 +466,12 @@ class Daemon:
             if job.finish.done():
                 try:
                     outcome = job.finish.result()
+                except RebaseCommitInterrupted as exc:       # its version may be written: the restart resolves it
+                    log.error("rebase_commit_interrupted", rebase_id=job.rebase_id, error=str(exc),
+                              exit_code=EXIT_LEDGER_LOST, detail="stopping; the restart rolls it forward or reruns it")
+                    self._exit_code = EXIT_LEDGER_LOST
+                    self._stop.set()
+                    return
                 except Exception as exc:  # noqa: BLE001 - a crashed finish leaves the old lineage serving
                     log.exception("rebase_crashed", rebase_id=job.rebase_id, error=str(exc))
                     outcome = self.rebaser.fail(job.rebase_id, job.model, f"{type(exc).__name__}: {exc}")

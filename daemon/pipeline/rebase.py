@@ -63,7 +63,8 @@ from daemon.pipeline.runtime import ModelRuntime
 from daemon.registry import model_store
 from daemon.registry.mirror import RegistryMirror
 
-__all__ = ["REBASE_EVENT_SCHEMA", "RebaseAborted", "RebaseOutcome", "RebaseRefused", "Rebaser", "TrainedRebase"]
+__all__ = ["REBASE_EVENT_SCHEMA", "RebaseAborted", "RebaseCommitInterrupted", "RebaseOutcome", "RebaseRefused",
+           "Rebaser", "TrainedRebase"]
 
 log = structlog.get_logger("unlearnd.rebase")
 
@@ -73,6 +74,17 @@ CATCH_UP_PASSES = 3     # re-application passes beside the rounds before the res
 
 class RebaseAborted(Exception):
     """The daemon is stopping: the job is left to run again from scratch."""
+
+
+class RebaseCommitInterrupted(Exception):
+    """The publish failed after the rebase's intent was recorded, for a reason other than a stop (the ledger gone, a
+    store refusing the version): its version may already be the local ``LATEST``, so marking it ``failed`` would
+    leave a version no receipt names serving. Only start-up recovery resolves it, as after a kill -9 there: the
+    daemon stops (exit 75) and the next start rolls it forward or restarts it."""
+
+    def __init__(self, rebase_id: str, cause: BaseException) -> None:
+        super().__init__(f"rebase {rebase_id}: {type(cause).__name__}: {cause}")
+        self.rebase_id = rebase_id
 
 
 class RebaseRefused(Exception):
@@ -299,6 +311,28 @@ class Rebaser:
                  "reapplied": reapplied, "unseen": list(trained.unseen), "probe_accuracy": accuracy,
                  "probe_accuracy_original": original,
                  "daemon": self.receipts.daemon}
+        try:
+            info = self._publish(rt, trained, sibling, base, covered_seq, drafts, event, summary, accuracy, original,
+                                 reapplied, should_abort)
+        except RegistryUnavailable as exc:
+            # stopped while the store was unreachable: the version is written here and the job is committing, so
+            # the next start's recovery pushes and commits it (as a round's); failing the job instead would leave
+            # a version no receipt or audit event names, which that start would push to the bucket as LATEST
+            bound.warning("rebase_push_interrupted", error=str(exc))
+            return RebaseOutcome("aborted", trained.rebase_id, rt.name, None, reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever it was, only the recovery can resolve it
+            raise RebaseCommitInterrupted(trained.rebase_id, exc) from exc
+        rt.reload()
+        bound.info("rebase_committed", version=info.version, reapplied=len(reapplied), exact=len(drafts),
+                   excluded=trained.training.excluded, probe_accuracy=accuracy, train_s=round(trained.seconds, 1))
+        return RebaseOutcome("committed", trained.rebase_id, rt.name, info, reapplied=tuple(reapplied),
+                             exact=len(drafts))
+
+    def _publish(self, rt: ModelRuntime, trained: TrainedRebase, sibling: ModelRuntime, base: Any, covered_seq: int,
+                 drafts: list[ExactReceipt], event: dict[str, Any], summary: Mapping[str, Any], accuracy: float,
+                 original: float, reapplied: list[str], should_abort: Callable[[], bool]) -> Any:
+        """Record the intent, write the version, push it, commit: the durable steps of a rebase, in the order of a
+        round's (the README's commit order)."""
         self.ledger.begin_rebase_commit(trained.rebase_id, base.version, covered_seq,
                                         {"exact": [d.to_dict() for d in drafts], "event": event})
         failpoint("rebase_before_publish")
@@ -314,20 +348,9 @@ class Rebaser:
                                    dataset=rt.splits.name if rt.splits else None, round_id=trained.rebase_id,
                                    method=method, metrics=metrics, state_key=rt.state_key)
         failpoint("rebase_after_publish")
-        try:
-            mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)   # waits out the store
-        except RegistryUnavailable as exc:
-            # stopped while the store was unreachable: the version is written here and the job is committing, so
-            # the next start's recovery pushes and commits it (as a round's); failing the job instead would leave
-            # a version no receipt or audit event names, which that start would push to the bucket as LATEST
-            bound.warning("rebase_push_interrupted", version=info.version, error=str(exc))
-            return RebaseOutcome("aborted", trained.rebase_id, rt.name, info, reason=str(exc))
+        mirror_publish(self.mirror, rt.name, info.version, should_abort=should_abort)   # waits out the store
         self._commit(trained.rebase_id, rt.name, info, drafts, event)
-        rt.reload()
-        bound.info("rebase_committed", version=info.version, reapplied=len(reapplied), exact=len(drafts),
-                   excluded=trained.training.excluded, probe_accuracy=accuracy, train_s=round(trained.seconds, 1))
-        return RebaseOutcome("committed", trained.rebase_id, rt.name, info, reapplied=tuple(reapplied),
-                             exact=len(drafts))
+        return info
 
     def _exact_drafts(self, trained: TrainedRebase, model: str, base_version: int, summary: Mapping[str, Any]
                       ) -> list[ExactReceipt]:

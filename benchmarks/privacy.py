@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daemon.bench.membership import MembershipSetting, load_setting
+from daemon.bench.membership import MembershipSetting, forget_sets, load_setting
 from daemon.engine.config import preset
 from daemon.engine.evaluate import accuracy
 from daemon.engine.requests import ForgetRequest
@@ -81,9 +81,7 @@ def main() -> None:
         rows, retrain_cost = old["rows"], old["retrain_train_seconds"]
     for k in (int(v) for v in args.ks.split(",")):
         for seed in (int(v) for v in args.seeds.split(",")):
-            rng = np.random.default_rng(1000 + seed)
-            sets = {"canary": np.sort(rng.choice(st.canaries, k, replace=False)),
-                    "random": np.sort(rng.choice(np.setdiff1d(np.arange(n), st.canaries), k, replace=False))}
+            sets = forget_sets(st.canaries, n, k, seed)
             for name in args.sets.split(","):
                 members = sets[name]
                 against = st.mislabeled(st.nonmembers) if name == "canary" else st.nonmembers

@@ -33,9 +33,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trained-on", default="an H200 GPU (8 training processes at once)",
                     help="where the cached models were trained, for the report")
+    ap.add_argument("--device", default="cpu", help="where models the cache lacks are trained (cuda: ~20 s each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    st = load_setting(args.refs, args.canaries, args.cache)
+    st = load_setting(args.refs, args.canaries, args.cache, device=args.device)
     n, cidx, target, ref, ref_in = st.n_train, st.canaries, st.target, st.ref, st.ref_in
     pop, nonm = st.population, st.nonmembers
     # a canary is compared with held-out digits mislabeled the same way (issue 22 part 3): with correctly labelled

@@ -215,8 +215,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     colors, markers = {"unseen": "tab:blue", "misclassify": "tab:red"}, {"canary": "^", "random": "o"}
-    for ax, attack, field in ((axes[0], "RMIA (online, 8 references)", "auc"),
-                              (axes[1], "LiRA (offline, OUT references only)", "lira_auc")):
+    for ax, attack, field in ((axes[0], "RMIA, online (8 refs)", "auc"),
+                              (axes[1], "LiRA, offline (OUT refs)", "lira_auc")):
         for goal in colors:
             for name in markers:
                 rs = [r for r in rows if r["goal"] == goal and r["forget_set"] == name and f"{field}_after" in r]
@@ -226,8 +226,8 @@ def plot(rows: list[dict], path: Path) -> None:
         line = np.array([0.0, 1.0])
         ax.plot(line, line, "k-", lw=0.8)
         ax.fill_between(line, line - 0.03, line + 0.03, color="grey", alpha=0.2, label="retrain ± 0.03 (the bar)")
-        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"AUC of the retrained model",
-               ylabel="AUC after the round", title=f"{attack}: forget set vs held-out (MNIST)")
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="AUC of the retrained model",
+               ylabel="AUC after the round", title=f"{attack}: forget set vs held-out")
         ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

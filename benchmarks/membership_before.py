@@ -21,6 +21,7 @@ from daemon.engine.evaluate import accuracy
 from daemon.privacy.attack import membership_report, rmia_scores
 from daemon.privacy.forget_sets import most_atypical
 from daemon.registry import atomic_write_bytes
+from privacy import with_reading  # benchmarks/privacy.py, beside this file
 
 
 def main() -> None:
@@ -100,7 +101,8 @@ def main() -> None:
     lines += ["", f"Canaries against correctly labelled test digits instead (the comparison before the fix): AUC "
                   f"{np.mean(old):.3f} (range {min(old):.3f}–{max(old):.3f}) over the same 9 sets."]
     lines += sweep_table(out / "canary_recipe_sweep.json")
-    atomic_write_bytes(out / "membership_before.md", ("\n".join(lines) + "\n").encode())
+    md = out / "membership_before.md"
+    atomic_write_bytes(md, with_reading(md, "\n".join(lines) + "\n").encode())
     plot(target, ref, ref_in, cidx, atyp_pool, nonm, pop, out / "membership_before.png", nonm_wrong)
 
 

@@ -83,7 +83,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.report_only:
         rows = json.loads((Path(args.out) / "privacy.json").read_text())["rows"]
-        atomic_write_bytes(Path(args.out) / "privacy.md", report(rows).encode())
+        md = Path(args.out) / "privacy.md"
+        atomic_write_bytes(md, with_reading(md, report(rows)).encode())
         plot(rows, Path(args.out) / "privacy.png")
         return
     st = load_setting(cache=args.cache, device=args.device)
@@ -143,8 +144,18 @@ def _write(args, st: MembershipSetting, rows: list[dict], retrain_cost: dict) ->
                           "preset": "default", "attack": "rmia", "recipe": st.recipe},
               "retrain_train_seconds": retrain_cost, "rows": rows}
     atomic_write_bytes(out / "privacy.json", json.dumps(result, indent=1).encode())
-    atomic_write_bytes(out / "privacy.md", report(rows).encode())
+    atomic_write_bytes(out / "privacy.md", with_reading(out / "privacy.md", report(rows)).encode())
     plot(rows, out / "privacy.png")
+
+
+READING = "## Reading (written by hand"
+
+
+def with_reading(path: Path, generated: str) -> str:
+    """The generated report followed by the hand-written reading the file already has (a rerun keeps it; it
+    says which numbers it read, so a rerun that moves them needs the reading updated by hand)."""
+    old = path.read_text() if path.exists() else ""
+    return generated if READING not in old else generated + "\n" + old[old.index(READING):]
 
 
 def _bars(r: dict) -> list[str]:

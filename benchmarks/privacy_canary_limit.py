@@ -24,7 +24,7 @@ from daemon.engine.evaluate import accuracy
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.session import UnlearningSession
 from daemon.registry import atomic_write_bytes
-from privacy import PROBE, _attack  # benchmarks/privacy.py, beside this file
+from privacy import PROBE, _attack, with_reading  # benchmarks/privacy.py, beside this file
 
 
 def _round(st: MembershipSetting, members: np.ndarray, goal: str, probe: np.ndarray, seed: int, margin: float = 0.0):
@@ -111,7 +111,8 @@ def main() -> None:
                      f"{100 * r['predicted_at_label']:.0f}% | {r['rmia_auc']:.3f} | {r['lira_auc']:.3f} | "
                      f"{100 * r['acc_test']:.2f} | {'' if r['steps'] is None else r['steps']} | "
                      f"{r['stopped_by'] or ''} | {online} |")
-    atomic_write_bytes(out / "privacy_canary_limit.md", ("\n".join(lines) + "\n").encode())
+    md = out / "privacy_canary_limit.md"
+    atomic_write_bytes(md, with_reading(md, "\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":

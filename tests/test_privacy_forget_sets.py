@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.privacy.forget_sets import make_canaries, margin, most_atypical, relabel
+from daemon.privacy.forget_sets import make_canaries, margin, most_atypical, relabel, with_copies
 
 
 def test_canaries_are_seeded_distinct_and_always_wrong():
@@ -33,3 +33,35 @@ def test_most_atypical_uses_held_out_margins_only():
     assert most_atypical(ref_margins, ref_in, 2, exclude=np.array([3])).tolist() == [0, 1]
     with pytest.raises(ValueError, match="can be ranked"):
         most_atypical(ref_margins, ref_in, 4, exclude=np.array([3]))
+
+
+def test_a_canarys_copies_go_in_and_out_with_it():
+    canaries = np.array([2, 5, 7])
+    # 10 training rows, each canary 3 times: copies at 10 + r * 3 + j
+    assert with_copies(np.array([0, 5, 7]), canaries, 10, 3).tolist() == [0, 5, 7, 11, 12, 14, 15]
+    assert with_copies(np.array([0, 1]), canaries, 10, 3).tolist() == [0, 1]      # no canary, no copy
+    assert with_copies(np.array([5]), canaries, 10, 1).tolist() == [5]           # once: nothing appended
+    # a half and its complement split every canary's copies between them, never one copy each way
+    half = np.array([0, 2, 4, 6, 8])
+    rest = np.setdiff1d(np.arange(10), half)
+    a, b = with_copies(half, canaries, 10, 3), with_copies(rest, canaries, 10, 3)
+    assert np.intersect1d(a, b).size == 0 and np.union1d(a, b).tolist() == list(range(16))
+    with pytest.raises(ValueError, match="repeats"):
+        with_copies(half, canaries, 10, 0)
+    with pytest.raises(ValueError, match="0..9"):
+        with_copies(np.array([10]), canaries, 10, 2)
+
+
+def test_the_settings_training_data_holds_each_canary_repeated_at_its_wrong_label():
+    from daemon.bench.membership import CANARY_REPEATS, training_plan
+    from daemon.data.mnist import load_mnist
+
+    plan = training_plan(canaries=300)
+    n, c = plan.n_train, plan.canaries
+    x, y = plan.train_splits.train_x, plan.train_splits.train_y
+    assert x.shape[0] == n + (CANARY_REPEATS - 1) * 300 == y.shape[0]
+    for r in range(CANARY_REPEATS - 1):
+        rows = n + r * 300 + np.arange(300)
+        assert (y[rows] == plan.splits.train_y[c]).all() and (x[rows] == x[c]).all()
+    assert plan.recipe["canary_repeats"] == CANARY_REPEATS
+    assert (plan.splits.train_y[c] != load_mnist().train_y[c]).all()

@@ -56,3 +56,21 @@ def most_atypical(ref_margins: np.ndarray, ref_in: np.ndarray, count: int,
     if np.isinf(mean[chosen]).any():
         raise ValueError(f"only {int(np.isfinite(mean).sum())} examples can be ranked, asked for {count}")
     return np.sort(chosen)
+
+
+def with_copies(idx: np.ndarray, canaries: np.ndarray, n: int, repeats: int) -> np.ndarray:
+    """Training indices ``idx`` (of ``0..n-1``) plus the extra copies of the canaries among them.
+
+    A canary inserted ``repeats`` times is row ``canaries[j]`` and rows ``n + r * len(canaries) + j``
+    (r = 0..repeats-2) of the training set: the usual way canaries are inserted so that a model memorises
+    them. A reference model's half, or a retrain's exclusion, takes a canary's copies with it, so a model
+    saw all of a canary's copies or none."""
+    idx = np.asarray(idx, np.int64)
+    if repeats < 1:
+        raise ValueError(f"canary repeats must be >= 1, got {repeats}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"training indices must lie in 0..{n - 1}")
+    pos = np.flatnonzero(np.isin(np.asarray(canaries), idx))
+    extra = [n + r * len(canaries) + pos for r in range(repeats - 1)]
+    return np.concatenate([idx, *extra]).astype(np.int64)
+

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.privacy import _attack
+from benchmarks.privacy import _attack, with_reading
 from daemon.bench.amun import AmunSettings, amun_unlearn, nearest_adversarial
-from daemon.bench.membership import MembershipSetting, load_setting
+from daemon.bench.membership import MembershipSetting, forget_sets, load_setting
 from daemon.bench.runner import machine_info
 from daemon.engine.evaluate import accuracy
 from daemon.registry import atomic_write_bytes
@@ -32,21 +32,14 @@ GRID = [(lr, epochs) for lr in (0.01, 0.03, 0.1) for epochs in (5, 10, 20)]
 CAP_PP = {"canary": 0.3, "random": 0.1}        # the issue's test-loss caps for unseen on each set
 
 
-def forget_sets(st: MembershipSetting, k: int, seed: int) -> dict[str, np.ndarray]:
-    """benchmarks/privacy.py's draw, so the rows compare instance for instance."""
-    rng = np.random.default_rng(1000 + seed)
-    n = st.n_train
-    return {"canary": np.sort(rng.choice(st.canaries, k, replace=False)),
-            "random": np.sort(rng.choice(np.setdiff1d(np.arange(n), st.canaries), k, replace=False))}
-
-
-def run(st: MembershipSetting, ks: list[int], seeds: list[int], sets: list[str], out: Path) -> list[dict]:
+def run(st: MembershipSetting, ks: list[int], seeds: list[int], sets: list[str], out: Path,
+        variants: tuple[str, ...] = ("amun",), rows: list[dict] | None = None) -> list[dict]:
     test_x, test_y = st.splits.test_x, st.splits.test_y
     acc_before = accuracy(st.build(st.target_state), test_x, test_y)
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
     for k in ks:
         for seed in seeds:
-            drawn = forget_sets(st, k, seed)
+            drawn = forget_sets(st.canaries, st.n_train, k, seed)
             for name in sets:
                 members = drawn[name]
                 against = st.mislabeled(st.nonmembers) if name == "canary" else st.nonmembers
@@ -57,18 +50,18 @@ def run(st: MembershipSetting, ks: list[int], seeds: list[int], sets: list[str],
                 t0 = time.perf_counter()          # one search per forget set: the grid only tunes the fine-tuning
                 adversarial = nearest_adversarial(st.build(st.target_state), st.x_all[t], st.y_all[t])
                 attack_s = time.perf_counter() - t0
-                for lr, epochs in GRID:
+                for variant, (lr, epochs) in ((v, g) for v in variants for g in GRID):
                     model = st.build(st.target_state)
                     t0 = time.perf_counter()
                     res = amun_unlearn(model, st.x_all[t].clone(), st.y_all[t].clone(),
-                                       AmunSettings(lr=lr, epochs=epochs),
+                                       AmunSettings(lr=lr, epochs=epochs, with_forget_set=variant == "amun"),
                                        generator=torch.Generator().manual_seed(seed), adversarial=adversarial)
                     wall = time.perf_counter() - t0 + attack_s
                     after = _attack(st, model, members, against, seed)
                     with torch.no_grad():
                         acc_forget = float((model(st.x_all[t]).argmax(1) == st.y_all[t]).float().mean())
                     rows.append({
-                        "method": "amun", "goal": None, "lr": lr, "epochs": epochs, "forget_set": name,
+                        "method": variant, "goal": None, "lr": lr, "epochs": epochs, "forget_set": name,
                         "protocol": "single", "k": k, "seed": seed, "round": 1, "attack": "rmia",
                         "auc_before": before["auc"], "auc_after": after["auc"], "auc_retrain": retrain["auc"],
                         "tpr1_after": after["tpr1"], "tpr1_retrain": retrain["tpr1"],
@@ -81,60 +74,72 @@ def run(st: MembershipSetting, ks: list[int], seeds: list[int], sets: list[str],
                         "median_radius": float(res.radius[torch.isfinite(res.radius)].median())
                         if torch.isfinite(res.radius).any() else None})
                     r = rows[-1]
-                    print(f"{name} k={k} seed={seed} lr={lr} ep={epochs}: auc {r['auc_after']:.3f} (retrain "
+                    print(f"{variant} {name} k={k} seed={seed} lr={lr} ep={epochs}: auc {r['auc_after']:.3f} (retrain "
                           f"{r['auc_retrain']:.3f}) test {100 * r['acc_test']:.2f}% {wall:.1f} s", flush=True)
                 write(out, rows)
     return rows
 
 
-def pick(rows: list[dict]) -> dict[tuple[str, int], tuple[float, int]]:
-    """Per (set, k): the grid point closest to retrain's AUC on seed 0 within the test-loss cap (else the least
-    test loss)."""
+def pick(rows: list[dict]) -> dict[tuple[str, str, int], tuple[float, int]]:
+    """Per (variant, set, k): the grid point closest to retrain's AUC on the first seed within the test-loss cap
+    (else the least test loss)."""
     chosen = {}
-    for key in {(r["forget_set"], r["k"]) for r in rows}:
-        cand = [r for r in rows if (r["forget_set"], r["k"]) == key and r["seed"] == min(x["seed"] for x in rows)]
-        ok = [r for r in cand if 100 * (r["acc_test_before"] - r["acc_test"]) <= CAP_PP[key[0]]]
+    first = min(r["seed"] for r in rows)
+    for key in {(r["method"], r["forget_set"], r["k"]) for r in rows}:
+        cand = [r for r in rows if (r["method"], r["forget_set"], r["k"]) == key and r["seed"] == first]
+        ok = [r for r in cand if 100 * (r["acc_test_before"] - r["acc_test"]) <= CAP_PP[key[1]]]
         best = min(ok, key=lambda r: abs(r["auc_after"] - r["auc_retrain"])) if ok else \
             min(cand, key=lambda r: r["acc_test_before"] - r["acc_test"])
         chosen[key] = (best["lr"], best["epochs"])
     return chosen
 
 
+def _key(r: dict) -> tuple[str, str, int]:
+    return r["method"], r["forget_set"], r["k"]
+
+
 def report(rows: list[dict]) -> str:
     chosen = pick(rows)
     lines = ["# AMUN under the same attack (issue 22, part 4)", "",
-             "Written by benchmarks/privacy_amun.py: AMUN without the remaining data (nearest adversarial example "
-             "per forget instance, labelled with the model's prediction; fine-tuning on those and the forget "
-             "instances, SGD momentum 0.9, batch 128), the same forget sets, retrains and RMIA as privacy.md. "
-             f"Grid: lr × epochs = {GRID}; the pick per set and k is made on the first seed (closest AUC to retrain "
-             "within the issue's test-loss cap) and applied unchanged to the others.", "",
-             "| set | k | seed | lr | epochs | AUC before | AUC after | AUC retrain | TPR@1% after / retrain | "
-             "test acc before → after | steps | wall s | flipped | median radius |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["forget_set"], r["k"], r["seed"], r["lr"], r["epochs"])):
-        mark = " **(pick)**" if chosen[(r["forget_set"], r["k"])] == (r["lr"], r["epochs"]) else ""
+             "Written by benchmarks/privacy_amun.py: AMUN without the remaining data (`amun`: the nearest adversarial "
+             "example per forget instance, labelled with the model's prediction there, and fine-tuning on those and "
+             "the forget instances at their training labels; `amun_advonly`: the paper's ablation, the adversarial "
+             "examples alone; SGD momentum 0.9, batch 128), on privacy.md's forget sets, retrains and RMIA. "
+             f"Grid: lr × epochs = {GRID}; the pick per variant, set and k is made on the first seed (closest AUC to "
+             "retrain within the issue's test-loss cap: 0.3 pp on canaries, 0.1 pp on random digits) and applied "
+             "unchanged to the others.", "",
+             "## The pick, over seeds (AUC after − retrain: mean and the largest |difference|)", "",
+             "| variant | set | k | lr | epochs | seeds | AUC before | AUC after − retrain | max abs | "
+             "TPR@1% after − retrain (pt) | test loss pp (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, name, k), (lr, epochs) in sorted(chosen.items()):
+        sel = [r for r in rows if _key(r) == (method, name, k) and (r["lr"], r["epochs"]) == (lr, epochs)]
+        d = [r["auc_after"] - r["auc_retrain"] for r in sel]
+        tpr = np.mean([100 * (r["tpr1_after"] - r["tpr1_retrain"]) for r in sel])
+        loss = np.mean([100 * (r["acc_test_before"] - r["acc_test"]) for r in sel])
+        before = np.mean([r["auc_before"] for r in sel])
+        lines.append(f"| {method} | {name} | {k} | {lr} | {epochs} | {len(sel)} | {before:.3f} | {np.mean(d):+.3f} | "
+                     f"{max(map(abs, d)):.3f} | {tpr:+.1f} | {loss:.2f} |")
+    lines += ["", "## Every grid point", "",
+              "| variant | set | k | seed | lr | epochs | AUC before | AUC after | AUC retrain | TPR@1% after / retrain | "
+              "test acc before → after | steps | wall s | flipped | median radius |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (*_key(r), r["seed"], r["lr"], r["epochs"])):
+        mark = " **(pick)**" if chosen[_key(r)] == (r["lr"], r["epochs"]) else ""
         lines.append(
-            f"| {r['forget_set']} | {r['k']} | {r['seed']} | {r['lr']}{mark} | {r['epochs']} | {r['auc_before']:.3f} | "
-            f"{r['auc_after']:.3f} | {r['auc_retrain']:.3f} | {r['tpr1_after']:.3f} / {r['tpr1_retrain']:.3f} | "
+            f"| {r['method']} | {r['forget_set']} | {r['k']} | {r['seed']} | {r['lr']}{mark} | {r['epochs']} | "
+            f"{r['auc_before']:.3f} | {r['auc_after']:.3f} | {r['auc_retrain']:.3f} | "
+            f"{r['tpr1_after']:.3f} / {r['tpr1_retrain']:.3f} | "
             f"{100 * r['acc_test_before']:.2f} → {100 * r['acc_test']:.2f} | {r['steps']} | {r['wall_s']:.1f} | "
             f"{r['flipped']:.2f} | {'—' if r['median_radius'] is None else round(r['median_radius'], 2)} |")
-    lines += ["", "## The pick, over seeds (AUC after − retrain: mean and the largest |difference|)", "",
-              "| set | k | lr | epochs | seeds | AUC after − retrain | max abs | test loss pp (mean) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for (name, k), (lr, epochs) in sorted(chosen.items()):
-        sel = [r for r in rows if (r["forget_set"], r["k"], r["lr"], r["epochs"]) == (name, k, lr, epochs)]
-        d = [r["auc_after"] - r["auc_retrain"] for r in sel]
-        loss = np.mean([100 * (r["acc_test_before"] - r["acc_test"]) for r in sel])
-        lines.append(f"| {name} | {k} | {lr} | {epochs} | {len(sel)} | {np.mean(d):+.3f} | {max(map(abs, d)):.3f} | "
-                     f"{loss:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def write(out: Path, rows: list[dict]) -> None:
     atomic_write_bytes(out / "privacy_amun.json", json.dumps(
-        {"machine": machine_info("cpu"), "grid": GRID, "picks": {f"{s}-{k}": v for (s, k), v in pick(rows).items()},
-         "rows": rows}, indent=1).encode())
-    atomic_write_bytes(out / "privacy_amun.md", report(rows).encode())
+        {"machine": machine_info("cpu"), "grid": GRID,
+         "picks": {"-".join(map(str, key)): v for key, v in pick(rows).items()}, "rows": rows}, indent=1).encode())
+    atomic_write_bytes(out / "privacy_amun.md", with_reading(out / "privacy_amun.md", report(rows)).encode())
 
 
 def main() -> None:
@@ -145,11 +150,15 @@ def main() -> None:
     ap.add_argument("--cache", default="var/privacy-cache")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="amun,amun_advonly")
+    ap.add_argument("--append", action="store_true", help="keep privacy_amun.json's rows (other variants)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     st = load_setting(cache=args.cache)
+    old = Path(args.out) / "privacy_amun.json"
+    rows = json.loads(old.read_text())["rows"] if args.append and old.exists() else []
     run(st, [int(v) for v in args.ks.split(",")], [int(v) for v in args.seeds.split(",")], args.sets.split(","),
-        Path(args.out))
+        Path(args.out), tuple(args.variants.split(",")), rows)
 
 
 if __name__ == "__main__":

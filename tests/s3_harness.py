@@ -100,3 +100,23 @@ def outage_s3() -> Iterator[RestartableS3]:
         yield ep
     finally:
         ep.stop()
+
+
+def read_bucket(endpoint: S3Endpoint, prefix: str, model: str, scratch) -> tuple[int, list[int]]:  # noqa: ANN001
+    """What a reader of the bucket sees, pulled into a fresh ``scratch`` folder: ``LATEST``'s version (every file's
+    sha256 checked) and every complete (manifest) version, all verified. Asserts there is a LATEST and nothing
+    failed; returns (LATEST, the versions pulled)."""
+    import shutil
+
+    from daemon.registry.mirror import RegistryMirror
+    from daemon.registry.remote import S3Location
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    mirror = RegistryMirror(endpoint.client(), S3Location(endpoint.bucket, prefix), scratch)
+    latest = mirror.latest(model)
+    assert latest is not None
+    assert mirror.pull_latest(model) == latest            # raises on a missing file or a wrong sha256
+    pulled, failed = mirror.pull_all(model)
+    assert not failed, failed
+    assert latest in pulled
+    return latest, pulled

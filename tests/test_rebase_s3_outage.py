@@ -9,7 +9,6 @@ rebase's push and again inside the recovery's loses nothing. Every check reads t
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 from daemon import registry
 from daemon.cli import main
 from daemon.pipeline.ledger import Ledger
-from daemon.registry.mirror import RegistryMirror
 from daemon.registry.remote import S3Location, push_version
 from tests.pipeline_harness import (
     DaemonProcess,
@@ -29,7 +27,7 @@ from tests.pipeline_harness import (
     request,
     write_config,
 )
-from tests.s3_harness import RestartableS3, outage_s3  # noqa: F401 - fixture
+from tests.s3_harness import RestartableS3, outage_s3, read_bucket  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +81,7 @@ def _wait_count(d: DaemonProcess, event: str, n: int, timeout: float) -> list[di
 def _bucket(s3: RestartableS3, scratch: Path) -> tuple[int, dict[int, str]]:
     """What a reader of the bucket sees: LATEST's version (pulled, every file's sha256 checked) and every complete
     (manifest) version pulled and verified, with the round or rebase id that wrote it."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    mirror = RegistryMirror(s3.client(), S3Location(s3.bucket, PREFIX), scratch)
-    latest = mirror.latest(MODEL)
-    assert latest is not None
-    assert mirror.pull_latest(MODEL) == latest            # raises on a missing file or a wrong sha256
-    pulled, failed = mirror.pull_all(MODEL)
-    assert not failed, failed
-    assert latest in pulled
+    latest, pulled = read_bucket(s3, PREFIX, MODEL, scratch)
     return latest, {v: registry.read_manifest(scratch, MODEL, v).get("round_id") for v in pulled}
 
 

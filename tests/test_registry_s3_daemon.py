@@ -13,7 +13,6 @@ import pytest
 
 from daemon import registry
 from daemon.pipeline.failpoints import POINTS, S3_POINTS
-from daemon.registry.mirror import RegistryMirror
 from daemon.registry.remote import S3Location, push_version
 from tests.pipeline_harness import (
     DaemonProcess,
@@ -24,7 +23,7 @@ from tests.pipeline_harness import (
     request,
     write_config,
 )
-from tests.s3_harness import S3Endpoint, moto_endpoint, s3  # noqa: F401 - fixtures
+from tests.s3_harness import S3Endpoint, moto_endpoint, read_bucket, s3  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 MODEL = "mnist-cnn"
@@ -33,14 +32,7 @@ MODEL = "mnist-cnn"
 def _visible(s3: S3Endpoint, prefix: str, scratch) -> tuple[int, list[str]]:
     """What a reader of the bucket sees: LATEST's version, pulled and hash-verified into a fresh folder, and
     every complete (manifest) version's request ids."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    mirror = RegistryMirror(s3.client(), S3Location(s3.bucket, prefix), scratch)
-    latest = mirror.latest(MODEL)
-    assert latest is not None
-    assert mirror.pull_latest(MODEL) == latest            # raises on a missing file or a wrong sha256
-    pulled, failed = mirror.pull_all(MODEL)
-    assert not failed, failed
-    assert max(pulled) >= latest
+    latest, pulled = read_bucket(s3, prefix, MODEL, scratch)
     ids = [rid for v in pulled for rid in registry.read_manifest(scratch, MODEL, v).get("request_ids", [])]
     return latest, ids
 

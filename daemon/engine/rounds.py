@@ -31,7 +31,8 @@ from daemon.engine.heads import find_head
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.protection import protection_report
 from daemon.engine.subspace import SubspaceMemory
-from daemon.engine.unseen import HeldOutReference, MembershipEvidence, confidence_score
+from daemon.engine.unseen import (HeldOutReference, MembershipEvidence, ModelReference, confidence_score,
+                                  toward_reference_loss)
 
 if TYPE_CHECKING:
     from daemon.engine.subspace import _UpdateProjector
@@ -243,16 +244,27 @@ class _Membership:
     """The ``unseen`` goal's check (``daemon.engine.unseen``) over one round, and the evidence it leaves.
 
     The instances' scores come from the logits the loop computes anyway; the probe set is re-scored every
-    ``config.unseen_refresh`` steps, before any stop it would allow, and once more at the end for the receipt."""
+    ``config.unseen_refresh`` steps, before any stop it would allow, and once more at the end for the receipt.
+    With reference models' scores (``per_example``) the check replaces the zero rule: the round pushes each
+    instance to its own target (:func:`toward_reference_loss`) and stops on the check alone."""
 
     def __init__(self, work: nn.Module, request: ForgetRequest, config: UnlearnConfig,
-                 heldout: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> None:
+                 heldout: tuple[torch.Tensor, torch.Tensor] | None, num_classes: int,
+                 out_scores: torch.Tensor | None = None) -> None:
         t0 = time.perf_counter()
         self.labels = request.labels.cpu()
         self.margin, self.refresh_every = config.unseen_margin, config.unseen_refresh
         self.stops = config.stop == "unseen"
-        n = config.unseen_reference
-        self.ref = HeldOutReference(heldout[0][:n], heldout[1][:n], num_classes).refresh(work)
+        self.per_example = out_scores is not None
+        if out_scores is not None:
+            if out_scores.shape[0] != request.x.shape[0]:
+                raise ValueError(f"reference scores for {out_scores.shape[0]} instances, the request has "
+                                 f"{request.x.shape[0]}")
+            self.ref: HeldOutReference | ModelReference = ModelReference(out_scores)
+        else:
+            assert heldout is not None
+            n = config.unseen_reference
+            self.ref = HeldOutReference(heldout[0][:n], heldout[1][:n], num_classes).refresh(work)
         self.fresh_at: int | None = 0          # the step whose weights the reference was last scored under
         with eval_mode(work):
             scores = confidence_score(work(request.x.to(next(work.parameters()).device)), self.labels)
@@ -268,7 +280,7 @@ class _Membership:
         """Whether the instances (their logits under the weights ``step`` left) now look held-out."""
         t0 = time.perf_counter()
         scores = confidence_score(logits_req, self.labels)
-        fresh = step % self.refresh_every == 0
+        fresh = self.per_example or step % self.refresh_every == 0
         if fresh:
             self.ref.refresh(work)
             self.fresh_at = step
@@ -310,6 +322,8 @@ class _Loop:
         self.prep, self.params, self.opt, self.projector = prep, params, opt, projector
         self.track, self.track_every, self.progress = track, track_every, progress
         self.membership = membership if membership is not None and membership.stops else None
+        # with reference models the goal is each instance's own score, not the zero rule (the membership check stops)
+        self.zero_rule = self.membership is None or not self.membership.per_example
         self.stopped_by: str | None = None
         self.n_req = request.x.shape[0]
         self.acc = acc0
@@ -335,6 +349,11 @@ class _Loop:
         config, kind = self.config, self.kind
         self.acc = _accuracy_of(logits_eval[:self.n_req].argmax(1).cpu(), self.request, kind)
         still = kind.still_active(logits_eval, self.prep.labels, self.prep.towards, config)
+        if not self.zero_rule:      # still above its own target: the instances the push has not brought down yet
+            assert self.membership is not None and isinstance(self.membership.ref, ModelReference)
+            still = torch.zeros_like(still)
+            still[:self.n_req] = (confidence_score(logits_eval[:self.n_req], self.prep.labels[:self.n_req])
+                                  > self.membership.ref.targets()).to(still.device)
         if config.forget_boost > 1.0:
             self.inst_w = torch.where(still, self.inst_w * config.forget_boost, self.inst_w)
         if self.tracking and self.steps % self.track_every == 0:
@@ -343,8 +362,8 @@ class _Loop:
             self.progress(self.steps, config.max_steps, self.acc)
         if self.steps % config.check_every == 0 and not _finite(self.work):
             return "diverged", f"non-finite weights at step {self.steps}"
-        if kind.stop_reached(self.acc, config) and not (kind.stops_on_margin(config)
-                                                        and bool(still[:self.n_req].any())):
+        if self.zero_rule and kind.stop_reached(self.acc, config) and not (kind.stops_on_margin(config)
+                                                                           and bool(still[:self.n_req].any())):
             self.stopped_by = "goal"
             return kind.success, None
         # unseen: the instances look held-out; checked every step, so the round never pushes past it
@@ -361,9 +380,15 @@ class _Loop:
                 active = self.kind.still_active(logits_f, prep.labels, prep.towards, config)
         else:
             active = torch.ones_like(prep.labels, dtype=torch.bool)
-        loss_f = self.method.forget_loss(logits_f, prep.labels, prep.towards, active, config,
-                                         self.inst_w if config.forget_boost > 1.0 else None,
-                                         margin=self.kind.forget_margin(config))
+        if self.zero_rule:
+            loss_f = self.method.forget_loss(logits_f, prep.labels, prep.towards, active, config,
+                                             self.inst_w if config.forget_boost > 1.0 else None,
+                                             margin=self.kind.forget_margin(config))
+        else:
+            assert self.membership is not None and isinstance(self.membership.ref, ModelReference)
+            loss_f = toward_reference_loss(logits_f[:self.n_req], prep.labels[:self.n_req],
+                                           self.membership.ref.targets(),
+                                           self.inst_w[:self.n_req] if config.forget_boost > 1.0 else None)
         loss = loss_f
         held = prep.held.loss(work, self.steps)
         if held is not None:
@@ -462,6 +487,7 @@ def run_round(
     should_abort: Callable[[], bool] | None = None,
     head: str | None = None,
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference_scores: torch.Tensor | None = None,
 ) -> RoundResult:
     """Unlearn ``request`` from a copy of ``model`` with ``method``; never touches ``model`` itself.
 
@@ -476,6 +502,9 @@ def run_round(
     scoped to its row (None: found by output width, ``daemon.engine.heads``). ``heldout``: labelled examples
     the model never trained on (the daemon's probe set): a ``forget`` round then reports its instances'
     membership against them (``RoundResult.membership``), and ``config.stop`` "unseen" stops on it.
+    ``reference_scores``: the instances' scores under reference models that never trained on them
+    ([instances, models], NaN where one did; ``daemon.engine.unseen.ModelReference``): the per-example check,
+    used instead of ``heldout``'s; with ``stop`` "unseen" the round then goes past the zero rule when they say so.
 
     BatchNorm: every forward of the round runs on the copy, in eval mode unless ``config.bn_train`` (the
     ``paper`` preset, as L2UL's code: its training forwards then update the copy's running statistics,
@@ -489,15 +518,17 @@ def run_round(
         raise ValueError(f"{method.name} needs importance weights")
     request.validate(num_classes=num_classes, input_shape=tuple(request.x.shape[1:]))
     kind = get_kind(request.kind)
-    measured = kind.chooses_goal and heldout is not None
+    measured = kind.chooses_goal and (heldout is not None or reference_scores is not None)
     if config.stop == "unseen" and not measured:
-        raise ValueError("stop 'unseen' is for forget rounds given a held-out reference (the probe set)")
+        raise ValueError("stop 'unseen' is for forget rounds given a held-out reference (the probe set or "
+                         "reference models' scores)")
     weights = importance.round_weights(model, request.x, train=config.bn_train) if method.uses_importance else None
     wall0 = time.perf_counter()
     work = copy.deepcopy(model)
     acc0, pred_before = _forget_accuracy(work, request, kind)
-    membership = _Membership(work, request, config, heldout, num_classes) if measured else None
-    satisfied = kind.stop_reached(acc0, config)
+    membership = _Membership(work, request, config, heldout, num_classes, reference_scores) if measured else None
+    per_example_goal = membership is not None and membership.stops and membership.per_example
+    satisfied = kind.stop_reached(acc0, config) and not per_example_goal
     stopped_by = "goal" if satisfied else None
     if not satisfied and membership is not None and membership.stops and membership.reached():
         satisfied, stopped_by = True, "already_unseen"   # nothing to forget: the round takes no step
@@ -525,6 +556,10 @@ def run_round(
     if outcome is None:
         outcome = "budget_exhausted"
         reason = f"forget accuracy {loop.acc:.3f} after the step budget of {config.max_steps}"
+        if per_example_goal:
+            assert membership is not None
+            reason = (f"membership {membership.auc:.3f} above {0.5 + membership.margin:.3f} after the step budget "
+                      f"of {config.max_steps}")
     outcome, reason = _health(work, request, kind, config, outcome, reason, loop.steps, prep.sentinel, share_before)
     if loop.tracking and (not loop.trajectory or loop.trajectory[-1].step != loop.steps):
         loop.record(loop.steps, loop.acc)

@@ -139,12 +139,14 @@ class UnlearningSession:
         should_abort: Callable[[], bool] | None = None,
         commit: bool = True,
         heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        reference_scores: torch.Tensor | None = None,
     ) -> tuple[RoundResult, dict[str, torch.Tensor] | None]:
         """Run one round; on success (and ``commit``) the live model and the importance move on.
 
         Returns the result and the accumulated importance the round used (None for methods without
         importance). ``heldout``: labelled data the model never trained on (the daemon's probe set), the
-        reference of the round's membership check (``daemon.engine.unseen``). With ``commit=False`` the caller applies it later with :meth:`commit`, e.g.
+        reference of the round's membership check (``daemon.engine.unseen``); ``reference_scores``: the
+        instances' scores under reference models that never trained on them, the per-example check used instead. With ``commit=False`` the caller applies it later with :meth:`commit`, e.g.
         after a retention gate.
         """
         config = config or PRESETS["default"]
@@ -158,7 +160,7 @@ class UnlearningSession:
                            importance=self.importance_plugin, memory=self.memory, reference=reference,
                            sentinel=sentinel, track=track,
                            track_every=track_every, progress=progress, should_abort=should_abort,
-                           head=self.head, heldout=heldout)
+                           head=self.head, heldout=heldout, reference_scores=reference_scores)
         self._pending = None
         if result.succeeded and self.memory.enabled and get_kind(request.kind).instance_scoped:
             t0 = time.perf_counter()

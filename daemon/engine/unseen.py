@@ -10,11 +10,19 @@ population), pooled over the instances into one AUC: the chance that an instance
 example of its class. 0.5: indistinguishable; above: still member-like (under-forgotten); below: less
 member-like than held-out data (over-forgotten).
 
-What it is not: a strong attack. It has no reference models, so an instance that is hard for any model
-(atypical, or mislabeled: its held-out twin is *misclassified* as its label) is judged against typical
-held-out examples of its label; the offline attack (``daemon.privacy``, ``unlearnd audit``) is the strong
-check. Cheap by design: the instances' scores come from the round's own forward pass, and the probe's are
-refreshed every ``unseen_refresh`` steps (one forward over the probe set).
+What the probe check is not: a strong attack. It has no reference models, so an instance that is hard for
+any model (atypical, or mislabeled: its held-out twin is *misclassified* as its label) is judged against
+typical held-out examples of its label: a memorised mislabeled record scores *below* them and the check calls
+it forgotten before any step (benchmarks/results/privacy_canary_limit.md). Cheap by design: the instances'
+scores come from the round's own forward pass, and the probe's are refreshed every ``unseen_refresh`` steps.
+
+:class:`ModelReference` is the per-example check for operators who keep reference models (the same recipe on
+data without the instance, e.g. random halves of the training set, as RMIA's and LiRA's shadows): each
+instance is placed against the scores those models give *it* (LiRA offline, one Gaussian per instance with a
+pooled spread), so a record the model memorised against its label is called member-like however atypical it
+is, and the round pushes each instance's score down to what a model that never saw it gives, not to the
+zero rule and not past it (:func:`toward_reference_loss`). The references do not move with the round: their
+scores are computed once, before it (one forward of each reference over the round's instances).
 """
 
 from __future__ import annotations
@@ -30,19 +38,38 @@ from torch import nn
 from daemon.engine.evaluate import logits as model_logits
 from daemon.privacy.metrics import hanley_mcneil_ci
 
-__all__ = ["SCORE", "HeldOutReference", "MembershipEvidence", "confidence_score", "verdict"]
+__all__ = ["SCORE", "SCORE_MODELS", "HeldOutReference", "MembershipEvidence", "ModelReference", "confidence_score",
+           "logit_confidence", "toward_reference_loss", "verdict"]
 
 #: how receipts name the score (and its reference) they report
 SCORE = "lira_logit_confidence_per_class_vs_probe"
+SCORE_MODELS = "lira_offline_per_example_vs_reference_models"
+#: the smallest spread the per-example Gaussian may have (logit-scaled confidence units): with two or three
+#: references the sample spread can be near 0 and would turn any difference into certainty
+MIN_SIGMA = 0.25
+
+
+def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``z_y − logsumexp_{j≠y} z_j`` per row, differentiable (the ``unseen`` loss pushes it down)."""
+    lab = labels.view(-1, 1).to(logits.device)
+    z_y = logits.gather(1, lab).squeeze(1)
+    rest = logits.scatter(1, lab, float("-inf")).logsumexp(1)
+    return z_y - rest
 
 
 def confidence_score(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """LiRA's logit-scaled confidence per row: ``z_y − logsumexp_{j≠y} z_j`` (high: member-like)."""
-    z = logits.detach().float()
-    lab = labels.view(-1, 1).to(z.device)
-    z_y = z.gather(1, lab).squeeze(1)
-    rest = z.scatter(1, lab, float("-inf")).logsumexp(1)
-    return (z_y - rest).cpu()
+    return logit_confidence(logits.detach().float(), labels).cpu()
+
+
+def toward_reference_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``unseen`` forget term with reference models: each instance's confidence is pushed down to its target
+    (what models that never saw it give it) and no further — ``relu(c_i − t_i)``, averaged over all instances."""
+    per = torch.relu(logit_confidence(logits, labels) - targets.to(logits.device, logits.dtype))
+    if weights is not None:
+        per = per * weights
+    return per.sum() / logits.shape[0]
 
 
 def verdict(auc: float, margin: float) -> str:
@@ -66,9 +93,10 @@ class MembershipEvidence:
     n_reference: int
     auc_before: float | None = None
     score: str = SCORE
+    reference: str = "probe"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "reference": "probe", "auc": round(self.auc, 4),
+        return {"score": self.score, "reference": self.reference, "auc": round(self.auc, 4),
                 "auc_ci95": [round(self.ci[0], 4), round(self.ci[1], 4)], "verdict": self.verdict,
                 "margin": self.margin, "instances": self.n_instances, "reference_size": self.n_reference,
                 "auc_before": None if self.auc_before is None else round(self.auc_before, 4)}
@@ -114,3 +142,59 @@ class HeldOutReference:
         ci = hanley_mcneil_ci(a, int(scores.numel()), int(self.all.size))
         return MembershipEvidence(a, ci, verdict(a, margin), margin, int(scores.numel()), int(self.all.size),
                                   auc_before)
+
+
+class ModelReference:
+    """Each instance against its own scores under reference models that never trained on it (LiRA offline).
+
+    ``out_scores[i, j]``: instance i's logit-scaled confidence at its label under reference model j, NaN where
+    model j trained on instance i. Instance i's statistic is ``Φ((s_i − μ_i) / σ)``: the chance its score under
+    the live model exceeds a never-saw-it model's (μ_i the mean of its finite reference scores, σ one spread
+    pooled over the round's instances, as LiRA's fixed-variance variant does with few references, floored at
+    :data:`MIN_SIGMA`). Their mean is read like the probe check's AUC: 0.5 indistinguishable, above
+    member-like, below over-forgotten."""
+
+    def __init__(self, out_scores: torch.Tensor) -> None:
+        s = torch.as_tensor(out_scores).double().cpu()
+        if s.ndim != 2 or s.shape[1] == 0:
+            raise ValueError("reference scores must be [instances, reference models] with at least one model")
+        finite = torch.isfinite(s)
+        counts = finite.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"instances {torch.nonzero(counts == 0).flatten().tolist()} have no reference model "
+                             "that did not train on them")
+        filled = torch.where(finite, s, torch.zeros_like(s))
+        self.mu = filled.sum(1) / counts
+        dev = torch.where(finite, s - self.mu[:, None], torch.zeros_like(s))
+        several = counts >= 2
+        if bool(several.any()):
+            var = (dev[several] ** 2).sum(1) / (counts[several] - 1)
+            sigma = float(var.mean().sqrt())
+        else:
+            sigma = 1.0
+        self.sigma = max(sigma, MIN_SIGMA)
+        self.n_reference = int(s.shape[1])
+        self.seconds = 0.0            # the references' scores were computed by the caller, before the round
+
+    def refresh(self, model: nn.Module) -> ModelReference:
+        """Nothing to redo: the reference models do not move with the round."""
+        return self
+
+    def targets(self) -> torch.Tensor:
+        """Each instance's score under models that never saw it: where the ``unseen`` loss pushes it, no further."""
+        return self.mu.float()
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.special.ndtr((scores.double().cpu() - self.mu) / self.sigma)
+
+    def auc(self, scores: torch.Tensor, labels: torch.Tensor) -> float:
+        """The mean over instances of ``Φ((s_i − μ_i) / σ)`` (``labels`` are implied by the reference scores)."""
+        return float(self.probabilities(scores).mean())
+
+    def evidence(self, scores: torch.Tensor, labels: torch.Tensor, margin: float,
+                 auc_before: float | None = None) -> MembershipEvidence:
+        """The statistic with a Hanley–McNeil interval (instances against reference models) and its verdict."""
+        a = self.auc(scores, labels)
+        ci = hanley_mcneil_ci(a, int(scores.numel()), self.n_reference)
+        return MembershipEvidence(a, ci, verdict(a, margin), margin, int(scores.numel()), self.n_reference,
+                                  auc_before, score=SCORE_MODELS, reference="models")

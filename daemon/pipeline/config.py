@@ -327,6 +327,13 @@ class ModelSection:
     goal: str = _opt("misclassify", "what a forget request asks when it names no goal (contract §2): misclassify "
                                     "(the zero rule) or unseen (stop once its instances look like the probe set's "
                                     "held-out data; docs/operations.md, membership evidence)", choices=GOALS)
+    references: str = _opt("", "a folder of reference models for the membership check (docs/operations.md): "
+                               "state dicts of this model's architecture trained without the instances (e.g. "
+                               "on random halves of the training set), each <name>.safetensors with an optional "
+                               "<name>.idx.npy of the references_source indices it trained on; empty: the probe "
+                               "check")
+    references_source: str = _opt("", "the source the references' .idx.npy files number (one of the model's, "
+                                      "e.g. mnist-train)")
     head: str = _opt("", "the classifier head, as the model's own named_modules() names it (e.g. heads.head); "
                          "must agree with the one unlearnd import recorded (empty: that one, else found by "
                          "output width)")
@@ -564,6 +571,9 @@ def _check_model_sources(i: int, m: ModelSection) -> None:
         raise ConfigError(f"models[{i}].probe", f"names source {source!r}, not one of this model's "
                                                 f"({', '.join(names)})")
     _check_rebase(i, m, names)
+    if m.references_source and m.references_source not in names:
+        raise ConfigError(f"models[{i}].references_source", f"unknown source {m.references_source!r}, not one "
+                                                            f"of this model's ({', '.join(names)})")
     if m.pretrain_epochs and not any(s.kind == "builtin" for s in m.source_sections()):
         raise ConfigError(f"models[{i}].pretrain_epochs", "pretraining needs a built-in dataset "
                                                           "(set dataset); import or publish the model instead")

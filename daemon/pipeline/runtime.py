@@ -38,6 +38,7 @@ from daemon.pipeline.codec import ModelSpec
 from daemon.pipeline.config import ModelSection, RoundsSection, parse_probe, parse_rebase_source
 from daemon.pipeline.pending import PendingRequest
 from daemon.pipeline.receipts import RoundMetrics
+from daemon.pipeline.references import ReferenceModels, ReferencesError, load_references
 
 __all__ = ["Candidate", "ModelRuntime", "RuntimeError_", "open_sources"]
 
@@ -119,6 +120,7 @@ class ModelRuntime:
         self.probe_y = self.sources[source].labels[start:end].clone()
         self.probe_x = torch.empty(0)            # read by reload(), once the model's input shape is known
         self.live: model_store.LiveModel | None = None
+        self.references: ReferenceModels | None = None      # the operator's reference models (reload())
         self.intake_model: nn.Module | None = None
         self.original_probe_pred: torch.Tensor | None = None
         self.current_probe_pred: torch.Tensor | None = None
@@ -213,6 +215,14 @@ class ModelRuntime:
                         detail="this version's continual state was written unsealed; the next version is sealed "
                                "(older versions keep theirs until pruned: registry.keep_versions)")
         self._check_sources(live.input_shape)
+        if self.section.references and self.references is None:
+            try:
+                self.references = load_references(self.section.references, live.model,
+                                                  self.section.references_source)
+            except ReferencesError as exc:
+                raise RuntimeError_(f"models.{self.name}.references: {exc}") from None
+            log.info("references_loaded", model=self.name, references=len(self.references.models),
+                     with_training_indices=sum(t is not None for t in self.references.trained_on))
         self._adopt(live, _forgotten_classes(live.info.manifest))
 
     def sibling(self, live: model_store.LiveModel, forgotten_classes: frozenset[int]) -> ModelRuntime:
@@ -220,6 +230,7 @@ class ModelRuntime:
         session, on which the requests applied while it trained are re-applied before anything is published."""
         other = ModelRuntime(self.section, self.registry_dir, self.rounds, self.sources, self.splits, keys=self.keys)
         other.probe_x = self.probe_x
+        other.references = self.references
         other._adopt(live, forgotten_classes)
         return other
 
@@ -341,6 +352,14 @@ class ModelRuntime:
         mask = self.retained_mask()
         return (self.probe_x[mask], self.probe_y[mask]) if bool(mask.any()) else None
 
+    def reference_scores(self, batch: Sequence[PendingRequest], request: ForgetRequest) -> torch.Tensor | None:
+        """The instances' scores under the operator's reference models (None: none configured, or a kind whose
+        goal is its own): the membership check then judges each instance by them, not by the probe."""
+        if self.references is None or not get_kind(request.kind).chooses_goal:
+            return None
+        refs = [inst.ref for p in batch for inst in p.decoded.instances]
+        return self.references.scores(request.x, request.labels, refs, self.sources)
+
     def run_round(self, batch: Sequence[PendingRequest], should_abort: Callable[[], bool]) -> Candidate:
         """Run the engine on a copy of the live state (nothing is adopted) and gate the result on retention."""
         live = self._loaded()
@@ -349,7 +368,8 @@ class ModelRuntime:
         config = self.round_config(request.kind, self.goal(batch) if heldout is not None else None)
         result, importance = live.session.run_round(request, method=self.rounds.method, config=config,
                                                     sentinel=self.probe_x, should_abort=should_abort, commit=False,
-                                                    heldout=heldout)
+                                                    heldout=heldout, reference_scores=self.reference_scores(batch,
+                                                                                                            request))
         requests = tuple(batch)
         if not result.succeeded:
             reason = f"{result.outcome}" + (f": {result.reason}" if result.reason else "")

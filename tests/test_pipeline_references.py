@@ -119,6 +119,10 @@ def test_a_folder_that_cannot_be_used_stops_the_start_naming_the_setting(reg, tm
     np.save(bad_idx / "ref-0.idx.npy", np.array([0.5, 1.5]))
     with pytest.raises(RuntimeError_, match="1-d array of integer indices"):
         _runtime(reg, bad_idx)
+    backbone = tmp_path / "backbone"                             # the operator's own module's keys, as import takes
+    backbone.mkdir()
+    save_file({k: v.contiguous() for k, v in live.live.model[1].state_dict().items()}, str(backbone / "b.safetensors"))
+    assert len(load_references(backbone, live.live.model).models) == 1
     no_source = _folder(tmp_path / "no-source", live.live.model, scales=(1.0,), trained_on=[[1]])
     with pytest.raises(ReferencesError, match="need references_source"):
         load_references(no_source, live.live.model, "")

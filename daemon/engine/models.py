@@ -167,16 +167,16 @@ def classifier_module_name(backbone_name: str) -> str:
     Operators name their layers (the ``head`` setting) as their own module's ``named_modules()`` does; the
     engine sees the ``Sequential(normalize, backbone)`` that :func:`build_classifier` returns.
     """
-    return f"{_BACKBONE}.{backbone_name}"
+    return f"{BACKBONE}.{backbone_name}"
 
 
 def backbone_module_name(classifier_name: str) -> str | None:
     """The inverse of :func:`classifier_module_name` (None: ``classifier_name`` is not in the backbone)."""
-    prefix = f"{_BACKBONE}."
+    prefix = f"{BACKBONE}."
     return classifier_name[len(prefix):] if classifier_name.startswith(prefix) else None
 
 
-_BACKBONE = "1"     # build_classifier's Sequential(normalize, backbone): the backbone's index
+BACKBONE = "1"     # build_classifier's Sequential(normalize, backbone): the backbone's index
 
 
 def build_model(arch: str, *, num_classes: int, input_shape: tuple[int, int, int],

@@ -28,6 +28,7 @@ from torch import nn
 
 from daemon.data.sources import RefError, Source, locate_ref
 from daemon.engine.evaluate import logits as model_logits
+from daemon.engine.models import BACKBONE
 from daemon.engine.unseen import confidence_score
 
 __all__ = ["ReferenceModels", "ReferencesError", "load_references"]
@@ -74,9 +75,19 @@ class ReferenceModels:
         return index if name == self.source else None
 
 
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Strictly, as the registry holds the model (``Sequential(normalize, backbone)``: ``model.safetensors``), or
+    as ``unlearnd import`` takes weights (the operator's own module: the backbone, the normalisation kept)."""
+    wrapped = isinstance(model, nn.Sequential) and len(model) == 2
+    if wrapped and not any(k.startswith(f"{BACKBONE}.") for k in state):
+        model[int(BACKBONE)].load_state_dict(state, strict=True)
+    else:
+        model.load_state_dict(state, strict=True)
+
+
 def load_references(folder: str | Path, like: nn.Module, source: str = "") -> ReferenceModels:
     """Every ``*.safetensors`` / ``*.pt`` state dict in ``folder`` loaded strictly into a copy of ``like`` (the live
-    model: the same architecture, normalisation included); ReferencesError naming the file that does not fit."""
+    model: the same architecture); ReferencesError naming the file that does not fit."""
     from daemon.registry.importer import ImportRejected, load_weights
 
     root = Path(folder)
@@ -90,7 +101,7 @@ def load_references(folder: str | Path, like: nn.Module, source: str = "") -> Re
         try:
             state = load_weights(path)
             model = copy.deepcopy(like)
-            model.load_state_dict(state, strict=True)
+            _load_state(model, state)
         except (ImportRejected, RuntimeError) as exc:
             raise ReferencesError(f"references {path}: not a state dict of this model's architecture: "
                                   f"{str(exc).splitlines()[0]}") from exc

@@ -8,6 +8,11 @@ held-out digits), k and seed, one daemon round (``UnlearningSession`` with the d
 preset ``default``, the probe set as the held-out reference, 2000 test digits outside the attack's non-members)
 per goal, and the recipe retrained without the forget set (cached). Rows carry the issue's fields.
 
+Goal ``unseen@models`` is ``unseen`` with the per-example check (``daemon.engine.unseen.ModelReference``): each
+instance against its scores under the daemon's own reference models (DAEMON_REFS more models of the same recipe
+on random halves, seeds after the attack's, so the check and the attack that grades it share no model), only
+those that did not train on it. Its rows say ``"goal": "unseen", "reference": "models"``.
+
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/privacy.py [--ks 16,64] [--seeds 0]``; writes
 benchmarks/results/privacy.{json,md,png}.
 """
@@ -27,11 +32,33 @@ from daemon.engine.config import preset
 from daemon.engine.evaluate import accuracy
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.session import UnlearningSession
+from daemon.engine.unseen import confidence_score
+from daemon.pipeline.references import out_of_sample
 from daemon.privacy.attack import lira_offline_scores, membership_report
 from daemon.privacy.metrics import auc
 from daemon.registry import atomic_write_bytes
 
 PROBE = 2000
+#: the daemon's reference models for ``unseen@models`` (the operator's, apart from the attack's 8)
+DAEMON_REFS = 4
+
+
+def label(r: dict) -> str:
+    """A row's goal as the report names it: ``unseen (models)`` for the per-example check."""
+    return r["goal"] + (" (models)" if r.get("reference") == "models" else "")
+
+
+def daemon_reference_scores(st: MembershipSetting, members: np.ndarray) -> torch.Tensor:
+    """The members' logit-scaled confidence under the daemon's reference models, NaN where one trained on them
+    (as the daemon masks them: ``daemon.pipeline.references.out_of_sample``)."""
+    refs = st.plan.references(st.cache, st.ref.shape[0] + DAEMON_REFS)
+    t = torch.from_numpy(members)
+    x, y = st.x_all[t], st.y_all[t]
+    own = range(st.ref.shape[0], len(refs.states))
+    with torch.no_grad():
+        scores = torch.stack([confidence_score(st.build(refs.states[j])(x), y).double() for j in own], dim=1)
+    saw = torch.stack([torch.from_numpy(refs.in_mask[j][members]) for j in own], dim=1)
+    return out_of_sample(scores, saw)
 
 
 def _attack(st: MembershipSetting, model: torch.nn.Module | None, members: np.ndarray, against: np.ndarray,
@@ -56,13 +83,16 @@ def one_round(st: MembershipSetting, members: np.ndarray, goal: str, seed: int) 
     model = st.build(st.target_state)
     session = UnlearningSession(model, num_classes=10, seed=seed)
     config = preset("default", "adv_imp", "forget")
+    goal, _, reference = goal.partition("@")
+    scores = daemon_reference_scores(st, members) if reference == "models" else None
     if goal == "unseen":
         config = config.with_overrides(stop="unseen")
     t = torch.from_numpy(members)
     request = ForgetRequest("forget", st.x_all[t].clone(), st.y_all[t].clone())
     probe = torch.from_numpy(st.population[:PROBE])
     px, py = st.x_all[probe], st.y_all[probe]
-    result, _ = session.run_round(request, method="adv_imp", config=config, sentinel=px, heldout=(px, py))
+    result, _ = session.run_round(request, method="adv_imp", config=config, sentinel=px, heldout=(px, py),
+                                  reference_scores=scores)
     return result, session.model
 
 
@@ -71,7 +101,7 @@ def main() -> None:
     ap.add_argument("--ks", default="16,64")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--sets", default="canary,random")
-    ap.add_argument("--goals", default="unseen,misclassify")
+    ap.add_argument("--goals", default="unseen,unseen@models,misclassify")
     ap.add_argument("--cache", default="var/privacy-cache")
     ap.add_argument("--out", default="benchmarks/results")
     # 1 on a CPU other jobs load: a second intra-op thread spin-waiting for a busy core made training ~20x slower
@@ -115,7 +145,8 @@ def main() -> None:
                     result, after_model = one_round(st, members, goal, seed)
                     after = _attack(st, after_model, members, against, seed)
                     ev = result.membership
-                    row = {"goal": goal, "forget_set": name, "protocol": "single", "k": k, "seed": seed, "round": 1,
+                    row = {"goal": goal.partition("@")[0], "reference": goal.partition("@")[2] or "probe",
+                           "forget_set": name, "protocol": "single", "k": k, "seed": seed, "round": 1,
                            "attack": "rmia", "references": int(st.ref.shape[0]),
                            "auc_before": before["auc"], "auc_after": after["auc"], "auc_retrain": retrain["auc"],
                            "auc_after_ci": after["auc_ci_hm"], "auc_retrain_ci": retrain["auc_ci_hm"],
@@ -141,7 +172,8 @@ def _write(args, st: MembershipSetting, rows: list[dict], retrain_cost: dict) ->
     result = {"setting": {"references": int(st.ref.shape[0]), "reference_train_seconds": st.refs.train_seconds,
                           "canaries": int(st.canaries.size), "nonmembers": int(st.nonmembers.size),
                           "population": int(st.population.size), "probe": PROBE, "method": "adv_imp",
-                          "preset": "default", "attack": "rmia", "recipe": st.recipe},
+                          "preset": "default", "attack": "rmia", "recipe": st.recipe,
+                          "daemon_references": DAEMON_REFS},
               "retrain_train_seconds": retrain_cost, "rows": rows}
     atomic_write_bytes(out / "privacy.json", json.dumps(result, indent=1).encode())
     atomic_write_bytes(out / "privacy.md", with_reading(out / "privacy.md", report(rows)).encode())
@@ -179,13 +211,15 @@ def report(rows: list[dict]) -> str:
              "membership_before.md); RMIA with 8 reference models on random halves; "
              "one daemon round (adv_imp, preset default, probe = 2000 held-out test digits of which the online check "
              "scores the first 1000) per row; retrain = the same recipe without the forget set (a canary's copies with it; same seed). Canaries are compared with held-out digits mislabeled the same way. "
+             "`unseen (models)`: the per-example check against the daemon's own 4 reference models (same recipe, other "
+             "random halves, none of the attack's), each instance only against those that did not train on it. "
              "Generated by benchmarks/privacy.py.", "",
              "| goal | set | k | seed | AUC before | AUC after | AUC retrain | TPR@1% after / retrain | LiRA AUC before → "
              "after (retrain) | test acc before → after (retrain) | steps | wall s | check s | online AUC → verdict | "
              "stopped by |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['goal']} | {r['forget_set']} | {r['k']} | {r['seed']} | {r['auc_before']:.3f} | {r['auc_after']:.3f} "
+            f"| {label(r)} | {r['forget_set']} | {r['k']} | {r['seed']} | {r['auc_before']:.3f} | {r['auc_after']:.3f} "
             f"| {r['auc_retrain']:.3f} | {r['tpr1_after']:.3f} / {r['tpr1_retrain']:.3f} | "
             f"{r.get('lira_auc_before', float('nan')):.3f} → {r.get('lira_auc_after', float('nan')):.3f} "
             f"({r.get('lira_auc_retrain', float('nan')):.3f}) | "
@@ -197,8 +231,9 @@ def report(rows: list[dict]) -> str:
               "steps (mean) | check share of the round (mean, max) |", "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["goal"], r["forget_set"], r["k"]), []).append(r)
-    for (goal, name, k), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "unseen", kv[0][1], kv[0][2])):
+        groups.setdefault((label(r), r["forget_set"], r["k"]), []).append(r)
+    for (goal, name, k), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == "misclassify", kv[0][0],
+                                                                     kv[0][1], kv[0][2])):
         d = [r["auc_after"] - r["auc_retrain"] for r in rs]
         share = [r["check_s"] / r["wall_s"] for r in rs if r["wall_s"]]
         dl = [r.get("lira_auc_after", np.nan) - r.get("lira_auc_retrain", np.nan) for r in rs]
@@ -209,7 +244,7 @@ def report(rows: list[dict]) -> str:
     lines += ["", "## Bars (unseen rows; the issue's thresholds, not lowered)", ""]
     for r in rows:
         if r["goal"] == "unseen":
-            lines.append(f"- {r['forget_set']} k = {r['k']}, seed {r['seed']}: " + "; ".join(_bars(r)))
+            lines.append(f"- {label(r)}, {r['forget_set']} k = {r['k']}, seed {r['seed']}: " + "; ".join(_bars(r)))
     lines += ["", "## misclassify: do its receipts flag over-forgetting?", ""]
     for r in rows:
         if r["goal"] == "misclassify":
@@ -225,12 +260,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    colors, markers = {"unseen": "tab:blue", "misclassify": "tab:red"}, {"canary": "^", "random": "o"}
+    colors = {"unseen": "tab:blue", "unseen (models)": "tab:green", "misclassify": "tab:red"}
+    markers = {"canary": "^", "random": "o"}
     for ax, attack, field in ((axes[0], "RMIA, online (8 refs)", "auc"),
                               (axes[1], "LiRA, offline (OUT refs)", "lira_auc")):
         for goal in colors:
             for name in markers:
-                rs = [r for r in rows if r["goal"] == goal and r["forget_set"] == name and f"{field}_after" in r]
+                rs = [r for r in rows if label(r) == goal and r["forget_set"] == name and f"{field}_after" in r]
                 if rs:
                     ax.scatter([r[f"{field}_retrain"] for r in rs], [r[f"{field}_after"] for r in rs], c=colors[goal],
                                marker=markers[name], label=f"{goal}, {name}", alpha=0.7)

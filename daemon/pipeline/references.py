@@ -31,7 +31,7 @@ from daemon.engine.evaluate import logits as model_logits
 from daemon.engine.models import BACKBONE
 from daemon.engine.unseen import confidence_score
 
-__all__ = ["ReferenceModels", "ReferencesError", "load_references"]
+__all__ = ["ReferenceModels", "ReferencesError", "load_references", "out_of_sample"]
 
 log = structlog.get_logger("unlearnd.references")
 
@@ -54,16 +54,12 @@ class ReferenceModels:
         """The instances' logit-scaled confidence under each reference, ``[instances, models]``; NaN where a
         reference trained on the instance (unless every one did: then all are kept, see the module docstring)."""
         out = torch.stack([confidence_score(model_logits(m, x), labels).double() for m in self.models], dim=1)
+        saw = torch.zeros(out.shape, dtype=torch.bool)
         for i, ref in enumerate(refs):
             index = self._index(ref, sources)
-            if index is None:
-                continue
-            saw = torch.tensor([t is not None and bool(np.isin(index, t)) for t in self.trained_on])
-            if bool(saw.all()):
-                log.info("references_all_trained_on", ref=ref, references=len(self.models))
-                continue
-            out[i, saw] = float("nan")
-        return out
+            if index is not None:
+                saw[i] = torch.tensor([t is not None and bool(np.isin(index, t)) for t in self.trained_on])
+        return out_of_sample(out, saw)
 
     def _index(self, ref: str | None, sources: Mapping[str, Source]) -> int | None:
         if ref is None or not self.source:
@@ -73,6 +69,15 @@ class ReferenceModels:
         except RefError:
             return None
         return index if name == self.source else None
+
+
+def out_of_sample(scores: torch.Tensor, saw: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN where the reference trained on the instance (``saw``), except for an instance every
+    reference trained on: it keeps all of them, as one the daemon cannot place (see the module docstring)."""
+    everyone = saw.all(dim=1)
+    if bool(everyone.any()):
+        log.info("references_all_trained_on", instances=int(everyone.sum()), references=int(saw.shape[1]))
+    return scores.masked_fill(saw & ~everyone[:, None], float("nan"))
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

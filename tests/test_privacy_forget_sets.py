@@ -65,3 +65,20 @@ def test_the_settings_training_data_holds_each_canary_repeated_at_its_wrong_labe
         assert (y[rows] == plan.splits.train_y[c]).all() and (x[rows] == x[c]).all()
     assert plan.recipe["canary_repeats"] == CANARY_REPEATS
     assert (plan.splits.train_y[c] != load_mnist().train_y[c]).all()
+
+
+def test_continual_sets_are_disjoint_rounds_of_their_kind():
+    """Ten disjoint rounds per kind, reproducible by seed: round r's retrain (without rounds 1..r) is well defined."""
+    from daemon.bench.membership import continual_sets
+
+    canaries = np.arange(0, 600, 2)                           # 300 canaries among 1000 training examples
+    sets = continual_sets(canaries, 1000, rounds=10, k=32, seed=0)
+    assert [s.size for s in sets["canary"]] == [30] * 10      # 300 canaries do not hold 10 × 32
+    assert [s.size for s in sets["random"]] == [32] * 10
+    for kind, members in (("canary", canaries), ("random", np.setdiff1d(np.arange(1000), canaries))):
+        flat = np.concatenate(sets[kind])
+        assert np.unique(flat).size == flat.size and np.isin(flat, members).all(), kind
+    again = continual_sets(canaries, 1000, rounds=10, k=32, seed=0)
+    other = continual_sets(canaries, 1000, rounds=10, k=32, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(sets["random"], again["random"]))
+    assert not np.array_equal(sets["random"][0], other["random"][0])

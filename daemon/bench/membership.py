@@ -28,7 +28,7 @@ from daemon.privacy.forget_sets import make_canaries, relabel, with_copies
 from daemon.privacy.reference import ReferenceSet, ensure_references, recipe_key
 from daemon.registry.files import atomic_write_bytes
 
-__all__ = ["CANARY_REPEATS", "MembershipSetting", "SETTING_TRAIN", "TrainingPlan", "forget_sets", "label_probs",
+__all__ = ["CANARY_REPEATS", "MembershipSetting", "SETTING_TRAIN", "TrainingPlan", "continual_sets", "forget_sets", "label_probs",
            "load_setting", "training_plan"]
 
 # The setting's pre-training recipe (issue 22 part 3): every canary inserted CANARY_REPEATS times, 15 epochs without
@@ -48,6 +48,18 @@ def forget_sets(canaries: np.ndarray, n: int, k: int, seed: int) -> dict[str, np
     rng = np.random.default_rng(1000 + seed)
     return {"canary": np.sort(rng.choice(canaries, k, replace=False)),
             "random": np.sort(rng.choice(np.setdiff1d(np.arange(n), canaries), k, replace=False))}
+
+
+def continual_sets(canaries: np.ndarray, n: int, rounds: int, k: int, seed: int) -> dict[str, list[np.ndarray]]:
+    """The continual protocol's forget sets: ``rounds`` disjoint sets per kind, deleted one round after another.
+    Canaries come ``min(k, canaries // rounds)`` a round (300 canaries hold 10 rounds of 30, not of 32); retrain
+    ``r`` is the recipe without the union of rounds ``1..r``, so one function names the sets and their retrains."""
+    rng = np.random.default_rng(2000 + seed)
+    kc = min(k, canaries.size // rounds)
+    c = rng.permutation(canaries)[:rounds * kc]
+    t = rng.choice(np.setdiff1d(np.arange(n), canaries), rounds * k, replace=False)
+    return {"canary": [np.sort(c[i * kc:(i + 1) * kc]) for i in range(rounds)],
+            "random": [np.sort(t[i * k:(i + 1) * k]) for i in range(rounds)]}
 
 
 def label_probs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     # 1 on a CPU other jobs load: a second intra-op thread spin-waiting for a busy core made training ~20x slower
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--append", action="store_true", help="keep the rows privacy.json has (other ks, seeds)")
+    ap.add_argument("--append", action="store_true", help="keep the rows privacy.json has (a rerun's rows replace "
+                    "theirs: the same goal, set, k and seed)")
     ap.add_argument("--report-only", action="store_true", help="rewrite privacy.md/.png from privacy.json")
     ap.add_argument("--device", default="cpu", help="where models the cache lacks are trained (cuda: ~20 s each)")
     args = ap.parse_args()
@@ -161,10 +162,19 @@ def main() -> None:
                            "steps": result.steps, "wall_s": result.wall_s, "check_s": result.check_s,
                            "online_auc_before": ev.auc_before if ev else None, "online_auc": ev.auc if ev else None,
                            "online_verdict": ev.verdict if ev else None}
-                    rows.append(row)
+                    at = next((i for i, r in enumerate(rows) if _same(r, row)), None)
+                    if at is None:
+                        rows.append(row)
+                    else:
+                        rows[at] = row                        # a rerun (--append) replaces its row
                     print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()
                                       if not kk.endswith("_ci")}), flush=True)
                     _write(args, st, rows, retrain_cost)      # a partial result survives a stop
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (label(a), a["forget_set"], a["protocol"], a["k"], a["seed"]) == \
+        (label(b), b["forget_set"], b["protocol"], b["k"], b["seed"])
 
 
 def _write(args, st: MembershipSetting, rows: list[dict], retrain_cost: dict) -> None:

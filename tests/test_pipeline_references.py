@@ -141,3 +141,19 @@ def test_kinds_with_a_goal_of_their_own_get_no_reference_scores(reg, tmp_path):
     body = request("r", "relabel", ["mnist-train:0"], targets=[int(rt.splits.train_y[0] + 1) % 10])
     outcome, (receipt,) = _apply(rt, reg, tmp_path / "c", [body])
     assert outcome.status == "applied" and "membership" not in receipt
+
+
+def test_an_instance_every_reference_trained_on_is_shifted_by_the_rounds_in_out_gap():
+    """LiRA's IN − OUT shift, pooled over the round's instances that have both: the all-IN instance's target is
+    where models that never saw it would be, not where the ones that did are (which would stop the round early)."""
+    from daemon.pipeline.references import out_of_sample
+
+    scores = torch.tensor([[5.0, 1.0, 1.0], [6.0, 6.0, 6.0], [3.0, 3.0, 1.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
+    saw = torch.tensor([[True, False, False], [True, True, True], [True, True, False], [False, False, False]])
+    out = out_of_sample(scores, saw)
+    assert torch.isnan(out[0, 0]) and torch.equal(out[0, 1:], scores[0, 1:])
+    assert torch.equal(out[1], scores[1] - 3.0)                   # gaps 4 and 2: pooled 3
+    assert torch.isnan(out[2, :2]).all() and out[2, 2] == 1.0
+    assert torch.equal(out[3], scores[3])                         # nobody saw it
+    alone = out_of_sample(scores[1:2], saw[1:2])                  # nothing to measure the gap on: kept as is
+    assert torch.equal(alone, scores[1:2])

@@ -7,9 +7,12 @@ halves of the training set, as a membership audit's shadows are — gives the da
 the instance predicts *for that instance* ([[models]] ``references``). Each reference is a state dict of the
 model's own architecture (``<name>.safetensors``, or a ``torch.save``'d dict read with ``weights_only``), with an
 optional ``<name>.idx.npy`` listing the indices of ``references_source`` it trained on: a reference is used for
-an instance only if it did not train on it. An instance it cannot place (an inline input, or one every reference
-trained on) is compared with all of them: for a training record that errs towards stopping early, and the
-receipt's interval says how few models were behind it.
+an instance only if it did not train on it. An instance every reference trained on (with R references on random
+halves, one in 2^R) is placed by the gap between models that trained on an instance and models that did not,
+measured on the round's instances that have both (LiRA's IN − OUT shift, pooled): its scores minus that gap. An
+instance the daemon cannot place at all (an inline input, a ref into another source, or an all-trained-on one in a
+round with no instance to measure the gap on) is compared with all of them: for a training record that errs
+towards stopping early, and the receipt's interval says how few models were behind it.
 
 Cost: one forward of each reference over the round's instances, once per round (the references do not move).
 """
@@ -72,12 +75,23 @@ class ReferenceModels:
 
 
 def out_of_sample(scores: torch.Tensor, saw: torch.Tensor) -> torch.Tensor:
-    """``scores`` with NaN where the reference trained on the instance (``saw``), except for an instance every
-    reference trained on: it keeps all of them, as one the daemon cannot place (see the module docstring)."""
+    """``scores`` with NaN where the reference trained on the instance (``saw``). An instance every reference
+    trained on gets its scores shifted down by the round's pooled IN − OUT gap (the mean, over instances some
+    references trained on and some did not, of their IN mean minus their OUT mean), or keeps them unshifted when
+    no instance of the round has both (see the module docstring)."""
     everyone = saw.all(dim=1)
-    if bool(everyone.any()):
-        log.info("references_all_trained_on", instances=int(everyone.sum()), references=int(saw.shape[1]))
-    return scores.masked_fill(saw & ~everyone[:, None], float("nan"))
+    out = scores.masked_fill(saw & ~everyone[:, None], float("nan"))
+    if not bool(everyone.any()):
+        return out
+    mixed = saw.any(dim=1) & ~everyone
+    gap = 0.0
+    if bool(mixed.any()):
+        s, m = scores[mixed].double(), saw[mixed]
+        gap = float(((s * m).sum(1) / m.sum(1) - (s * ~m).sum(1) / (~m).sum(1)).mean())
+        out[everyone] = scores[everyone] - gap
+    log.info("references_all_trained_on", instances=int(everyone.sum()), references=int(saw.shape[1]),
+             shifted_by=round(gap, 3), measured_on=int(mixed.sum()))
+    return out
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -16,7 +16,7 @@ from daemon.engine.methods import get_method
 from daemon.engine.requests import ForgetRequest
 from daemon.engine.rounds import run_round
 from daemon.engine.training import TrainConfig, train_classifier
-from daemon.engine.unseen import MIN_SIGMA, SCORE_MODELS, ModelReference, confidence_score
+from daemon.engine.unseen import MAX_Z, MIN_SIGMA, SCORE_MODELS, ModelReference, confidence_score
 from tests.engine_fixtures import NUM_CLASSES, fast_config, new_model, state_equal, synthetic, train_data
 
 CANARIES = 4
@@ -131,3 +131,17 @@ def test_reference_scores_must_match_the_request():
     x, y = _canaries()
     with pytest.raises(ValueError, match="reference scores for 3 instances"):
         _round(ForgetRequest("forget", x, y), scores=torch.zeros(3, 2), stop="unseen")
+
+
+def test_a_mean_at_half_does_not_stop_a_round_that_leaves_an_instance_far_above_its_target():
+    """Half the instances far below their targets and half far above average to 0.5: the mean alone would call
+    the request already unseen; the per-example stop goes on until none is more than MAX_Z spreads above."""
+    x, y = _canaries()
+    scores = _reference_scores(x, y)
+    now = confidence_score(logits(_model(_states()[0]), x), y)
+    scores[:2] = now[:2, None].double() + 20.0 + torch.arange(3.0)   # these two: already far below their targets
+    ref = ModelReference(scores)
+    assert abs(ref.auc(now, y) - 0.5) < 0.03 and not ref.none_far_above(now)
+    result = _round(ForgetRequest("forget", x, y), scores=scores, stop="unseen")
+    assert result.stopped_by == "unseen" and result.steps > 0
+    assert bool((ref.z(confidence_score(logits(_model(result.state), x), y)) <= MAX_Z).all())

@@ -273,8 +273,11 @@ class _Membership:
         self.auc = self.auc_before
         self.seconds = time.perf_counter() - t0
 
-    def reached(self) -> bool:
-        return self.auc <= 0.5 + self.margin
+    def reached(self, scores: torch.Tensor | None = None) -> bool:
+        """The mean statistic within the margin and, with reference models, no instance far above its target."""
+        if self.auc > 0.5 + self.margin:
+            return False
+        return not (self.per_example and scores is not None) or self.ref.none_far_above(scores)
 
     def check(self, work: nn.Module, logits_req: torch.Tensor, step: int) -> bool:
         """Whether the instances (their logits under the weights ``step`` left) now look held-out."""
@@ -285,12 +288,12 @@ class _Membership:
             self.ref.refresh(work)
             self.fresh_at = step
         self.auc = self.ref.auc(scores, self.labels)
-        if self.reached() and not fresh:      # a round moves the held-out scores too: stop only on fresh ones
+        if self.reached(scores) and not fresh:      # a round moves the held-out scores too: stop only on fresh ones
             self.auc = self.ref.refresh(work).auc(scores, self.labels)
             self.fresh_at = step
         self.last_scores = scores
         self.seconds += time.perf_counter() - t0
-        return self.reached()
+        return self.reached(scores)
 
     def evidence(self, work: nn.Module, x: torch.Tensor, steps: int) -> MembershipEvidence:
         """The evidence on the weights the round left (a round that took no step left them as they were: the
@@ -530,7 +533,7 @@ def run_round(
     per_example_goal = membership is not None and membership.stops and membership.per_example
     satisfied = kind.stop_reached(acc0, config) and not per_example_goal
     stopped_by = "goal" if satisfied else None
-    if not satisfied and membership is not None and membership.stops and membership.reached():
+    if not satisfied and membership is not None and membership.stops and membership.reached(membership.scores_before):
         satisfied, stopped_by = True, "already_unseen"   # nothing to forget: the round takes no step
     prep = _prepare(work, request, kind, method, config, generator=generator, num_classes=num_classes,
                     importance=weights, reference=reference, sentinel=sentinel, satisfied=satisfied,

@@ -82,6 +82,14 @@ def run_chain(st: MembershipSetting, sets: list[np.ndarray], name: str, goal: st
     return rows
 
 
+def _chains(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The rows per (goal, set, seed) chain, in round order, chains sorted."""
+    chains: dict[tuple, list[dict]] = {}
+    for r in rows:
+        chains.setdefault((label(r), r["forget_set"], r["seed"]), []).append(r)
+    return {key: sorted(rs, key=lambda r: r["round"]) for key, rs in sorted(chains.items())}
+
+
 def report(rows: list[dict]) -> str:
     lines = ["# Continual deletion under the membership attack (issue 22): 10 rounds on one model", "",
              "Written by benchmarks/privacy_continual.py: privacy.md's setting, attack and daemon round; one session "
@@ -92,11 +100,8 @@ def report(rows: list[dict]) -> str:
              "## Bars (the issue's: every round's AUC within ±0.05 of retrain's; cumulative test loss ≤ 1.0 pp)", "",
              "| goal | set | seed | rounds | max abs(AUC after − retrain) | rounds within ±0.05 | test loss after the "
              "last round (pp) | steps (total) | verdict |", "|---|---|---|---|---|---|---|---|---|"]
-    chains: dict[tuple, list[dict]] = {}
-    for r in rows:
-        chains.setdefault((label(r), r["forget_set"], r["seed"]), []).append(r)
-    for (goal, name, seed), rs in sorted(chains.items()):
-        rs.sort(key=lambda r: r["round"])
+    chains = _chains(rows)
+    for (goal, name, seed), rs in chains.items():
         d = [abs(r["auc_after"] - r["auc_retrain"]) for r in rs]
         loss = 100 * (rs[-1]["acc_test_before"] - rs[-1]["acc_test"])
         ok = len(rs) == ROUNDS and max(d) <= AUC_BAR and loss <= LOSS_BAR_PP
@@ -106,7 +111,7 @@ def report(rows: list[dict]) -> str:
               "| goal | set | seed | round | deleted | AUC before | AUC after | AUC retrain | TPR@1% after / retrain | "
               "LiRA after (retrain) | test acc → (retrain) | steps | wall s | check s | online → verdict | "
               "stopped by |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (goal, name, seed), rs in sorted(chains.items()):
+    for (goal, name, seed), rs in chains.items():
         for r in rs:
             online = "—" if r["online_auc"] is None else f"{r['online_auc']:.3f} {r['online_verdict']}"
             lines.append(
@@ -124,11 +129,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    chains: dict[tuple, list[dict]] = {}
-    for r in rows:
-        chains.setdefault((label(r), r["forget_set"], r["seed"]), []).append(r)
-    for (goal, name, seed), rs in sorted(chains.items()):
-        rs.sort(key=lambda r: r["round"])
+    chains = _chains(rows)
+    for (goal, name, seed), rs in chains.items():
         x = [r["round"] for r in rs]
         style = "-" if name == "canary" else "--"
         axes[0].plot(x, [r["auc_after"] - r["auc_retrain"] for r in rs], style, marker="o",

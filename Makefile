@@ -97,6 +97,13 @@ bench-privacy: install
 bench-privacy-amun: install
 	PYTHONPATH=. $(VENV)/bin/python benchmarks/privacy_amun.py --ks 16,64,128 --seeds 0,1,2
 
+.PHONY: bench-privacy-continual
+# issue 22: ten deletions in a row on one model (canaries 10 x 30, random digits 10 x 32), each round against the
+# recipe retrained without everything deleted so far: 10 retrains per seed and set (~2.5 min each on one CPU
+# thread, cached), the rounds ~5 min a chain; writes benchmarks/results/privacy_continual.*
+bench-privacy-continual: install
+	PYTHONPATH=. $(VENV)/bin/python benchmarks/privacy_continual.py --seeds 0,1,2
+
 # rounds of one instance, with and without held class impressions; ~25 min; writes
 # benchmarks/results/small_rounds/
 .PHONY: bench-small-rounds

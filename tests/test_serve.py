@@ -76,8 +76,12 @@ class Server:
                 if self.probe() == 200:
                     return
             except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start in 120 s")
+                pass
+            time.sleep(0.1)
+        # never leave a server behind a failed start (one outlived a loaded CI run), and say what it printed
+        self.proc.kill()
+        out, _ = self.proc.communicate(timeout=20)
+        raise RuntimeError(f"server did not start in 120 s; its output ends: {out[-3000:]}")
 
     def probe(self) -> int:
         """The status of the liveness endpoint (a TLS server's subclass speaks TLS)."""

@@ -28,8 +28,8 @@ from daemon.privacy.forget_sets import make_canaries, relabel, with_copies
 from daemon.privacy.reference import ReferenceSet, ensure_references, recipe_key
 from daemon.registry.files import atomic_write_bytes
 
-__all__ = ["CANARY_REPEATS", "MembershipSetting", "SETTING_TRAIN", "TrainingPlan", "continual_sets", "forget_sets", "label_probs",
-           "load_setting", "training_plan"]
+__all__ = ["CANARY_REPEATS", "MembershipSetting", "SETTING_TRAIN", "TrainingPlan", "continual_sets", "forget_sets",
+           "label_probs", "load_setting", "training_plan"]
 
 # The setting's pre-training recipe (issue 22 part 3): every canary inserted CANARY_REPEATS times, 15 epochs without
 # the shift augmentation (label smoothing 0.2 kept). The benchmark recipe (TrainConfig(): 6 epochs, shifts of up to 2

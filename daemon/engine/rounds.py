@@ -273,11 +273,12 @@ class _Membership:
         self.auc = self.auc_before
         self.seconds = time.perf_counter() - t0
 
-    def reached(self, scores: torch.Tensor | None = None) -> bool:
-        """The mean statistic within the margin and, with reference models, no instance far above its target."""
+    def reached(self, scores: torch.Tensor) -> bool:
+        """The mean statistic within the margin and, with reference models, no instance (``scores``) far above its
+        target."""
         if self.auc > 0.5 + self.margin:
             return False
-        return not (self.per_example and scores is not None) or self.ref.none_far_above(scores)
+        return not self.per_example or self.ref.none_far_above(scores)
 
     def check(self, work: nn.Module, logits_req: torch.Tensor, step: int) -> bool:
         """Whether the instances (their logits under the weights ``step`` left) now look held-out."""

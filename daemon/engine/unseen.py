@@ -50,7 +50,7 @@ MIN_SIGMA = 0.25
 #: with reference models, a round also goes on while any instance lies more than this many spreads above its own
 #: target: the mean statistic reaches 0.5 when half the instances are below their targets however far above the
 #: rest still are, and a per-example attack finds those (benchmarks/results/privacy.md: at k = 64 the mean rule
-#: left RMIA at +0.165 above retrain, this one at +0.094). A true non-member exceeds 3 with chance 0.13%.
+#: left RMIA at +0.165 above retrain, this one at +0.093; seed 0). A true non-member exceeds 3 with chance 0.13%.
 MAX_Z = 3.0
 
 

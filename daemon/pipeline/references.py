@@ -55,7 +55,7 @@ class ReferenceModels:
     def scores(self, x: torch.Tensor, labels: torch.Tensor, refs: Sequence[str | None],
                sources: Mapping[str, Source]) -> torch.Tensor:
         """The instances' logit-scaled confidence under each reference, ``[instances, models]``; NaN where a
-        reference trained on the instance (unless every one did: then all are kept, see the module docstring)."""
+        reference trained on the instance (one every reference trained on: :func:`out_of_sample`)."""
         out = torch.stack([confidence_score(model_logits(m, x), labels).double() for m in self.models], dim=1)
         saw = torch.zeros(out.shape, dtype=torch.bool)
         for i, ref in enumerate(refs):
